@@ -239,6 +239,18 @@ class Sandbox:
         raise SandboxError("\n".join(report))
 
     def teardown(self) -> None:
+        """SIGKILL PID 1 first (the kernel then kills its whole PID namespace) so that unshare reaps
+        it, then kill and remove whatever is left in the sandbox's cgroup."""
+        if self.pid1 is not None:
+            try:
+                os.kill(self.pid1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self._launcher is not None:
+            try:
+                self._launcher.wait(timeout=TEARDOWN_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pass
         destroy_cgroup(self.cgroup)
         if self._launcher is not None:
             self._launcher.wait(timeout=TEARDOWN_TIMEOUT_S)

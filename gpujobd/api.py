@@ -1,0 +1,172 @@
+"""The D-Bus contract, version 1: names, introspection XML and the a{sv} encoding of jobs.
+
+Changing anything here changes the wire protocol; tests/unit/test_api.py freezes the XML, so such a
+change is a deliberate diff. Pure data: no D-Bus library is imported here (the service and the client
+turn (signature, value) pairs into their library's variants).
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+
+from gpujobd.model import Job, JobState
+
+BUS_NAME = "org.gpujobd1"
+OBJECT_PATH = "/org/gpujobd1"
+INTERFACE = "org.gpujobd1.Manager"
+
+# Limits on what one call may carry; larger input is refused with InvalidArgument before any work.
+MAX_ARGV_ITEMS = 4096
+MAX_ARG_BYTES = 128 * 1024
+MAX_ENV_ITEMS = 1024
+MAX_NAME_LENGTH = 128
+MAX_LIST_LIMIT = 100_000
+
+INTROSPECTION_XML = f"""<node>
+  <interface name="{INTERFACE}">
+    <method name="Submit">
+      <arg name="spec" type="a{{sv}}" direction="in"/>
+      <arg name="job" type="a{{sv}}" direction="out"/>
+    </method>
+    <method name="Stop">
+      <arg name="id" type="t" direction="in"/>
+      <arg name="result" type="s" direction="out"/>
+    </method>
+    <method name="Get">
+      <arg name="id" type="t" direction="in"/>
+      <arg name="job" type="a{{sv}}" direction="out"/>
+    </method>
+    <method name="List">
+      <arg name="filter" type="a{{sv}}" direction="in"/>
+      <arg name="jobs" type="aa{{sv}}" direction="out"/>
+    </method>
+    <method name="ReadLog">
+      <arg name="id" type="t" direction="in"/>
+      <arg name="offset" type="t" direction="in"/>
+      <arg name="max_bytes" type="u" direction="in"/>
+      <arg name="data" type="ay" direction="out"/>
+      <arg name="next_offset" type="t" direction="out"/>
+      <arg name="job_ended" type="b" direction="out"/>
+    </method>
+    <signal name="JobChanged">
+      <arg name="id" type="t"/>
+      <arg name="state" type="s"/>
+    </signal>
+    <property name="Version" type="s" access="read"/>
+  </interface>
+</node>"""
+
+# Stop results.
+STOP_STOPPING = "stopping"
+STOP_ALREADY_ENDED = "already-ended"
+
+# Submit spec keys and their D-Bus types: what a client may send.
+SPEC_FIELDS: Mapping[str, str] = {
+    "argv": "as",
+    "cwd": "s",
+    "env": "a{ss}",
+    "name": "s",
+    "properties": "a{ss}",
+    "timeout_s": "d",
+}
+
+# List filter keys.
+FILTER_FIELDS: Mapping[str, str] = {
+    "all": "b",  # include ended jobs (default: active ones and those ended in the last hour)
+    "user": "s",
+    "state": "s",
+    "limit": "u",
+}
+
+# Job fields on the wire. Optional values are left out of the dict when unset (D-Bus has no null).
+JOB_FIELDS: Mapping[str, str] = {
+    "id": "t",
+    "name": "s",
+    "user": "s",
+    "uid": "u",
+    "state": "s",
+    "unit": "s",
+    "argv": "as",
+    "cwd": "s",
+    "env": "a{ss}",
+    "properties": "a{ss}",
+    "timeout_s": "d",
+    "pid": "u",
+    "created_at": "d",
+    "started_at": "d",
+    "ended_at": "d",
+    "elapsed_s": "d",
+    "reason": "s",
+    "detail": "s",
+    "exit_code": "i",
+    "signal": "i",
+    "leftover_processes": "u",
+    "stopped_by": "s",
+    "log_path": "s",
+}
+
+
+def encode_job(job: Job, log_path: str = "") -> Dict[str, Tuple[str, Any]]:
+    """Job -> {field: (dbus signature, value)}, leaving unset optional fields out."""
+    values: Dict[str, Any] = {
+        "id": job.id,
+        "name": job.spec.name,
+        "user": job.user,
+        "uid": job.uid,
+        "state": job.state.value,
+        "unit": job.unit,
+        "argv": list(job.spec.argv),
+        "cwd": job.spec.cwd,
+        "env": dict(job.spec.env),
+        "properties": dict(job.spec.properties),
+        "timeout_s": job.spec.timeout_s,
+        "pid": job.pid,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "ended_at": job.ended_at,
+        "elapsed_s": job.elapsed_s,
+        "stopped_by": job.stopped_by,
+        "log_path": log_path or None,
+    }
+    if job.outcome is not None:
+        values.update(
+            reason=job.outcome.reason.value,
+            detail=job.outcome.detail,
+            exit_code=job.outcome.exit_code,
+            signal=job.outcome.signal,
+            leftover_processes=job.outcome.leftover_processes,
+        )
+    return {key: (JOB_FIELDS[key], value) for key, value in values.items() if value is not None}
+
+
+def iso_utc(timestamp: Optional[float]) -> Optional[str]:
+    if timestamp is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+TIME_FIELDS = ("created_at", "started_at", "ended_at")
+JSON_FIELDS: Tuple[str, ...] = (
+    "id", "name", "user", "state", "unit", "argv", "cwd", "exit_code", "signal", "reason", "detail",
+    "created_at", "started_at", "ended_at", "elapsed_s", "timeout_s", "leftover_processes",
+    "stopped_by", "pid", "env", "properties", "log_path",
+)
+
+
+def job_to_json(wire: Mapping[str, Any]) -> Dict[str, Any]:
+    """A job as received over D-Bus (plain values) -> the documented JSON object (ISO 8601 UTC)."""
+    out: Dict[str, Any] = {}
+    for key in JSON_FIELDS:
+        value = wire.get(key)
+        out[key] = iso_utc(value) if key in TIME_FIELDS else value
+    return out
+
+
+def is_active(wire: Mapping[str, Any]) -> bool:
+    return not JobState(wire["state"]).is_final
+
+
+def unknown_keys(given: Iterable[str], known: Mapping[str, str]) -> list:
+    return sorted(set(given) - set(known))

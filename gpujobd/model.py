@@ -1,0 +1,157 @@
+"""The job model: pure data, no I/O. Every state change goes through `transition()`."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Tuple
+
+UNIT_PREFIX = "gpujob-"
+UNIT_SUFFIX = ".scope"
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    TIMED_OUT = "timed-out"
+    LOST = "lost"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED, JobState.TIMED_OUT, JobState.LOST}
+)
+ACTIVE_STATES = frozenset({JobState.STARTING, JobState.RUNNING, JobState.STOPPING})
+
+# Legal moves. A final state is never left; QUEUED exists for the coming queue/allocation work.
+_TRANSITIONS: Mapping[JobState, frozenset] = {
+    JobState.QUEUED: frozenset({JobState.STARTING, JobState.STOPPED, JobState.FAILED}),
+    JobState.STARTING: frozenset({JobState.RUNNING, JobState.STOPPING} | FINAL_STATES),
+    JobState.RUNNING: frozenset({JobState.STOPPING} | FINAL_STATES),
+    JobState.STOPPING: FINAL_STATES,
+}
+
+
+class EndReason(str, enum.Enum):
+    """Why a job ended; a tuner grades a failure by this and by how far it got."""
+
+    EXIT_CODE = "exit-code"  # the command exited by itself (code 0 included)
+    SIGNAL = "signal"  # the command was killed by a signal nobody here sent
+    TIMEOUT = "timeout"  # RuntimeMaxSec= was reached
+    OOM_KILL = "oom-kill"  # the kernel's OOM killer acted in the job's cgroup
+    STOPPED = "stopped"  # somebody ran `gpujobctl stop`
+    BOUND_JOB_ENDED = "bound-job-ended"  # the foreground job it was bound to ended
+    EXEC_FAILED = "exec-failed"  # the command could not be executed (not found, not executable)
+    CHDIR_FAILED = "chdir-failed"  # the user cannot enter the working directory
+    SETUP_FAILED = "setup-failed"  # dropping privileges or opening the log failed
+    START_FAILED = "start-failed"  # the scope never started, or the daemon died before release
+    LOST = "lost"  # no record of the end can exist; `detail` says why
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a user asked for. Validated before a job row exists."""
+
+    argv: Tuple[str, ...]
+    cwd: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    name: str = ""
+    properties: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended. exit_code and signal are separate: exit 137 is not SIGKILL."""
+
+    reason: EndReason
+    exit_code: Optional[int] = None
+    signal: Optional[int] = None
+    detail: str = ""
+    leftover_processes: int = 0
+
+    @property
+    def succeeded(self) -> bool:
+        return self.reason is EndReason.EXIT_CODE and self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    user: str
+    uid: int
+    gid: int
+    spec: JobSpec
+    state: JobState
+    created_at: float
+    unit: str = ""
+    pid: Optional[int] = None  # the supervisor's PID while the job is active
+    started_at: Optional[float] = None
+    ended_at: Optional[float] = None
+    outcome: Optional[Outcome] = None
+    stopped_by: Optional[str] = None
+
+    @property
+    def elapsed_s(self) -> Optional[float]:
+        if self.started_at is None:
+            return None
+        end = self.ended_at
+        if end is None:
+            return None
+        return max(0.0, end - self.started_at)
+
+
+def unit_name(job_id: int) -> str:
+    return f"{UNIT_PREFIX}{job_id}{UNIT_SUFFIX}"
+
+
+def job_id_from_unit(unit: str) -> Optional[int]:
+    if not (unit.startswith(UNIT_PREFIX) and unit.endswith(UNIT_SUFFIX)):
+        return None
+    digits = unit[len(UNIT_PREFIX): -len(UNIT_SUFFIX)]
+    return int(digits) if digits.isdigit() else None
+
+
+def final_state_for(outcome: Outcome) -> JobState:
+    if outcome.succeeded:
+        return JobState.SUCCEEDED
+    if outcome.reason is EndReason.STOPPED or outcome.reason is EndReason.BOUND_JOB_ENDED:
+        return JobState.STOPPED
+    if outcome.reason is EndReason.TIMEOUT:
+        return JobState.TIMED_OUT
+    if outcome.reason is EndReason.LOST:
+        return JobState.LOST
+    return JobState.FAILED
+
+
+class IllegalTransition(ValueError):
+    pass
+
+
+def transition(job: Job, new_state: JobState, **changes: object) -> Job:
+    """The only way a job changes state. Refuses illegal moves and states missing their data."""
+    if new_state not in _TRANSITIONS.get(job.state, frozenset()):
+        raise IllegalTransition(f"job {job.id}: {job.state.value} -> {new_state.value} is not allowed")
+    moved = dataclasses.replace(job, state=new_state, **changes)  # type: ignore[arg-type]
+    _check_invariants(moved)
+    return moved
+
+
+def _check_invariants(job: Job) -> None:
+    if job.state is JobState.RUNNING and (not job.unit or job.started_at is None):
+        raise IllegalTransition(f"job {job.id}: running needs a unit and a start time")
+    if job.state is JobState.STOPPING and not job.stopped_by:
+        raise IllegalTransition(f"job {job.id}: stopping needs who stopped it")
+    if job.state.is_final and (job.outcome is None or job.ended_at is None):
+        raise IllegalTransition(f"job {job.id}: {job.state.value} needs an outcome and an end time")
+    if job.state.is_final and final_state_for(job.outcome) is not job.state:  # type: ignore[arg-type]
+        raise IllegalTransition(f"job {job.id}: outcome {job.outcome} does not give {job.state.value}")

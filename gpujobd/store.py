@@ -1,0 +1,538 @@
+# (typing.Optional stays, as everywhere in gpujobd, for Python 3.9; UP045 belongs in pyproject's ignore.)
+"""Durable job state in SQLite. The only module of gpujobd that imports sqlite3.
+
+Every write runs in its own transaction and is committed (synchronous=FULL, WAL) before the call
+returns, so a state change the daemon acknowledges survives a crash or a power cut. Rows come back as
+the model's objects (Job, JobSpec, Outcome); a row this code cannot decode is an error naming the job,
+never something silently skipped.
+
+The schema is versioned with `PRAGMA user_version`: MIGRATIONS[i] brings a database from version i to
+i + 1 in one transaction. A database written by a newer gpujobd is refused, never downgraded. Released
+migrations are frozen: change the schema only by appending a migration (tests/data/state-v1.sqlite3
+must keep loading).
+
+Only SQLite features of 3.22 and older are used (no RETURNING, no STRICT tables): Python 3.9 installs
+often link an old SQLite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+from gpujobd import errors
+from gpujobd.model import EndReason, Job, JobSpec, JobState, Outcome, unit_name
+
+BUSY_TIMEOUT_S = 5.0
+MAX_JOB_ID = 2**63 - 1  # SQLite's largest integer
+DB_FILE_MODE = 0o600
+
+NON_FINAL_STATES: Tuple[JobState, ...] = tuple(state for state in JobState if not state.is_final)
+_NON_FINAL_VALUES: Tuple[str, ...] = tuple(state.value for state in NON_FINAL_STATES)
+_NON_FINAL_PLACEHOLDERS = ", ".join("?" * len(_NON_FINAL_VALUES))
+
+# ---------------------------------------------------------------------------------------------------
+# Schema
+
+_V1_STATEMENTS = (
+    """
+    CREATE TABLE jobs (
+        id                 INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids are never reused
+        user               TEXT    NOT NULL,
+        uid                INTEGER NOT NULL,
+        gid                INTEGER NOT NULL,
+        name               TEXT    NOT NULL DEFAULT '',
+        argv               TEXT    NOT NULL,                   -- JSON array of strings
+        cwd                TEXT    NOT NULL,
+        env                TEXT    NOT NULL DEFAULT '{}',      -- JSON object string -> string
+        properties         TEXT    NOT NULL DEFAULT '{}',      -- JSON object string -> string
+        timeout_s          REAL,
+        state              TEXT    NOT NULL,                   -- JobState value
+        unit               TEXT    NOT NULL DEFAULT '',
+        pid                INTEGER,
+        created_at         REAL    NOT NULL,                   -- seconds since the epoch
+        started_at         REAL,
+        ended_at           REAL,
+        reason             TEXT,                               -- EndReason value; NULL: no outcome yet
+        exit_code          INTEGER,
+        signal             INTEGER,
+        detail             TEXT,
+        leftover_processes INTEGER,
+        stopped_by         TEXT,
+        -- Reserved for background loops (a job re-run up to max_runs times, bound to a foreground
+        -- job), added in v1 so that feature needs no migration. Not read or written by this version
+        -- except through their defaults; per-run records go to the runs table.
+        max_runs           INTEGER NOT NULL DEFAULT 1,
+        restart_delay_s    REAL,
+        stop_on_failure    INTEGER NOT NULL DEFAULT 0,         -- boolean
+        bind_to            INTEGER                             -- a job id (no foreign key: pruning
+                                                               -- the foreground job must not fail)
+    )
+    """,
+    # The default list view (active jobs + recently ended ones) and the crash reconcile.
+    "CREATE INDEX jobs_state ON jobs (state)",
+    "CREATE INDEX jobs_ended_at ON jobs (ended_at)",
+    # `list --user`; the implicit rowid in the index keeps each user's jobs in id order.
+    "CREATE INDEX jobs_user ON jobs (user)",
+    """
+    CREATE TABLE runs (
+        job_id     INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        run        INTEGER NOT NULL,                           -- 1, 2, ... within the job
+        started_at REAL,
+        ended_at   REAL,
+        exit_code  INTEGER,
+        signal     INTEGER,
+        reason     TEXT,                                       -- EndReason value
+        detail     TEXT,
+        PRIMARY KEY (job_id, run)
+    )
+    """,
+)
+
+
+def _migrate_to_v1(conn: sqlite3.Connection) -> None:
+    for statement in _V1_STATEMENTS:
+        conn.execute(statement)
+
+
+# Append only. Index i migrates version i -> i + 1; each runs in one transaction.
+MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migrate_to_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# Columns that mirror the model (everything but id and the reserved background-loop columns).
+_JOB_COLUMNS: Tuple[str, ...] = (
+    "user", "uid", "gid", "name", "argv", "cwd", "env", "properties", "timeout_s", "state", "unit",
+    "pid", "created_at", "started_at", "ended_at", "reason", "exit_code", "signal", "detail",
+    "leftover_processes", "stopped_by",
+)
+_SELECT_JOBS = "SELECT id, " + ", ".join(_JOB_COLUMNS) + " FROM jobs"
+_INSERT_JOB = (
+    f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES ({', '.join('?' * len(_JOB_COLUMNS))})"
+)
+_INSERT_JOB_WITH_ID = (
+    f"INSERT INTO jobs (id, {', '.join(_JOB_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * (len(_JOB_COLUMNS) + 1))})"
+)
+_UPDATE_JOB = "UPDATE jobs SET " + ", ".join(f"{column} = ?" for column in _JOB_COLUMNS) + " WHERE id = ?"
+
+# ---------------------------------------------------------------------------------------------------
+# SQLite errors -> gpujobd errors
+
+# (substring of SQLite's message, what it means and what to do). First match wins.
+_ERROR_ADVICE: Tuple[Tuple[str, str], ...] = (
+    ("locked", "is locked by another process (is a second gpujobd running?); stop it and retry"),
+    ("busy", "is locked by another process (is a second gpujobd running?); stop it and retry"),
+    ("full", "cannot be written: the disk is full; free space on its file system and retry"),
+    ("malformed", "is corrupt; stop gpujobd, move the file aside (and its -wal/-shm files) or "
+                  "restore a backup, then start gpujobd again"),
+    ("not a database", "is not an SQLite database; stop gpujobd, move the file aside or restore a "
+                       "backup, then start gpujobd again"),
+    ("readonly", "is read-only; check the file's owner and mode and that its file system is mounted "
+                 "read-write"),
+    ("unable to open", "cannot be opened; check that its directory exists and is writable by root"),
+    ("i/o error", "could not be read or written (I/O error); check the disk (dmesg) and retry"),
+)
+
+
+def _describe(exc: sqlite3.Error) -> Optional[str]:
+    message = str(exc).lower()
+    for needle, advice in _ERROR_ADVICE:
+        if needle in message:
+            return advice
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The store
+
+RunReason = Union[EndReason, str, None]
+
+
+class Store:
+    """The daemon's job table. One writer (the daemon's thread); open once, close at exit."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._conn: Optional[sqlite3.Connection] = None
+        self._check_directory()
+        self._create_file()
+        with self._errors("opening the job database"):
+            self._conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection (checkpointing the WAL). Calling it twice is harmless."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with self._errors("closing the job database"):
+                conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _check_directory(self) -> None:
+        if not self.path.parent.is_dir():
+            raise errors.Unavailable(
+                f"cannot open the job database {self.path}: directory {self.path.parent} does not exist;"
+                " create it (mode 0700, owned by root) or fix the state directory setting"
+            )
+
+    def _create_file(self) -> None:
+        """Create the database file 0600 before SQLite does (SQLite would honour the umask only)."""
+        try:
+            fd = os.open(str(self.path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, DB_FILE_MODE)
+        except FileExistsError:
+            return
+        except OSError as exc:
+            raise errors.Unavailable(f"cannot create the job database {self.path}: {exc.strerror}") from exc
+        os.close(fd)
+
+    def _setup(self) -> None:
+        with self._errors("opening the job database"):
+            version = self._user_version()
+            self._refuse_newer(version)
+            self._refuse_foreign(version)
+            self._set_pragmas()
+        self._migrate(version)
+
+    def _set_pragmas(self) -> None:
+        conn = self._connection()
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise errors.Unavailable(
+                f"the job database {self.path} cannot use write-ahead logging (journal mode stays {mode});"
+                " put the state directory on a local file system"
+            )
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+
+    def _user_version(self) -> int:
+        return int(self._connection().execute("PRAGMA user_version").fetchone()[0])
+
+    def _refuse_newer(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise errors.Unavailable(
+                f"the job database {self.path} has schema version {version}, but this gpujobd supports"
+                f" versions up to {SCHEMA_VERSION}: it was written by a newer gpujobd. Install that"
+                " version again, or move the file aside to start with an empty job history"
+            )
+
+    def _refuse_foreign(self, version: int) -> None:
+        if version != 0:
+            return
+        tables = self._connection().execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if tables:
+            raise errors.Unavailable(
+                f"{self.path} is an SQLite database without a gpujobd schema version; it is not a job"
+                " database. Point gpujobd at another file or move this one aside"
+            )
+
+    def _migrate(self, version: int) -> None:
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self._transaction(f"migrating the schema to version {target}") as conn:
+                if self._user_version() >= target:  # another process migrated it meanwhile
+                    continue
+                MIGRATIONS[target - 1](conn)
+                conn.execute(f"PRAGMA user_version = {int(target)}")
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise errors.Internal(f"the job database {self.path} is closed")
+        return self._conn
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Turn SQLite's errors into gpujobd errors naming the file and what to do."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            advice = _describe(exc)
+            if advice is not None:
+                raise errors.Unavailable(f"job database {self.path} {advice} ({action}: {exc})") from exc
+            raise errors.Internal(
+                f"job database {self.path}: SQLite error while {action}: {exc}; please report this bug"
+            ) from exc
+
+    @contextlib.contextmanager
+    def _transaction(self, action: str) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT; anything raised inside rolls everything back."""
+        with self._errors(action):
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):  # keep the original error
+                        conn.execute("ROLLBACK")
+                raise
+
+    def _query(self, action: str, sql: str, params: Sequence[Any] = ()) -> List[sqlite3.Row]:
+        with self._errors(action):
+            cursor = self._connection().execute(sql, tuple(params))
+            cursor.row_factory = sqlite3.Row  # type: ignore[assignment]
+            return cursor.fetchall()
+
+    # -- jobs --------------------------------------------------------------------------------------
+
+    def create(self, user: str, uid: int, gid: int, spec: JobSpec, created_at: float,
+               state: JobState = JobState.STARTING) -> Job:
+        """Insert a new job; its id (never reused) and unit name are set in the same transaction."""
+        if state not in (JobState.QUEUED, JobState.STARTING):
+            raise ValueError(f"a new job starts queued or starting, not {state.value}")
+        draft = Job(id=0, user=user, uid=uid, gid=gid, spec=spec, state=state, created_at=created_at)
+        with self._transaction("creating a job") as conn:
+            job_id = conn.execute(_INSERT_JOB, _job_values(draft)).lastrowid
+            assert job_id is not None
+            unit = unit_name(job_id)
+            conn.execute("UPDATE jobs SET unit = ? WHERE id = ?", (unit, job_id))
+        return Job(id=job_id, user=user, uid=uid, gid=gid, spec=spec, state=state,
+                   created_at=created_at, unit=unit)
+
+    def save(self, job: Job) -> None:
+        """Write every field of an existing job. NotFound if there is no such row."""
+        with self._transaction(f"saving job {job.id}") as conn:
+            updated = conn.execute(_UPDATE_JOB, (*_job_values(job), job.id)).rowcount
+            if updated != 1:
+                raise errors.NotFound(f"job {job.id} is not in the job database {self.path}")
+
+    def get(self, job_id: int) -> Optional[Job]:
+        if not 0 < job_id <= MAX_JOB_ID:  # a D-Bus uint64 may not fit an SQLite integer
+            return None
+        rows = self._query(f"reading job {job_id}", f"{_SELECT_JOBS} WHERE id = ?", (job_id,))
+        return self._decode(rows[0]) if rows else None
+
+    def list_jobs(self, *, include_ended: bool, ended_since: Optional[float], user: Optional[str],
+                  state: Optional[JobState], limit: int, after_id: Optional[int] = None) -> List[Job]:
+        """Jobs in ascending id order, at most `limit`.
+
+        Default view (include_ended false): every job in a non-final state plus the jobs that ended at
+        or after `ended_since` (none when it is None); served from the state and ended_at indexes.
+        include_ended: every job; without after_id, the newest `limit` ones. after_id pages forward:
+        the first `limit` jobs with a larger id, in either view.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        if after_id is not None and after_id >= MAX_JOB_ID:
+            return []
+        filters, params = _filters(user, state)
+        if include_ended:
+            sql, params = _all_view(filters, params, after_id, limit)
+        else:
+            sql, params = _default_view(filters, params, ended_since, after_id, limit)
+        return [self._decode(row) for row in self._query("listing jobs", sql, params)]
+
+    def active_jobs(self) -> List[Job]:
+        """Every job in queued/starting/running/stopping, by id: what the crash reconcile examines."""
+        sql = f"{_SELECT_JOBS} WHERE state IN ({_NON_FINAL_PLACEHOLDERS}) ORDER BY id"
+        return [self._decode(row) for row in self._query("listing active jobs", sql, _NON_FINAL_VALUES)]
+
+    def count_jobs(self) -> int:
+        return int(self._query("counting jobs", "SELECT count(*) FROM jobs")[0][0])
+
+    # -- runs of background loops ------------------------------------------------------------------
+
+    def record_run(self, job_id: int, run: int, started_at: Optional[float], ended_at: Optional[float],
+                   exit_code: Optional[int], signal: Optional[int], reason: RunReason,
+                   detail: Optional[str]) -> None:
+        """Store one run of a job; a run already stored is left as it is (re-ingesting is harmless)."""
+        reason_value = EndReason(reason).value if reason is not None else None
+        with self._transaction(f"recording run {run} of job {job_id}") as conn:
+            if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+                raise errors.NotFound(f"job {job_id} is not in the job database {self.path}")
+            conn.execute(
+                "INSERT OR IGNORE INTO runs (job_id, run, started_at, ended_at, exit_code, signal, reason,"
+                " detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, run, started_at, ended_at, exit_code, signal, reason_value, detail),
+            )
+
+    def runs(self, job_id: int) -> List[Dict[str, Any]]:
+        """The recorded runs of a job by run number: dicts with the record_run fields (reason as
+        EndReason or None)."""
+        rows = self._query(
+            f"reading the runs of job {job_id}",
+            "SELECT job_id, run, started_at, ended_at, exit_code, signal, reason, detail FROM runs"
+            " WHERE job_id = ? ORDER BY run",
+            (job_id,),
+        )
+        return [self._decode_run(row) for row in rows]
+
+    # -- benchmarks --------------------------------------------------------------------------------
+
+    def seed_ended_jobs(self, n: int, user: str, uid: int, gid: int, now: float,
+                        interval_s: float = 10.0) -> None:
+        """Bulk-insert `n` succeeded jobs, for benchmarks only (100 000 take a second or two).
+
+        One transaction, executemany. Each row is what a real job leaves: `true` run in /, state
+        succeeded, outcome exit-code 0, created/started/ended set, unit matching its id. The jobs ended
+        `interval_s` apart, the newest `interval_s` before `now`, oldest first (ascending ids).
+        """
+        with self._transaction(f"seeding {n} ended jobs") as conn:
+            first_id = _next_job_id(conn)
+            rows = (_seed_row(first_id + k, n - k, user, uid, gid, now, interval_s) for k in range(n))
+            conn.executemany(_INSERT_JOB_WITH_ID, rows)
+
+    # -- rows -> model -----------------------------------------------------------------------------
+
+    def _decode(self, row: sqlite3.Row) -> Job:
+        job_id = row["id"]
+        spec = JobSpec(
+            argv=tuple(self._json(row, "argv", list)),
+            cwd=row["cwd"],
+            env=self._json(row, "env", dict),
+            name=row["name"],
+            properties=self._json(row, "properties", dict),
+            timeout_s=row["timeout_s"],
+        )
+        return Job(
+            id=job_id, user=row["user"], uid=row["uid"], gid=row["gid"], spec=spec,
+            state=self._enum(JobState, row["state"], f"job {job_id}", "state"),
+            created_at=row["created_at"], unit=row["unit"], pid=row["pid"],
+            started_at=row["started_at"], ended_at=row["ended_at"],
+            outcome=self._decode_outcome(row), stopped_by=row["stopped_by"],
+        )
+
+    def _decode_outcome(self, row: sqlite3.Row) -> Optional[Outcome]:
+        if row["reason"] is None:
+            return None
+        return Outcome(
+            reason=self._enum(EndReason, row["reason"], f"job {row['id']}", "end reason"),
+            exit_code=row["exit_code"],
+            signal=row["signal"],
+            detail=row["detail"] or "",
+            leftover_processes=row["leftover_processes"] or 0,
+        )
+
+    def _decode_run(self, row: sqlite3.Row) -> Dict[str, Any]:
+        run = {key: row[key] for key in row.keys()}  # noqa: SIM118 (sqlite3.Row iterates values)
+        if run["reason"] is not None:
+            what = f"run {run['run']} of job {run['job_id']}"
+            run["reason"] = self._enum(EndReason, run["reason"], what, "end reason")
+        return run
+
+    def _enum(self, enum_type: Any, value: Any, what: str, field: str) -> Any:
+        try:
+            return enum_type(value)
+        except ValueError:
+            raise errors.Internal(
+                f"{what} in the job database {self.path} has an unknown {field} {value!r}: the file was"
+                " written by a newer gpujobd or edited by hand; install the newer gpujobd or fix the row"
+            ) from None
+
+    def _json(self, row: sqlite3.Row, column: str, expected: type) -> Any:
+        try:
+            value = json.loads(row[column])
+        except (TypeError, ValueError):
+            value = None
+        if not isinstance(value, expected):
+            raise errors.Internal(
+                f"job {row['id']} in the job database {self.path} has a malformed {column} column"
+                f" ({row[column]!r}); fix or delete the row"
+            )
+        return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers: model -> row, list queries
+
+
+def _job_values(job: Job) -> Tuple[Any, ...]:
+    """The _JOB_COLUMNS values of a job, in order."""
+    outcome = job.outcome
+    return (
+        job.user, job.uid, job.gid, job.spec.name, _to_json(list(job.spec.argv)), job.spec.cwd,
+        _to_json(dict(job.spec.env)), _to_json(dict(job.spec.properties)), job.spec.timeout_s,
+        job.state.value, job.unit, job.pid, job.created_at, job.started_at, job.ended_at,
+        outcome.reason.value if outcome else None,
+        outcome.exit_code if outcome else None,
+        outcome.signal if outcome else None,
+        outcome.detail if outcome else None,
+        outcome.leftover_processes if outcome else None,
+        job.stopped_by,
+    )
+
+
+def _to_json(value: Any) -> str:
+    # ASCII escapes keep surrogate-escaped bytes (non-UTF-8 arguments) storable and lossless.
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+
+
+def _filters(user: Optional[str], state: Optional[JobState]) -> Tuple[List[str], List[Any]]:
+    clauses: List[str] = []
+    params: List[Any] = []
+    if user is not None:
+        clauses.append("user = ?")
+        params.append(user)
+    if state is not None:
+        clauses.append("state = ?")
+        params.append(JobState(state).value)
+    return clauses, params
+
+
+def _and(clauses: List[str]) -> str:
+    return "".join(f" AND {clause}" for clause in clauses)
+
+
+def _all_view(filters: List[str], params: List[Any], after_id: Optional[int],
+              limit: int) -> Tuple[str, List[Any]]:
+    """Every job: the first `limit` after `after_id`, or without it the newest `limit`."""
+    if after_id is not None:
+        sql = f"{_SELECT_JOBS} WHERE id > ?{_and(filters)} ORDER BY id LIMIT ?"
+        return sql, [after_id, *params, limit]
+    newest_first = f"{_SELECT_JOBS} WHERE 1{_and(filters)} ORDER BY id DESC LIMIT ?"
+    return f"SELECT * FROM ({newest_first}) ORDER BY id", [*params, limit]
+
+
+def _default_view(filters: List[str], params: List[Any], ended_since: Optional[float],
+                  after_id: Optional[int], limit: int) -> Tuple[str, List[Any]]:
+    """Active jobs + jobs ended since `ended_since`, found through the state and ended_at indexes.
+
+    The candidate ids come from two index searches (never a scan of jobs); rows are then fetched by
+    rowid and the remaining filters applied to those few rows only.
+    """
+    after = " AND id > ?" if after_id is not None else ""
+    after_params: List[Any] = [after_id] if after_id is not None else []
+    candidates = f"SELECT id FROM jobs WHERE state IN ({_NON_FINAL_PLACEHOLDERS}){after}"
+    candidate_params: List[Any] = [*_NON_FINAL_VALUES, *after_params]
+    if ended_since is not None:
+        candidates += f" UNION ALL SELECT id FROM jobs WHERE ended_at >= ?{after}"
+        candidate_params += [ended_since, *after_params]
+    sql = f"{_SELECT_JOBS} WHERE id IN ({candidates}){_and(filters)} ORDER BY id LIMIT ?"
+    return sql, [*candidate_params, *params, limit]
+
+
+def _next_job_id(conn: sqlite3.Connection) -> int:
+    """What AUTOINCREMENT would hand out next: above every id ever used, deleted ones included."""
+    seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
+    highest = conn.execute("SELECT max(id) FROM jobs").fetchone()[0]
+    return max(seq[0] if seq else 0, highest or 0) + 1
+
+
+def _seed_row(job_id: int, age_steps: int, user: str, uid: int, gid: int, now: float,
+              interval_s: float) -> Tuple[Any, ...]:
+    ended_at = now - age_steps * interval_s
+    started_at = ended_at - interval_s / 2
+    spec = JobSpec(argv=("true",), cwd="/")
+    job = Job(
+        id=job_id, user=user, uid=uid, gid=gid, spec=spec, state=JobState.SUCCEEDED,
+        created_at=started_at - 0.1, unit=unit_name(job_id), started_at=started_at, ended_at=ended_at,
+        outcome=Outcome(reason=EndReason.EXIT_CODE, exit_code=0),
+    )
+    return (job_id, *_job_values(job))

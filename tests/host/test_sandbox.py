@@ -1,0 +1,155 @@
+"""The sandbox boots a real systemd, and leaves this host exactly as it found it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tests.sandbox.sandbox import PREFIX, Sandbox, cgroup2_mount, cleanup_stale
+
+SANDBOX_PY = Path(__file__).resolve().parents[1] / "sandbox" / "sandbox.py"
+
+
+def _etc_digest() -> str:
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk("/etc"):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            digest.update(f"{path}:{info.st_size}:{info.st_mtime_ns}:{info.st_mode}\n".encode())
+    return digest.hexdigest()
+
+
+def _sandbox_cgroups() -> list:
+    return sorted(p.name for p in cgroup2_mount().glob(PREFIX + "*"))
+
+
+def _processes_of_sandboxes() -> list:
+    """Host processes whose cgroup is (under) a sandbox's cgroup."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cgroups = (entry / "cgroup").read_text()
+        except OSError:
+            continue
+        if PREFIX in cgroups:
+            found.append(entry.name)
+    return found
+
+
+def test_boots_real_systemd_with_a_system_bus_and_journal():
+    with Sandbox() as sbx:
+        state = sbx.exec(["systemctl", "is-system-running"], capture=True)
+        bus = sbx.exec(["busctl", "--system", "status", "org.freedesktop.systemd1"], capture=True)
+        journal = sbx.exec(["journalctl", "--no-pager", "-n", "1"], capture=True)
+        comm = sbx.exec(["cat", "/proc/1/comm"], capture=True)
+    assert state.stdout.strip() == "running"
+    assert bus.returncode == 0, bus.stderr
+    assert journal.returncode == 0, journal.stderr
+    assert comm.stdout.strip() == "systemd"
+
+
+def test_leaves_host_tmp_etc_processes_and_cgroups_as_found(tmp_path):
+    canary = Path("/tmp") / f"gpujobd-canary-{os.getpid()}"
+    canary.write_text("still here")
+    tmp_before = set(os.listdir("/tmp"))
+    etc_before = _etc_digest()
+    try:
+        with Sandbox() as sbx:
+            sbx.add_user("sbxuser")
+            wrote = sbx.run(["sh", "-c", "rm -f /tmp/gpujobd-canary-*; touch /tmp/inside /etc/inside"])
+            assert wrote.returncode == 0
+            inside = sbx.exec(["ls", "/tmp"], capture=True).stdout.split()
+            assert "inside" in inside and canary.name not in inside
+        assert canary.read_text() == "still here"
+        assert set(os.listdir("/tmp")) == tmp_before
+        assert not Path("/etc/inside").exists()
+        assert _etc_digest() == etc_before
+        assert "sbxuser" not in Path("/etc/passwd").read_text()
+        assert _processes_of_sandboxes() == []
+        assert _sandbox_cgroups() == []
+    finally:
+        canary.unlink(missing_ok=True)
+
+
+def test_two_at_once_and_one_after_another():
+    results = {}
+
+    def boot(key: str) -> None:
+        with Sandbox() as sbx:
+            results[key] = sbx.exec(["systemctl", "is-system-running"], capture=True).stdout.strip()
+            results[key + "-cgroup"] = sbx.exec(["cat", "/proc/self/cgroup"], capture=True).stdout
+
+    threads = [threading.Thread(target=boot, args=(k,)) for k in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    boot("c")
+    assert results["a"] == results["b"] == results["c"] == "running"
+    assert _sandbox_cgroups() == []
+
+
+def test_command_exit_status_and_user_come_back():
+    done = subprocess.run([sys.executable, str(SANDBOX_PY), "run", "--user", "sbxuser", "--",
+                           "sh", "-c", "id -un; exit 7"], capture_output=True, text=True)
+    assert done.returncode == 7, done.stderr
+    assert done.stdout.strip() == "sbxuser"
+
+
+def test_killed_launcher_takes_the_sandbox_down():
+    launcher = subprocess.Popen([sys.executable, str(SANDBOX_PY), "run", "--", "sleep", "4242"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(
+            "4242" in _cmdline(pid) for pid in _processes_of_sandboxes()):
+        time.sleep(0.05)
+    assert _processes_of_sandboxes(), "the sandbox never started its command"
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _processes_of_sandboxes():
+        time.sleep(0.05)
+    assert _processes_of_sandboxes() == []
+    cleanup_stale()
+    assert _sandbox_cgroups() == []
+
+
+def test_ctrl_c_tears_down():
+    launcher = subprocess.Popen([sys.executable, str(SANDBOX_PY), "run", "--", "sleep", "4343"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(
+            "4343" in _cmdline(pid) for pid in _processes_of_sandboxes()):
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGINT)
+    assert launcher.wait(timeout=20) != 0
+    assert _processes_of_sandboxes() == []
+    assert _sandbox_cgroups() == []
+
+
+def test_failed_boot_exits_non_zero_with_the_boot_log():
+    done = subprocess.run([sys.executable, str(SANDBOX_PY), "run", "--boot-timeout", "0.001", "--",
+                           "true"], capture_output=True, text=True)
+    assert done.returncode == 125
+    assert "boot failed" in done.stderr and "sandbox boot log" in done.stderr
+    assert _sandbox_cgroups() == []
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
