@@ -1,0 +1,155 @@
+"""`gpujobd`: the composition root. It builds every object, wires the events, and runs the loop.
+
+systemd owns the lifecycle (Type=notify, no fork, no pidfile). READY=1 is sent only after the daemon
+has reconciled its state with systemd and owns its bus name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from gpujobd import __version__
+from gpujobd.config import Config, dump_toml, load_config
+from gpujobd.errors import ConfigError
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="gpujobd",
+        description="Run every job of a shared GPU server in its own transient systemd scope. "
+                    "Started by systemd (gpujobd.service); users talk to it with gpujobctl.",
+        epilog="Configuration: --config, else $GPUJOBD_CONFIG, else /etc/gpujobd/gpujobd.toml "
+               "(see docs/configuration.md).",
+    )
+    parser.add_argument("--config", metavar="PATH", help="configuration file to read")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration, print the effective values, and exit")
+    parser.add_argument("--version", action="version", version=f"gpujobd {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        print(f"gpujobd: {err}", file=sys.stderr)
+        return err.exit_code
+    if args.check_config:
+        sys.stdout.write(dump_toml(config))
+        return 0
+    from gpujobd.log import configure_logging
+
+    configure_logging(config.daemon.log_format, config.daemon.log_level)
+    # pydbus logs every exception a method raises, with its traceback; the service logs its own
+    # errors as events (api.error, api.internal_error), so silence the duplicate.
+    logging.getLogger("pydbus").setLevel(logging.CRITICAL)
+    if os.geteuid() != 0:
+        print("gpujobd: must run as root (it starts jobs as their users); "
+              "run it with `systemctl start gpujobd`", file=sys.stderr)
+        return 1
+    return run(config)
+
+
+class _GLibScheduler:
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> Callable[[], None]:
+        from gi.repository import GLib
+
+        def fire() -> bool:
+            callback()
+            return False
+
+        source = GLib.timeout_add(int(seconds * 1000), fire)
+        return lambda: GLib.source_remove(source) if GLib.main_context_default().find_source_by_id(
+            source) else None
+
+
+def run(config: Config) -> int:
+    from gi.repository import Gio, GLib
+    from pydbus import SystemBus
+
+    from gpujobd import api
+    from gpujobd.log import get_logger
+    from gpujobd.manager import Manager
+    from gpujobd.model import UNIT_PREFIX
+    from gpujobd.service import ManagerService
+    from gpujobd.spawner import RECORD_SUFFIX, JobFiles, spawn_supervisor
+    from gpujobd.store import Store
+    from gpujobd.systemd import JobUnits, Systemd, notify_ready
+
+    log = get_logger()
+    loop = GLib.MainLoop()
+    bus = SystemBus()
+    state_dir = Path(config.daemon.state_dir)
+    state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    store = Store(state_dir / "gpujobd.sqlite3")
+    files = JobFiles(Path(config.daemon.job_log_dir), state_dir / "exits")
+    systemd = Systemd(bus.con, UNIT_PREFIX)
+    service: List[ManagerService] = []
+
+    def spawn(spec, log_fd):
+        gate = spawn_supervisor(spec, log_fd)
+        GLib.child_watch_add(GLib.PRIORITY_DEFAULT, gate.pid, lambda pid, status: None)  # reap
+        return gate
+
+    def changed(job):
+        if service:
+            service[0].job_changed(job)
+
+    manager = Manager(config, store, JobUnits(systemd, config.daemon.slice, config.jobs.stop_timeout_s),
+                      files, spawn, _GLibScheduler(), changed)
+    systemd.subscribe(manager.on_unit_changed, manager.on_unit_removed)
+    monitor = _watch_exit_records(Gio, files.record_dir, RECORD_SUFFIX, manager.on_exit_record)
+    manager.reconcile()
+    service.append(ManagerService(manager, bus.con))
+    publication = bus.publish(api.BUS_NAME, (api.OBJECT_PATH, service[0]))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        GLib.unix_signal_add(GLib.PRIORITY_HIGH, signum, _quit(loop, log, signum))
+    notify_ready(f"serving {api.BUS_NAME}")
+    log.info("daemon.ready", version=__version__, bus_name=api.BUS_NAME, pid=os.getpid())
+    try:
+        loop.run()
+    finally:
+        monitor.cancel()
+        publication.unpublish()
+        store.close()
+    log.info("daemon.stopped", jobs_left_running="all: jobs live in their own scopes")
+    return 0
+
+
+def _quit(loop, log, signum: int):
+    def handler() -> bool:
+        log.info("daemon.stopping", signal=signal.Signals(signum).name)
+        loop.quit()
+        return False
+    return handler
+
+
+def _watch_exit_records(Gio, directory: Path, suffix: str, on_record: Callable[[int], None]):
+    """Supervisors rename their exit record into place; inotify tells us without polling."""
+    monitor = Gio.File.new_for_path(str(directory)).monitor_directory(
+        Gio.FileMonitorFlags.WATCH_MOVES, None)
+    interesting = (Gio.FileMonitorEvent.CREATED, Gio.FileMonitorEvent.MOVED_IN,
+                   Gio.FileMonitorEvent.RENAMED, Gio.FileMonitorEvent.CHANGES_DONE_HINT)
+
+    def changed(_monitor, file, other_file, event) -> None:
+        if event not in interesting:
+            return
+        target = other_file if event == Gio.FileMonitorEvent.RENAMED else file
+        name = target.get_basename() if target is not None else ""
+        stem = name[: -len(suffix)] if name.endswith(suffix) else ""
+        if stem.isdigit():
+            on_record(int(stem))
+
+    monitor.connect("changed", changed)
+    return monitor
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,466 @@
+"""The daemon's core: job transitions, authorization and the crash reconcile.
+
+It sees systemd, the supervisor spawner, the job files, the store and the clock through small
+protocols, so it is tested with stateful fakes (tests/unit/test_manager.py) and never imports a D-Bus
+or systemd library. Every transition is committed to the store before it is signalled or released.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+import pwd
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
+
+from gpujobd import api
+from gpujobd.config import Config
+from gpujobd.errors import InvalidArgument, NotFound, PermissionDenied
+from gpujobd.log import get_logger
+from gpujobd.model import (
+    EndReason,
+    Job,
+    JobSpec,
+    JobState,
+    Outcome,
+    final_state_for,
+    job_id_from_unit,
+    transition,
+)
+from gpujobd.properties import Encoded, parse_properties
+
+log = get_logger()
+
+ALIVE_UNIT_STATES = frozenset({"active", "activating", "deactivating", "reloading", "refreshing"})
+GONE_UNIT_STATES = frozenset({"inactive", "failed"})
+START_JOB_DONE = "done"
+
+
+# -- the ports the core uses ---------------------------------------------------------------------
+class GatePort(Protocol):
+    pid: int
+
+    def release(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class SystemdPort(Protocol):
+    def start_scope(self, job: Job, pid: int, properties: Sequence[Encoded],
+                    on_done: Callable[[str], None]) -> None: ...
+
+    def stop_unit(self, unit: str) -> None: ...
+
+    def list_job_units(self) -> Mapping[str, str]: ...  # unit name -> ActiveState
+
+    def scope_result(self, unit: str) -> Optional[str]: ...
+
+
+class JobFilesPort(Protocol):
+    def create_log(self, job_id: int, uid: int, gid: int) -> int: ...
+
+    def log_path(self, job_id: int) -> str: ...
+
+    def read_log(self, job_id: int, offset: int, max_bytes: int) -> Tuple[bytes, int]: ...
+
+    def record_path(self, job_id: int) -> str: ...
+
+    def runs_path(self, job_id: int) -> str: ...
+
+    def read_exit_record(self, job_id: int) -> Optional[Dict[str, Any]]: ...
+
+    def read_runs(self, job_id: int) -> List[Dict[str, Any]]: ...
+
+    def discard_records(self, job_id: int) -> None: ...
+
+    def record_job_ids(self) -> List[int]: ...
+
+
+class StorePort(Protocol):
+    def create(self, user: str, uid: int, gid: int, spec: JobSpec, created_at: float,
+               state: JobState = ...) -> Job: ...
+
+    def save(self, job: Job) -> None: ...
+
+    def get(self, job_id: int) -> Optional[Job]: ...
+
+    def list_jobs(self, *, include_ended: bool, ended_since: Optional[float], user: Optional[str],
+                  state: Optional[JobState], limit: int, after_id: Optional[int] = None) -> List[Job]: ...
+
+    def active_jobs(self) -> List[Job]: ...
+
+    def record_run(self, job_id: int, run: int, started_at: Optional[float], ended_at: Optional[float],
+                   exit_code: Optional[int], signal: Optional[int], reason: str, detail: str) -> None: ...
+
+
+class SchedulerPort(Protocol):
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> Callable[[], None]: ...
+
+
+Spawn = Callable[[Dict[str, Any], int], GatePort]
+
+
+@dataclass(frozen=True)
+class Caller:
+    uid: int
+    user: str
+    gid: int
+    is_admin: bool
+
+
+@dataclass
+class _Runtime:
+    """What the daemon knows of an active job beyond its row; rebuilt by reconcile after a crash."""
+
+    gate: Optional[GatePort] = None
+    scope_result: Optional[str] = None
+    cancel_start_timer: Optional[Callable[[], None]] = None
+
+
+class Manager:
+    def __init__(self, config: Config, store: StorePort, systemd: SystemdPort, files: JobFilesPort,
+                 spawn: Spawn, scheduler: SchedulerPort, on_change: Callable[[Job], None],
+                 clock: Callable[[], float] = time.time):
+        self._config = config
+        self._store = store
+        self._systemd = systemd
+        self._files = files
+        self._spawn = spawn
+        self._scheduler = scheduler
+        self._on_change = on_change
+        self._clock = clock
+        self._runtime: Dict[int, _Runtime] = {}
+
+    # -- callers -------------------------------------------------------------------------------
+    def caller_from_uid(self, uid: int) -> Caller:
+        try:
+            entry = pwd.getpwuid(uid)
+        except KeyError:
+            raise PermissionDenied(
+                f"uid {uid} has no passwd entry; gpujobd serves only known users") from None
+        groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
+        return Caller(uid=uid, user=entry.pw_name, gid=entry.pw_gid,
+                      is_admin=uid == 0 or self._admin_gid() in groups)
+
+    def _admin_gid(self) -> Optional[int]:
+        try:
+            return grp.getgrnam(self._config.daemon.admin_group).gr_gid
+        except KeyError:
+            return None
+
+    def _authorize(self, caller: Caller, job: Job, action: str) -> None:
+        if caller.is_admin or caller.uid == job.uid:
+            return
+        raise PermissionDenied(
+            f"job {job.id} belongs to {job.user}: only its owner, root or a member of group "
+            f"'{self._config.daemon.admin_group}' may {action} it")
+
+    # -- verbs -----------------------------------------------------------------------------------
+    def submit(self, caller: Caller, spec: JobSpec) -> Job:
+        properties = self._validate(spec)
+        job = self._store.create(caller.user, caller.uid, caller.gid, spec, self._clock())
+        log.info("job.submitted", job_id=job.id, user=caller.user, unit=job.unit, argv0=spec.argv[0])
+        try:
+            self._start(job, caller, properties)
+        except Exception as err:  # the job exists: it must end recorded, never half-started
+            log.error("job.start_failed", job_id=job.id, error=str(err))
+            self._runtime.setdefault(job.id, _Runtime())
+            self._abort_start(job.id, f"could not start the job's scope: {err}")
+        return self._job(job.id)
+
+    def stop(self, caller: Caller, job_id: int) -> str:
+        job = self._job(job_id)
+        self._authorize(caller, job, "stop")
+        if job.state.is_final:
+            return api.STOP_ALREADY_ENDED
+        if job.state is not JobState.STOPPING:
+            job = self._commit(transition(job, JobState.STOPPING, stopped_by=caller.user))
+        log.info("job.stopping", job_id=job_id, by=caller.user, unit=job.unit)
+        runtime = self._runtime.get(job_id)
+        if runtime is not None and runtime.gate is not None:
+            runtime.gate.abort()  # not released yet: no user code may start now
+        self._systemd.stop_unit(job.unit)
+        return api.STOP_STOPPING
+
+    def get(self, job_id: int) -> Job:
+        return self._job(job_id)
+
+    def list(self, *, include_ended: bool, user: Optional[str], state: Optional[JobState],
+             limit: int) -> List[Job]:
+        since = self._clock() - self._config.jobs.recent_window_s
+        return self._store.list_jobs(include_ended=include_ended, ended_since=since, user=user,
+                                     state=state, limit=limit)
+
+    def read_log(self, caller: Caller, job_id: int, offset: int,
+                 max_bytes: int) -> Tuple[bytes, int, bool]:
+        job = self._job(job_id)
+        self._authorize(caller, job, "read the log of")
+        ended = job.state.is_final  # decided before reading, so no byte written before the end is missed
+        size = min(max_bytes, self._config.jobs.log_read_max_bytes)
+        data, next_offset = self._files.read_log(job_id, offset, size)
+        return data, next_offset, ended
+
+    def log_path(self, job_id: int) -> str:
+        return self._files.log_path(job_id)
+
+    # -- starting --------------------------------------------------------------------------------
+    def _validate(self, spec: JobSpec) -> List[Encoded]:
+        problems = []
+        if not spec.argv or not spec.argv[0]:
+            problems.append("the command is empty: give it after '--', "
+                            "e.g. gpujobctl submit -- python train.py")
+        if sum(len(a.encode()) + 1 for a in spec.argv) > api.MAX_ARG_BYTES:
+            problems.append(f"the command line is longer than {api.MAX_ARG_BYTES} bytes")
+        if any("\0" in a for a in spec.argv):
+            problems.append("the command contains a NUL byte")
+        if not os.path.isabs(spec.cwd) or "\0" in spec.cwd:
+            problems.append(f"cwd {spec.cwd!r} must be an absolute path")
+        for key, value in spec.env.items():
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                problems.append(f"--env {key!r}: a name must be non-empty, without '=' or NUL")
+        if len(spec.env) > api.MAX_ENV_ITEMS:
+            problems.append(f"more than {api.MAX_ENV_ITEMS} --env entries")
+        if len(spec.name) > api.MAX_NAME_LENGTH:
+            problems.append(f"--name is longer than {api.MAX_NAME_LENGTH} characters")
+        problems += self._timeout_problems(spec.timeout_s)
+        try:
+            properties = parse_properties(spec.properties, self._config.jobs.allowed_properties)
+        except InvalidArgument as err:
+            problems.append(str(err))
+            properties = []
+        if problems:
+            raise InvalidArgument("; ".join(problems))
+        return properties
+
+    def _timeout_problems(self, timeout_s: Optional[float]) -> List[str]:
+        if timeout_s is None:
+            return []
+        limit = self._config.jobs.max_timeout_s
+        if not timeout_s > 0:
+            return [f"--timeout {timeout_s}: must be a positive number of seconds"]
+        if limit and timeout_s > limit:
+            return [f"--timeout {timeout_s}: above this server's limit of {limit} s (jobs.max_timeout_s)"]
+        return []
+
+    def _start(self, job: Job, caller: Caller, properties: Sequence[Encoded]) -> None:
+        log_fd = self._files.create_log(job.id, job.uid, job.gid)
+        try:
+            gate = self._spawn(self._supervisor_spec(job), log_fd)
+        finally:
+            os.close(log_fd)
+        runtime = self._runtime.setdefault(job.id, _Runtime())
+        runtime.gate = gate
+        self._systemd.start_scope(job, gate.pid, properties,
+                                  lambda result: self._scope_started(job.id, result))
+        runtime.cancel_start_timer = self._scheduler.call_later(
+            self._config.daemon.start_timeout_s, lambda: self._start_timed_out(job.id))
+
+    def _supervisor_spec(self, job: Job) -> Dict[str, Any]:
+        return {
+            "job_id": job.id,
+            "argv": list(job.spec.argv),
+            "cwd": job.spec.cwd,
+            "env": self._job_environment(job),
+            "uid": job.uid,
+            "gid": job.gid,
+            "user": job.user,
+            "umask": self._config.jobs.umask_int,
+            "exit_record": self._files.record_path(job.id),
+            "runs_file": self._files.runs_path(job.id),
+            "max_runs": 1,
+            "restart_delay_s": 0.0,
+            "stop_on_failure": False,
+        }
+
+    def _job_environment(self, job: Job) -> Dict[str, str]:
+        """A safe base (never the daemon's environment), then the user's explicit --env."""
+        entry = pwd.getpwnam(job.user)
+        env = {"PATH": self._config.jobs.default_path, "HOME": entry.pw_dir, "USER": job.user,
+               "LOGNAME": job.user, "SHELL": entry.pw_shell or "/bin/sh"}
+        env.update(job.spec.env)
+        env["GPUJOB_ID"] = str(job.id)
+        return env
+
+    def _scope_started(self, job_id: int, result: str) -> None:
+        runtime = self._runtime.get(job_id)
+        if runtime is None:
+            return
+        if runtime.cancel_start_timer is not None:
+            runtime.cancel_start_timer()
+            runtime.cancel_start_timer = None
+        job = self._job(job_id)
+        if result != START_JOB_DONE or job.state is not JobState.STARTING:
+            if runtime.gate is not None:
+                runtime.gate.abort()
+            if job.state is JobState.STARTING:
+                self._abort_start(job_id, f"systemd's start job for {job.unit} ended '{result}'")
+            return
+        assert runtime.gate is not None
+        self._commit(transition(job, JobState.RUNNING, started_at=self._clock(), pid=runtime.gate.pid))
+        runtime.gate.release()
+        runtime.gate = None
+        log.info("job.started", job_id=job_id, unit=job.unit)
+
+    def _start_timed_out(self, job_id: int) -> None:
+        runtime = self._runtime.get(job_id)
+        if runtime is None or self._job(job_id).state is not JobState.STARTING:
+            return
+        runtime.cancel_start_timer = None
+        self._abort_start(job_id, f"the scope did not become active within "
+                                  f"{self._config.daemon.start_timeout_s} s (daemon.start_timeout_s)")
+
+    def _abort_start(self, job_id: int, detail: str) -> None:
+        runtime = self._runtime.pop(job_id, _Runtime())
+        if runtime.gate is not None:
+            runtime.gate.abort()
+        if runtime.cancel_start_timer is not None:
+            runtime.cancel_start_timer()
+        job = self._job(job_id)
+        try:
+            self._systemd.stop_unit(job.unit)
+        except Exception as err:
+            log.warning("job.stop_after_failed_start_failed", job_id=job_id, error=str(err))
+        if not job.state.is_final:
+            self._end(job, Outcome(EndReason.START_FAILED, detail=detail), self._clock())
+
+    # -- ending ----------------------------------------------------------------------------------
+    def on_unit_changed(self, unit: str, changed: Mapping[str, Any]) -> None:
+        job_id = job_id_from_unit(unit)
+        runtime = self._runtime.get(job_id) if job_id is not None else None
+        if runtime is None:
+            return
+        if "Result" in changed:
+            runtime.scope_result = str(changed["Result"])
+        if changed.get("ActiveState") in GONE_UNIT_STATES:
+            self._scope_gone(job_id)  # type: ignore[arg-type]
+
+    def on_unit_removed(self, unit: str) -> None:
+        job_id = job_id_from_unit(unit)
+        if job_id is not None and job_id in self._runtime:
+            self._scope_gone(job_id)
+
+    def on_exit_record(self, job_id: int) -> None:
+        """The supervisor wrote its record: the main command is done. Leftovers die with the scope."""
+        job = self._store.get(job_id)
+        if job is None or job.state.is_final or job_id not in self._runtime:
+            return
+        if job.state is not JobState.STARTING:
+            self._systemd.stop_unit(job.unit)
+
+    def _scope_gone(self, job_id: int) -> None:
+        runtime = self._runtime.get(job_id)
+        job = self._store.get(job_id)
+        if runtime is None or job is None or job.state.is_final:
+            return
+        if job.state is JobState.STARTING and runtime.gate is not None:
+            return  # the start job's own result decides
+        if runtime.scope_result is None:
+            runtime.scope_result = self._systemd.scope_result(job.unit)
+        self._finish(job, runtime.scope_result)
+
+    def _finish(self, job: Job, scope_result: Optional[str]) -> None:
+        record = self._files.read_exit_record(job.id)
+        self._ingest_runs(job.id)
+        outcome = decide_outcome(record, job.stopped_by, scope_result)
+        ended_at = _float(record, "ended_at") or self._clock()
+        started_at = job.started_at or _float(record, "started_at")
+        self._end(dataclasses.replace(job, started_at=started_at), outcome, ended_at)
+
+    def _ingest_runs(self, job_id: int) -> None:
+        for run in self._files.read_runs(job_id):
+            if isinstance(run.get("run"), int):
+                self._store.record_run(job_id, run["run"], _float(run, "started_at"),
+                                       _float(run, "ended_at"), run.get("exit_code"), run.get("signal"),
+                                       str(run.get("reason", "")), str(run.get("detail", "")))
+
+    def _end(self, job: Job, outcome: Outcome, ended_at: float) -> None:
+        self._runtime.pop(job.id, None)
+        ended = self._commit(transition(job, final_state_for(outcome), outcome=outcome,
+                                        ended_at=ended_at, pid=None))
+        self._files.discard_records(job.id)
+        log.info("job.finished", job_id=job.id, unit=job.unit, state=ended.state.value,
+                 reason=outcome.reason.value, exit_code=outcome.exit_code, signal=outcome.signal,
+                 leftover_processes=outcome.leftover_processes)
+
+    # -- reconcile -------------------------------------------------------------------------------
+    def reconcile(self) -> None:
+        """After a start (or a crash): rebuild the view of every active job from the store,
+        systemd's list of job units and the supervisors' exit records."""
+        units = self._systemd.list_job_units()
+        active = self._store.active_jobs()
+        for job in active:
+            self._reconcile_job(job, units.get(job.unit))
+        known = {job.unit for job in active}
+        for unit, state in units.items():
+            if unit not in known and state in ALIVE_UNIT_STATES:
+                log.warning("reconcile.stray_job_unit", unit=unit, active_state=state)
+                self._systemd.stop_unit(unit)
+        for job_id in self._files.record_job_ids():
+            job = self._store.get(job_id)
+            if job is None or job.state.is_final:
+                self._files.discard_records(job_id)
+        log.info("reconcile.done", active_jobs=len(self._runtime), units=len(units))
+
+    def _reconcile_job(self, job: Job, unit_state: Optional[str]) -> None:
+        self._runtime[job.id] = _Runtime()
+        if unit_state in ALIVE_UNIT_STATES:
+            log.info("reconcile.reattached", job_id=job.id, unit=job.unit, active_state=unit_state)
+            if self._files.read_exit_record(job.id) is not None:
+                self._systemd.stop_unit(job.unit)
+            return
+        result = self._systemd.scope_result(job.unit) if unit_state is not None else None
+        record = self._files.read_exit_record(job.id)
+        if record is None and job.state is JobState.STARTING:
+            self._end(job, Outcome(EndReason.START_FAILED,
+                                   detail="gpujobd stopped before the job's scope was released"),
+                      self._clock())
+            return
+        self._finish(job, result)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _job(self, job_id: int) -> Job:
+        job = self._store.get(job_id)
+        if job is None:
+            raise NotFound(f"there is no job {job_id}: `gpujobctl list --all` shows the known ids")
+        return job
+
+    def _commit(self, job: Job) -> Job:
+        self._store.save(job)
+        self._on_change(job)
+        return job
+
+
+def _float(record: Optional[Mapping[str, Any]], key: str) -> Optional[float]:
+    if not record:
+        return None
+    value = record.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+_RECORD_REASONS = {reason.value: reason for reason in EndReason}
+
+
+def decide_outcome(record: Optional[Mapping[str, Any]], stopped_by: Optional[str],
+                   scope_result: Optional[str]) -> Outcome:
+    """How a job ended, from its supervisor's record, who stopped it and systemd's scope result."""
+    exit_code = record.get("exit_code") if record else None
+    signal = record.get("signal") if record else None
+    leftovers = int(record.get("leftover_processes") or 0) if record else 0
+    detail = str(record.get("detail") or "") if record else ""
+    common = {"exit_code": exit_code, "signal": signal, "leftover_processes": leftovers}
+    if stopped_by:
+        return Outcome(EndReason.STOPPED, detail=f"stopped by {stopped_by}", **common)
+    if scope_result == "timeout":
+        return Outcome(EndReason.TIMEOUT, detail="the job reached its --timeout (RuntimeMaxSec)",
+                       **common)
+    if scope_result == "oom-kill":
+        return Outcome(EndReason.OOM_KILL, detail="the kernel's OOM killer acted in the job", **common)
+    if record is None:
+        return Outcome(EndReason.LOST, detail="the job's scope ended and its supervisor left no exit "
+                                              "record (it was killed, or its files were removed)")
+    reason = _RECORD_REASONS.get(str(record.get("reason")), EndReason.LOST)
+    if reason is EndReason.LOST:
+        detail = f"unreadable exit record: reason {record.get('reason')!r}"
+    return Outcome(reason, detail=detail, **common)

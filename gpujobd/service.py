@@ -1,0 +1,178 @@
+"""The D-Bus service: authorize the caller, decode, call the manager, encode. Nothing else.
+
+Published with pydbus on the system bus under api.BUS_NAME. The caller's identity comes from the bus
+(GetConnectionUnixUser of the message's sender), never from an argument or /proc; when it cannot be
+established, the call is denied. GpujobdError subclasses become D-Bus errors with their stable names;
+anything else becomes org.gpujobd1.Error.Internal, logged here, with no traceback on the wire.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar
+
+from gi.repository import Gio, GLib
+from pydbus.generic import signal
+
+from gpujobd import __version__, api
+from gpujobd.errors import GpujobdError, Internal, InvalidArgument, PermissionDenied
+from gpujobd.log import get_logger
+from gpujobd.manager import Caller, Manager
+from gpujobd.model import Job, JobSpec, JobState
+
+log = get_logger()
+CALLER_CACHE_SIZE = 4096
+_WIRE_ERRORS: Dict[str, type] = {}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _wire_error(err: GpujobdError) -> Exception:
+    """pydbus names the D-Bus error after the exception class; give it a class with our name."""
+    name = type(err).dbus_name()
+    if name not in _WIRE_ERRORS:
+        _WIRE_ERRORS[name] = type(name, (Exception,), {})
+    return _WIRE_ERRORS[name](str(err))
+
+
+def on_the_wire(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except GpujobdError as err:
+            log.info("api.error", method=method.__name__, error=type(err).dbus_name(), message=str(err))
+            raise _wire_error(err) from None
+        except Exception:
+            log.exception("api.internal_error", method=method.__name__)
+            raise _wire_error(Internal(
+                "gpujobd failed internally; the administrator finds the details with "
+                "`journalctl -u gpujobd`")) from None
+    return wrapper  # type: ignore[return-value]
+
+
+class ManagerService:
+    dbus = api.INTROSPECTION_XML
+    JobChanged = signal()
+
+    def __init__(self, manager: Manager, connection: Gio.DBusConnection):
+        self._manager = manager
+        self._con = connection
+        self._callers: collections.OrderedDict[str, Caller] = collections.OrderedDict()
+
+    @property
+    def Version(self) -> str:
+        return __version__
+
+    @on_the_wire
+    def Submit(self, spec: Mapping[str, Any], dbus_context: Any = None) -> Dict[str, GLib.Variant]:
+        caller = self._caller(dbus_context)
+        job = self._manager.submit(caller, decode_spec(spec))
+        return self._encode(job, caller)
+
+    @on_the_wire
+    def Stop(self, job_id: int, dbus_context: Any = None) -> str:
+        return self._manager.stop(self._caller(dbus_context), job_id)
+
+    @on_the_wire
+    def Get(self, job_id: int, dbus_context: Any = None) -> Dict[str, GLib.Variant]:
+        caller = self._caller(dbus_context)
+        return self._encode(self._manager.get(job_id), caller)
+
+    @on_the_wire
+    def List(self, filters: Mapping[str, Any], dbus_context: Any = None) -> List[Dict[str, GLib.Variant]]:
+        caller = self._caller(dbus_context)
+        include_ended, user, state, limit = decode_filter(filters)
+        jobs = self._manager.list(include_ended=include_ended, user=user, state=state, limit=limit)
+        return [self._encode(job, caller) for job in jobs]
+
+    @on_the_wire
+    def ReadLog(self, job_id: int, offset: int, max_bytes: int, dbus_context: Any = None) -> tuple:
+        caller = self._caller(dbus_context)
+        data, next_offset, ended = self._manager.read_log(caller, job_id, offset, max_bytes)
+        return GLib.Variant("ay", data), next_offset, ended
+
+    def job_changed(self, job: Job) -> None:
+        self.JobChanged(job.id, job.state.value)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _caller(self, dbus_context: Any) -> Caller:
+        sender = getattr(dbus_context, "sender", None)
+        if not sender:
+            raise PermissionDenied("gpujobd could not establish who is calling; the call is denied")
+        caller = self._callers.get(sender)
+        if caller is None:
+            caller = self._manager.caller_from_uid(self._sender_uid(sender))
+            self._callers[sender] = caller
+            if len(self._callers) > CALLER_CACHE_SIZE:
+                self._callers.popitem(last=False)
+        return caller
+
+    def _sender_uid(self, sender: str) -> int:
+        try:
+            reply = self._con.call_sync(
+                "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                "GetConnectionUnixUser", GLib.Variant("(s)", (sender,)), GLib.VariantType.new("(u)"),
+                Gio.DBusCallFlags.NONE, 5000, None)
+        except GLib.Error as err:
+            raise PermissionDenied(f"gpujobd could not establish your user id ({err.message}); "
+                                   "the call is denied") from None
+        return int(reply.unpack()[0])
+
+    def _encode(self, job: Job, caller: Caller) -> Dict[str, GLib.Variant]:
+        wire = api.encode_job(job, log_path=self._manager.log_path(job.id))
+        if not (caller.is_admin or caller.uid == job.uid):
+            wire.pop("env", None)  # may hold secrets: its owner and admins only
+        return {key: GLib.Variant(signature, value) for key, (signature, value) in wire.items()}
+
+
+def _expect(spec: Mapping[str, Any], key: str, kind: type, what: str) -> Any:
+    value = spec[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind):
+        raise InvalidArgument(f"spec field {key!r}: expected {what}")
+    return value
+
+
+def _string_map(spec: Mapping[str, Any], key: str) -> Dict[str, str]:
+    value = _expect(spec, key, dict, "a map of strings (a{ss})") if key in spec else {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise InvalidArgument(f"spec field {key!r}: expected a map of strings (a{{ss}})")
+    return dict(value)
+
+
+def decode_spec(spec: Mapping[str, Any]) -> JobSpec:
+    unknown = api.unknown_keys(spec, api.SPEC_FIELDS)
+    if unknown:
+        raise InvalidArgument(f"unknown spec fields {unknown}; known: {sorted(api.SPEC_FIELDS)}")
+    if "argv" not in spec or "cwd" not in spec:
+        raise InvalidArgument("a job needs 'argv' (the command) and 'cwd' (an absolute directory)")
+    argv = _expect(spec, "argv", list, "a list of strings (as)")
+    if len(argv) > api.MAX_ARGV_ITEMS or not all(isinstance(a, str) for a in argv):
+        raise InvalidArgument(f"spec field 'argv': expected at most {api.MAX_ARGV_ITEMS} strings")
+    timeout = _expect(spec, "timeout_s", float, "seconds (d)") if "timeout_s" in spec else None
+    return JobSpec(
+        argv=tuple(argv),
+        cwd=_expect(spec, "cwd", str, "a string (s)"),
+        env=_string_map(spec, "env"),
+        name=_expect(spec, "name", str, "a string (s)") if "name" in spec else "",
+        properties=_string_map(spec, "properties"),
+        timeout_s=timeout,
+    )
+
+
+def decode_filter(filters: Mapping[str, Any]) -> tuple:
+    unknown = api.unknown_keys(filters, api.FILTER_FIELDS)
+    if unknown:
+        raise InvalidArgument(f"unknown list filters {unknown}; known: {sorted(api.FILTER_FIELDS)}")
+    state: Optional[JobState] = None
+    if filters.get("state"):
+        try:
+            state = JobState(filters["state"])
+        except ValueError:
+            raise InvalidArgument(f"unknown state {filters['state']!r}; known: "
+                                  f"{', '.join(s.value for s in JobState)}") from None
+    limit = int(filters.get("limit") or api.MAX_LIST_LIMIT)
+    return bool(filters.get("all")), filters.get("user") or None, state, min(limit, api.MAX_LIST_LIMIT)

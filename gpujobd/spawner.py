@@ -1,0 +1,187 @@
+"""Starting a job's supervisor behind a gate, and the files the daemon keeps for each job.
+
+The daemon (root) spawns `python3 -I .../gpujobd/supervisor.py` (standard library only, so it
+runs as a script wherever the package is installed) with the job's spec on a pipe. The
+supervisor blocks on that pipe (the gate) until the daemon has put it into the job's scope and systemd
+has reported the scope active; only then does the daemon write the release line. If the daemon dies
+first, the pipe closes without it and no user code ever runs.
+
+Every file here is opened relative to a directory descriptor of a root-owned directory, with
+O_NOFOLLOW and, for new files, O_EXCL: no path a user controls is ever opened as root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from gpujobd import supervisor
+
+LOG_SUFFIX = ".log"
+RECORD_SUFFIX = ".json"
+RUNS_SUFFIX = ".runs"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_private_dir(path: Path, mode: int = 0o755) -> int:
+    """Create (parents included) and open a directory that must be root's and not a symlink."""
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
+    fd = os.open(path, _DIR_FLAGS)
+    info = os.fstat(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        os.close(fd)
+        raise PermissionError(f"{path} must be owned by uid {os.geteuid()} and writable only by it")
+    return fd
+
+
+class JobFiles:
+    """The per-job files: logs in `log_dir`, exit records and run records in `record_dir`."""
+
+    def __init__(self, log_dir: Path, record_dir: Path):
+        self.log_dir = log_dir
+        self.record_dir = record_dir
+        self._log_dir_fd = open_private_dir(log_dir)
+        self._record_dir_fd = open_private_dir(record_dir, 0o700)
+
+    def close(self) -> None:
+        os.close(self._log_dir_fd)
+        os.close(self._record_dir_fd)
+
+    def log_path(self, job_id: int) -> str:
+        return str(self.log_dir / f"{job_id}{LOG_SUFFIX}")
+
+    def create_log(self, job_id: int, uid: int, gid: int) -> int:
+        """A new log file owned by the job's user (mode 0600), opened for appending."""
+        fd = os.open(f"{job_id}{LOG_SUFFIX}",
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=self._log_dir_fd)
+        os.fchown(fd, uid, gid)
+        return fd
+
+    def read_log(self, job_id: int, offset: int, max_bytes: int) -> Tuple[bytes, int]:
+        """Bytes from `offset`; only what is asked for is read, however large the file is."""
+        try:
+            fd = os.open(f"{job_id}{LOG_SUFFIX}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=self._log_dir_fd)
+        except FileNotFoundError:
+            return b"", offset
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return b"", offset
+            data = os.pread(fd, max_bytes, offset)
+        finally:
+            os.close(fd)
+        return data, offset + len(data)
+
+    def record_path(self, job_id: int) -> str:
+        return str(self.record_dir / f"{job_id}{RECORD_SUFFIX}")
+
+    def runs_path(self, job_id: int) -> str:
+        return str(self.record_dir / f"{job_id}{RUNS_SUFFIX}")
+
+    def read_exit_record(self, job_id: int) -> Optional[Dict[str, Any]]:
+        text = self._read_record_file(f"{job_id}{RECORD_SUFFIX}")
+        if text is None:
+            return None
+        try:
+            record = json.loads(text)
+        except ValueError:
+            return None
+        return record if isinstance(record, dict) and record.get("job_id") == job_id else None
+
+    def read_runs(self, job_id: int) -> List[Dict[str, Any]]:
+        text = self._read_record_file(f"{job_id}{RUNS_SUFFIX}") or ""
+        runs = []
+        for line in text.splitlines():
+            try:
+                run = json.loads(line)
+            except ValueError:
+                continue  # a torn last line from a supervisor killed mid-write
+            if isinstance(run, dict):
+                runs.append(run)
+        return runs
+
+    def discard_records(self, job_id: int) -> None:
+        for name in (f"{job_id}{RECORD_SUFFIX}", f"{job_id}{RUNS_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self._record_dir_fd)
+
+    def record_job_ids(self) -> List[int]:
+        ids = set()
+        for name in os.listdir(self._record_dir_fd):
+            stem = name.split(".", 1)[0]
+            if stem.isdigit():
+                ids.add(int(stem))
+        return sorted(ids)
+
+    def _read_record_file(self, name: str) -> Optional[str]:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._record_dir_fd)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+
+@dataclass
+class Gate:
+    """The daemon's end of a supervisor's gate pipe."""
+
+    pid: int
+    fd: Optional[int]
+
+    def release(self) -> None:
+        self._write_and_close(supervisor.RELEASE_LINE)
+
+    def abort(self) -> None:
+        """Close without releasing: the supervisor exits without running user code."""
+        self._write_and_close(b"")
+
+    def _write_and_close(self, data: bytes) -> None:
+        if self.fd is None:
+            return
+        try:
+            if data:
+                os.write(self.fd, data)
+        except OSError as err:
+            if err.errno != errno.EPIPE:
+                raise
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+def spawn_supervisor(spec: Dict[str, Any], log_fd: int) -> Gate:
+    """Start a gated supervisor; its stdout/stderr are the job's log, its stdin the gate."""
+    read_end, write_end = os.pipe()
+    try:
+        pid = os.posix_spawn(
+            sys.executable, [sys.executable, "-I", supervisor.__file__],
+            {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+            file_actions=[(os.POSIX_SPAWN_DUP2, read_end, 0), (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                          (os.POSIX_SPAWN_DUP2, log_fd, 2)],
+            setsid=True,
+        )
+    finally:
+        os.close(read_end)
+    gate = Gate(pid=pid, fd=write_end)
+    try:
+        _write_all(write_end, supervisor.encode_spec(spec))
+    except OSError:
+        gate.abort()
+        raise
+    return gate
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
