@@ -259,7 +259,10 @@ class Sandbox:
     # -- running things inside -----------------------------------------------------------------
     def _nsenter(self, argv: list[str], cwd: str = "/") -> list[str]:
         assert self.pid1 is not None
-        return ["nsenter", "-t", str(self.pid1), "-m", "-p", "-C", "-r", f"--wd={cwd}", "--", *argv]
+        # Not nsenter's --wd: it opens the directory before entering the mount namespace, and a
+        # directory of the host's mount tree has no path inside the sandbox.
+        return ["nsenter", "-t", str(self.pid1), "-m", "-p", "-C", "-r", "--",
+                "env", f"--chdir={cwd}", *argv]
 
     def exec(self, argv: list[str], capture: bool = False, cwd: str = "/",
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -1,0 +1,203 @@
+"""Job lifecycle against the real service: submit, run as the user, log, stop, end, survive a crash."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from tests.integration.conftest import (
+    daemon_pid,
+    processes_matching,
+    scope_pids,
+    sh,
+    wait_for,
+)
+
+ESCAPES = (
+    "setsid sleep 4101 & "  # a new session
+    "(sleep 4102 &) ; "  # a double fork: reparented away from the shell
+    "nohup sleep 4103 >/dev/null 2>&1 & "  # SIGHUP-immune
+    "sh -c 'trap \"\" TERM; while :; do sleep 0.2; done; : 4104' & "  # ignores SIGTERM
+    "echo started; wait"
+)
+
+
+def test_runs_as_the_submitting_user_with_a_clean_environment(ctl):
+    job_id = ctl.submit("alice", "sh", "-c",
+                        "id -u; id -G; pwd; echo HOME=$HOME; echo NOTIFY=${NOTIFY_SOCKET:-none}; "
+                        "echo X=$X; grep CapEff /proc/self/status; ls /proc/self/fd | wc -l; exit 3",
+                        opts=["--env", "X=1 2"])
+    job = ctl.wait_state("alice", job_id, "failed")
+    out = ctl("alice", "logs", str(job_id), check=True).stdout.splitlines()
+    uid = sh("id", "-u", "alice").stdout.strip()
+    assert out[0] == uid
+    assert out[1].split() == sh("id", "-G", "alice").stdout.split()
+    assert out[2] == "/home/alice" and out[3] == "HOME=/home/alice"
+    assert out[4] == "NOTIFY=none"  # nothing of the daemon's environment
+    assert out[5] == "X=1 2"
+    assert out[6].split()[1] == "0000000000000000"  # no capabilities
+    assert out[7].strip() == "4"  # 0, 1, 2 and the fd `ls` opened for /proc/self/fd
+    assert (job["exit_code"], job["signal"], job["reason"]) == (3, None, "exit-code")
+    assert job["user"] == "alice" and job["unit"] == f"gpujob-{job_id}.scope"
+    assert job["started_at"] and job["ended_at"] and job["elapsed_s"] is not None
+
+
+def test_exit_137_is_not_sigkill(ctl):
+    exited = ctl.submit("alice", "sh", "-c", "exit 137")
+    killed = ctl.submit("alice", "sh", "-c", "kill -KILL $$")
+    exited_job = ctl.wait_state("alice", exited, "failed")
+    killed_job = ctl.wait_state("alice", killed, "failed")
+    assert (exited_job["exit_code"], exited_job["signal"], exited_job["reason"]) == (137, None, "exit-code")
+    assert (killed_job["exit_code"], killed_job["signal"], killed_job["reason"]) == (None, 9, "signal")
+
+
+def test_stop_leaves_zero_processes_whatever_they_tried(ctl):
+    job_id = ctl.submit("alice", "sh", "-c", ESCAPES)
+    unit = f"gpujob-{job_id}.scope"
+    wait_for(lambda: len(scope_pids(unit)) >= 6, "the escape attempts to be running")
+    assert processes_matching("sleep 4101") and processes_matching("sleep 4102")
+    done = ctl("alice", "stop", str(job_id), check=True)
+    assert "stopping" in done.stdout
+    job = ctl.wait_state("alice", job_id, "stopped")
+    assert job["reason"] == "stopped" and job["stopped_by"] == "alice"
+    for marker in ("sleep 4101", "sleep 4102", "sleep 4103", "4104"):
+        assert processes_matching(marker) == [], marker
+    assert scope_pids(unit) == []
+    again = ctl("alice", "stop", str(job_id))
+    assert again.returncode == 0 and "already ended" in again.stdout
+
+
+def test_leftovers_of_a_finished_command_are_killed_and_counted(ctl):
+    job_id = ctl.submit("alice", "sh", "-c", "setsid sleep 4201 & (sleep 4202 &); sleep 0.3; exit 0")
+    job = ctl.wait_state("alice", job_id, "succeeded", "failed")
+    assert job["state"] == "succeeded" and job["leftover_processes"] == 2
+    assert processes_matching("sleep 4201") == [] and processes_matching("sleep 4202") == []
+
+
+def test_other_users_are_refused_and_admins_are_not(ctl):
+    job_id = ctl.submit("alice", "sleep", "4301")
+    ctl.wait_state("alice", job_id, "running")
+    for verb in (["stop", str(job_id)], ["logs", str(job_id)]):
+        refused = ctl("bob", *verb)
+        assert refused.returncode == 1
+        assert "belongs to alice" in refused.stderr, refused.stderr
+    assert ctl.job("bob", job_id)["state"] == "running"  # metadata is visible, like squeue
+    assert "env" not in ctl.job("bob", job_id) or ctl.job("bob", job_id)["env"] in (None, {})
+    ctl("carol", "logs", str(job_id), check=True)
+    ctl("carol", "stop", str(job_id), check=True)
+    assert ctl.wait_state("alice", job_id, "stopped")["stopped_by"] == "carol"
+
+
+def test_logs_of_two_noisy_jobs_never_mix(ctl):
+    script = "i=0; while [ $i -lt 3000 ]; do echo {tag}-$i; i=$((i+1)); done"
+    first = ctl.submit("alice", "sh", "-c", script.format(tag="AAA"))
+    second = ctl.submit("bob", "sh", "-c", script.format(tag="BBB"))
+    ctl.wait_state("alice", first, "succeeded")
+    ctl.wait_state("bob", second, "succeeded")
+    a_lines = ctl("alice", "logs", str(first), check=True).stdout.splitlines()
+    b_lines = ctl("bob", "logs", str(second), check=True).stdout.splitlines()
+    assert a_lines == [f"AAA-{i}" for i in range(3000)]
+    assert b_lines == [f"BBB-{i}" for i in range(3000)]
+
+
+def test_logs_follow_reads_to_the_end(ctl):
+    job_id = ctl.submit("alice", "sh", "-c", "for i in 1 2 3 4 5; do echo line$i; sleep 0.1; done")
+    followed = ctl("alice", "logs", "-f", str(job_id), check=True, timeout=30)
+    assert followed.stdout.split() == [f"line{i}" for i in range(1, 6)]
+
+
+def test_submit_wait_exits_with_the_jobs_code(ctl):
+    done = ctl("alice", "submit", "--wait", "--", "sh", "-c", "echo out; exit 5")
+    assert done.returncode == 5
+    assert "out" in done.stdout
+    ok = ctl("alice", "submit", "--wait", "--json", "--", "true")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["state"] == "succeeded"
+
+
+def test_wait_for_several_jobs(ctl):
+    quick = ctl.submit("alice", "true")
+    failing = ctl.submit("alice", "sh", "-c", "sleep 0.3; exit 4")
+    done = ctl("alice", "wait", str(quick), str(failing), timeout=30)
+    assert done.returncode == 4
+
+
+def test_bad_input_gets_clear_errors_and_loses_nothing(ctl):
+    before = len(json.loads(ctl("alice", "list", "--all", "--json", check=True).stdout))
+    empty = ctl("alice", "submit", "--")
+    assert empty.returncode == 2 and "command" in empty.stderr
+    prop = ctl("alice", "submit", "--property", "Nice=5", "--", "true")
+    assert prop.returncode == 2 and "Nice" in prop.stderr and "allowed" in prop.stderr
+    bad_value = ctl("alice", "submit", "--property", "MemoryMax=lots", "--", "true")
+    assert bad_value.returncode == 2 and "MemoryMax" in bad_value.stderr
+    unknown = ctl("alice", "status", "999999")
+    assert unknown.returncode == 1 and "no job 999999" in unknown.stderr
+    assert "Traceback" not in empty.stderr + prop.stderr + unknown.stderr
+    after = len(json.loads(ctl("alice", "list", "--all", "--json", check=True).stdout))
+    assert after == before  # nothing was half-created
+
+
+def test_a_command_that_cannot_run_fails_with_its_reason(ctl):
+    missing = ctl.submit("alice", "no-such-command-xyz")
+    job = ctl.wait_state("alice", missing, "failed")
+    assert job["reason"] == "exec-failed" and "no-such-command-xyz" in job["detail"]
+    sh("install", "-d", "-m", "0700", "/root/private-dir")
+    locked = ctl.submit("alice", "true", opts=["--cwd", "/root/private-dir"])
+    job = ctl.wait_state("alice", locked, "failed")
+    assert job["reason"] == "chdir-failed"
+
+
+def test_malformed_dbus_calls_are_refused_by_name(gpujobd_service):
+    call = ["busctl", "--system", "call", "org.gpujobd1", "/org/gpujobd1", "org.gpujobd1.Manager"]
+    unknown_field = sh(*call, "--", "Submit", "a{sv}", "2", "argv", "as", "1", "true", "bogus", "s", "x",
+                       check=False)
+    assert unknown_field.returncode != 0 and "bogus" in unknown_field.stderr
+    wrong_type = sh(*call, "--", "Submit", "a{sv}", "2", "argv", "s", "true", "cwd", "s", "/", check=False)
+    assert wrong_type.returncode != 0 and "argv" in wrong_type.stderr
+    no_such = sh(*call, "Get", "t", "123456789", check=False)
+    assert no_such.returncode != 0 and "no job" in no_such.stderr
+    assert sh("systemctl", "is-active", "gpujobd").stdout.strip() == "active"
+
+
+def test_job_scopes_live_outside_the_service_and_are_not_bound_to_it(ctl):
+    job_id = ctl.submit("alice", "sleep", "4401")
+    ctl.wait_state("alice", job_id, "running")
+    unit = f"gpujob-{job_id}.scope"
+    service_procs = Path("/sys/fs/cgroup/system.slice/gpujobd.service/cgroup.procs").read_text().split()
+    assert service_procs == [str(daemon_pid())]
+    props = sh("systemctl", "show", unit, "-p", "PartOf", "-p", "BindsTo", "-p", "Slice").stdout
+    assert "gpujobd.service" not in props and "Slice=gpujob.slice" in props
+    ctl("alice", "stop", str(job_id), check=True)
+    ctl.wait_state("alice", job_id, "stopped")
+
+
+def test_timeout_kills_the_whole_job(ctl):
+    job_id = ctl.submit("alice", "sh", "-c", "trap '' TERM; setsid sleep 4501 & sleep 4502",
+                        opts=["--timeout", "1"])
+    job = ctl.wait_state("alice", job_id, "timed-out", timeout=30)
+    assert job["reason"] == "timeout"
+    assert processes_matching("sleep 4501") == [] and processes_matching("sleep 4502") == []
+
+
+def test_daemon_killed_mid_job_loses_nothing(ctl):
+    running = ctl.submit("alice", "sleep", "4601")
+    ends_while_down = ctl.submit("alice", "sh", "-c", "sleep 1; exit 7")
+    ctl.wait_state("alice", running, "running")
+    ctl.wait_state("alice", ends_while_down, "running")
+    old_pid = daemon_pid()
+    os.kill(old_pid, signal.SIGKILL)
+    time.sleep(1.5)  # the second job ends while no daemon runs
+    assert processes_matching("sleep 4601"), "a job died with the daemon"
+    wait_for(lambda: daemon_pid() not in (0, old_pid) and sh("systemctl", "is-active", "gpujobd",
+                                                            check=False).stdout.strip() == "active",
+             "systemd to restart gpujobd")
+    ended = ctl.wait_state("alice", ends_while_down, "failed")
+    assert (ended["exit_code"], ended["reason"]) == (7, "exit-code")
+    assert ctl.job("alice", running)["state"] == "running"
+    ctl("alice", "stop", str(running), check=True)
+    assert ctl.wait_state("alice", running, "stopped")["reason"] == "stopped"
+    assert processes_matching("sleep 4601") == []
+    newer = ctl.submit("alice", "true")
+    assert newer > ends_while_down  # ids are never reused
