@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import ctypes
 import os
-import pwd
 import select
 import signal
 import subprocess
@@ -101,10 +101,8 @@ def _wait_cgroup_empty(cgroup: Path, timeout_s: float) -> bool:
 
 def _remove_cgroup_tree(cgroup: Path) -> None:
     for dirpath, _dirnames, _files in os.walk(cgroup, topdown=False):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.rmdir(dirpath)
-        except FileNotFoundError:
-            pass
 
 
 def _kill_cgroup(cgroup: Path) -> None:
@@ -114,10 +112,8 @@ def _kill_cgroup(cgroup: Path) -> None:
         return
     for dirpath, _dirs, _files in os.walk(cgroup):  # kernels before 5.14 have no cgroup.kill
         for pid in (Path(dirpath) / "cgroup.procs").read_text().split():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def destroy_cgroup(cgroup: Path) -> None:
@@ -242,15 +238,11 @@ class Sandbox:
         """SIGKILL PID 1 first (the kernel then kills its whole PID namespace) so that unshare reaps
         it, then kill and remove whatever is left in the sandbox's cgroup."""
         if self.pid1 is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid1, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         if self._launcher is not None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self._launcher.wait(timeout=TEARDOWN_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                pass
         destroy_cgroup(self.cgroup)
         if self._launcher is not None:
             self._launcher.wait(timeout=TEARDOWN_TIMEOUT_S)

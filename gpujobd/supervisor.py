@@ -1,0 +1,656 @@
+"""The small root program that runs inside each job's scope and runs the job's command in it.
+
+The daemon starts it as `python3 -I -m gpujobd.supervisor` with fd 0 the read end of the "gate" pipe and
+fds 1 and 2 the job's log. It reads one JSON line (the job spec, see `encode_spec`), waits for
+`RELEASE_LINE` (sent once the scope is active), then runs the command up to `max_runs` times as the
+job's user, appends one JSON line per finished run to `runs_file`, and finally writes the exit record
+atomically to `exit_record`. Its own exit status is not the job's: 0 means the record was written.
+
+It starts once per job, so it imports only the standard library, and not even gpujobd.model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+
+SUPERVISOR_MODULE = "gpujobd.supervisor"
+RELEASE_LINE = b"release\n"
+RUN_ENV_VAR = "GPUJOB_RUN"
+LOG_PREFIX = "gpujob: "
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+# These mirror gpujobd.model.EndReason (tests check that they still do).
+REASON_EXIT_CODE = "exit-code"
+REASON_SIGNAL = "signal"
+REASON_EXEC_FAILED = "exec-failed"
+REASON_CHDIR_FAILED = "chdir-failed"
+REASON_SETUP_FAILED = "setup-failed"
+REASON_START_FAILED = "start-failed"
+REASON_LOST = "lost"
+
+SPEC_KEYS = (
+    "job_id", "argv", "cwd", "env", "uid", "gid", "user", "umask",
+    "exit_record", "runs_file", "max_runs", "restart_delay_s", "stop_on_failure",
+)
+RUN_KEYS = ("run", "started_at", "ended_at", "exit_code", "signal", "reason", "detail")
+RECORD_KEYS = (
+    "job_id", "started_at", "ended_at", "exit_code", "signal", "reason", "detail",
+    "leftover_processes", "runs", "max_runs", "terminated_by_signal",
+)
+
+EXIT_RECORDED = 0  # the exit record was written, whatever happened to the job
+EXIT_RECORD_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NO_SPEC = 3  # no (valid) spec arrived, so there is nowhere to write a record
+
+CHILD_FAILED_STATUS = 127
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+LEFTOVERS_UNAVAILABLE = "leftover count unavailable"
+
+_STEP_REASONS = {"setup": REASON_SETUP_FAILED, "chdir": REASON_CHDIR_FAILED, "exec": REASON_EXEC_FAILED}
+_CANNOT_RERUN = frozenset(_STEP_REASONS.values()) | {REASON_LOST}
+
+
+class SpecError(ValueError):
+    """The job spec from the daemon is malformed; nothing is run."""
+
+
+class Spec:
+    """A validated job spec; attributes are named as in SPEC_KEYS."""
+
+    __slots__ = SPEC_KEYS
+
+    def __init__(self, fields: dict) -> None:
+        for key in SPEC_KEYS:
+            setattr(self, key, fields[key])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The spec: built by the daemon with encode_spec, read here with parse_spec.
+
+
+def encode_spec(fields: dict) -> bytes:
+    """The gate's first line for the daemon: compact JSON, newline-terminated. Raises SpecError."""
+    spec_from_dict(fields)
+    return json.dumps(fields, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def parse_spec(line: bytes) -> Spec:
+    try:
+        fields = json.loads(line)
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+        raise SpecError(f"job spec is not JSON: {exc}") from None
+    return spec_from_dict(fields)
+
+
+def spec_from_dict(fields: object) -> Spec:
+    if not isinstance(fields, dict):
+        raise SpecError("job spec is not a JSON object")
+    missing = [key for key in SPEC_KEYS if key not in fields]
+    unknown = sorted(set(fields) - set(SPEC_KEYS))
+    if missing or unknown:
+        raise SpecError(f"job spec: missing keys {missing}, unknown keys {unknown}")
+    _check_int(fields, "job_id", 0)
+    _check_int(fields, "uid", 1)  # uid 0 is refused: user code never runs as root
+    _check_int(fields, "gid", 0)
+    _check_int(fields, "umask", 0, 0o777)
+    _check_int(fields, "max_runs", 1)
+    _check_argv(fields["argv"])
+    _check_env(fields["env"])
+    _check_text(fields, "user")
+    for key in ("cwd", "exit_record", "runs_file"):
+        _check_text(fields, key)
+        if not fields[key].startswith("/"):
+            raise SpecError(f"job spec: {key} must be an absolute path")
+    delay = fields["restart_delay_s"]
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay < float("inf"):
+        raise SpecError("job spec: restart_delay_s must be a finite number >= 0")
+    if not isinstance(fields["stop_on_failure"], bool):
+        raise SpecError("job spec: stop_on_failure must be a boolean")
+    return Spec(fields)
+
+
+def _check_int(fields: dict, key: str, low: int, high: int | None = None) -> None:
+    value = fields[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low \
+            or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in {low}..{high}"
+        raise SpecError(f"job spec: {key} must be an integer {bounds}")
+
+
+def _check_text(fields: dict, key: str) -> None:
+    if not _is_clean_text(fields[key]):
+        raise SpecError(f"job spec: {key} must be a non-empty string without NUL")
+
+
+def _is_clean_text(value: object) -> bool:
+    return isinstance(value, str) and value != "" and "\0" not in value
+
+
+def _check_argv(argv: object) -> None:
+    if not isinstance(argv, list) or not argv or not _is_clean_text(argv[0]):
+        raise SpecError("job spec: argv must be a non-empty list starting with the command")
+    if not all(isinstance(arg, str) and "\0" not in arg for arg in argv):
+        raise SpecError("job spec: argv must hold strings without NUL")
+
+
+def _check_env(env: object) -> None:
+    if not isinstance(env, dict):
+        raise SpecError("job spec: env must be an object")
+    for name, value in env.items():
+        if not _is_clean_text(name) or "=" in name or not isinstance(value, str) or "\0" in value:
+            raise SpecError(f"job spec: bad environment variable {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Records: pure functions from what happened to the dicts that are written.
+
+
+def run_record_from_status(run: int, started_at: float, ended_at: float, status: int) -> dict:
+    """A finished run from its wait status; exit_code and signal stay separate (137 is not SIGKILL)."""
+    exit_code = sig = None
+    if os.WIFEXITED(status):
+        exit_code = os.WEXITSTATUS(status)
+        reason, detail = REASON_EXIT_CODE, f"exited with code {exit_code}"
+    elif os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        reason, detail = REASON_SIGNAL, f"killed by {signal_name(sig)}"
+        if os.WCOREDUMP(status):
+            detail += " (core dumped)"
+    else:
+        reason, detail = REASON_LOST, f"unexpected wait status {status:#x}"
+    return _run_record(run, started_at, ended_at, exit_code, sig, reason, detail)
+
+
+def run_record_from_failure(run: int, started_at: float, ended_at: float, step: str, message: str) -> dict:
+    """A run whose command never started: the child failed at `step` (setup, chdir or exec)."""
+    return _run_record(run, started_at, ended_at, None, None, _STEP_REASONS[step], message)
+
+
+def _run_record(run: int, started_at: float, ended_at: float, exit_code: int | None, sig: int | None,
+                reason: str, detail: str) -> dict:
+    return {"run": run, "started_at": started_at, "ended_at": ended_at, "exit_code": exit_code,
+            "signal": sig, "reason": reason, "detail": detail}
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def should_run_again(last_run: dict, runs_done: int, max_runs: int, stop_on_failure: bool,
+                     received_signal: int | None) -> bool:
+    if received_signal is not None or runs_done >= max_runs:
+        return False
+    if last_run["reason"] in _CANNOT_RERUN:
+        return False  # the same setup, chdir or exec would fail again
+    succeeded = last_run["reason"] == REASON_EXIT_CODE and last_run["exit_code"] == 0
+    return succeeded or not stop_on_failure
+
+
+def build_exit_record(spec: Spec, runs: list, ended_at: float, leftovers: int | None,
+                received_signal: int | None) -> dict:
+    """The job's exit record after at least one run; leftovers None means they could not be counted."""
+    last = runs[-1]
+    detail = last["detail"]
+    if leftovers is None:
+        detail = f"{detail}; {LEFTOVERS_UNAVAILABLE}" if detail else LEFTOVERS_UNAVAILABLE
+    return {"job_id": spec.job_id, "started_at": runs[0]["started_at"], "ended_at": ended_at,
+            "exit_code": last["exit_code"], "signal": last["signal"], "reason": last["reason"],
+            "detail": detail, "leftover_processes": leftovers or 0, "runs": len(runs),
+            "max_runs": spec.max_runs, "terminated_by_signal": received_signal}
+
+
+def build_start_failed_record(spec: Spec, ended_at: float, detail: str, received_signal: int | None) -> dict:
+    return {"job_id": spec.job_id, "started_at": None, "ended_at": ended_at, "exit_code": None,
+            "signal": None, "reason": REASON_START_FAILED, "detail": detail, "leftover_processes": 0,
+            "runs": 0, "max_runs": spec.max_runs, "terminated_by_signal": received_signal}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files and cgroups.
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Replace `path` with `data`: temp file in the same directory, fsync, rename, fsync the directory."""
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def append_run(path: str, run: dict) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, encode_json_line(run))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode_json_line(value: dict) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def cgroup_path_from_proc(text: str) -> str | None:
+    """The unified (v2) cgroup path from /proc/<pid>/cgroup text; v1 lines are ignored."""
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
+
+
+def count_leftover_processes(cgroup_root: str, cgroup_path: str, own_pid: int) -> int | None:
+    """Processes in the cgroup other than `own_pid`, or None if cgroup.procs cannot be read."""
+    procs = os.path.join(cgroup_root, cgroup_path.lstrip("/"), "cgroup.procs")
+    try:
+        with open(procs) as f:
+            pids = {int(word) for word in f.read().split()}
+    except (OSError, ValueError):
+        return None
+    pids.discard(own_pid)
+    return len(pids)
+
+
+def own_leftover_processes(cgroup_root: str) -> int | None:
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = cgroup_path_from_proc(f.read())
+    except OSError:
+        return None
+    return None if path is None else count_leftover_processes(cgroup_root, path, os.getpid())
+
+
+def log(message: str) -> None:
+    """A diagnostic into the job's log (fd 2); it must never fail the supervisor."""
+    with contextlib.suppress(OSError):
+        _write_all(2, (LOG_PREFIX + message + "\n").encode("utf-8", "backslashreplace"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Signals: the first stop signal is remembered and every one is forwarded to the running child.
+
+
+class _StoppedBeforeRelease(Exception):
+    pass
+
+
+class _Signals:
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.child: int | None = None
+        self.released = False
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.received is None:
+            self.received = signum
+        if not self.released:
+            raise _StoppedBeforeRelease()
+        if self.child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.child, signum)
+
+    def install(self) -> None:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.handle)
+        # An inherited SIG_IGN for SIGCHLD would make the kernel reap the child before waitpid does.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+def _block_stop_signals() -> None:
+    # pthread_sigmask runs any handler already caught before returning, so state is current after it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def _unblock_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _pause(signals: _Signals, delay_s: float) -> None:
+    """Sleep between runs; a stop signal ends the sleep (time.sleep would just resume)."""
+    if delay_s <= 0:
+        return
+    _block_stop_signals()
+    try:
+        if signals.received is None:
+            info = signal.sigtimedwait(STOP_SIGNALS, delay_s)
+            if info is not None and signals.received is None:
+                signals.received = info.si_signo
+    finally:
+        _unblock_stop_signals()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The gate.
+
+
+class _Gate:
+    """Reads lines from the gate pipe without reading past them into anything else."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = b""
+
+    def read_line(self) -> bytes | None:
+        """The next line with its newline, or None at EOF before a complete line."""
+        while b"\n" not in self.buffer:
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line + b"\n"
+
+
+def _reopen_stdin_as_devnull() -> None:
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(fd, 0)
+    os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One run: the child drops privileges and execs; the parent waits and reports.
+
+
+class _ChildFailure(Exception):
+    def __init__(self, step: str, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.step, self.errno, self.message = step, errno, message
+
+
+def _run_child(spec: Spec, run: int, error_fd: int) -> None:
+    """In the forked child: never returns, and never runs the command unless every step succeeded."""
+    try:
+        try:
+            _drop_privileges(spec)
+            _enter_cwd(spec.cwd)
+            os.umask(spec.umask)
+            _close_fds_except(error_fd)
+            _reset_signals()
+            env = dict(spec.env)
+            env[RUN_ENV_VAR] = str(run)
+            _exec(spec.argv, env)
+        except _ChildFailure as failure:
+            report = [failure.step, failure.errno, failure.message]
+        except BaseException as exc:
+            report = ["setup", 0, f"unexpected error: {exc!r}"]
+        _write_all(error_fd, json.dumps(report).encode("ascii"))
+    finally:
+        os._exit(CHILD_FAILED_STATUS)
+
+
+def _drop_privileges(spec: Spec) -> None:
+    uid, gid = spec.uid, spec.gid
+    step = "getgrouplist"
+    try:
+        groups = os.getgrouplist(spec.user, gid)
+        step = "setgroups"
+        os.setgroups(groups)
+        step = "setresgid"
+        os.setresgid(gid, gid, gid)
+        step = "setresuid"
+        os.setresuid(uid, uid, uid)
+    except OSError as exc:
+        raise _ChildFailure("setup", exc.errno or 0, f"{step}: {exc.strerror}") from None
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) \
+            or set(os.getgroups()) != set(groups):
+        raise _ChildFailure("setup", 0, f"privileges not dropped to uid {uid} gid {gid}")
+
+
+def _enter_cwd(cwd: str) -> None:
+    try:
+        os.chdir(cwd)
+    except OSError as exc:
+        raise _ChildFailure("chdir", exc.errno or 0, f"{cwd}: {exc.strerror}") from None
+
+
+def _close_fds_except(keep: int) -> None:
+    # Listing the open fds beats closerange up to RLIMIT_NOFILE, which can be huge and which Python 3.9
+    # closes one by one; /proc/self/fd stays readable to the process itself after the uid change.
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        os.closerange(3, keep)
+        os.closerange(keep + 1, _max_fd())
+        return
+    for fd in fds:
+        if fd >= 3 and fd != keep:
+            with contextlib.suppress(OSError):  # EBADF for the fd listdir itself used
+                os.close(fd)
+
+
+def _max_fd() -> int:
+    try:
+        return max(os.sysconf("SC_OPEN_MAX"), 1024)
+    except (OSError, ValueError):
+        return 65536
+
+
+def _reset_signals() -> None:
+    for signum in signal.valid_signals():
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+def _exec(argv: list, env: dict) -> None:
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as exc:
+        raise _ChildFailure("exec", exc.errno or 0, f"{argv[0]}: {exc.strerror}") from None
+
+
+def run_once(spec: Spec, run: int, signals: _Signals) -> dict | None:
+    """Run the command once and wait for it; None if a stop signal came before it could start."""
+    started_at = time.time()
+    try:
+        error_r, error_w = os.pipe()  # both ends are close-on-exec: EOF on error_r means the exec worked
+    except OSError as exc:
+        return _fork_failed(run, started_at, "pipe", exc)
+    try:
+        _block_stop_signals()
+        try:
+            if signals.received is not None:
+                return None
+            started_at = time.time()
+            pid = os.fork()
+            if pid == 0:
+                _run_child(spec, run, error_w)
+            signals.child = pid
+        except OSError as exc:
+            return _fork_failed(run, started_at, "fork", exc)
+        finally:
+            _unblock_stop_signals()  # a signal that arrived meanwhile is forwarded now
+        os.close(error_w)
+        error_w = -1
+        failure = _read_child_failure(error_r)
+        status = _wait_for_child(pid, signals)
+    finally:
+        os.close(error_r)
+        if error_w >= 0:
+            os.close(error_w)
+    ended_at = time.time()
+    if failure is not None:
+        step, message = failure
+        log(f"{step} failed: {message}")
+        return run_record_from_failure(run, started_at, ended_at, step, message)
+    if status is None:
+        return _run_record(run, started_at, ended_at, None, None, REASON_LOST,
+                           "the command's exit status was lost (reaped elsewhere)")
+    return run_record_from_status(run, started_at, ended_at, status)
+
+
+def _fork_failed(run: int, started_at: float, step: str, exc: OSError) -> dict:
+    message = f"{step}: {exc.strerror}"
+    log(f"setup failed: {message}")
+    return run_record_from_failure(run, started_at, time.time(), "setup", message)
+
+
+def _read_child_failure(fd: int) -> tuple | None:
+    data = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    if not data:
+        return None
+    try:
+        step, _errno, message = json.loads(data)
+        if step in _STEP_REASONS:
+            return step, str(message)
+    except ValueError:
+        pass
+    return "setup", "the child reported a malformed error"
+
+
+def _wait_for_child(pid: int, signals: _Signals) -> int | None:
+    """The child's wait status, or None if it was reaped elsewhere."""
+    try:
+        # Wait without reaping first: until it is reaped the pid cannot be reused, so a signal
+        # forwarded meanwhile cannot hit some other process.
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        _block_stop_signals()
+        try:
+            signals.child = None
+            _, status = os.waitpid(pid, 0)
+        finally:
+            _unblock_stop_signals()
+    except ChildProcessError:
+        signals.child = None
+        return None
+    return status
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole job.
+
+
+def supervise(gate_fd: int, cgroup_root: str) -> int:
+    signals = _Signals()
+    gate = _Gate(gate_fd)
+    spec = None
+    try:
+        signals.install()
+        spec = _read_spec(gate)
+        if spec is None:
+            return EXIT_NO_SPEC
+        released = gate.read_line()
+        signals.released = True
+    except _StoppedBeforeRelease:
+        if spec is None:
+            log(f"received {signal_name(signals.received)} before the job spec; nothing was run")
+            return EXIT_NO_SPEC
+        return _finish_unreleased(spec, f"received {signal_name(signals.received)} before release; "
+                                        "nothing was run", signals.received)
+    if released != RELEASE_LINE:
+        what = "closed before release" if released is None else "sent something other than release"
+        return _finish_unreleased(spec, f"the gate {what}; nothing was run", signals.received)
+    _reopen_stdin_as_devnull()
+    runs = _run_all(spec, signals)
+    if not runs:  # a stop signal came after release but before the first run started
+        return _finish_unreleased(spec, f"received {signal_name(signals.received)} before the first run; "
+                                        "nothing was run", signals.received)
+    leftovers = own_leftover_processes(cgroup_root)
+    record = build_exit_record(spec, runs, time.time(), leftovers, signals.received)
+    return _write_exit_record(spec, record)
+
+
+def _read_spec(gate: _Gate) -> Spec | None:
+    line = gate.read_line()
+    if line is None:
+        log("the gate closed before the job spec arrived; nothing was run")
+        return None
+    try:
+        return parse_spec(line)
+    except SpecError as exc:
+        log(f"{exc}; nothing was run")
+        return None
+
+
+def _run_all(spec: Spec, signals: _Signals) -> list:
+    runs: list = []
+    while True:
+        record = run_once(spec, len(runs) + 1, signals)
+        if record is None:
+            return runs
+        runs.append(record)
+        try:
+            append_run(spec.runs_file, record)
+        except OSError as exc:
+            log(f"cannot append to {spec.runs_file}: {exc.strerror}")
+        if not should_run_again(record, len(runs), spec.max_runs, spec.stop_on_failure, signals.received):
+            return runs
+        _pause(signals, spec.restart_delay_s)
+
+
+def _finish_unreleased(spec: Spec, detail: str, received_signal: int | None) -> int:
+    log(detail)
+    return _write_exit_record(spec, build_start_failed_record(spec, time.time(), detail, received_signal))
+
+
+def _write_exit_record(spec: Spec, record: dict) -> int:
+    try:
+        write_atomic(spec.exit_record, encode_json_line(record))
+    except OSError as exc:
+        log(f"cannot write the exit record {spec.exit_record}: {exc.strerror}")
+        return EXIT_RECORD_FAILED
+    return EXIT_RECORDED
+
+
+def supervisor_argv(python: str) -> list:
+    """How the daemon starts the supervisor: -I so no PYTHON* variable or cwd can change what runs as root."""
+    return [python, "-I", "-m", SUPERVISOR_MODULE]
+
+
+def main(argv: list | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    cgroup_root = CGROUP_ROOT
+    if len(args) == 2 and args[0] == "--cgroup-root":
+        cgroup_root = args[1]
+    elif args:
+        log("usage: python3 -m gpujobd.supervisor [--cgroup-root DIR]")
+        return EXIT_USAGE
+    return supervise(0, cgroup_root)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

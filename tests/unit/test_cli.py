@@ -1,0 +1,618 @@
+"""gpujobctl against a stateful fake client: no bus, no daemon.
+
+The fake keeps jobs and their logs; time passes for a job each time a reader finds nothing new in its log
+(the next scripted chunk is appended, or the job ends once the script is used up). Its `logs` is the real
+`Client.logs`, so following is tested against the fake's `read_log`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import pytest
+
+from gpujobd import api, cli, errors
+from gpujobd.client import Client
+from gpujobd.model import JobState
+
+SUCCEEDED = {"state": "succeeded", "reason": "exit-code", "exit_code": 0}
+
+
+class FakeClient:
+    follow_poll_interval_s = 0.0
+
+    def __init__(self) -> None:
+        self.jobs: Dict[int, Dict[str, Any]] = {}
+        self.log: Dict[int, bytearray] = {}
+        self.scripts: Dict[int, List[bytes]] = {}
+        self.endings: Dict[int, Dict[str, Any]] = {}
+        self.reads: List[Tuple[int, int, int]] = []  # (job id, offset asked for, bytes returned)
+        self.submitted: List[Dict[str, Any]] = []
+        self.stop_calls: List[int] = []
+        self.next_script: List[bytes] = []
+        self.next_ending: Dict[str, Any] = dict(SUCCEEDED)
+        self.list_calls: List[Dict[str, Any]] = []
+
+    # -- test setup --
+
+    def add_job(self, state: str = "running", log: bytes = b"", script: Optional[List[bytes]] = None,
+                ending: Optional[Dict[str, Any]] = None, **fields: Any) -> int:
+        job_id = fields.pop("id", max(self.jobs, default=0) + 1)
+        now = time.time()
+        job = {"id": job_id, "name": "", "user": "alice", "uid": 1000, "state": state,
+               "unit": f"gpujob-{job_id}.scope", "argv": ["python", "train.py"], "cwd": "/home/alice",
+               "env": {}, "properties": {}, "created_at": now - 60, "started_at": now - 60}
+        job.update(fields)
+        if JobState(state).is_final:
+            job.setdefault("ended_at", now)
+        self.jobs[job_id] = job
+        self.log[job_id] = bytearray(log)
+        self.scripts[job_id] = list(script or [])
+        self.endings[job_id] = dict(ending or SUCCEEDED)
+        return job_id
+
+    def end(self, job_id: int, **outcome: Any) -> None:
+        job = self.jobs[job_id]
+        job.update(outcome)
+        job["ended_at"] = time.time()
+        job["elapsed_s"] = job["ended_at"] - job["started_at"]
+
+    def _advance(self, job_id: int) -> None:
+        """Time passes for a job: its next log chunk appears, or it ends."""
+        if JobState(self.jobs[job_id]["state"]).is_final:
+            return
+        if self.scripts[job_id]:
+            self.log[job_id] += self.scripts[job_id].pop(0)
+        else:
+            self.end(job_id, **self.endings[job_id])
+
+    def _job(self, job_id: int) -> Dict[str, Any]:
+        if job_id not in self.jobs:
+            raise errors.NotFound(f"no job {job_id}: see `gpujobctl list --all`")
+        return self.jobs[job_id]
+
+    @staticmethod
+    def _out(job: Dict[str, Any], raw: bool) -> Dict[str, Any]:
+        return dict(job) if raw else api.job_to_json(job)
+
+    # -- the client's interface --
+
+    def submit(self, argv: List[str], *, cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+               name: str = "", properties: Optional[Dict[str, str]] = None,
+               timeout_s: Optional[float] = None, raw: bool = False) -> Dict[str, Any]:
+        spec = {"argv": list(argv), "cwd": cwd, "env": dict(env or {}), "name": name,
+                "properties": dict(properties or {}), "timeout_s": timeout_s}
+        self.submitted.append(spec)
+        fields = {key: value for key, value in spec.items() if value is not None}
+        job_id = self.add_job(script=list(self.next_script), ending=self.next_ending, **fields)
+        return self._out(self.jobs[job_id], raw)
+
+    def stop(self, job_id: int) -> str:
+        job = self._job(job_id)
+        self.stop_calls.append(job_id)
+        if JobState(job["state"]).is_final:
+            return api.STOP_ALREADY_ENDED
+        self.end(job_id, state="stopped", reason="stopped", signal=15, stopped_by="alice")
+        return api.STOP_STOPPING
+
+    def get(self, job_id: int, *, raw: bool = False) -> Dict[str, Any]:
+        return self._out(self._job(job_id), raw)
+
+    def list(self, *, all: bool = False, user: Optional[str] = None, state: Optional[str] = None,
+             limit: Optional[int] = None, raw: bool = False) -> List[Dict[str, Any]]:
+        self.list_calls.append({"all": all, "user": user, "state": state, "limit": limit})
+        jobs = [job for job in self.jobs.values()
+                if (user is None or job["user"] == user) and (state is None or job["state"] == state)]
+        return [self._out(job, raw) for job in jobs[:limit]]
+
+    def read_log(self, job_id: int, offset: int = 0, max_bytes: int = 1 << 20) -> Tuple[bytes, int, bool]:
+        ended = JobState(self._job(job_id)["state"]).is_final  # looked at before the file, as gpujobd does
+        data = bytes(self.log[job_id][offset:offset + max_bytes])
+        self.reads.append((job_id, offset, len(data)))
+        if not data:
+            self._advance(job_id)
+        return data, offset + len(data), ended
+
+    logs = Client.logs
+
+    def wait(self, job_id: int, timeout_s: Optional[float] = None, *, raw: bool = False) -> Dict[str, Any]:
+        while not JobState(self._job(job_id)["state"]).is_final:
+            if timeout_s is not None:
+                raise errors.GpujobdError(f"timed out after {timeout_s:g}s waiting for job {job_id}")
+            self._advance(job_id)
+        return self._out(self.jobs[job_id], raw)
+
+
+@pytest.fixture
+def fake() -> FakeClient:
+    return FakeClient()
+
+
+def run(fake: Any, *argv: str) -> int:
+    return cli.main(list(argv), client_factory=lambda: fake)
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("gpujobctl: ")
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+# --- parsing ----------------------------------------------------------------------------------------
+
+
+def test_version_and_help_exit_0(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == "gpujobctl 0.1.0"
+    for verb in ("submit", "stop", "status", "list", "logs", "wait"):
+        assert cli.main([verb, "-h"]) == 0
+        assert "examples:" in capsys.readouterr().out
+
+
+def test_submit_parses_options_and_command_after_double_dash(fake, capsys):
+    code = run(fake, "submit", "--name", "n1", "--cwd", "/tmp", "--env", "A=1", "--env", "B=x=y",
+               "--property", "CPUQuota=50%", "--timeout", "1h30m", "--", "python", "-c", "--name", "--")
+    assert code == 0
+    assert fake.submitted == [{"argv": ["python", "-c", "--name", "--"], "cwd": "/tmp",
+                               "env": {"A": "1", "B": "x=y"}, "name": "n1",
+                               "properties": {"CPUQuota": "50%"}, "timeout_s": 5400.0}]
+    assert capsys.readouterr().err == ""
+
+
+def test_submit_without_double_dash_takes_the_rest_as_command(fake):
+    assert run(fake, "submit", "--name", "x", "sleep", "1", "--wait") == 0
+    assert fake.submitted[0]["argv"] == ["sleep", "1", "--wait"]
+    assert fake.submitted[0]["cwd"] is None  # the client fills in the current directory
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["submit", "--env", "FOO", "--", "true"], "argument --env: expected NAME=VALUE, got 'FOO'"),
+    (["submit", "--env", "=1", "--", "true"], "expected NAME=VALUE"),
+    (["submit", "--property", "CPUQuota", "--", "true"], "argument --property"),
+    (["submit", "--timeout", "soon", "--", "true"], "argument --timeout"),
+    (["submit", "--timeout", "0", "--", "true"], "argument --timeout"),
+    (["submit", "--name", "x"], "no command given: put it after `--`"),
+    (["submit", "--"], "no command given"),
+    (["stop"], "required: ID"),
+    (["stop", "5", "x"], "a job id is a whole number, not 'x'"),
+    (["status", "-1"], "status"),
+    (["list", "--state", "sleeping"], "invalid choice"),
+    (["list", "--limit", "0"], "expected a whole number > 0"),
+    (["logs"], "required"),
+    (["wait", "--timeout", "-3", "1"], "wait"),
+    ([], "required: VERB"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_usage_errors_exit_2_with_one_line(fake, capsys, argv, needle):
+    assert run(fake, *argv) == 2
+    captured = capsys.readouterr()
+    line = one_error_line(captured.err)
+    assert needle in line
+    assert captured.out == ""
+    assert fake.submitted == []
+
+
+def test_usage_error_says_where_to_look(fake, capsys):
+    run(fake, "submit", "--env", "FOO", "--", "true")
+    assert "see `gpujobctl submit -h`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("90", 90.0), ("1.5", 1.5), ("30s", 30.0), ("10min", 600.0), ("10m", 600.0), ("2h", 7200.0),
+    ("1h30m", 5400.0), ("1d", 86400.0), ("500ms", 0.5), ("1h 30min", 5400.0),
+])
+def test_duration(text, seconds):
+    assert cli.duration(text) == seconds
+
+
+def test_other_verbs_parse(fake):
+    fake.add_job(id=5)
+    parser = cli.build_parser()
+    assert parser.parse_args(["stop", "5", "6"]).ids == [5, 6]
+    assert parser.parse_args(["logs", "-f", "5"]).follow is True
+    assert parser.parse_args(["logs", "--follow", "5"]).follow is True
+    listed = parser.parse_args(["list", "--all", "--user", "bob", "--state", "running", "--json"])
+    assert (listed.all, listed.user, listed.state, listed.json) == (True, "bob", "running", True)
+    assert parser.parse_args(["wait", "--timeout", "2m", "1", "2"]).timeout == 120.0
+    assert parser.parse_args(["status", "5", "--json"]).json is True
+
+
+# --- submit -----------------------------------------------------------------------------------------
+
+
+def test_submit_prints_just_the_id(fake, capsys):
+    fake.add_job(id=41, state="succeeded", ended_at=1.0)
+    assert run(fake, "submit", "--", "true") == 0
+    assert capsys.readouterr().out == "42\n"
+
+
+def test_submit_json_prints_the_job_object(fake, capsys):
+    assert run(fake, "submit", "--json", "--name", "n", "--", "true") == 0
+    job = json.loads(capsys.readouterr().out)
+    assert list(job) == list(api.JSON_FIELDS)
+    assert (job["id"], job["name"], job["argv"], job["state"]) == (1, "n", ["true"], "running")
+    assert job["created_at"].endswith("Z")
+
+
+@pytest.mark.parametrize("ending, code", [
+    ({"state": "succeeded", "reason": "exit-code", "exit_code": 0}, 0),
+    ({"state": "failed", "reason": "exit-code", "exit_code": 3}, 3),
+    ({"state": "failed", "reason": "signal", "signal": 9}, 137),
+    ({"state": "failed", "reason": "exec-failed", "detail": "No such file or directory"}, 1),
+    ({"state": "failed", "reason": "start-failed"}, 1),
+    ({"state": "lost", "reason": "lost", "detail": "daemon restarted"}, 1),
+    ({"state": "stopped", "reason": "stopped", "stopped_by": "bob"}, 1),
+    ({"state": "timed-out", "reason": "timeout"}, 1),
+    ({"state": "stopped", "reason": "stopped", "exit_code": 0}, 1),
+    ({"state": "timed-out", "reason": "timeout", "signal": 15}, 143),
+])
+def test_submit_wait_follows_the_log_and_exits_with_the_job_code(fake, capsysbinary, ending, code):
+    fake.next_script = [b"epoch 1\n", b"epoch 2\n", b"done"]
+    fake.next_ending = ending
+    assert run(fake, "submit", "--wait", "--", "python", "train.py") == code
+    captured = capsysbinary.readouterr()
+    assert captured.out == b"epoch 1\nepoch 2\ndone"
+    assert captured.err == b""
+
+
+def test_submit_wait_json_prints_the_final_job_instead_of_the_log(fake, capsys):
+    fake.next_script = [b"noise\n"]
+    fake.next_ending = {"state": "failed", "reason": "exit-code", "exit_code": 3}
+    assert run(fake, "submit", "--wait", "--json", "--", "false") == 3
+    job = json.loads(capsys.readouterr().out)
+    assert (job["state"], job["exit_code"], job["reason"]) == ("failed", 3, "exit-code")
+    assert job["ended_at"].endswith("Z")
+
+
+@pytest.mark.parametrize("job, code", [
+    ({"state": "succeeded", "exit_code": 0}, 0),
+    ({"state": "failed", "exit_code": 3}, 3),
+    ({"state": "failed", "signal": 9}, 137),
+    ({"state": "failed", "exit_code": 137}, 137),
+    ({"state": "failed", "reason": "exec-failed"}, 1),
+    ({"state": "stopped"}, 1),
+    ({"state": "failed", "exit_code": 0}, 1),  # not succeeded is never 0
+])
+def test_exit_code_for(job, code):
+    assert cli.exit_code_for(job) == code
+
+
+def test_describe_end():
+    assert cli.describe_end({"state": "succeeded", "exit_code": 0}) == "succeeded"
+    assert cli.describe_end({"state": "failed", "exit_code": 3, "reason": "exit-code"}) == \
+        "failed (exit code 3)"
+    assert cli.describe_end({"state": "failed", "signal": 9, "reason": "signal"}) == \
+        "failed (signal 9 (SIGKILL))"
+    assert cli.describe_end({"state": "failed", "reason": "exec-failed", "detail": "not found"}) == \
+        "failed (exec-failed: not found)"
+    assert cli.describe_end({"state": "stopped", "reason": "stopped", "signal": 15,
+                             "stopped_by": "bob"}) == "stopped (signal 15 (SIGTERM), stopped by bob)"
+    assert cli.describe_end({"state": "running"}) == "running"
+
+
+# --- stop -------------------------------------------------------------------------------------------
+
+
+def test_stop_tries_every_id_and_fails_if_any_failed(fake, capsys):
+    fake.add_job(id=5)
+    fake.add_job(id=6, state="succeeded", ended_at=1.0, exit_code=0)
+    fake.add_job(id=8)
+    assert run(fake, "stop", "5", "7", "6", "8") == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["job 5: stopping", "job 6: already ended (succeeded)",
+                                         "job 8: stopping"]
+    assert one_error_line(captured.err) == "gpujobctl: job 7: no job 7: see `gpujobctl list --all`"
+    assert fake.jobs[5]["state"] == fake.jobs[8]["state"] == "stopped"
+
+
+def test_stop_all_known_exits_0(fake, capsys):
+    fake.add_job(id=5)
+    assert run(fake, "stop", "5") == 0
+    assert capsys.readouterr().out == "job 5: stopping\n"
+
+
+def test_stop_gives_up_when_the_daemon_is_unavailable(fake, capsys):
+    def unavailable(job_id: int) -> str:
+        raise errors.Unavailable("gpujobd is not running or the system bus is unreachable (x): check "
+                                 "`systemctl status gpujobd`")
+
+    fake.stop = unavailable
+    assert run(fake, "stop", "1", "2", "3") == 1
+    assert "systemctl status gpujobd" in one_error_line(capsys.readouterr().err)
+
+
+# --- list -------------------------------------------------------------------------------------------
+
+
+def _list_fixture(fake: FakeClient) -> None:
+    now = time.time()
+    fake.add_job(id=3, name="train", argv=["python", "train.py", "--lr", "0.1"], started_at=now - 125)
+    fake.add_job(id=4, state="failed", user="bob", argv=["./run.sh", "a b"], started_at=now - 10,
+                 ended_at=now - 5, elapsed_s=5.0, exit_code=3, reason="exit-code")
+    fake.add_job(id=12, state="failed", argv=["sleep", "1"], signal=9, reason="signal",
+                 elapsed_s=42.0)
+    fake.add_job(id=13, state="queued", started_at=None, argv=["x"], name="evil\x1b[2Jname")
+
+
+def test_list_table(fake, capsys):
+    _list_fixture(fake)
+    assert run(fake, "list") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["ID", "USER", "STATE", "EXIT", "ELAPSED", "NAME", "COMMAND"]
+    assert lines[1].split() == [
+        "3", "alice", "running", "-", "2min", "5s", "train", "python", "train.py", "--lr", "0.1"]
+    assert lines[2].split() == ["4", "bob", "failed", "3", "5.0s", "-", "./run.sh", "'a", "b'"]
+    assert lines[3].split()[:6] == ["12", "alice", "failed", "sig", "9", "42s"]
+    assert "\x1b" not in lines[4] and "evil\\x1b[2Jname" in lines[4]
+    assert lines[0].index("STATE") == lines[1].index("running") == lines[2].index("failed")
+    assert fake.list_calls == [{"all": False, "user": None, "state": None, "limit": None}]
+
+
+def test_list_passes_filters(fake, capsys):
+    _list_fixture(fake)
+    assert run(fake, "list", "--all", "--user", "bob", "--state", "failed", "--limit", "5") == 0
+    assert fake.list_calls == [{"all": True, "user": "bob", "state": "failed", "limit": 5}]
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_list_json(fake, capsys):
+    _list_fixture(fake)
+    assert run(fake, "list", "--json") == 0
+    jobs = json.loads(capsys.readouterr().out)
+    assert [job["id"] for job in jobs] == [3, 4, 12, 13]
+    assert all(list(job) == list(api.JSON_FIELDS) for job in jobs)
+    assert jobs[1]["exit_code"] == 3 and jobs[2]["signal"] == 9 and jobs[0]["ended_at"] is None
+
+
+def test_list_empty_says_so_on_stderr(fake, capsys):
+    assert run(fake, "list") == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "--all" in captured.err
+
+
+def test_table_cuts_the_command_to_the_width():
+    job = {"id": 1, "user": "alice", "state": "running", "argv": ["python"] + ["x" * 10] * 20,
+           "started_at": time.time()}
+    lines = cli.format_table([job], time.time(), width=60)
+    assert all(len(line) <= 60 for line in lines)
+    assert lines[1].endswith(("…", "~"))
+    assert len(cli.format_table([job], time.time(), width=None)[1]) > 200
+
+
+# --- logs -------------------------------------------------------------------------------------------
+
+
+def test_logs_prints_what_is_there(fake, capsysbinary):
+    fake.add_job(id=5, log=b"one\ntwo\n", script=[b"later\n"])
+    assert run(fake, "logs", "5") == 0
+    assert capsysbinary.readouterr().out == b"one\ntwo\n"
+    assert fake.jobs[5]["state"] == "running"
+
+
+def test_logs_follow_reads_each_byte_once_from_increasing_offsets(fake, capsysbinary):
+    script = [b"a" * 10, b"", b"b\n" * 5, b"c", b"", b"", b"tail\n"]
+    fake.add_job(id=5, log=b"start\n", script=script)
+    assert run(fake, "logs", "-f", "5") == 0
+    expected = b"start\n" + b"".join(script)
+    assert capsysbinary.readouterr().out == expected
+    offsets = [offset for _job, offset, _n in fake.reads]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    for (_, offset, count), (_, next_offset, _) in zip(fake.reads, fake.reads[1:]):
+        assert next_offset == offset + count  # each read starts where the last one stopped
+    assert sum(count for _job, _offset, count in fake.reads) == len(expected)
+    assert fake.jobs[5]["state"] == "succeeded"
+
+
+def test_logs_follow_of_an_ended_job_reads_to_the_end_and_stops(fake, capsysbinary):
+    fake.add_job(id=5, state="failed", log=b"x" * 3000, exit_code=1)
+    assert run(fake, "logs", "-f", "5") == 0
+    assert capsysbinary.readouterr().out == b"x" * 3000
+
+
+def test_logs_broken_pipe_is_quiet(fake, capsys, monkeypatch):
+    fake.add_job(id=5, log=b"data\n")
+
+    def broken(chunks):
+        raise BrokenPipeError
+
+    monkeypatch.setattr(cli, "write_chunks", broken)
+    assert run(fake, "logs", "5") == cli.EXIT_BROKEN_PIPE
+    assert capsys.readouterr().err == ""
+
+
+# --- status -----------------------------------------------------------------------------------------
+
+
+def _status_job(fake: FakeClient, tmp_path, log: bytes) -> int:
+    now = time.time()
+    return fake.add_job(
+        id=5, name="train", state="failed", argv=["python", "train.py", "--out", "a b"], cwd="/srv/x",
+        env={"A": "1"}, properties={"CPUQuota": "50%"}, started_at=now - 3725, ended_at=now - 5,
+        elapsed_s=3720.0, timeout_s=7200.0, exit_code=3, reason="exit-code", leftover_processes=2,
+        log=log, log_path=str(tmp_path / "missing.log"),
+    )
+
+
+def test_status_shows_the_fields_and_the_last_10_log_lines(fake, capsys, tmp_path):
+    log = b"".join(b"line %d\n" % n for n in range(1, 16))
+    _status_job(fake, tmp_path, log)
+    assert run(fake, "status", "5") == 0
+    out = capsys.readouterr().out
+    head, _, tail = out.partition("\n\n")
+    lines = head.splitlines()
+    assert lines[0] in ("● job 5 (train) - failed (exit code 3)", "* job 5 (train) - failed (exit code 3)")
+    fields = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in lines[1:]}
+    assert fields["Unit"] == "gpujob-5.scope"
+    assert fields["User"] == "alice (uid 1000)"
+    assert fields["Command"] == "python train.py --out 'a b'"
+    assert fields["Cwd"] == "/srv/x"
+    assert fields["Environment"] == "A=1"
+    assert fields["Started"].endswith("1h 2min ago")
+    assert fields["Ended"].endswith("5.0s ago")
+    assert fields["Runtime"] == "1h 2min"
+    assert fields["Timeout"] == "2h 0min"
+    assert fields["Exit"] == "3"
+    assert fields["Reason"] == "exit-code"
+    assert fields["Leftover processes"] == "2"
+    assert "Processes" not in fields  # no cgroup here: skipped silently
+    assert tail.splitlines() == [f"line {n}" for n in range(6, 16)]
+
+
+def test_status_lists_the_cgroup_processes(fake, capsys, tmp_path, monkeypatch):
+    fake.add_job(id=5)
+    scope = tmp_path / "cg" / "gpujob-5.scope"
+    (scope / "sub").mkdir(parents=True)
+    (scope / "cgroup.procs").write_text("100\n101\n")
+    (scope / "sub" / "cgroup.procs").write_text("102\n")
+    proc = tmp_path / "proc"
+    for pid, cmdline in ((100, b"python\0train.py\0"), (101, b""), (102, b"sh\0-c\0a b\0")):
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "cmdline").write_bytes(cmdline)
+    (proc / "101" / "comm").write_bytes(b"kworker\n")
+    monkeypatch.setattr(cli, "CGROUP_SLICE_DIR", str(tmp_path / "cg"))
+    monkeypatch.setattr(cli, "PROC_DIR", str(proc))
+    assert run(fake, "status", "5") == 0
+    out = capsys.readouterr().out
+    assert "Processes: 100 python train.py\n" in out
+    assert "\n           101 [kworker]\n" in out
+    assert "102 sh -c 'a b'" in out
+
+
+def test_status_reads_only_the_end_of_a_log_it_can_stat(fake, capsys, tmp_path, monkeypatch):
+    log = b"".join(b"line %d\n" % n for n in range(1, 1001))
+    job_id = _status_job(fake, tmp_path, log)
+    (tmp_path / "job.log").write_bytes(log)
+    fake.jobs[job_id]["log_path"] = str(tmp_path / "job.log")
+    monkeypatch.setattr(cli, "TAIL_WINDOW_BYTES", 100)
+    assert run(fake, "status", "5") == 0
+    tail = capsys.readouterr().out.partition("\n\n")[2]
+    assert tail.splitlines() == [f"line {n}" for n in range(991, 1001)]
+    assert fake.reads[0][1] == len(log) - 101
+    assert sum(count for _job, _offset, count in fake.reads) == 101
+
+
+def test_status_of_a_log_with_long_lines_shows_no_partial_line(fake, capsys, tmp_path, monkeypatch):
+    log = b"x" * 500 + b"\nlast\n"
+    job_id = _status_job(fake, tmp_path, log)
+    (tmp_path / "job.log").write_bytes(log)
+    fake.jobs[job_id]["log_path"] = str(tmp_path / "job.log")
+    monkeypatch.setattr(cli, "TAIL_WINDOW_BYTES", 100)
+    run(fake, "status", "5")
+    assert capsys.readouterr().out.partition("\n\n")[2] == "last\n"
+
+
+def test_status_log_lines_are_made_safe_to_show(fake, capsys, tmp_path):
+    _status_job(fake, tmp_path, b"\x1b[32mgreen\x1b[0m\n 10%\r 50%\r100%\nbad \xff byte\n")
+    run(fake, "status", "5")
+    assert capsys.readouterr().out.partition("\n\n")[2].splitlines() == ["green", "100%", "bad \ufffd byte"]
+
+
+def test_status_json(fake, capsys, tmp_path):
+    _status_job(fake, tmp_path, b"")
+    assert run(fake, "status", "5", "--json") == 0
+    job = json.loads(capsys.readouterr().out)
+    assert list(job) == list(api.JSON_FIELDS)
+    assert (job["id"], job["exit_code"], job["timeout_s"]) == (5, 3, 7200.0)
+
+
+def test_last_lines():
+    assert cli.last_lines(b"a\nb\nc\n", 2) == b"b\nc\n"
+    assert cli.last_lines(b"a\nb\nc", 2) == b"b\nc"
+    assert cli.last_lines(b"a\nb\n", 5) == b"a\nb\n"
+    assert cli.last_lines(b"", 3) == b""
+
+
+# --- wait -------------------------------------------------------------------------------------------
+
+
+def test_wait_exits_with_the_code_of_the_first_failed_job_in_argument_order(fake, capsys):
+    fake.add_job(id=1, ending={"state": "succeeded", "reason": "exit-code", "exit_code": 0})
+    fake.add_job(id=2, ending={"state": "failed", "reason": "signal", "signal": 9})
+    fake.add_job(id=3, ending={"state": "failed", "reason": "exit-code", "exit_code": 4})
+    assert run(fake, "wait", "1", "3", "2") == 4
+    assert capsys.readouterr().out.splitlines() == [
+        "job 1: succeeded", "job 3: failed (exit code 4)", "job 2: failed (signal 9 (SIGKILL))"]
+    assert all(JobState(job["state"]).is_final for job in fake.jobs.values())
+
+
+def test_wait_all_succeeded_exits_0(fake):
+    fake.add_job(id=1)
+    fake.add_job(id=2)
+    assert run(fake, "wait", "1", "2") == 0
+
+
+def test_wait_unknown_id_counts_as_a_failure_but_the_rest_are_waited_for(fake, capsys):
+    fake.add_job(id=1, ending={"state": "failed", "reason": "exit-code", "exit_code": 5})
+    assert run(fake, "wait", "9", "1") == 1
+    captured = capsys.readouterr()
+    assert "job 9: no job 9" in one_error_line(captured.err)
+    assert fake.jobs[1]["state"] == "failed"
+
+
+def test_wait_json(fake, capsys):
+    fake.add_job(id=1)
+    assert run(fake, "wait", "--json", "1") == 0
+    assert [job["state"] for job in json.loads(capsys.readouterr().out)] == ["succeeded"]
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error, code", [
+    (errors.NotFound("no job 7: see `gpujobctl list --all`"), 1),
+    (errors.PermissionDenied("job 7 belongs to bob: only bob or root may stop it"), 1),
+    (errors.InvalidArgument("the cwd /x does not exist: give an existing directory"), 2),
+    (errors.Unavailable("gpujobd is not running (x): check `systemctl status gpujobd`"), 1),
+    (errors.ConfigError("bad config: fix /etc/gpujobd/gpujobd.toml"), 2),
+    (errors.Internal("database is locked\nsecond line"), 1),
+])
+def test_errors_are_one_line_and_map_to_exit_codes(fake, capsys, error, code):
+    def failing(job_id: int, **_: Any) -> Dict[str, Any]:
+        raise error
+
+    fake.get = failing
+    assert run(fake, "status", "7") == code
+    captured = capsys.readouterr()
+    assert one_error_line(captured.err) == "gpujobctl: " + str(error).replace("\n", " ")
+    assert captured.out == ""
+
+
+def test_unexpected_exception_is_one_line_calling_itself_a_bug(capsys, monkeypatch):
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+
+    def broken_factory() -> Any:
+        raise KeyError("oops")
+
+    assert cli.main(["list"], client_factory=broken_factory) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "KeyError" in line and "this is a bug: please report it" in line
+
+
+def test_client_side_invalid_argument_is_a_usage_error(fake, capsys):
+    def invalid(*_: Any, **__: Any) -> Dict[str, Any]:
+        raise errors.InvalidArgument("environment variable name 'A B' is invalid")
+
+    fake.submit = invalid
+    assert run(fake, "submit", "--", "true") == 2
+    one_error_line(capsys.readouterr().err)
+
+
+def test_keyboard_interrupt_during_submit_wait_leaves_the_job_running(fake, capsys, monkeypatch):
+    def interrupted(chunks):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "write_chunks", interrupted)
+    assert run(fake, "submit", "--wait", "--", "sleep", "100") == 130
+    line = one_error_line(capsys.readouterr().err)
+    assert "job 1 keeps running" in line and "gpujobctl stop 1" in line
+
+
+def test_default_factory_builds_a_real_client_without_connecting():
+    client = cli.default_client_factory()
+    assert isinstance(client, Client)
+    assert client.call_timeout_s > 0 and client.follow_poll_interval_s > 0

@@ -1,0 +1,560 @@
+"""Tests for gpujobd.supervisor: its pure functions, and end to end as a real subprocess (needs root)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pwd
+import signal
+import stat
+import subprocess
+import sys
+import termios
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import pytest
+
+from gpujobd import model, supervisor
+from gpujobd.supervisor import SpecError
+
+REPO_ROOT = Path(supervisor.__file__).resolve().parents[1]
+PATH = "/usr/local/bin:/usr/bin:/bin"
+# The supervisor must also run on Python 3.9: point this at such an interpreter to check it end to end.
+SUPERVISOR_PYTHON = os.environ.get("GPUJOBD_TEST_SUPERVISOR_PYTHON", sys.executable)
+
+
+def spec_fields(state_dir: Path, **overrides: object) -> dict:
+    nobody = pwd.getpwnam("nobody")
+    fields = {
+        "job_id": 7,
+        "argv": ["true"],
+        "cwd": "/",  # nobody cannot enter tmp_path, which sits under a root-only directory
+        "env": {"PATH": PATH},
+        "uid": nobody.pw_uid,
+        "gid": nobody.pw_gid,
+        "user": "nobody",
+        "umask": 0o022,
+        "exit_record": str(state_dir / "7.json"),
+        "runs_file": str(state_dir / "7.runs"),
+        "max_runs": 1,
+        "restart_delay_s": 0.0,
+        "stop_on_failure": False,
+    }
+    fields.update(overrides)
+    return fields
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure functions.
+
+
+def test_reasons_mirror_the_model() -> None:
+    for name in ("EXIT_CODE", "SIGNAL", "EXEC_FAILED", "CHDIR_FAILED", "SETUP_FAILED", "START_FAILED",
+                 "LOST"):
+        assert getattr(supervisor, f"REASON_{name}") == getattr(model.EndReason, name).value
+
+
+def test_supervisor_imports_only_the_standard_library() -> None:
+    code = ("import sys; before = set(sys.modules); import gpujobd.supervisor; "
+            "print(sorted(m for m in set(sys.modules) - before if m.startswith('gpujobd')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "['gpujobd', 'gpujobd.supervisor']"
+
+
+def test_encode_spec_is_one_compact_line_that_parses_back(tmp_path: Path) -> None:
+    fields = spec_fields(tmp_path, argv=["echo", "a\nb", "é"], env={"PATH": PATH, "X": "1\n2"})
+    line = supervisor.encode_spec(fields)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert b": " not in line and b", " not in line
+    spec = supervisor.parse_spec(line)
+    assert {key: getattr(spec, key) for key in supervisor.SPEC_KEYS} == fields
+
+
+@pytest.mark.parametrize("change", [
+    {"uid": 0},
+    {"uid": True},
+    {"job_id": -1},
+    {"gid": "1"},
+    {"umask": 0o1000},
+    {"max_runs": 0},
+    {"argv": []},
+    {"argv": [""]},
+    {"argv": ["echo", 3]},
+    {"argv": ["echo", "a\0b"]},
+    {"argv": "true"},
+    {"cwd": "relative"},
+    {"exit_record": "7.json"},
+    {"runs_file": ""},
+    {"user": ""},
+    {"env": {"A=B": "1"}},
+    {"env": {"A": 1}},
+    {"env": ["PATH"]},
+    {"restart_delay_s": -1},
+    {"restart_delay_s": float("inf")},
+    {"restart_delay_s": "1"},
+    {"stop_on_failure": 1},
+    {"surprise": 1},
+])
+def test_bad_specs_are_refused(tmp_path: Path, change: dict) -> None:
+    with pytest.raises(SpecError):
+        supervisor.encode_spec(spec_fields(tmp_path, **change))
+
+
+def test_a_spec_missing_a_key_is_refused(tmp_path: Path) -> None:
+    fields = spec_fields(tmp_path)
+    del fields["runs_file"]
+    with pytest.raises(SpecError, match="runs_file"):
+        supervisor.spec_from_dict(fields)
+
+
+@pytest.mark.parametrize("line", [b"not json\n", b"[1, 2]\n", b"\xff\n"])
+def test_parse_spec_refuses_what_is_not_a_json_object(line: bytes) -> None:
+    with pytest.raises(SpecError):
+        supervisor.parse_spec(line)
+
+
+@pytest.mark.parametrize(("status", "exit_code", "sig", "reason", "detail"), [
+    (0, 0, None, "exit-code", "exited with code 0"),
+    (3 << 8, 3, None, "exit-code", "exited with code 3"),
+    (137 << 8, 137, None, "exit-code", "exited with code 137"),
+    (signal.SIGKILL, None, 9, "signal", "killed by SIGKILL"),
+    (signal.SIGSEGV | 0x80, None, 11, "signal", "killed by SIGSEGV (core dumped)"),
+])
+def test_run_record_from_status(status: int, exit_code: Optional[int], sig: Optional[int], reason: str,
+                                detail: str) -> None:
+    record = supervisor.run_record_from_status(2, 10.0, 12.5, status)
+    assert record == {"run": 2, "started_at": 10.0, "ended_at": 12.5, "exit_code": exit_code,
+                      "signal": sig, "reason": reason, "detail": detail}
+    assert tuple(record) == supervisor.RUN_KEYS
+
+
+@pytest.mark.parametrize(("step", "reason"), [
+    ("setup", "setup-failed"), ("chdir", "chdir-failed"), ("exec", "exec-failed"),
+])
+def test_run_record_from_failure(step: str, reason: str) -> None:
+    record = supervisor.run_record_from_failure(1, 1.0, 2.0, step, "x: No such file or directory")
+    assert record["reason"] == reason
+    assert record["exit_code"] is None and record["signal"] is None
+    assert record["detail"] == "x: No such file or directory"
+
+
+def _run(reason: str = "exit-code", exit_code: Optional[int] = 0) -> dict:
+    return {"run": 1, "started_at": 1.0, "ended_at": 2.0, "exit_code": exit_code,
+            "signal": None if reason != "signal" else 9, "reason": reason, "detail": ""}
+
+
+@pytest.mark.parametrize(("last", "done", "max_runs", "stop_on_failure", "received", "again"), [
+    (_run(), 1, 3, False, None, True),
+    (_run(), 3, 3, False, None, False),
+    (_run(exit_code=1), 1, 3, False, None, True),
+    (_run(exit_code=1), 1, 3, True, None, False),
+    (_run("signal", None), 1, 3, True, None, False),
+    (_run("signal", None), 1, 3, False, None, True),
+    (_run(), 1, 3, True, None, True),
+    (_run(), 1, 3, False, signal.SIGTERM, False),
+    (_run("exec-failed", None), 1, 3, False, None, False),
+    (_run("chdir-failed", None), 1, 3, False, None, False),
+    (_run("setup-failed", None), 1, 3, False, None, False),
+])
+def test_should_run_again(last: dict, done: int, max_runs: int, stop_on_failure: bool,
+                          received: Optional[int], again: bool) -> None:
+    assert supervisor.should_run_again(last, done, max_runs, stop_on_failure, received) is again
+
+
+def test_exit_record_takes_the_first_start_and_the_last_run(tmp_path: Path) -> None:
+    spec = supervisor.spec_from_dict(spec_fields(tmp_path, max_runs=3))
+    runs = [supervisor.run_record_from_status(1, 10.0, 11.0, 0),
+            supervisor.run_record_from_status(2, 12.0, 13.0, signal.SIGTERM)]
+    record = supervisor.build_exit_record(spec, runs, 14.0, 2, signal.SIGTERM)
+    assert record == {"job_id": 7, "started_at": 10.0, "ended_at": 14.0, "exit_code": None, "signal": 15,
+                      "reason": "signal", "detail": "killed by SIGTERM", "leftover_processes": 2,
+                      "runs": 2, "max_runs": 3, "terminated_by_signal": 15}
+    assert tuple(record) == supervisor.RECORD_KEYS
+
+
+def test_exit_record_says_when_leftovers_could_not_be_counted(tmp_path: Path) -> None:
+    spec = supervisor.spec_from_dict(spec_fields(tmp_path))
+    runs = [supervisor.run_record_from_status(1, 10.0, 11.0, 0)]
+    record = supervisor.build_exit_record(spec, runs, 12.0, None, None)
+    assert record["leftover_processes"] == 0
+    assert record["detail"] == "exited with code 0; leftover count unavailable"
+
+
+def test_start_failed_record(tmp_path: Path) -> None:
+    spec = supervisor.spec_from_dict(spec_fields(tmp_path, max_runs=2))
+    record = supervisor.build_start_failed_record(spec, 5.0, "the gate closed", None)
+    assert record == {"job_id": 7, "started_at": None, "ended_at": 5.0, "exit_code": None, "signal": None,
+                      "reason": "start-failed", "detail": "the gate closed", "leftover_processes": 0,
+                      "runs": 0, "max_runs": 2, "terminated_by_signal": None}
+
+
+def test_cgroup_path_from_proc_ignores_v1_lines() -> None:
+    text = "12:pids:/user.slice\n1:name=systemd:/x.scope\n0::/system.slice/gpujob-7.scope\n"
+    assert supervisor.cgroup_path_from_proc(text) == "/system.slice/gpujob-7.scope"
+    assert supervisor.cgroup_path_from_proc("4:memory:/a\n") is None
+
+
+def test_count_leftover_processes(tmp_path: Path) -> None:
+    scope = tmp_path / "system.slice" / "gpujob-7.scope"
+    scope.mkdir(parents=True)
+    (scope / "cgroup.procs").write_text("100\n200\n300\n")
+    assert supervisor.count_leftover_processes(str(tmp_path), "/system.slice/gpujob-7.scope", 100) == 2
+    assert supervisor.count_leftover_processes(str(tmp_path), "/system.slice/gpujob-7.scope", 1) == 3
+    assert supervisor.count_leftover_processes(str(tmp_path), "/missing.scope", 1) is None
+
+
+def test_write_atomic_replaces_the_file_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "7.json"
+    target.write_text("old")
+    supervisor.write_atomic(str(target), b'{"new": 1}\n')
+    assert target.read_bytes() == b'{"new": 1}\n'
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert os.listdir(tmp_path) == ["7.json"]
+
+
+def test_write_atomic_removes_its_temp_file_when_it_fails(tmp_path: Path) -> None:
+    (tmp_path / "7.json").mkdir()
+    with pytest.raises(OSError):
+        supervisor.write_atomic(str(tmp_path / "7.json"), b"{}\n")
+    assert os.listdir(tmp_path) == ["7.json"]
+
+
+def test_append_run_appends_json_lines_and_refuses_symlinks(tmp_path: Path) -> None:
+    runs = tmp_path / "7.runs"
+    supervisor.append_run(str(runs), _run())
+    supervisor.append_run(str(runs), _run(exit_code=4))
+    assert [json.loads(line)["exit_code"] for line in runs.read_text().splitlines()] == [0, 4]
+    assert stat.S_IMODE(runs.stat().st_mode) == 0o600
+    (tmp_path / "link.runs").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError):
+        supervisor.append_run(str(tmp_path / "link.runs"), _run())
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_main_refuses_unknown_arguments() -> None:
+    assert supervisor.main(["--bogus"]) == supervisor.EXIT_USAGE
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end: the supervisor as the daemon runs it, with the gate pipe on its stdin.
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the supervisor must be root to drop privileges")
+
+
+@dataclass
+class Finished:
+    returncode: int
+    record: Optional[dict]
+    runs: List[dict]
+    log: str
+    state_dir: Path
+
+
+class Job:
+    """One supervisor process; its state (record, runs file) goes to tmp_path/state."""
+
+    def __init__(self, tmp_path: Path, cgroup_root: Optional[Path] = None, pass_fds: tuple = (),
+                 **overrides: object) -> None:
+        self.state_dir = tmp_path / "state"
+        self.state_dir.mkdir(exist_ok=True)
+        self.fields = spec_fields(self.state_dir, **overrides)
+        self.log_path = tmp_path / "job.log"
+        argv = [SUPERVISOR_PYTHON, "-m", "gpujobd.supervisor",
+                "--cgroup-root", str(cgroup_root or tmp_path / "no-cgroup")]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=log,
+                                            cwd=REPO_ROOT, pass_fds=pass_fds)
+
+    def send(self, data: bytes) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(data)
+        self.process.stdin.flush()
+
+    def send_spec(self) -> None:
+        self.send(supervisor.encode_spec(self.fields))
+
+    def close_gate(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def runs(self) -> List[dict]:
+        path = Path(self.fields["runs_file"])
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def finish(self, timeout: float = 30) -> Finished:
+        self.close_gate()
+        try:
+            returncode = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+        record_path = Path(self.fields["exit_record"])
+        record = json.loads(record_path.read_text()) if record_path.exists() else None
+        return Finished(returncode, record, self.runs(), self.log(), self.state_dir)
+
+
+def run_job(tmp_path: Path, **overrides: object) -> Finished:
+    job = Job(tmp_path, **overrides)
+    job.send_spec()
+    job.send(supervisor.RELEASE_LINE)
+    return job.finish()
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def sh(script: str) -> list:
+    return ["sh", "-c", script]
+
+
+@needs_root
+def test_an_exit_code_is_recorded_without_a_signal(tmp_path: Path) -> None:
+    done = run_job(tmp_path, argv=sh("exit 3"))
+    assert done.returncode == 0
+    assert done.record is not None
+    assert (done.record["reason"], done.record["exit_code"], done.record["signal"]) == ("exit-code", 3, None)
+    assert (done.record["runs"], done.record["max_runs"], done.record["job_id"]) == (1, 1, 7)
+    assert done.record["terminated_by_signal"] is None
+    assert done.record["started_at"] <= done.record["ended_at"]
+    assert [(r["run"], r["exit_code"]) for r in done.runs] == [(1, 3)]
+
+
+@needs_root
+def test_a_signal_death_is_recorded_without_an_exit_code(tmp_path: Path) -> None:
+    done = run_job(tmp_path, argv=sh("kill -KILL $$"))
+    assert done.record is not None
+    assert (done.record["reason"], done.record["exit_code"], done.record["signal"]) == ("signal", None, 9)
+
+
+@needs_root
+def test_exit_137_is_not_sigkill(tmp_path: Path) -> None:
+    done = run_job(tmp_path, argv=sh("exit 137"))
+    assert done.record is not None
+    assert (done.record["reason"], done.record["exit_code"], done.record["signal"]) == (
+        "exit-code", 137, None)
+
+
+@needs_root
+def test_a_missing_command_is_exec_failed_and_not_run_again(tmp_path: Path) -> None:
+    done = run_job(tmp_path, argv=["gpujob-test-no-such-command", "x"], max_runs=3)
+    assert done.record is not None
+    assert done.record["reason"] == "exec-failed"
+    assert done.record["detail"].startswith("gpujob-test-no-such-command: No such file or directory")
+    assert (done.record["exit_code"], done.record["signal"], done.record["runs"]) == (None, None, 1)
+    assert "gpujob: exec failed: gpujob-test-no-such-command: No such file or directory" in done.log
+
+
+@needs_root
+def test_a_missing_cwd_is_chdir_failed(tmp_path: Path) -> None:
+    done = run_job(tmp_path, argv=sh("echo COMMAND-RAN"), cwd="/nonexistent-gpujob-test/dir")
+    assert done.record is not None
+    assert done.record["reason"] == "chdir-failed"
+    assert "No such file or directory" in done.record["detail"]
+    assert "COMMAND-RAN" not in done.log
+
+
+@needs_root
+def test_a_cwd_the_user_cannot_enter_is_chdir_failed(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    done = run_job(tmp_path, argv=sh("echo COMMAND-RAN"), cwd=str(private))
+    assert done.record is not None
+    assert done.record["reason"] == "chdir-failed"
+    assert done.record["detail"].startswith(f"{private}: Permission denied")
+    assert "COMMAND-RAN" not in done.log
+
+
+@needs_root
+def test_the_command_runs_as_the_user_with_only_the_users_groups(tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    done = run_job(tmp_path, argv=sh("echo uid=$(id -u) euid=$(id -u) gid=$(id -g); echo groups=$(id -G)"))
+    assert f"uid={nobody.pw_uid} euid={nobody.pw_uid} gid={nobody.pw_gid}" in done.log
+    groups = {int(g) for g in done.log.split("groups=")[1].split()}
+    assert groups == set(os.getgrouplist("nobody", nobody.pw_gid))
+    assert 0 not in groups
+
+
+@needs_root
+def test_the_command_gets_exactly_the_given_environment_umask_and_default_signals(tmp_path: Path) -> None:
+    done = run_job(tmp_path, argv=sh("env; umask; grep -E '^Sig(Blk|Ign)' /proc/self/status"),
+                   env={"PATH": PATH, "FOO": "bar baz"}, umask=0o027)
+    lines = done.log.splitlines()
+    assert sorted(line for line in lines if "=" in line) == [
+        "FOO=bar baz", "GPUJOB_RUN=1", f"PATH={PATH}", "PWD=/"]  # sh adds PWD
+    assert "0027" in lines
+    assert "SigBlk:\t0000000000000000" in lines
+    assert "SigIgn:\t0000000000000000" in lines
+
+
+@needs_root
+def test_only_fds_0_to_2_are_open_in_the_command(tmp_path: Path) -> None:
+    leaked = os.open(tmp_path / "leaked", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        script = ("import os\nfds = []\nfor fd in range(4096):\n    try:\n        os.fstat(fd)\n"
+                  "    except OSError:\n        continue\n    fds.append(fd)\nprint('FDS', fds)\n")
+        done = run_job(tmp_path, argv=[sys.executable, "-I", "-S", "-c", script], pass_fds=(leaked,))
+    finally:
+        os.close(leaked)
+    assert "FDS [0, 1, 2]" in done.log, done.log
+
+
+@needs_root
+def test_runs_are_repeated_with_their_number_in_the_environment(tmp_path: Path) -> None:
+    done = run_job(tmp_path, argv=sh("echo run=$GPUJOB_RUN"), max_runs=5, restart_delay_s=0.01)
+    assert [line for line in done.log.splitlines() if line.startswith("run=")] == [
+        f"run={n}" for n in range(1, 6)]
+    assert [(r["run"], r["exit_code"], r["reason"]) for r in done.runs] == [
+        (n, 0, "exit-code") for n in range(1, 6)]
+    assert all(a["ended_at"] <= b["started_at"] for a, b in zip(done.runs, done.runs[1:]))
+    assert done.record is not None
+    assert (done.record["runs"], done.record["max_runs"]) == (5, 5)
+    assert done.record["started_at"] == done.runs[0]["started_at"]
+
+
+@needs_root
+def test_stop_on_failure_stops_at_the_first_failing_run(tmp_path: Path) -> None:
+    done = run_job(tmp_path, argv=sh("echo run=$GPUJOB_RUN; [ $GPUJOB_RUN -lt 2 ]"), max_runs=5,
+                   stop_on_failure=True)
+    assert [(r["run"], r["exit_code"]) for r in done.runs] == [(1, 0), (2, 1)]
+    assert done.record is not None
+    assert (done.record["runs"], done.record["exit_code"]) == (2, 1)
+
+
+@needs_root
+def test_sigterm_is_forwarded_to_the_command_and_ends_the_job(tmp_path: Path) -> None:
+    job = Job(tmp_path, argv=sh("echo started; exec sleep 30"), max_runs=3)
+    job.send_spec()
+    job.send(supervisor.RELEASE_LINE)
+    wait_until(lambda: "started" in job.log(), "the command to start")
+    job.process.send_signal(signal.SIGTERM)
+    done = job.finish(timeout=10)
+    assert done.record is not None
+    assert (done.record["reason"], done.record["signal"], done.record["exit_code"]) == ("signal", 15, None)
+    assert (done.record["runs"], done.record["terminated_by_signal"]) == (1, 15)
+    assert len(done.runs) == 1
+
+
+@needs_root
+def test_sigterm_during_the_restart_delay_ends_the_job(tmp_path: Path) -> None:
+    job = Job(tmp_path, argv=["true"], max_runs=3, restart_delay_s=60.0)
+    job.send_spec()
+    job.send(supervisor.RELEASE_LINE)
+    wait_until(lambda: len(job.runs()) == 1, "the first run to end")
+    started = time.monotonic()
+    job.process.send_signal(signal.SIGTERM)
+    done = job.finish(timeout=10)
+    assert time.monotonic() - started < 5
+    assert done.record is not None
+    assert (done.record["reason"], done.record["exit_code"], done.record["runs"]) == ("exit-code", 0, 1)
+    assert done.record["terminated_by_signal"] == 15
+
+
+@needs_root
+def test_eof_before_release_runs_nothing(tmp_path: Path) -> None:
+    job = Job(tmp_path, argv=sh("echo COMMAND-RAN"))
+    job.send_spec()
+    done = job.finish()
+    assert done.returncode == 0
+    assert done.record is not None
+    assert done.record["reason"] == "start-failed"
+    assert "gate closed before release" in done.record["detail"]
+    assert (done.record["runs"], done.record["started_at"], done.record["exit_code"]) == (0, None, None)
+    assert "COMMAND-RAN" not in done.log
+    assert done.runs == []
+
+
+@needs_root
+def test_eof_before_the_spec_exits_3_without_a_record(tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    done = job.finish()
+    assert done.returncode == supervisor.EXIT_NO_SPEC
+    assert done.record is None
+    assert "gpujob: the gate closed before the job spec arrived" in done.log
+
+
+@needs_root
+def test_an_invalid_spec_exits_3_without_running_anything(tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    job.send(b'{"job_id": 7}\n' + supervisor.RELEASE_LINE)
+    done = job.finish()
+    assert done.returncode == supervisor.EXIT_NO_SPEC
+    assert done.record is None
+    assert "gpujob: job spec: missing keys" in done.log
+
+
+@needs_root
+def test_a_line_other_than_release_runs_nothing(tmp_path: Path) -> None:
+    job = Job(tmp_path, argv=sh("echo COMMAND-RAN"))
+    job.send_spec()
+    job.send(b"go\n")
+    done = job.finish()
+    assert done.record is not None
+    assert done.record["reason"] == "start-failed"
+    assert "COMMAND-RAN" not in done.log
+
+
+def _waiting_for_release(job: Job) -> bool:
+    """True once the supervisor has read the whole spec and sleeps (in the read for the release line)."""
+    assert job.process.stdin is not None
+    unread = fcntl.ioctl(job.process.stdin.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    status = Path(f"/proc/{job.process.pid}/status").read_text()
+    sig_caught = int(status.split("SigCgt:")[1].split()[0], 16)
+    state = Path(f"/proc/{job.process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return unread == b"\0\0\0\0" and bool(sig_caught & (1 << (signal.SIGTERM - 1))) and state == "S"
+
+
+@needs_root
+def test_sigterm_before_release_runs_nothing(tmp_path: Path) -> None:
+    job = Job(tmp_path, argv=sh("echo COMMAND-RAN"))
+    job.send_spec()
+    wait_until(lambda: _waiting_for_release(job), "the supervisor to wait for release")
+    job.process.send_signal(signal.SIGTERM)
+    done = job.finish()
+    assert done.record is not None
+    assert (done.record["reason"], done.record["terminated_by_signal"]) == ("start-failed", 15)
+    assert "before release" in done.record["detail"]
+    assert "COMMAND-RAN" not in done.log
+
+
+@needs_root
+def test_the_exit_record_is_written_atomically(tmp_path: Path) -> None:
+    done = run_job(tmp_path, argv=["true"])
+    assert sorted(os.listdir(done.state_dir)) == ["7.json", "7.runs"]
+    assert stat.S_IMODE((done.state_dir / "7.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((done.state_dir / "7.runs").stat().st_mode) == 0o600
+    assert (done.state_dir / "7.json").read_bytes().count(b"\n") == 1
+
+
+@needs_root
+def test_leftovers_are_counted_in_the_supervisors_own_cgroup(tmp_path: Path) -> None:
+    own = supervisor.cgroup_path_from_proc(Path("/proc/self/cgroup").read_text())
+    assert own is not None
+    cgroup_dir = tmp_path / "cgroup" / own.lstrip("/")
+    cgroup_dir.mkdir(parents=True, exist_ok=True)
+    (cgroup_dir / "cgroup.procs").write_text("5000001\n5000002\n")  # above the largest pid_max
+    done = run_job(tmp_path, argv=["true"], cgroup_root=tmp_path / "cgroup")
+    assert done.record is not None
+    assert done.record["leftover_processes"] == 2
+    assert done.record["detail"] == "exited with code 0"
+
+
+@needs_root
+def test_leftovers_that_cannot_be_counted_are_said_so(tmp_path: Path) -> None:
+    done = run_job(tmp_path, argv=["true"])
+    assert done.record is not None
+    assert done.record["leftover_processes"] == 0
+    assert done.record["detail"].endswith("leftover count unavailable")
