@@ -15,7 +15,7 @@ SANDBOX = $(PYTHON) tests/sandbox/sandbox.py
 APT_PACKAGES = systemd dbus util-linux passwd procps python3 python3-venv python3-gi \
 	python3-pydbus python3-pystemd python3-structlog
 
-.PHONY: deps venv test unit integration demo install uninstall lint clean
+.PHONY: deps venv test unit integration integration-host demo install uninstall lint clean
 
 deps:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { \
@@ -36,6 +36,12 @@ unit: venv
 
 integration: venv
 	$(SANDBOX) run -- $(VENV)/bin/python -m pytest -q tests/integration
+
+# Against this host's own systemd: only when explicitly asked (it installs gpujobd on this host).
+integration-host: venv
+	@test "$$GPUJOBD_TEST_HOST_SYSTEMD" = 1 || { echo "set GPUJOBD_TEST_HOST_SYSTEMD=1 to test against this host's systemd"; exit 2; }
+	@test "$$(cat /proc/1/comm)" = systemd || { echo "PID 1 is not systemd here: use make integration"; exit 2; }
+	$(VENV)/bin/python -m pytest -q tests/integration
 
 test: lint unit integration
 

@@ -1,0 +1,366 @@
+"""gpujobd.client without a bus: error mapping, the a{sv} it sends, and its calls against a fake
+Gio connection (a small stateful daemon that answers call_sync with GLib.Variant replies)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import pytest
+from gi.repository import Gio, GLib
+
+from gpujobd import api, client, errors
+
+IO_ERROR = GLib.quark_to_string(Gio.io_error_quark())
+
+
+def glib_error(message: str, code: int = int(Gio.IOErrorEnum.DBUS_ERROR)) -> GLib.Error:
+    return GLib.Error(message, IO_ERROR, code)
+
+
+# --- error mapping ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, cls", [
+    ("org.gpujobd1.Error.InvalidArgument", errors.InvalidArgument),
+    ("org.gpujobd1.Error.NotFound", errors.NotFound),
+    ("org.gpujobd1.Error.PermissionDenied", errors.PermissionDenied),
+    ("org.gpujobd1.Error.Unavailable", errors.Unavailable),
+    ("org.gpujobd1.Error.Internal", errors.Internal),
+    ("org.gpujobd1.Error.ConfigError", errors.ConfigError),
+    ("org.gpujobd1.Error.Failed", errors.GpujobdError),
+    ("org.gpujobd1.Error.SomethingNewer", errors.GpujobdError),
+])
+def test_gpujobd_errors_keep_their_class_and_text(name, cls):
+    error = client.error_from_glib(glib_error(f"GDBus.Error:{name}: no job 7: see `gpujobctl list`"), "Get")
+    assert type(error) is cls
+    assert str(error) == "no job 7: see `gpujobctl list`"
+
+
+def test_multiline_remote_text_is_kept_whole():
+    error = client.error_from_glib(glib_error("GDBus.Error:org.gpujobd1.Error.Internal: a\nb"), "Get")
+    assert str(error) == "a\nb"
+
+
+@pytest.mark.parametrize("name", ["org.freedesktop.DBus.Error.ServiceUnknown",
+                                  "org.freedesktop.DBus.Error.NameHasNoOwner"])
+def test_no_daemon_is_unavailable(name):
+    error = client.error_from_glib(glib_error(f"GDBus.Error:{name}: The name org.gpujobd1 was not "
+                                              "provided by any .service files", code=2), "Get")
+    assert type(error) is errors.Unavailable
+    assert str(error) == ("gpujobd is not running or the system bus is unreachable (The name org.gpujobd1 "
+                          "was not provided by any .service files): check `systemctl status gpujobd`")
+
+
+def test_no_bus_socket_is_unavailable():
+    error = client.error_from_glib(
+        glib_error("Could not connect: No such file or directory", code=int(Gio.IOErrorEnum.NOT_FOUND)),
+        "connecting to the system bus")
+    assert type(error) is errors.Unavailable
+    assert "(Could not connect: No such file or directory)" in str(error)
+    assert "systemctl status gpujobd" in str(error)
+
+
+def test_access_denied_is_permission_denied():
+    error = client.error_from_glib(glib_error(
+        "GDBus.Error:org.freedesktop.DBus.Error.AccessDenied: Rejected send message", code=9), "Stop")
+    assert type(error) is errors.PermissionDenied
+    assert "Stop" in str(error) and "Rejected send message" in str(error)
+
+
+def test_local_timeout_is_unavailable_and_says_what_timed_out():
+    error = client.error_from_glib(
+        glib_error("Timeout was reached", code=int(Gio.IOErrorEnum.TIMED_OUT)), "Submit", 30.0)
+    assert type(error) is errors.Unavailable
+    assert str(error).startswith("gpujobd did not answer Submit within 30s")
+
+
+def test_no_reply_is_unavailable():
+    error = client.error_from_glib(glib_error(
+        "GDBus.Error:org.freedesktop.DBus.Error.NoReply: Message recipient disconnected", code=3),
+        "Get", 5.0)
+    assert type(error) is errors.Unavailable
+    assert "did not answer Get within 5s (Message recipient disconnected)" in str(error)
+
+
+def test_invalid_args_is_invalid_argument():
+    error = client.error_from_glib(glib_error(
+        "GDBus.Error:org.freedesktop.DBus.Error.InvalidArgs: Type of message, '(s)', does not match"),
+        "Get")
+    assert type(error) is errors.InvalidArgument
+
+
+def test_unknown_method_hints_at_a_version_mismatch():
+    error = client.error_from_glib(glib_error(
+        "GDBus.Error:org.freedesktop.DBus.Error.UnknownMethod: No such method 'ReadLog'"), "ReadLog")
+    assert type(error) is errors.GpujobdError
+    assert "different versions" in str(error)
+
+
+def test_other_errors_become_the_base_class_with_their_text():
+    error = client.error_from_glib(glib_error("GDBus.Error:com.example.Weird: hm"), "List")
+    assert type(error) is errors.GpujobdError
+    assert str(error) == "List failed: com.example.Weird: hm"
+
+
+# --- what is sent -----------------------------------------------------------------------------------
+
+
+def test_spec_has_the_contract_types():
+    spec = client.build_spec(["python", "train.py"], cwd="/srv", env={"A": "1"}, name="n",
+                             properties={"CPUQuota": "50%"}, timeout_s=60, caller_environ={})
+    assert {key: value.get_type_string() for key, value in spec.items()} == dict(api.SPEC_FIELDS)
+    packed = GLib.Variant("(a{sv})", (spec,))
+    assert packed.get_type_string() == "(a{sv})"
+    assert packed.unpack()[0] == {"argv": ["python", "train.py"], "cwd": "/srv", "env": {"A": "1"},
+                                  "name": "n", "properties": {"CPUQuota": "50%"}, "timeout_s": 60.0}
+
+
+def test_spec_leaves_unset_options_out_and_defaults_cwd():
+    spec = client.spec_values(["true"], caller_environ={})
+    assert spec == {"argv": ["true"], "cwd": os.getcwd(), "env": {}}
+
+
+def test_relative_cwd_is_made_absolute():
+    assert client.spec_values(["true"], cwd="sub", caller_environ={})["cwd"] == os.path.abspath("sub")
+
+
+def test_env_is_the_explicit_env_plus_the_callers_lang():
+    caller = {"LANG": "de_DE.UTF-8", "HOME": "/root", "PATH": "/bin"}
+    assert client.spec_values(["true"], env={"A": "1"}, caller_environ=caller)["env"] == \
+        {"A": "1", "LANG": "de_DE.UTF-8"}
+    assert client.spec_values(["true"], env={"LANG": "C"}, caller_environ=caller)["env"] == {"LANG": "C"}
+    assert client.spec_values(["true"], caller_environ={"HOME": "/root"})["env"] == {}
+
+
+@pytest.mark.parametrize("argv, options, needle", [
+    ([], {}, "the command is empty"),
+    ([""], {}, "the command is empty"),
+    ("python train.py", {}, "not a single string"),
+    (["a\0b"], {}, "NUL"),
+    (["\udcff"], {}, "not valid UTF-8"),
+    (["true"], {"env": {"A=B": "1"}}, "contains '='"),
+    (["true"], {"env": {"": "1"}}, "empty"),
+    (["true"], {"env": {"A": 1}}, "must be a string"),
+    (["true"], {"name": "x" * (api.MAX_NAME_LENGTH + 1)}, "at most"),
+    (["true"], {"timeout_s": 0}, "positive"),
+    (["true"], {"timeout_s": float("nan")}, "positive"),
+    (["true"], {"timeout_s": "1h"}, "number of seconds"),
+    (["x"] * (api.MAX_ARGV_ITEMS + 1), {}, "at most"),
+])
+def test_bad_submissions_are_invalid_arguments(argv, options, needle):
+    with pytest.raises(errors.InvalidArgument, match=needle):
+        client.spec_values(argv, caller_environ={}, **options)
+
+
+def test_filter_sends_only_what_is_given():
+    assert client.build_filter() == {}
+    query = client.build_filter(all=True, user="bob", state="running", limit=10)
+    assert {key: value.get_type_string() for key, value in query.items()} == dict(api.FILTER_FIELDS)
+    assert GLib.Variant("a{sv}", query).unpack() == {"all": True, "user": "bob", "state": "running",
+                                                     "limit": 10}
+    with pytest.raises(errors.InvalidArgument, match="unknown state 'sleeping'"):
+        client.build_filter(state="sleeping")
+    with pytest.raises(errors.InvalidArgument, match="limit"):
+        client.build_filter(limit=0)
+
+
+# --- calls, against a fake connection ---------------------------------------------------------------
+
+
+def wire_job(job_id: int, state: str, **fields: Any) -> Dict[str, Any]:
+    job = {"id": job_id, "name": "", "user": "alice", "uid": 1000, "state": state,
+           "unit": f"gpujob-{job_id}.scope", "argv": ["true"], "cwd": "/", "env": {}, "properties": {},
+           "created_at": 1700000000.0}
+    job.update(fields)
+    return job
+
+
+def variant_job(job: Dict[str, Any]) -> Dict[str, GLib.Variant]:
+    return {key: GLib.Variant(api.JOB_FIELDS[key], value) for key, value in job.items()}
+
+
+class FakeConnection:
+    """Answers call_sync like gpujobd would; records calls and subscriptions in `events`."""
+
+    def __init__(self) -> None:
+        self.jobs: Dict[int, Dict[str, Any]] = {}
+        self.log = b""
+        self.log_ended = False
+        self.events: List[Tuple[Any, ...]] = []
+        self.subscribers: Dict[int, Tuple[str, Callable[..., None]]] = {}
+        self.on_get: Optional[Callable[[int], None]] = None
+        self.raise_on_call: Optional[GLib.Error] = None
+
+    def call_sync(self, bus_name: str, path: str, interface: str, method: str,
+                  args: Optional[GLib.Variant], reply_type: GLib.VariantType, flags: Any,
+                  timeout_ms: int, cancellable: Any) -> GLib.Variant:
+        assert (bus_name, path, interface) == (api.BUS_NAME, api.OBJECT_PATH, api.INTERFACE)
+        self.events.append(("call", method, args.get_type_string(), args.unpack(), timeout_ms))
+        if self.raise_on_call is not None:
+            raise self.raise_on_call
+        reply = getattr(self, "_" + method)(*args.unpack())
+        assert reply.get_type_string() == reply_type.dup_string()
+        return reply
+
+    def _Submit(self, spec: Dict[str, Any]) -> GLib.Variant:
+        job = wire_job(len(self.jobs) + 1, "running", argv=spec["argv"], cwd=spec["cwd"],
+                       env=spec["env"], started_at=1700000001.5)
+        self.jobs[job["id"]] = job
+        return GLib.Variant("(a{sv})", (variant_job(job),))
+
+    def _Get(self, job_id: int) -> GLib.Variant:
+        if self.on_get is not None:
+            self.on_get(job_id)
+        if job_id not in self.jobs:
+            raise glib_error(f"GDBus.Error:org.gpujobd1.Error.NotFound: no job {job_id}")
+        return GLib.Variant("(a{sv})", (variant_job(self.jobs[job_id]),))
+
+    def _Stop(self, job_id: int) -> GLib.Variant:
+        return GLib.Variant("(s)", (api.STOP_STOPPING,))
+
+    def _List(self, query: Dict[str, Any]) -> GLib.Variant:
+        return GLib.Variant("(aa{sv})", ([variant_job(job) for job in self.jobs.values()],))
+
+    def _ReadLog(self, job_id: int, offset: int, max_bytes: int) -> GLib.Variant:
+        data = self.log[offset:offset + max_bytes]
+        return GLib.Variant("(aytb)", (data, offset + len(data), self.log_ended))
+
+    def signal_subscribe(self, sender: str, interface: str, member: str, path: str, arg0: Optional[str],
+                         flags: Any, callback: Callable[..., None]) -> int:
+        self.events.append(("subscribe", member))
+        handle = len(self.subscribers) + 1
+        self.subscribers[handle] = (member, callback)
+        return handle
+
+    def signal_unsubscribe(self, handle: int) -> None:
+        self.events.append(("unsubscribe", self.subscribers.pop(handle)[0]))
+
+    def emit_later(self, member: str, params: GLib.Variant, before: Callable[[], None] = lambda: None) -> None:
+        """Deliver a signal from the thread-default main context, as GDBus does (after `before`)."""
+        def deliver() -> bool:
+            before()
+            for subscribed, callback in list(self.subscribers.values()):
+                if subscribed == member:
+                    callback(self, api.BUS_NAME, api.OBJECT_PATH, api.INTERFACE, member, params)
+            return GLib.SOURCE_REMOVE
+
+        source = GLib.idle_source_new()
+        source.set_callback(deliver)
+        source.attach(GLib.MainContext.get_thread_default())
+
+
+@pytest.fixture
+def bus() -> FakeConnection:
+    return FakeConnection()
+
+
+def test_submit_sends_the_spec_and_returns_json_shaped_jobs(bus, monkeypatch):
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    gpujobd = client.Client(bus=bus, call_timeout_s=7)
+    job = gpujobd.submit(["python", "-c", "1"], cwd="/srv", env={"A": "1"}, timeout_s=5)
+    _, method, signature, (spec,), timeout_ms = bus.events[0]
+    assert (method, signature, timeout_ms) == ("Submit", "(a{sv})", 7000)
+    assert spec == {"argv": ["python", "-c", "1"], "cwd": "/srv", "env": {"A": "1", "LANG": "C.UTF-8"},
+                    "timeout_s": 5.0}
+    assert list(job) == list(api.JSON_FIELDS)
+    assert job["started_at"] == "2023-11-14T22:13:21.500Z"
+    assert job["exit_code"] is None
+    assert gpujobd.get(1, raw=True)["started_at"] == 1700000001.5
+
+
+def test_get_stop_list_send_the_contract_signatures(bus):
+    bus.jobs[3] = wire_job(3, "running")
+    gpujobd = client.Client(bus=bus)
+    assert gpujobd.get(3)["id"] == 3
+    assert gpujobd.stop(3) == api.STOP_STOPPING
+    assert [job["id"] for job in gpujobd.list(all=True, state="running")] == [3]
+    signatures = [(event[1], event[2], event[3]) for event in bus.events]
+    assert signatures == [("Get", "(t)", (3,)), ("Stop", "(t)", (3,)),
+                          ("List", "(a{sv})", ({"all": True, "state": "running"},))]
+
+
+def test_remote_errors_are_raised_as_gpujobd_errors(bus):
+    with pytest.raises(errors.NotFound, match="no job 9"):
+        client.Client(bus=bus).get(9)
+    bus.raise_on_call = glib_error("Timeout was reached", code=int(Gio.IOErrorEnum.TIMED_OUT))
+    with pytest.raises(errors.Unavailable, match="did not answer Get within 2s"):
+        client.Client(bus=bus, call_timeout_s=2).get(1)
+
+
+def test_bad_ids_are_refused_before_any_call(bus):
+    for bad in (-1, True, "5", 1 << 64):
+        with pytest.raises(errors.InvalidArgument):
+            client.Client(bus=bus).get(bad)
+    assert bus.events == []
+
+
+def test_read_log_returns_bytes(bus):
+    bus.log = b"\x00binary\xffdata"
+    data, next_offset, ended = client.Client(bus=bus).read_log(1, 1, 6)
+    assert (data, next_offset, ended) == (b"binary", 7, False)
+    assert bus.events[0][1:4] == ("ReadLog", "(ttu)", (1, 1, 6))
+
+
+def test_logs_without_follow_reads_to_the_current_end(bus):
+    bus.log = b"x" * 2500
+    chunks = list(client.Client(bus=bus).logs(1))
+    assert b"".join(chunks) == bus.log
+    assert [event[3][1] for event in bus.events] == [0, 2500]
+
+
+def test_logs_follow_confirms_the_end_with_one_more_read(bus):
+    bus.log, bus.log_ended = b"all of it\n", True
+    assert b"".join(client.Client(bus=bus, follow_poll_interval_s=0).logs(1, follow=True)) == bus.log
+    assert [event[3][1] for event in bus.events] == [0, 10]
+
+
+def test_wait_subscribes_before_the_first_get_and_wakes_on_the_signal(bus):
+    bus.jobs[4] = wire_job(4, "running", started_at=1.0)
+    gets = []
+
+    def end(job_id: int = 4) -> None:
+        bus.jobs[4] = wire_job(4, "failed", started_at=1.0, ended_at=2.0, exit_code=3)
+
+    def end_after_the_first_get(job_id: int) -> None:
+        gets.append(job_id)
+        if len(gets) == 1:  # the job ends once the first Get was answered
+            bus.emit_later("JobChanged", GLib.Variant("(ts)", (4, "failed")), before=end)
+
+    bus.on_get = end_after_the_first_get
+    started = time.monotonic()
+    job = client.Client(bus=bus).wait(4)
+    assert time.monotonic() - started < 5  # the signal, not the resync timer, woke it
+    assert (job["state"], job["exit_code"]) == ("failed", 3)
+    kinds = [event[:2] for event in bus.events]
+    assert kinds == [("subscribe", "JobChanged"), ("subscribe", "NameOwnerChanged"), ("call", "Get"),
+                     ("call", "Get"), ("unsubscribe", "JobChanged"), ("unsubscribe", "NameOwnerChanged")]
+
+
+def test_wait_returns_at_once_for_an_ended_job(bus):
+    bus.jobs[4] = wire_job(4, "succeeded", exit_code=0, ended_at=2.0)
+    assert client.Client(bus=bus).wait(4, raw=True)["state"] == "succeeded"
+    assert [event[:2] for event in bus.events if event[0] == "call"] == [("call", "Get")]
+
+
+def test_wait_ignores_other_jobs_and_non_final_states(bus):
+    bus.jobs[4] = wire_job(4, "running")
+    bus.emit_later("JobChanged", GLib.Variant("(ts)", (5, "succeeded")))
+    bus.emit_later("JobChanged", GLib.Variant("(ts)", (4, "stopping")))
+    with pytest.raises(client.WaitTimedOut, match="job 4: it is still running"):
+        client.Client(bus=bus).wait(4, timeout_s=0.2)
+    assert [event[1] for event in bus.events if event[0] == "call"] == ["Get", "Get"]
+    assert [event for event in bus.events if event[0] == "unsubscribe"]
+
+
+def test_wait_timeout_is_a_gpujobd_error(bus):
+    bus.jobs[4] = wire_job(4, "running")
+    with pytest.raises(errors.GpujobdError, match=r"timed out after 0\.1s waiting for job 4"):
+        client.Client(bus=bus).wait(4, timeout_s=0.1)
+
+
+def test_unreachable_bus_address_is_unavailable():
+    gpujobd = client.Client(bus="unix:path=/nonexistent/gpujobd-test-bus")
+    with pytest.raises(errors.Unavailable, match="gpujobd is not running or the system bus is unreachable"):
+        gpujobd.get(1)
