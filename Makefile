@@ -63,7 +63,7 @@ install:
 	install -m 0644 units/org.gpujobd1.conf $(DESTDIR)$(DBUSPOLICYDIR)/org.gpujobd1.conf
 	test -e $(DESTDIR)$(SYSCONFDIR)/gpujobd/gpujobd.toml || \
 		install -m 0644 packaging/gpujobd.toml $(DESTDIR)$(SYSCONFDIR)/gpujobd/gpujobd.toml
-	@echo "installed; now: systemctl daemon-reload && systemctl enable --now gpujobd"
+	@echo "installed; now: systemctl reload dbus; systemctl daemon-reload; systemctl enable --now gpujobd"
 
 uninstall:
 	rm -rf $(DESTDIR)$(LIBDIR) $(DESTDIR)$(BINDIR)/gpujobd $(DESTDIR)$(BINDIR)/gpujobctl \

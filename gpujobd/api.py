@@ -41,6 +41,11 @@ INTROSPECTION_XML = f"""<node>
       <arg name="filter" type="a{{sv}}" direction="in"/>
       <arg name="jobs" type="aa{{sv}}" direction="out"/>
     </method>
+    <method name="Runs">
+      <arg name="id" type="t" direction="in"/>
+      <arg name="limit" type="u" direction="in"/>
+      <arg name="runs" type="aa{{sv}}" direction="out"/>
+    </method>
     <method name="ReadLog">
       <arg name="id" type="t" direction="in"/>
       <arg name="offset" type="t" direction="in"/>
@@ -69,6 +74,22 @@ SPEC_FIELDS: Mapping[str, str] = {
     "name": "s",
     "properties": "a{ss}",
     "timeout_s": "d",
+    "background": "b",
+    "max_runs": "u",  # background loops; default: the server's jobs.default_max_runs
+    "restart_delay_s": "d",  # default: the server's jobs.restart_delay_s
+    "stop_on_failure": "b",
+    "bind_to": "t",  # a running job whose end stops this one
+}
+
+# Per-run records (the Runs method), newest last.
+RUN_FIELDS: Mapping[str, str] = {
+    "run": "u",
+    "started_at": "d",
+    "ended_at": "d",
+    "exit_code": "i",
+    "signal": "i",
+    "reason": "s",
+    "detail": "s",
 }
 
 # List filter keys.
@@ -104,6 +125,13 @@ JOB_FIELDS: Mapping[str, str] = {
     "leftover_processes": "u",
     "stopped_by": "s",
     "log_path": "s",
+    "timeout_fraction": "d",
+    "background": "b",
+    "max_runs": "u",
+    "runs": "u",
+    "restart_delay_s": "d",
+    "stop_on_failure": "b",
+    "bind_to": "t",
 }
 
 
@@ -128,6 +156,13 @@ def encode_job(job: Job, log_path: str = "") -> Dict[str, Tuple[str, Any]]:
         "elapsed_s": job.elapsed_s,
         "stopped_by": job.stopped_by,
         "log_path": log_path or None,
+        "timeout_fraction": job.timeout_fraction,
+        "background": job.spec.background,
+        "max_runs": job.spec.max_runs or 1,
+        "runs": job.runs_done,
+        "restart_delay_s": job.spec.restart_delay_s if job.spec.background else None,
+        "stop_on_failure": job.spec.stop_on_failure,
+        "bind_to": job.spec.bind_to,
     }
     if job.outcome is not None:
         values.update(
@@ -151,8 +186,23 @@ TIME_FIELDS = ("created_at", "started_at", "ended_at")
 JSON_FIELDS: Tuple[str, ...] = (
     "id", "name", "user", "state", "unit", "argv", "cwd", "exit_code", "signal", "reason", "detail",
     "created_at", "started_at", "ended_at", "elapsed_s", "timeout_s", "leftover_processes",
-    "stopped_by", "pid", "env", "properties", "log_path",
+    "stopped_by", "pid", "env", "properties", "log_path", "timeout_fraction", "background", "runs",
+    "max_runs", "restart_delay_s", "stop_on_failure", "bind_to",
 )
+
+
+def encode_run(run: Mapping[str, Any]) -> Dict[str, Tuple[str, Any]]:
+    values = {key: run.get(key) for key in RUN_FIELDS}
+    if values.get("reason") is not None:
+        values["reason"] = getattr(values["reason"], "value", values["reason"])
+    return {key: (RUN_FIELDS[key], value) for key, value in values.items() if value is not None}
+
+
+def run_to_json(wire: Mapping[str, Any]) -> Dict[str, Any]:
+    out = {key: wire.get(key) for key in RUN_FIELDS}
+    out["started_at"] = iso_utc(out["started_at"])
+    out["ended_at"] = iso_utc(out["ended_at"])
+    return out
 
 
 def job_to_json(wire: Mapping[str, Any]) -> Dict[str, Any]:

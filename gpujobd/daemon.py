@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from gpujobd import __version__
 from gpujobd.config import Config, dump_toml, load_config
@@ -79,7 +79,7 @@ def run(config: Config) -> int:
     from gpujobd.manager import Manager
     from gpujobd.model import UNIT_PREFIX
     from gpujobd.service import ManagerService
-    from gpujobd.spawner import RECORD_SUFFIX, JobFiles, spawn_supervisor
+    from gpujobd.spawner import RECORD_SUFFIX, RUNS_SUFFIX, JobFiles, spawn_supervisor
     from gpujobd.store import Store
     from gpujobd.systemd import JobUnits, Systemd, notify_ready
 
@@ -105,10 +105,17 @@ def run(config: Config) -> int:
     manager = Manager(config, store, JobUnits(systemd, config.daemon.slice, config.jobs.stop_timeout_s),
                       files, spawn, _GLibScheduler(), changed)
     systemd.subscribe(manager.on_unit_changed, manager.on_unit_removed)
-    monitor = _watch_exit_records(Gio, files.record_dir, RECORD_SUFFIX, manager.on_exit_record)
+    monitor = _watch_records(Gio, files.record_dir, {RECORD_SUFFIX: manager.on_exit_record,
+                                                     RUNS_SUFFIX: manager.on_runs_file})
     manager.reconcile()
     service.append(ManagerService(manager, bus.con))
-    publication = bus.publish(api.BUS_NAME, (api.OBJECT_PATH, service[0]))
+    try:
+        publication = bus.publish(api.BUS_NAME, (api.OBJECT_PATH, service[0]))
+    except GLib.Error as err:
+        log.error("daemon.bus_name_refused", bus_name=api.BUS_NAME, error=err.message,
+                  hint="is the D-Bus policy org.gpujobd1.conf installed? `systemctl reload dbus` "
+                       "makes dbus-daemon read it")
+        return 1
     for signum in (signal.SIGTERM, signal.SIGINT):
         GLib.unix_signal_add(GLib.PRIORITY_HIGH, signum, _quit(loop, log, signum))
     notify_ready(f"serving {api.BUS_NAME}")
@@ -131,8 +138,9 @@ def _quit(loop, log, signum: int):
     return handler
 
 
-def _watch_exit_records(Gio, directory: Path, suffix: str, on_record: Callable[[int], None]):
-    """Supervisors rename their exit record into place; inotify tells us without polling."""
+def _watch_records(Gio, directory: Path, handlers: Dict[str, Callable[[int], None]]):
+    """Supervisors rename their exit record into place and append to their runs file; inotify
+    tells us of both without polling."""
     monitor = Gio.File.new_for_path(str(directory)).monitor_directory(
         Gio.FileMonitorFlags.WATCH_MOVES, None)
     interesting = (Gio.FileMonitorEvent.CREATED, Gio.FileMonitorEvent.MOVED_IN,
@@ -143,9 +151,10 @@ def _watch_exit_records(Gio, directory: Path, suffix: str, on_record: Callable[[
             return
         target = other_file if event == Gio.FileMonitorEvent.RENAMED else file
         name = target.get_basename() if target is not None else ""
-        stem = name[: -len(suffix)] if name.endswith(suffix) else ""
-        if stem.isdigit():
-            on_record(int(stem))
+        stem, dot, suffix = name.partition(".")
+        handler = handlers.get(dot + suffix)
+        if handler is not None and stem.isdigit():
+            handler(int(stem))
 
     monitor.connect("changed", changed)
     return monitor

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import math
 import os
 import pwd
 import time
@@ -36,6 +37,7 @@ log = get_logger()
 ALIVE_UNIT_STATES = frozenset({"active", "activating", "deactivating", "reloading", "refreshing"})
 GONE_UNIT_STATES = frozenset({"inactive", "failed"})
 START_JOB_DONE = "done"
+MAX_TIMEOUT_S = 100 * 365 * 24 * 3600.0  # RuntimeMaxSec= is in microseconds, a uint64
 
 
 # -- the ports the core uses ---------------------------------------------------------------------
@@ -159,7 +161,11 @@ class Manager:
 
     # -- verbs -----------------------------------------------------------------------------------
     def submit(self, caller: Caller, spec: JobSpec) -> Job:
-        properties = self._validate(spec)
+        if caller.uid == 0:
+            raise PermissionDenied("gpujobd never runs a job as root: submit as the user the work "
+                                   "belongs to (e.g. runuser -u USER -- gpujobctl submit ...)")
+        spec = self._with_loop_defaults(spec)
+        properties = self._validate(spec) + self._binding(caller, spec)
         job = self._store.create(caller.user, caller.uid, caller.gid, spec, self._clock())
         log.info("job.submitted", job_id=job.id, user=caller.user, unit=job.unit, argv0=spec.argv[0])
         try:
@@ -225,6 +231,7 @@ class Manager:
         if len(spec.name) > api.MAX_NAME_LENGTH:
             problems.append(f"--name is longer than {api.MAX_NAME_LENGTH} characters")
         problems += self._timeout_problems(spec.timeout_s)
+        problems += self._loop_problems(spec)
         try:
             properties = parse_properties(spec.properties, self._config.jobs.allowed_properties)
         except InvalidArgument as err:
@@ -234,12 +241,53 @@ class Manager:
             raise InvalidArgument("; ".join(problems))
         return properties
 
+    def _with_loop_defaults(self, spec: JobSpec) -> JobSpec:
+        if not spec.background:
+            return spec
+        jobs = self._config.jobs
+        return dataclasses.replace(
+            spec,
+            max_runs=jobs.default_max_runs if spec.max_runs is None else spec.max_runs,
+            restart_delay_s=jobs.restart_delay_s if spec.restart_delay_s is None else spec.restart_delay_s,
+        )
+
+    def _loop_problems(self, spec: JobSpec) -> List[str]:
+        if not spec.background:
+            given = [flag for flag, value in (("--max-runs", spec.max_runs not in (None, 1)),
+                                              ("--restart-delay", spec.restart_delay_s is not None),
+                                              ("--stop-on-failure", spec.stop_on_failure)) if value]
+            return [f"{', '.join(given)} only apply to background loops: add --background"] if given else []
+        limit = self._config.jobs.max_runs_limit
+        problems = []
+        if not 1 <= (spec.max_runs or 0) <= limit:
+            problems.append(f"--max-runs {spec.max_runs}: must be from 1 to this server's limit of "
+                            f"{limit} (jobs.max_runs_limit)")
+        if spec.restart_delay_s is None or not spec.restart_delay_s >= 0:
+            problems.append(f"--restart-delay {spec.restart_delay_s}: must be 0 or more seconds")
+        return problems
+
+    def _binding(self, caller: Caller, spec: JobSpec) -> List[Encoded]:
+        """BindsTo= + After= the foreground job's scope: systemd stops this job when that one ends."""
+        if spec.bind_to is None:
+            return []
+        target = self._store.get(spec.bind_to)
+        if target is None:
+            raise InvalidArgument(f"--bind-to {spec.bind_to}: there is no such job")
+        if not (caller.is_admin or caller.uid == target.uid):
+            raise PermissionDenied(f"--bind-to {spec.bind_to}: that job belongs to {target.user}; "
+                                   "bind only to your own jobs")
+        if target.state not in (JobState.STARTING, JobState.RUNNING):
+            raise InvalidArgument(f"--bind-to {spec.bind_to}: that job is {target.state.value}; "
+                                  "a job can only be bound to one that is starting or running")
+        return [("BindsTo", "as", [target.unit]), ("After", "as", [target.unit])]
+
     def _timeout_problems(self, timeout_s: Optional[float]) -> List[str]:
         if timeout_s is None:
             return []
         limit = self._config.jobs.max_timeout_s
-        if not timeout_s > 0:
-            return [f"--timeout {timeout_s}: must be a positive number of seconds"]
+        if not (timeout_s > 0 and math.isfinite(timeout_s)) or timeout_s > MAX_TIMEOUT_S:
+            return [f"--timeout {timeout_s}: must be a positive number of seconds, at most "
+                    f"{MAX_TIMEOUT_S:.0f}"]
         if limit and timeout_s > limit:
             return [f"--timeout {timeout_s}: above this server's limit of {limit} s (jobs.max_timeout_s)"]
         return []
@@ -269,9 +317,9 @@ class Manager:
             "umask": self._config.jobs.umask_int,
             "exit_record": self._files.record_path(job.id),
             "runs_file": self._files.runs_path(job.id),
-            "max_runs": 1,
-            "restart_delay_s": 0.0,
-            "stop_on_failure": False,
+            "max_runs": job.spec.max_runs or 1,
+            "restart_delay_s": job.spec.restart_delay_s or 0.0,
+            "stop_on_failure": job.spec.stop_on_failure,
         }
 
     def _job_environment(self, job: Job) -> Dict[str, str]:
@@ -349,6 +397,18 @@ class Manager:
         if job.state is not JobState.STARTING:
             self._systemd.stop_unit(job.unit)
 
+    def on_runs_file(self, job_id: int) -> None:
+        """A run of a loop ended: record it now, not only when the whole job ends."""
+        job = self._store.get(job_id)
+        if job is None or job.state.is_final:
+            return
+        if self._ingest_runs(job_id):
+            self._on_change(self._job(job_id))
+
+    def runs(self, job_id: int, limit: int) -> List[Dict[str, Any]]:
+        self._job(job_id)
+        return self._store.runs(job_id)[-limit:] if limit else self._store.runs(job_id)
+
     def _scope_gone(self, job_id: int) -> None:
         runtime = self._runtime.get(job_id)
         job = self._store.get(job_id)
@@ -363,17 +423,35 @@ class Manager:
     def _finish(self, job: Job, scope_result: Optional[str]) -> None:
         record = self._files.read_exit_record(job.id)
         self._ingest_runs(job.id)
-        outcome = decide_outcome(record, job.stopped_by, scope_result)
+        outcome = decide_outcome(record, job.stopped_by, scope_result, self._bound_job_ended(job),
+                                 had_timeout=job.spec.timeout_s is not None)
         ended_at = _float(record, "ended_at") or self._clock()
         started_at = job.started_at or _float(record, "started_at")
         self._end(dataclasses.replace(job, started_at=started_at), outcome, ended_at)
 
-    def _ingest_runs(self, job_id: int) -> None:
+    def _bound_job_ended(self, job: Job) -> bool:
+        if job.spec.bind_to is None:
+            return False
+        target = self._store.get(job.spec.bind_to)
+        if target is None or target.state.is_final:
+            return True
+        return self._systemd.list_job_units().get(target.unit) not in ALIVE_UNIT_STATES
+
+    def _ingest_runs(self, job_id: int) -> int:
+        """Record the runs the supervisor appended; idempotent. Returns how many were new."""
+        known = {run["run"] for run in self._store.runs(job_id)}
+        new = 0
         for run in self._files.read_runs(job_id):
-            if isinstance(run.get("run"), int):
-                self._store.record_run(job_id, run["run"], _float(run, "started_at"),
-                                       _float(run, "ended_at"), run.get("exit_code"), run.get("signal"),
-                                       str(run.get("reason", "")), str(run.get("detail", "")))
+            number = run.get("run")
+            if not isinstance(number, int) or number in known:
+                continue
+            reason = str(run.get("reason") or "")
+            self._store.record_run(job_id, number, _float(run, "started_at"), _float(run, "ended_at"),
+                                   run.get("exit_code"), run.get("signal"),
+                                   reason if reason in _RECORD_REASONS else EndReason.LOST.value,
+                                   str(run.get("detail") or ""))
+            new += 1
+        return new
 
     def _end(self, job: Job, outcome: Outcome, ended_at: float) -> None:
         self._runtime.pop(job.id, None)
@@ -407,6 +485,7 @@ class Manager:
         self._runtime[job.id] = _Runtime()
         if unit_state in ALIVE_UNIT_STATES:
             log.info("reconcile.reattached", job_id=job.id, unit=job.unit, active_state=unit_state)
+            self._ingest_runs(job.id)  # runs of a loop that ended while the daemon was down
             if self._files.read_exit_record(job.id) is not None:
                 self._systemd.stop_unit(job.unit)
             return
@@ -443,18 +522,25 @@ _RECORD_REASONS = {reason.value: reason for reason in EndReason}
 
 
 def decide_outcome(record: Optional[Mapping[str, Any]], stopped_by: Optional[str],
-                   scope_result: Optional[str]) -> Outcome:
-    """How a job ended, from its supervisor's record, who stopped it and systemd's scope result."""
+                   scope_result: Optional[str], bound_job_ended: bool = False,
+                   had_timeout: bool = True) -> Outcome:
+    """How a job ended, from its supervisor's record, who stopped it, systemd's scope result and
+    whether the job it was bound to has ended."""
     exit_code = record.get("exit_code") if record else None
     signal = record.get("signal") if record else None
     leftovers = int(record.get("leftover_processes") or 0) if record else 0
     detail = str(record.get("detail") or "") if record else ""
     common = {"exit_code": exit_code, "signal": signal, "leftover_processes": leftovers}
+    killed_from_outside = record is None or record.get("terminated_by_signal") is not None
     if stopped_by:
         return Outcome(EndReason.STOPPED, detail=f"stopped by {stopped_by}", **common)
-    if scope_result == "timeout":
+    # systemd also says "timeout" when stopping took longer than the stop timeout (leftovers that
+    # ignore SIGTERM after the command itself ended): that is not the job's --timeout.
+    if scope_result == "timeout" and had_timeout and killed_from_outside:
         return Outcome(EndReason.TIMEOUT, detail="the job reached its --timeout (RuntimeMaxSec)",
                        **common)
+    if bound_job_ended and killed_from_outside:
+        return Outcome(EndReason.BOUND_JOB_ENDED, detail="the job it was bound to ended", **common)
     if scope_result == "oom-kill":
         return Outcome(EndReason.OOM_KILL, detail="the kernel's OOM killer acted in the job", **common)
     if record is None:

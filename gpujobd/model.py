@@ -67,6 +67,13 @@ class JobSpec:
     name: str = ""
     properties: Mapping[str, str] = field(default_factory=dict)
     timeout_s: Optional[float] = None
+    # Background loops: the command runs up to max_runs times, restart_delay_s apart. None means
+    # "the server's default" until the manager has validated the spec; stored specs are concrete.
+    background: bool = False
+    max_runs: Optional[int] = None
+    restart_delay_s: Optional[float] = None
+    stop_on_failure: bool = False
+    bind_to: Optional[int] = None  # a foreground job whose end stops this one (BindsTo=)
 
 
 @dataclass(frozen=True)
@@ -99,15 +106,22 @@ class Job:
     ended_at: Optional[float] = None
     outcome: Optional[Outcome] = None
     stopped_by: Optional[str] = None
+    runs_done: int = 0  # runs of the command that have ended (background loops count each)
 
     @property
     def elapsed_s(self) -> Optional[float]:
-        if self.started_at is None:
+        if self.started_at is None or self.ended_at is None:
             return None
-        end = self.ended_at
-        if end is None:
+        return max(0.0, self.ended_at - self.started_at)
+
+    @property
+    def timeout_fraction(self) -> Optional[float]:
+        """How far an ended job got towards its timeout (0..1): what a tuner grades a failure by.
+        Capped at 1: the stop timeout a SIGTERM-ignoring job adds after its limit is not progress."""
+        elapsed = self.elapsed_s
+        if elapsed is None or not self.spec.timeout_s:
             return None
-        return max(0.0, end - self.started_at)
+        return min(1.0, elapsed / self.spec.timeout_s)
 
 
 def unit_name(job_id: int) -> str:

@@ -7,6 +7,7 @@ that StartTransientUnit takes, as systemd-run would send it. The admin's allowli
 
 from __future__ import annotations
 
+import decimal
 import re
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Tuple
 
@@ -26,13 +27,19 @@ def _bytes(name: str, text: str) -> Encoded:
     match = _SIZE.match(text)
     if not match:
         raise ValueError("a size in bytes with an optional K, M, G, T suffix (e.g. 4G), or 'infinity'")
-    return name, "t", int(float(match.group(1)) * _SIZE_FACTORS[match.group(2)])
+    size = int(decimal.Decimal(match.group(1)) * _SIZE_FACTORS[match.group(2)])
+    if size >= UINT64_MAX:
+        raise ValueError("a size below 16E, or 'infinity'")
+    return name, "t", size
 
 
 def _cpu_quota(name: str, text: str) -> Encoded:
     if not re.fullmatch(r"\d+(?:\.\d+)?%", text):
         raise ValueError("a percentage of one CPU, e.g. 150% for one and a half CPUs")
-    return "CPUQuotaPerSecUSec", "t", int(float(text[:-1]) * 10_000)
+    usec = int(decimal.Decimal(text[:-1]) * 10_000)  # exact, as systemd parses it
+    if not 1 <= usec < UINT64_MAX:
+        raise ValueError("a percentage of one CPU of at least 0.01%, e.g. 150%")
+    return "CPUQuotaPerSecUSec", "t", usec
 
 
 def _weight(name: str, text: str) -> Encoded:
@@ -44,7 +51,7 @@ def _weight(name: str, text: str) -> Encoded:
 def _tasks(name: str, text: str) -> Encoded:
     if text == "infinity":
         return name, "t", UINT64_MAX
-    if not text.isdigit() or int(text) < 1:
+    if not text.isdigit() or not 1 <= int(text) < UINT64_MAX:
         raise ValueError("a positive integer or 'infinity'")
     return name, "t", int(text)
 
@@ -54,8 +61,8 @@ def _cpu_set(name: str, text: str) -> Encoded:
     for part in text.replace(" ", ",").split(","):
         if not part:
             continue
-        low, _, high = part.partition("-")
-        if not low.isdigit() or (high and not high.isdigit()):
+        low, dash, high = part.partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
             raise ValueError("a CPU list like 0-3,8")
         first, last = int(low), int(high or low)
         if first > last or last > MAX_CPU_INDEX:

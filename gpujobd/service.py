@@ -88,6 +88,12 @@ class ManagerService:
         return [self._encode(job, caller) for job in jobs]
 
     @on_the_wire
+    def Runs(self, job_id: int, limit: int, dbus_context: Any = None) -> List[Dict[str, GLib.Variant]]:
+        self._caller(dbus_context)
+        return [{key: GLib.Variant(signature, value) for key, (signature, value) in
+                 api.encode_run(run).items()} for run in self._manager.runs(job_id, limit)]
+
+    @on_the_wire
     def ReadLog(self, job_id: int, offset: int, max_bytes: int, dbus_context: Any = None) -> tuple:
         caller = self._caller(dbus_context)
         data, next_offset, ended = self._manager.read_log(caller, job_id, offset, max_bytes)
@@ -136,6 +142,15 @@ def _expect(spec: Mapping[str, Any], key: str, kind: type, what: str) -> Any:
     return value
 
 
+def _optional(spec: Mapping[str, Any], key: str, kind: type, what: str, default: Any) -> Any:
+    if key not in spec:
+        return default
+    value = _expect(spec, key, kind, what)
+    if kind is int and isinstance(value, bool):
+        raise InvalidArgument(f"spec field {key!r}: expected {what}")
+    return value
+
+
 def _string_map(spec: Mapping[str, Any], key: str) -> Dict[str, str]:
     value = _expect(spec, key, dict, "a map of strings (a{ss})") if key in spec else {}
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
@@ -154,6 +169,11 @@ def decode_spec(spec: Mapping[str, Any]) -> JobSpec:
         raise InvalidArgument(f"spec field 'argv': expected at most {api.MAX_ARGV_ITEMS} strings")
     timeout = _expect(spec, "timeout_s", float, "seconds (d)") if "timeout_s" in spec else None
     return JobSpec(
+        background=_optional(spec, "background", bool, "a boolean (b)", False),
+        max_runs=_optional(spec, "max_runs", int, "a count (u)", None),
+        restart_delay_s=_optional(spec, "restart_delay_s", float, "seconds (d)", None),
+        stop_on_failure=_optional(spec, "stop_on_failure", bool, "a boolean (b)", False),
+        bind_to=_optional(spec, "bind_to", int, "a job id (t)", None),
         argv=tuple(argv),
         cwd=_expect(spec, "cwd", str, "a string (s)"),
         env=_string_map(spec, "env"),
@@ -167,6 +187,11 @@ def decode_filter(filters: Mapping[str, Any]) -> tuple:
     unknown = api.unknown_keys(filters, api.FILTER_FIELDS)
     if unknown:
         raise InvalidArgument(f"unknown list filters {unknown}; known: {sorted(api.FILTER_FIELDS)}")
+    for key, kind, what in (("all", bool, "a boolean (b)"), ("user", str, "a user name (s)"),
+                            ("state", str, "a state name (s)"), ("limit", int, "a count (u)")):
+        if key in filters and (not isinstance(filters[key], kind)
+                               or (kind is int and isinstance(filters[key], bool))):
+            raise InvalidArgument(f"list filter {key!r}: expected {what}")
     state: Optional[JobState] = None
     if filters.get("state"):
         try:

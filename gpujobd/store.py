@@ -63,9 +63,8 @@ _V1_STATEMENTS = (
         detail             TEXT,
         leftover_processes INTEGER,
         stopped_by         TEXT,
-        -- Reserved for background loops (a job re-run up to max_runs times, bound to a foreground
-        -- job), added in v1 so that feature needs no migration. Not read or written by this version
-        -- except through their defaults; per-run records go to the runs table.
+        -- Background loops (a job re-run up to max_runs times, bound to a foreground job): reserved
+        -- in v1, read and written from v2 on; per-run records go to the runs table.
         max_runs           INTEGER NOT NULL DEFAULT 1,
         restart_delay_s    REAL,
         stop_on_failure    INTEGER NOT NULL DEFAULT 0,         -- boolean
@@ -99,17 +98,27 @@ def _migrate_to_v1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _migrate_to_v2(conn: sqlite3.Connection) -> None:
+    """Background loops: whether a job is one (its loop columns were reserved in v1)."""
+    conn.execute("ALTER TABLE jobs ADD COLUMN background INTEGER NOT NULL DEFAULT 0")
+
+
 # Append only. Index i migrates version i -> i + 1; each runs in one transaction.
-MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migrate_to_v1]
+MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migrate_to_v1, _migrate_to_v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-# Columns that mirror the model (everything but id and the reserved background-loop columns).
+# Columns that mirror the model (everything but id).
 _JOB_COLUMNS: Tuple[str, ...] = (
     "user", "uid", "gid", "name", "argv", "cwd", "env", "properties", "timeout_s", "state", "unit",
     "pid", "created_at", "started_at", "ended_at", "reason", "exit_code", "signal", "detail",
-    "leftover_processes", "stopped_by",
+    "leftover_processes", "stopped_by", "background", "max_runs", "restart_delay_s",
+    "stop_on_failure", "bind_to",
 )
-_SELECT_JOBS = "SELECT id, " + ", ".join(_JOB_COLUMNS) + " FROM jobs"
+# runs_done is counted, not stored: one primary-key range lookup in runs per job read.
+_SELECT_JOBS = (
+    "SELECT id, " + ", ".join(_JOB_COLUMNS)
+    + ", (SELECT count(*) FROM runs WHERE runs.job_id = jobs.id) AS runs_done FROM jobs"
+)
 _INSERT_JOB = (
     f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES ({', '.join('?' * len(_JOB_COLUMNS))})"
 )
@@ -400,6 +409,11 @@ class Store:
             name=row["name"],
             properties=self._json(row, "properties", dict),
             timeout_s=row["timeout_s"],
+            background=bool(row["background"]),
+            max_runs=row["max_runs"] if row["background"] else None,
+            restart_delay_s=row["restart_delay_s"],
+            stop_on_failure=bool(row["stop_on_failure"]),
+            bind_to=row["bind_to"],
         )
         return Job(
             id=job_id, user=row["user"], uid=row["uid"], gid=row["gid"], spec=spec,
@@ -407,6 +421,7 @@ class Store:
             created_at=row["created_at"], unit=row["unit"], pid=row["pid"],
             started_at=row["started_at"], ended_at=row["ended_at"],
             outcome=self._decode_outcome(row), stopped_by=row["stopped_by"],
+            runs_done=row["runs_done"],
         )
 
     def _decode_outcome(self, row: sqlite3.Row) -> Optional[Outcome]:
@@ -465,7 +480,8 @@ def _job_values(job: Job) -> Tuple[Any, ...]:
         outcome.signal if outcome else None,
         outcome.detail if outcome else None,
         outcome.leftover_processes if outcome else None,
-        job.stopped_by,
+        job.stopped_by, int(job.spec.background), job.spec.max_runs or 1, job.spec.restart_delay_s,
+        int(job.spec.stop_on_failure), job.spec.bind_to,
     )
 
 

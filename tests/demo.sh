@@ -10,6 +10,7 @@ as_alice() { (cd /home/alice && runuser -u alice -- "$@"); }
 say "install gpujobd from this checkout and start it as a systemd service"
 make -s -C "$checkout" install PREFIX=/usr/local >/dev/null
 id alice >/dev/null 2>&1 || useradd --create-home --user-group --shell /bin/sh alice
+busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus ReloadConfig
 systemctl daemon-reload
 systemctl enable --now gpujobd
 systemctl --no-pager status gpujobd | head -n 9

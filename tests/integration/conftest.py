@@ -119,6 +119,9 @@ def gpujobd_service():
         sh("usermod", "-aG", ADMIN_GROUP, "carol")
         # A short SIGTERM->SIGKILL grace keeps the tests of SIGTERM-ignoring jobs quick.
         Path("/etc/gpujobd/gpujobd.toml").write_text(f"[jobs]\nstop_timeout_s = {STOP_TIMEOUT_S}\n")
+        # dbus-daemon notices a new policy file by itself, but not at once; make it certain.
+        sh("busctl", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+           "ReloadConfig")
         sh("systemctl", "daemon-reload")
         sh("systemctl", "enable", "--now", "gpujobd")
     sh("systemctl", "is-active", "gpujobd")

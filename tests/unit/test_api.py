@@ -1,0 +1,425 @@
+"""The D-Bus contract, frozen: introspection XML, field signatures, job encoding, spec/filter decoding.
+
+A failure here means clients built against version 1 may break. If the change is deliberate, update
+tests/unit/snapshots/introspection-v1.xml (or the tables below) in the same change, and say so.
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Dict, Mapping
+
+import pytest
+from gi.repository import Gio, GLib
+
+from gpujobd import api, service
+from gpujobd.errors import InvalidArgument, NotFound
+from gpujobd.manager import Caller
+from gpujobd.model import EndReason, Job, JobSpec, JobState, Outcome
+from gpujobd.service import ManagerService, decode_filter, decode_spec
+
+SNAPSHOT = Path(__file__).resolve().parent / "snapshots" / "introspection-v1.xml"
+NOW = 1_750_000_000.25
+OWNER = Caller(uid=1000, user="alice", gid=1000, is_admin=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Introspection XML.
+
+
+def test_introspection_xml_matches_the_committed_snapshot() -> None:
+    frozen = SNAPSHOT.read_text(encoding="utf-8").rstrip("\n")
+    current = api.INTROSPECTION_XML.rstrip("\n")
+    if current != frozen:
+        diff = "\n".join(difflib.unified_diff(frozen.splitlines(), current.splitlines(),
+                                              str(SNAPSHOT), "api.INTROSPECTION_XML", lineterm=""))
+        where = SNAPSHOT.relative_to(SNAPSHOT.parents[3])
+        pytest.fail(f"the D-Bus API changed: if deliberate, update the snapshot ({where}), e.g. with\n"
+                    f"  python -c 'from gpujobd import api; print(api.INTROSPECTION_XML)' > {where}\n"
+                    f"{diff}")
+
+
+def _interface() -> ET.Element:
+    root = ET.fromstring(api.INTROSPECTION_XML)
+    assert root.tag == "node"
+    (interface,) = root.findall("interface")
+    return interface
+
+
+def _args(element: ET.Element) -> list:
+    return [(arg.get("name"), arg.get("type"), arg.get("direction")) for arg in element.findall("arg")]
+
+
+# The members of the interface. Adding one is a deliberate change: update this and the snapshot.
+METHODS = ("Submit", "Stop", "Get", "List", "Runs", "ReadLog")
+SIGNALS = ("JobChanged",)
+
+# What clients of version 1 call: these may never change (a new member or field may be added).
+V1_METHOD_ARGS = {
+    "Submit": [("spec", "a{sv}", "in"), ("job", "a{sv}", "out")],
+    "Stop": [("id", "t", "in"), ("result", "s", "out")],
+    "Get": [("id", "t", "in"), ("job", "a{sv}", "out")],
+    "List": [("filter", "a{sv}", "in"), ("jobs", "aa{sv}", "out")],
+    "ReadLog": [("id", "t", "in"), ("offset", "t", "in"), ("max_bytes", "u", "in"),
+                ("data", "ay", "out"), ("next_offset", "t", "out"), ("job_ended", "b", "out")],
+}
+
+
+def test_xml_declares_exactly_the_methods_and_signal() -> None:
+    interface = _interface()
+    assert interface.get("name") == api.INTERFACE == "org.gpujobd1.Manager"
+    assert sorted(m.get("name") for m in interface.findall("method")) == sorted(METHODS)
+    assert [s.get("name") for s in interface.findall("signal")] == list(SIGNALS)
+    assert {child.tag for child in interface} == {"method", "signal", "property"}
+
+
+def test_v1_members_keep_their_signatures() -> None:
+    interface = _interface()
+    methods = {m.get("name"): _args(m) for m in interface.findall("method")}
+    for name, args in V1_METHOD_ARGS.items():
+        assert methods.get(name) == args, name
+    signals = {s.get("name"): _args(s) for s in interface.findall("signal")}
+    assert signals["JobChanged"] == [("id", "t", None), ("state", "s", None)]
+    properties = {p.get("name"): (p.get("type"), p.get("access")) for p in interface.findall("property")}
+    assert properties["Version"] == ("s", "read")
+
+
+def test_every_xml_type_is_one_complete_dbus_type() -> None:
+    for arg in _interface().iter("arg"):
+        assert GLib.VariantType.string_is_valid(arg.get("type")), arg.attrib
+
+
+def test_gio_accepts_the_xml_as_pydbus_will() -> None:
+    info = Gio.DBusNodeInfo.new_for_xml(api.INTROSPECTION_XML)
+    interface = info.lookup_interface(api.INTERFACE)
+    assert interface is not None
+    for name in ("Submit", "Stop", "Get", "List", "ReadLog"):
+        assert interface.lookup_method(name) is not None, name
+    assert interface.lookup_signal("JobChanged") is not None
+
+
+def test_the_service_implements_every_declared_member() -> None:
+    interface = _interface()
+    for method in interface.findall("method"):
+        assert callable(getattr(ManagerService, method.get("name"))), method.get("name")
+    assert hasattr(ManagerService, "JobChanged")
+    assert isinstance(ManagerService.Version, property)
+    assert ManagerService.dbus == api.INTROSPECTION_XML
+
+
+def test_names() -> None:
+    assert (api.BUS_NAME, api.OBJECT_PATH) == ("org.gpujobd1", "/org/gpujobd1")
+    assert (api.STOP_STOPPING, api.STOP_ALREADY_ENDED) == ("stopping", "already-ended")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Field tables.
+
+
+FIELD_TABLES = sorted(name for name in dir(api) if name.endswith("_FIELDS")
+                      and isinstance(getattr(api, name), Mapping))
+
+
+def test_the_field_tables_are_found() -> None:
+    assert {"JOB_FIELDS", "SPEC_FIELDS", "FILTER_FIELDS"} <= set(FIELD_TABLES)
+
+
+@pytest.mark.parametrize("table", FIELD_TABLES)
+def test_every_field_has_a_valid_dbus_signature(table: str) -> None:
+    fields: Mapping[str, str] = getattr(api, table)
+    assert fields
+    for name, signature in fields.items():
+        assert GLib.VariantType.string_is_valid(signature), (table, name, signature)
+
+
+V1_JOB_FIELDS = {
+    "id": "t", "name": "s", "user": "s", "uid": "u", "state": "s", "unit": "s", "argv": "as",
+    "cwd": "s", "env": "a{ss}", "properties": "a{ss}", "timeout_s": "d", "pid": "u",
+    "created_at": "d", "started_at": "d", "ended_at": "d", "elapsed_s": "d", "reason": "s",
+    "detail": "s", "exit_code": "i", "signal": "i", "leftover_processes": "u", "stopped_by": "s",
+    "log_path": "s",
+}
+V1_SPEC_FIELDS = {"argv": "as", "cwd": "s", "env": "a{ss}", "name": "s", "properties": "a{ss}",
+                  "timeout_s": "d"}
+V1_FILTER_FIELDS = {"all": "b", "user": "s", "state": "s", "limit": "u"}
+
+
+@pytest.mark.parametrize(("table", "v1"), [("JOB_FIELDS", V1_JOB_FIELDS), ("SPEC_FIELDS", V1_SPEC_FIELDS),
+                                           ("FILTER_FIELDS", V1_FILTER_FIELDS)])
+def test_v1_fields_keep_their_names_and_signatures(table: str, v1: Dict[str, str]) -> None:
+    fields: Mapping[str, str] = getattr(api, table)
+    changed = {name: (signature, fields.get(name)) for name, signature in v1.items()
+               if fields.get(name) != signature}
+    assert not changed, f"api.{table}: v1 fields removed or retyped (v1 signature, now): {changed}"
+
+
+def test_every_json_field_comes_from_the_wire() -> None:
+    assert set(api.JSON_FIELDS) <= set(api.JOB_FIELDS)
+    assert len(set(api.JSON_FIELDS)) == len(api.JSON_FIELDS)
+    assert set(api.TIME_FIELDS) <= set(api.JSON_FIELDS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoding jobs.
+
+
+def _spec(**fields: Any) -> JobSpec:
+    base: Dict[str, Any] = {"argv": ("python", "train.py", "--lr", "0.1"), "cwd": "/home/alice/run"}
+    base.update(fields)
+    return JobSpec(**base)
+
+
+def starting_job() -> Job:
+    return Job(id=7, user="alice", uid=1000, gid=1000, spec=_spec(), state=JobState.STARTING,
+               created_at=NOW, unit="gpujob-7.scope")
+
+
+def ended_job(**outcome: Any) -> Job:
+    fields: Dict[str, Any] = {"reason": EndReason.EXIT_CODE, "exit_code": 3, "signal": None,
+                              "detail": "", "leftover_processes": 2}
+    fields.update(outcome)
+    return Job(id=8, user="alice", uid=1000, gid=1000,
+               spec=_spec(name="sweep-3", env={"SEED": "3"}, properties={"MemoryMax": "4G"},
+                          timeout_s=3600.0),
+               state=JobState.FAILED, created_at=NOW, unit="gpujob-8.scope", started_at=NOW + 1.5,
+               ended_at=NOW + 61.75, outcome=Outcome(**fields), stopped_by=None)
+
+
+def _variants(wire: Mapping[str, Any]) -> Dict[str, GLib.Variant]:
+    return {key: GLib.Variant(signature, value) for key, (signature, value) in wire.items()}
+
+
+UNSET_WHILE_STARTING = {"timeout_s", "pid", "started_at", "ended_at", "elapsed_s", "reason", "detail",
+                        "exit_code", "signal", "leftover_processes", "stopped_by", "log_path"}
+
+
+def test_encode_job_leaves_out_unset_fields() -> None:
+    wire = api.encode_job(starting_job())
+    assert not UNSET_WHILE_STARTING & set(wire), "unset optional fields are left out (D-Bus has no null)"
+    assert {"id", "name", "user", "uid", "state", "unit", "argv", "cwd", "env", "properties",
+            "created_at"} <= set(wire)
+    assert wire["state"] == ("s", "starting")
+    assert wire["name"] == ("s", "")  # empty, not unset: a string is always there
+    assert all(value is not None for _, value in wire.values())
+    assert all(signature == api.JOB_FIELDS[key] for key, (signature, _) in wire.items())
+
+
+def test_encode_job_of_an_ended_job() -> None:
+    wire = api.encode_job(ended_job(), log_path="/var/log/gpujobd/jobs/8.log")
+    values = {key: value for key, (_, value) in wire.items() if key in V1_JOB_FIELDS}
+    assert values == {
+        "id": 8, "name": "sweep-3", "user": "alice", "uid": 1000, "state": "failed",
+        "unit": "gpujob-8.scope", "argv": ["python", "train.py", "--lr", "0.1"],
+        "cwd": "/home/alice/run", "env": {"SEED": "3"}, "properties": {"MemoryMax": "4G"},
+        "timeout_s": 3600.0, "created_at": NOW, "started_at": NOW + 1.5, "ended_at": NOW + 61.75,
+        "elapsed_s": 60.25, "reason": "exit-code", "detail": "", "exit_code": 3,
+        "leftover_processes": 2, "log_path": "/var/log/gpujobd/jobs/8.log",
+    }
+    assert all(signature == api.JOB_FIELDS[key] for key, (signature, _) in wire.items())
+
+
+def test_a_signal_end_has_a_signal_and_no_exit_code() -> None:
+    wire = api.encode_job(ended_job(reason=EndReason.SIGNAL, exit_code=None, signal=9))
+    assert "exit_code" not in wire
+    assert wire["signal"] == ("i", 9)
+
+
+def test_encoded_values_fit_their_signatures() -> None:
+    for job in (starting_job(), ended_job(), ended_job(reason=EndReason.SIGNAL, exit_code=None, signal=9)):
+        variants = _variants(api.encode_job(job, log_path="/x.log"))
+        assert GLib.Variant("a{sv}", variants).get_type_string() == "a{sv}"
+
+
+def _parse_iso(text: str) -> float:
+    assert text.endswith("Z"), text
+    return datetime.datetime.fromisoformat(text[:-1] + "+00:00").timestamp()
+
+
+def test_a_job_round_trips_through_dbus_values_to_json() -> None:
+    job = ended_job()
+    variants = _variants(api.encode_job(job, log_path="/var/log/gpujobd/jobs/8.log"))
+    received = GLib.Variant("a{sv}", variants).unpack()  # what a client gets off the wire
+    out = api.job_to_json(received)
+
+    assert list(out) == list(api.JSON_FIELDS)
+    assert out["created_at"] == "2025-06-15T15:06:40.250Z"
+    assert out["started_at"] == "2025-06-15T15:06:41.750Z"
+    assert out["ended_at"] == "2025-06-15T15:07:42.000Z"
+    for key, original in (("created_at", job.created_at), ("started_at", job.started_at),
+                          ("ended_at", job.ended_at)):
+        assert _parse_iso(out[key]) == pytest.approx(original, abs=0.001)
+    assert out["argv"] == list(job.spec.argv)
+    assert (out["exit_code"], out["signal"], out["reason"]) == (3, None, "exit-code")
+    assert out["elapsed_s"] == pytest.approx(60.25)
+    assert out["stopped_by"] is None and out["pid"] is None  # absent on the wire -> null
+    assert json.loads(json.dumps(out)) == out
+
+
+def test_json_of_a_starting_job_has_nulls_for_what_is_unknown() -> None:
+    out = api.job_to_json(GLib.Variant("a{sv}", _variants(api.encode_job(starting_job()))).unpack())
+    assert out["state"] == "starting"
+    assert out["started_at"] is None and out["ended_at"] is None and out["exit_code"] is None
+    assert out["created_at"].endswith("Z")
+
+
+def test_iso_utc() -> None:
+    assert api.iso_utc(None) is None
+    assert api.iso_utc(0) == "1970-01-01T00:00:00.000Z"
+    assert api.iso_utc(1.0005) == "1970-01-01T00:00:01.000Z"
+
+
+@pytest.mark.parametrize("state", list(JobState))
+def test_is_active(state: JobState) -> None:
+    assert api.is_active({"state": state.value}) is (not state.is_final)
+
+
+def test_the_service_hides_env_from_other_users() -> None:
+    class Files:
+        @staticmethod
+        def log_path(job_id: int) -> str:
+            return f"/var/log/gpujobd/jobs/{job_id}.log"
+
+    svc = ManagerService(Files(), None)  # type: ignore[arg-type]
+    job = ended_job()
+    mine = svc._encode(job, OWNER)
+    theirs = svc._encode(job, Caller(uid=1001, user="bob", gid=1001, is_admin=False))
+    admins = svc._encode(job, Caller(uid=1002, user="carol", gid=1002, is_admin=True))
+    assert mine["env"].unpack() == {"SEED": "3"} and admins["env"].unpack() == {"SEED": "3"}
+    assert "env" not in theirs
+    assert set(mine) - set(theirs) == {"env"}
+    assert mine["log_path"].unpack() == "/var/log/gpujobd/jobs/8.log"
+
+
+def test_errors_cross_the_wire_under_their_stable_names() -> None:
+    @service.on_the_wire
+    def not_found() -> None:
+        raise NotFound("there is no job 9")
+
+    @service.on_the_wire
+    def broken() -> None:
+        raise KeyError("secret internal detail")
+
+    with pytest.raises(Exception) as caught:
+        not_found()
+    assert type(caught.value).__name__ == "org.gpujobd1.Error.NotFound"
+    assert str(caught.value) == "there is no job 9"
+    with pytest.raises(Exception) as caught:
+        broken()
+    assert type(caught.value).__name__ == "org.gpujobd1.Error.Internal"
+    assert "secret" not in str(caught.value) and "journalctl" in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding a Submit spec.
+
+
+def test_decode_a_minimal_spec() -> None:
+    assert decode_spec({"argv": ["true"], "cwd": "/"}) == JobSpec(argv=("true",), cwd="/")
+
+
+def test_decode_a_full_spec() -> None:
+    spec = decode_spec({"argv": ["python", "x.py"], "cwd": "/srv", "env": {"A": "1"}, "name": "n",
+                        "properties": {"MemoryMax": "4G"}, "timeout_s": 60.5})
+    assert spec == JobSpec(argv=("python", "x.py"), cwd="/srv", env={"A": "1"}, name="n",
+                           properties={"MemoryMax": "4G"}, timeout_s=60.5)
+
+
+def test_an_integer_timeout_is_taken_as_seconds() -> None:
+    spec = decode_spec({"argv": ["true"], "cwd": "/", "timeout_s": 60})
+    assert spec.timeout_s == 60.0 and isinstance(spec.timeout_s, float)
+
+
+def test_decode_spec_refuses_unknown_keys_naming_them() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        decode_spec({"argv": ["true"], "cwd": "/", "gpus": 2, "priority": "high"})
+    message = str(caught.value)
+    assert "'gpus'" in message and "'priority'" in message
+    assert "known:" in message and "'timeout_s'" in message
+
+
+@pytest.mark.parametrize("spec", [{"cwd": "/"}, {"argv": ["true"]}, {}])
+def test_decode_spec_needs_argv_and_cwd(spec: Dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        decode_spec(spec)
+    assert "'argv'" in str(caught.value) and "'cwd'" in str(caught.value)
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"argv": "python train.py"}, "argv"),
+    ({"argv": ["python", 3]}, "argv"),
+    ({"argv": [b"python"]}, "argv"),
+    ({"cwd": ["/"]}, "cwd"),
+    ({"cwd": None}, "cwd"),
+    ({"env": {"A": 1}}, "env"),
+    ({"env": {"A": None}}, "env"),
+    ({"env": {1: "a"}}, "env"),
+    ({"env": ["A=1"]}, "env"),
+    ({"env": "A=1"}, "env"),
+    ({"properties": {"MemoryMax": 4}}, "properties"),
+    ({"properties": "MemoryMax=4G"}, "properties"),
+    ({"name": 7}, "name"),
+    ({"timeout_s": "60"}, "timeout_s"),
+    ({"timeout_s": True}, "timeout_s"),
+    ({"timeout_s": None}, "timeout_s"),
+])
+def test_decode_spec_refuses_wrong_types_naming_the_field(change: Dict[str, Any], field: str) -> None:
+    spec: Dict[str, Any] = {"argv": ["true"], "cwd": "/"}
+    spec.update(change)
+    with pytest.raises(InvalidArgument) as caught:
+        decode_spec(spec)
+    assert f"spec field {field!r}: expected" in str(caught.value)
+
+
+def test_decode_spec_refuses_too_many_argv_items() -> None:
+    assert len(decode_spec({"argv": ["x"] * api.MAX_ARGV_ITEMS, "cwd": "/"}).argv) == api.MAX_ARGV_ITEMS
+    with pytest.raises(InvalidArgument) as caught:
+        decode_spec({"argv": ["x"] * (api.MAX_ARGV_ITEMS + 1), "cwd": "/"})
+    assert "'argv'" in str(caught.value) and str(api.MAX_ARGV_ITEMS) in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding a List filter.
+
+
+def test_decode_the_empty_filter() -> None:
+    assert decode_filter({}) == (False, None, None, api.MAX_LIST_LIMIT)
+
+
+def test_decode_a_full_filter() -> None:
+    assert decode_filter({"all": True, "user": "alice", "state": "running", "limit": 10}) == (
+        True, "alice", JobState.RUNNING, 10)
+
+
+@pytest.mark.parametrize(("filters", "expected"), [
+    ({"limit": 0}, (False, None, None, api.MAX_LIST_LIMIT)),  # 0: no limit asked
+    ({"limit": api.MAX_LIST_LIMIT + 1}, (False, None, None, api.MAX_LIST_LIMIT)),
+    ({"user": "", "state": ""}, (False, None, None, api.MAX_LIST_LIMIT)),
+])
+def test_decode_filter_defaults_and_caps(filters: Dict[str, Any], expected: tuple) -> None:
+    assert decode_filter(filters) == expected
+
+
+def test_decode_filter_refuses_unknown_keys() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        decode_filter({"all": True, "owner": "alice"})
+    assert "'owner'" in str(caught.value) and "known:" in str(caught.value)
+
+
+@pytest.mark.parametrize("state", ["done", "RUNNING", "timed_out"])
+def test_decode_filter_refuses_unknown_states_listing_the_known_ones(state: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        decode_filter({"state": state})
+    message = str(caught.value)
+    assert repr(state) in message
+    assert all(s.value in message for s in JobState)
+
+
+@pytest.mark.parametrize("filters", [{"limit": "ten"}, {"all": "false"}, {"user": 5}])
+def test_decode_filter_refuses_wrong_types_naming_the_field(filters: Dict[str, Any]) -> None:
+    (field,) = filters
+    with pytest.raises(InvalidArgument, match=repr(field)):
+        decode_filter(filters)
