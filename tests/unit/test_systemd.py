@@ -1,0 +1,32 @@
+"""The systemd adapter's pure parts: scope properties and unit object paths."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpujobd.systemd import _unit_name_from_path, scope_properties, unit_object_path
+
+
+@pytest.mark.parametrize("pid", [0, 1, -5])
+def test_a_scope_never_receives_pid_0_or_1(pid):
+    with pytest.raises(ValueError, match="refusing"):
+        scope_properties(pids=[pid], slice_name="gpujob.slice", description="x", stop_timeout_s=1,
+                         runtime_max_s=None)
+
+
+def test_scope_properties_carry_the_timeouts_in_microseconds_and_no_service_binding():
+    props = dict(scope_properties(pids=[1234], slice_name="gpujob.slice", description="job",
+                                  stop_timeout_s=2.5, runtime_max_s=60))
+    assert props["PIDs"].unpack() == [1234]
+    assert props["TimeoutStopUSec"].unpack() == 2_500_000
+    assert props["RuntimeMaxUSec"].unpack() == 60_000_000
+    assert props["Slice"].unpack() == "gpujob.slice"
+    assert not {"PartOf", "BindsTo"} & set(props)
+
+
+@pytest.mark.parametrize("unit", ["gpujob-12.scope", "a_b-c.d@e.service"])
+def test_unit_paths_round_trip(unit):
+    path = unit_object_path(unit)
+    assert path.startswith("/org/freedesktop/systemd1/unit/")
+    assert _unit_name_from_path(path) == unit
+    assert unit_object_path("gpujob-12.scope").endswith("/gpujob_2d12_2escope")
