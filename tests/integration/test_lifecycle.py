@@ -158,7 +158,32 @@ def test_malformed_dbus_calls_are_refused_by_name(gpujobd_service):
     assert wrong_type.returncode != 0 and "argv" in wrong_type.stderr
     no_such = sh(*call, "Get", "t", "123456789", check=False)
     assert no_such.returncode != 0 and "no job" in no_such.stderr
+    oversized = sh(*call, "--", "Submit", "a{sv}", "2", "argv", "as", "5000", *(["x"] * 5000),
+                   "cwd", "s", "/", check=False)
+    assert oversized.returncode != 0 and "at most 4096" in oversized.stderr
+    as_alice = ["runuser", "-u", "alice", "--", "busctl", "--system", "call", "org.gpujobd1",
+                "/org/gpujobd1", "org.freedesktop.DBus.Properties", "Set", "ssv", "org.gpujobd1.Manager",
+                "Version", "s", "9"]
+    undeclared = sh(*as_alice, check=False)
+    assert undeclared.returncode != 0 and "denied" in undeclared.stderr.lower()
     assert sh("systemctl", "is-active", "gpujobd").stdout.strip() == "active"
+
+
+def test_the_api_is_introspectable_with_busctl(gpujobd_service):
+    out = sh("busctl", "--system", "introspect", "org.gpujobd1", "/org/gpujobd1",
+             "org.gpujobd1.Manager").stdout
+    for member in (".Submit", ".Stop", ".Get", ".List", ".ReadLog", ".JobChanged", ".Version"):
+        assert member in out
+
+
+def test_resource_properties_reach_the_scope(ctl):
+    job_id = ctl.submit("alice", "sleep", "4801", opts=["--property", "MemoryMax=1G",
+                                                       "--property", "CPUQuota=50%"])
+    ctl.wait_state("alice", job_id, "running")
+    shown = sh("systemctl", "show", f"gpujob-{job_id}.scope", "-p", "MemoryMax",
+               "-p", "CPUQuotaPerSecUSec").stdout
+    assert "MemoryMax=1073741824" in shown and "CPUQuotaPerSecUSec=500ms" in shown
+    ctl("alice", "stop", str(job_id), check=True)
 
 
 def test_job_scopes_live_outside_the_service_and_are_not_bound_to_it(ctl):
