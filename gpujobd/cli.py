@@ -1,5 +1,7 @@
 """gpujobctl: submit, inspect, follow and stop gpujobd jobs from a shell.
 
+Argument parsing and one handler per verb; what is shown is formatted by gpujobd.cli_format.
+
 Exit codes: 0 success, 1 the operation failed, 2 usage error; `submit --wait` and `wait` exit with the
 job's own code (a signal N gives 128+N, a failure without an exit code gives 1). Errors are one line on
 stderr, `gpujobctl: <what was wrong>`, never a traceback. The D-Bus client is imported only when a verb
@@ -9,25 +11,34 @@ runs, so `-h` and usage errors answer fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shlex
 import sys
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 from gpujobd import __version__, api, errors
+from gpujobd.cli_format import (
+    command_text,
+    describe_end,
+    format_status,
+    format_table,
+    log_tail,
+    printable,
+)
 from gpujobd.model import JobState
 
 PROG = "gpujobctl"
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a command killed by SIGPIPE
 STATUS_LOG_LINES = 10
-TAIL_WINDOW_BYTES = 64 * 1024  # status reads the log from this far before its end, when it can stat it
-CGROUP_SLICE_DIR = "/sys/fs/cgroup/gpujob.slice"
+STATUS_RUNS = 5  # status shows this many of a background loop's last runs
+CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP_SLICE_DIR = CGROUP_ROOT + "/gpujob.slice"  # where a job's scope is when its cgroup is not known
 PROC_DIR = "/proc"
-MAX_SHOWN_PROCESSES = 20
 DEBUG_ENV = "GPUJOBCTL_DEBUG"  # set to show a traceback for an unexpected error
 
 Job = Dict[str, Any]  # a job as the client returns it with raw=True (the wire dict)
@@ -45,10 +56,14 @@ def main(argv: Sequence[str] | None = None, client_factory: ClientFactory | None
     """
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "check", None) is not None:
+            args.check(args)
     except SystemExit as done:  # -h, --version, or a usage error already printed
         return done.code if isinstance(done.code, int) else errors.EXIT_USAGE
     try:
-        return args.handler(args, (client_factory or default_client_factory)())
+        code = args.handler(args, (client_factory or default_client_factory)())
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+        return code
     except errors.GpujobdError as error:
         print_error(str(error))
         return error.exit_code
@@ -92,7 +107,9 @@ def _client_settings() -> Dict[str, float]:
 
 
 def print_error(message: str) -> None:
-    print(f"{PROG}: {' '.join(message.split(chr(10)))}", file=sys.stderr)
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()  # what was printed before comes first when both go to one place
+    print(f"{PROG}: {' '.join(message.splitlines())}", file=sys.stderr)
 
 
 def _silence_stdout() -> None:
@@ -127,6 +144,18 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def command_string(text: str) -> List[str]:
+    """A command given as one shell-quoted string, split like a shell would (no expansion)."""
+    try:
+        words = shlex.split(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"cannot split {text!r} into words: {error}") from None
+    if not words:
+        raise argparse.ArgumentTypeError("the command is empty: give it as one quoted string, e.g. "
+                                         "'python eval.py --every 60'")
+    return words
+
+
 def key_value(text: str) -> Tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -140,6 +169,15 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600,
 
 def duration(text: str) -> float:
     """Seconds from "90", "1.5", "30s", "10min", "2h", "1h30m"; must be > 0."""
+    return _duration(text, allow_zero=False)
+
+
+def delay(text: str) -> float:
+    """A duration like `duration`, where 0 is allowed."""
+    return _duration(text, allow_zero=True)
+
+
+def _duration(text: str, allow_zero: bool) -> float:
     stripped = text.strip()
     pos, total = 0, 0.0
     while pos < len(stripped):
@@ -150,9 +188,9 @@ def duration(text: str) -> float:
         pos = part.end()
         while pos < len(stripped) and stripped[pos] == " ":
             pos += 1
-    if not stripped or pos != len(stripped) or total <= 0:
-        raise argparse.ArgumentTypeError(f"expected a duration such as 90, 30s, 10min, 2h or 1h30m, "
-                                         f"got {text!r}")
+    if not stripped or pos != len(stripped) or total < 0 or (total == 0 and not allow_zero):
+        examples = "0, 500ms, 2s or 1min" if allow_zero else "90, 30s, 10min, 2h or 1h30m"
+        raise argparse.ArgumentTypeError(f"expected a duration such as {examples}, got {text!r}")
     return total
 
 
@@ -183,7 +221,9 @@ def _verb(verbs: Any, name: str, help: str, epilog: str, usage: str | None = Non
 def _add_submit(verbs: Any) -> None:
     sub = _verb(verbs, "submit", "submit a command as a new job", _SUBMIT_EPILOG,
                 usage=f"{PROG} submit [-h] [--name NAME] [--cwd DIR] [--env NAME=VALUE]... "
-                      "[--property P=V]... [--timeout DURATION] [--wait] [--json] -- CMD [ARG...]")
+                      "[--property P=V]... [--timeout DURATION] [--background] [--max-runs N] "
+                      "[--restart-delay DURATION] [--stop-on-failure] [--bind-to ID] "
+                      "[--with-background 'CMD [ARG...]'] [--wait] [--json] -- CMD [ARG...]")
     sub.add_argument("--name", default="", help="a name to recognise the job by")
     sub.add_argument("--cwd", metavar="DIR", help="working directory (default: the current one)")
     sub.add_argument("--env", action="append", type=key_value, default=[], metavar="NAME=VALUE",
@@ -193,12 +233,46 @@ def _add_submit(verbs: Any) -> None:
                      help="a resource property of the job's scope, as the daemon allows (repeatable)")
     sub.add_argument("--timeout", type=duration, metavar="DURATION",
                      help="stop the job after this long (90, 30s, 10min, 2h, 1h30m)")
+    loop = sub.add_argument_group("background loops")
+    loop.add_argument("--background", action="store_true",
+                      help="run the command again each time it ends, up to --max-runs times")
+    loop.add_argument("--max-runs", type=positive_int, metavar="N",
+                      help="at most N runs of a background loop (default: the server's)")
+    loop.add_argument("--restart-delay", type=delay, metavar="DURATION",
+                      help="pause between two runs of a background loop (default: the server's)")
+    loop.add_argument("--stop-on-failure", action="store_true",
+                      help="end a background loop after its first failed run")
+    loop.add_argument("--bind-to", type=job_id, metavar="ID",
+                      help="stop this job when job ID (a running job of yours) ends")
+    loop.add_argument("--with-background", type=command_string, metavar="'CMD [ARG...]'",
+                      help="also start this command (one quoted string) as a background loop bound to "
+                           "the job; prints both ids, \"FOREGROUND BACKGROUND\"")
     sub.add_argument("--wait", action="store_true",
                      help="follow the job's log until it ends, and exit with its exit code")
     sub.add_argument("--json", action="store_true", help="print the job as JSON instead of its id")
     sub.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]",
                      help="the command to run")
-    sub.set_defaults(handler=cmd_submit)
+    sub.set_defaults(handler=cmd_submit, check=_check_submit(sub))
+
+
+def _check_submit(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
+    """Combinations of submit options that cannot work: usage errors, before any call."""
+
+    def check(args: argparse.Namespace) -> None:
+        loop_options = [flag for flag, given in (("--max-runs", args.max_runs is not None),
+                                                 ("--restart-delay", args.restart_delay is not None),
+                                                 ("--stop-on-failure", args.stop_on_failure)) if given]
+        if args.with_background is not None:
+            clashing = [flag for flag, given in (("--background", args.background),
+                                                 ("--bind-to", args.bind_to is not None)) if given]
+            if clashing:
+                parser.error(f"{' and '.join(clashing)} cannot be combined with --with-background (its "
+                             "loop is bound to the job after `--`)")
+        elif loop_options and not args.background:
+            parser.error(f"{', '.join(loop_options)} only apply to background loops: add --background "
+                         "or --with-background")
+
+    return check
 
 
 def _add_stop(verbs: Any) -> None:
@@ -258,10 +332,20 @@ examples:
   gpujobctl submit --env CUDA_VISIBLE_DEVICES=0 --timeout 2h -- python train.py
   gpujobctl submit --wait -- make test                 # log to stdout, exit with the job's code
   gpujobctl submit --json -- sleep 60 | jq .unit
+  gpujobctl submit --background --max-runs 5 --restart-delay 30s -- python eval.py
+  gpujobctl submit --background --bind-to 42 -- ./watch_gpu.sh   # stopped when job 42 ends
+  gpujobctl submit --name exp1 --with-background 'python eval.py --latest' -- python train.py
+      # prints "FOREGROUND BACKGROUND": the eval loop runs until train.py ends
 
 Put the command after `--`. The job's environment is what --env gives, plus your LANG.
+A background loop runs its command again after each run ends (GPUJOB_RUN says which run), up to
+--max-runs times; --max-runs, --restart-delay and --stop-on-failure need --background (or, with
+--with-background, apply to that loop). With --with-background, --timeout applies to the foreground
+job; --name NAME names the loop NAME-bg; if the loop cannot be submitted, the foreground job is
+stopped again.
 With --wait, a job killed by signal N exits 128+N and one that failed without an exit code exits 1;
-Ctrl-C stops following but leaves the job running."""
+with --with-background it follows and waits for the foreground job (systemd stops the loop when it
+ends). Ctrl-C stops following but leaves the job running."""
 
 _STOP_EPILOG = """\
 examples:
@@ -273,7 +357,12 @@ Exits 1 if any job could not be stopped (every id is still tried)."""
 _STATUS_EPILOG = """\
 examples:
   gpujobctl status 42
-  gpujobctl status 42 --json | jq -r .state"""
+  gpujobctl status 42 --json | jq -r .state
+  gpujobctl status 43 --json | jq '.last_runs[] | [.run, .exit_code]'
+
+For a background loop it shows `Runs: 3 of 5` and its last 5 runs (number, duration, how each
+ended); with --json, the job object gets a `last_runs` array. A job with a timeout shows how much of
+it was used, `Timeout: 1min 0s (reached 97%)`."""
 
 _LIST_EPILOG = """\
 examples:
@@ -301,26 +390,78 @@ Exits 0 if every job succeeded, else with the code of the first failed job in ar
 
 
 def cmd_submit(args: argparse.Namespace, client: Any) -> int:
-    job = client.submit(
-        submitted_command(args.command), cwd=args.cwd, env=dict(args.env), name=args.name,
-        properties=dict(args.property), timeout_s=args.timeout, raw=True,
-    )
+    command = submitted_command(args.command)
+    common = {"cwd": args.cwd, "env": dict(args.env), "name": args.name,
+              "properties": dict(args.property), "timeout_s": args.timeout}
+    if args.with_background is not None:
+        return _submit_pair(args, client, command, common)
+    job = client.submit(command, **common, **_loop_options(args), raw=True)
     if not args.wait:
         if args.json:
             print_json(api.job_to_json(job))
         else:
             print(job["id"])
         return errors.EXIT_OK
-    try:
-        if not args.json:
-            write_chunks(client.logs(job["id"], follow=True))
-        final = client.wait(job["id"], raw=True)
-    except KeyboardInterrupt:
-        print_error(f"interrupted: job {job['id']} keeps running; `{PROG} stop {job['id']}` stops it")
+    final = _follow_to_the_end(
+        client, job, args.json, f"job {job['id']} keeps running; `{PROG} stop {job['id']}` stops it")
+    if final is None:
         return EXIT_INTERRUPTED
     if args.json:
         print_json(api.job_to_json(final))
     return exit_code_for(final)
+
+
+def _loop_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The background-loop options that were given (only those are sent)."""
+    options: Dict[str, Any] = {}
+    if args.background:
+        options["background"] = True
+    if args.max_runs is not None:
+        options["max_runs"] = args.max_runs
+    if args.restart_delay is not None:
+        options["restart_delay_s"] = args.restart_delay
+    if args.stop_on_failure:
+        options["stop_on_failure"] = True
+    if args.bind_to is not None:
+        options["bind_to"] = args.bind_to
+    return options
+
+
+def _submit_pair(args: argparse.Namespace, client: Any, command: List[str], common: Dict[str, Any]) -> int:
+    """submit --with-background: the job after `--` and a loop bound to it, in one call."""
+    loop = {key: value for key, value in _loop_options(args).items()
+            if key in ("max_runs", "restart_delay_s", "stop_on_failure")}
+    foreground, background = client.submit_with_background(
+        command, args.with_background, **common, **loop, raw=True)
+    if not args.wait:
+        if args.json:
+            print_json({"foreground": api.job_to_json(foreground),
+                        "background": api.job_to_json(background)})
+        else:
+            print(f"{foreground['id']} {background['id']}")
+        return errors.EXIT_OK
+    final = _follow_to_the_end(
+        client, foreground, args.json,
+        f"jobs {foreground['id']} and {background['id']} keep running; `{PROG} stop {foreground['id']}` "
+        "stops both")
+    if final is None:
+        return EXIT_INTERRUPTED
+    if args.json:
+        print_json({"foreground": api.job_to_json(final),
+                    "background": api.job_to_json(client.get(background["id"], raw=True))})
+    return exit_code_for(final)
+
+
+def _follow_to_the_end(client: Any, job: Job, quiet: bool, still_running: str) -> Job | None:
+    """Follow the job's log (unless quiet) and wait for its end; None after Ctrl-C, which says
+    `still_running` on stderr."""
+    try:
+        if not quiet:
+            write_chunks(client.logs(job["id"], follow=True))
+        return client.wait(job["id"], raw=True)
+    except KeyboardInterrupt:
+        print_error(f"interrupted: {still_running}")
+        return None
 
 
 def submitted_command(command: Sequence[str]) -> List[str]:
@@ -358,10 +499,15 @@ def _stop_one(client: Any, one_id: int) -> str:
 
 def cmd_status(args: argparse.Namespace, client: Any) -> int:
     job = client.get(args.id, raw=True)
+    runs = client.runs(args.id, STATUS_RUNS, raw=True) if job.get("background") else None
     if args.json:
-        print_json(api.job_to_json(job))
+        shown = api.job_to_json(job)
+        if runs is not None:
+            shown["last_runs"] = [api.run_to_json(run) for run in runs]
+        print_json(shown)
         return errors.EXIT_OK
-    for line in format_status(job, time.time(), read_processes(job.get("unit", ""))):
+    processes = read_processes(job.get("unit", ""), job.get("pid"))
+    for line in format_status(job, time.time(), processes, runs):
         print(line)
     tail = log_tail(client, job, STATUS_LOG_LINES)
     if tail:
@@ -435,179 +581,15 @@ def exit_code_for(job: Mapping[str, Any]) -> int:
     return errors.EXIT_FAILED
 
 
-_SELF_EVIDENT_REASONS = {"exit-code", "signal", "stopped", "timeout", "lost"}
+# --- processes ---------------------------------------------------------------------------------------
 
 
-def describe_end(job: Mapping[str, Any]) -> str:
-    """"succeeded", "failed (exit code 3)", "failed (exec-failed: No such file or directory)", ..."""
-    state = job.get("state", "?")
-    if state == JobState.SUCCEEDED.value:
-        return state
-    facts = []
-    if job.get("exit_code") is not None:
-        facts.append(f"exit code {job['exit_code']}")
-    if job.get("signal") is not None:
-        facts.append(f"signal {signal_text(job['signal'])}")
-    reason, detail = job.get("reason") or "", job.get("detail") or ""
-    if reason and reason not in _SELF_EVIDENT_REASONS:
-        facts.append(f"{reason}: {detail}" if detail else reason)
-    elif detail:
-        facts.append(detail)
-    if job.get("stopped_by"):
-        facts.append(f"stopped by {job['stopped_by']}")
-    return f"{state} ({', '.join(printable(fact) for fact in facts)})" if facts else state
-
-
-def signal_text(number: int) -> str:
-    import signal
-
-    try:
-        return f"{number} ({signal.Signals(number).name})"
-    except ValueError:
-        return str(number)
-
-
-def exit_column(job: Mapping[str, Any]) -> str:
-    if job.get("signal") is not None:
-        return f"sig {job['signal']}"
-    if job.get("exit_code") is not None:
-        return str(job["exit_code"])
-    return "-"
-
-
-def runtime_s(job: Mapping[str, Any], now: float) -> float | None:
-    if job.get("elapsed_s") is not None:
-        return job["elapsed_s"]
-    started, ended = job.get("started_at"), job.get("ended_at")
-    if started is None:
-        return None
-    return max(0.0, (ended if ended is not None else now) - started)
-
-
-def command_text(argv: Iterable[str]) -> str:
-    return printable(" ".join(shlex.quote(arg) for arg in argv))
-
-
-def printable(text: str) -> str:
-    """Control characters escaped, so a job's name or command cannot break a table or the terminal."""
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
-
-
-def format_duration(seconds: float) -> str:
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    whole = round(seconds)
-    if whole < 60:
-        return f"{whole}s"
-    minutes, secs = divmod(whole, 60)
-    if minutes < 60:
-        return f"{minutes}min {secs}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h {minutes}min"
-    days, hours = divmod(hours, 24)
-    return f"{days}d {hours}h"
-
-
-def format_moment(timestamp: float, now: float) -> str:
-    local = time.strftime("%a %Y-%m-%d %H:%M:%S %Z", time.localtime(timestamp))
-    return f"{local}; {format_duration(max(0.0, now - timestamp))} ago"
-
-
-# --- status ------------------------------------------------------------------------------------------
-
-
-def format_status(job: Mapping[str, Any], now: float, processes: Sequence[Tuple[int, str]]) -> List[str]:
-    """The lines of `gpujobctl status` above the log, like `systemctl status`."""
-    name = f" ({printable(job['name'])})" if job.get("name") else ""
-    header = f"{_bullet()} job {job['id']}{name} - {describe_end(job)}"
-    fields = _status_fields(job, now, processes)
-    width = max((len(label) for label, _ in fields), default=0)
-    lines = [header]
-    for label, value in fields:
-        head = f"{label}:".rjust(width + 1)
-        value_lines = value.split("\n")
-        lines.append(f"{head} {value_lines[0]}")
-        lines.extend(" " * (width + 2) + more for more in value_lines[1:])
-    return lines
-
-
-def _status_fields(job: Mapping[str, Any], now: float,
-                   processes: Sequence[Tuple[int, str]]) -> List[Tuple[str, str]]:
-    fields: List[Tuple[str, str]] = []
-
-    def add(label: str, value: Any) -> None:
-        if value is not None and value != "":
-            fields.append((label, str(value)))
-
-    add("Unit", job.get("unit"))
-    add("User", _user_text(job))
-    add("Command", command_text(job.get("argv", [])))
-    add("Cwd", printable(job.get("cwd", "")))
-    add("Environment", _pairs_text(job.get("env")))
-    add("Properties", _pairs_text(job.get("properties")))
-    if job.get("started_at") is None and job.get("created_at") is not None:
-        add("Created", format_moment(job["created_at"], now))
-    if job.get("started_at") is not None:
-        add("Started", format_moment(job["started_at"], now))
-    if job.get("ended_at") is not None:
-        add("Ended", format_moment(job["ended_at"], now))
-    elapsed = runtime_s(job, now)
-    add("Runtime", None if elapsed is None else format_duration(elapsed))
-    add("Timeout", None if job.get("timeout_s") is None else format_duration(job["timeout_s"]))
-    add("Exit", job.get("exit_code"))
-    add("Signal", None if job.get("signal") is None else signal_text(job["signal"]))
-    add("Reason", job.get("reason"))
-    add("Detail", printable(job.get("detail") or ""))
-    add("Stopped by", job.get("stopped_by"))
-    if job.get("leftover_processes"):
-        add("Leftover processes", job["leftover_processes"])
-    add("Processes", _processes_text(processes))
-    add("Log", job.get("log_path"))
-    return fields
-
-
-def _user_text(job: Mapping[str, Any]) -> str | None:
-    if not job.get("user"):
-        return None
-    return f"{job['user']} (uid {job['uid']})" if job.get("uid") is not None else job["user"]
-
-
-def _pairs_text(pairs: Mapping[str, str] | None) -> str | None:
-    if not pairs:
-        return None
-    return printable(" ".join(shlex.quote(f"{key}={value}") for key, value in sorted(pairs.items())))
-
-
-def _processes_text(processes: Sequence[Tuple[int, str]]) -> str | None:
-    if not processes:
-        return None
-    shown = [f"{pid} {cmdline}" for pid, cmdline in processes[:MAX_SHOWN_PROCESSES]]
-    if len(processes) > MAX_SHOWN_PROCESSES:
-        shown.append(f"... and {len(processes) - MAX_SHOWN_PROCESSES} more")
-    return "\n".join(shown)
-
-
-def _bullet() -> str:
-    return "●" if _can_print("●") else "*"
-
-
-def _can_print(text: str) -> bool:
-    try:
-        text.encode(getattr(sys.stdout, "encoding", None) or "ascii")
-    except (UnicodeEncodeError, LookupError):
-        return False
-    return True
-
-
-def read_processes(unit: str) -> List[Tuple[int, str]]:
+def read_processes(unit: str, supervisor_pid: int | None = None) -> List[Tuple[int, str]]:
     """(pid, command line) of every process in the job's cgroup; [] if it cannot be read."""
     if not unit or "/" in unit or unit.startswith("."):
         return []
     pids = set()
-    for directory, _subdirs, _files in os.walk(os.path.join(CGROUP_SLICE_DIR, unit)):
+    for directory, _subdirs, _files in os.walk(_scope_dir(unit, supervisor_pid)):
         try:
             with open(os.path.join(directory, "cgroup.procs")) as procs:
                 pids.update(int(line) for line in procs if line.strip().isdigit())
@@ -615,6 +597,21 @@ def read_processes(unit: str) -> List[Tuple[int, str]]:
             continue
     found = ((pid, _cmdline(pid)) for pid in sorted(pids))
     return [(pid, cmdline) for pid, cmdline in found if cmdline is not None]
+
+
+def _scope_dir(unit: str, supervisor_pid: int | None) -> str:
+    """The job's cgroup directory: from its supervisor's /proc/PID/cgroup (any slice the daemon is
+    configured with), else under the default gpujob.slice."""
+    if supervisor_pid:
+        try:
+            with open(os.path.join(PROC_DIR, str(supervisor_pid), "cgroup")) as source:
+                for line in source:
+                    path = line.rstrip("\n").partition("::")[2]  # the cgroup v2 line: "0::/a.slice/b.scope"
+                    if path.endswith("/" + unit) and ".." not in path:
+                        return CGROUP_ROOT + path
+        except OSError:
+            pass
+    return os.path.join(CGROUP_SLICE_DIR, unit)
 
 
 def _cmdline(pid: int) -> str | None:
@@ -628,103 +625,6 @@ def _cmdline(pid: int) -> str | None:
             return f"[{printable(source.read().decode('utf-8', 'replace').strip())}]"
     except OSError:
         return None  # gone meanwhile, or not ours to read
-
-
-def log_tail(client: Any, job: Mapping[str, Any], count: int) -> List[str]:
-    """The last `count` lines of the job's log, as text to show.
-
-    Reads forward from near the end when the log file can be stat'ed here (ReadLog offsets are byte
-    offsets into it), else from the start, keeping only the last lines.
-    """
-    start = _tail_start(job.get("log_path"))
-    chunks: Iterable[bytes] = client.logs(job["id"], follow=False, offset=start)
-    if start > 0:
-        chunks = _after_first_newline(chunks)
-    kept = b""
-    for chunk in chunks:
-        kept = last_lines(kept + chunk, count)
-    lines = kept.split(b"\n")  # not splitlines(): a lone \r (a progress bar) does not end a line
-    if lines and not lines[-1]:
-        lines.pop()
-    return [_log_line_text(line) for line in lines]
-
-
-def _tail_start(log_path: str | None) -> int:
-    if not log_path:
-        return 0
-    try:
-        size = os.stat(log_path).st_size
-    except OSError:
-        return 0
-    # One byte more than the window: the partial first line is dropped, and so is nothing else.
-    return max(0, size - TAIL_WINDOW_BYTES - 1)
-
-
-def _after_first_newline(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    found = False
-    for chunk in chunks:
-        if not found:
-            newline = chunk.find(b"\n")
-            if newline < 0:
-                continue
-            chunk, found = chunk[newline + 1:], True
-        yield chunk
-
-
-def last_lines(data: bytes, count: int) -> bytes:
-    """The last `count` lines of data (an unterminated last line counts as one)."""
-    pos = len(data) - 1 if data.endswith(b"\n") else len(data)
-    for _ in range(count):
-        pos = data.rfind(b"\n", 0, pos)
-        if pos < 0:
-            return data
-    return data[pos + 1:]
-
-
-_ANSI_SEQUENCE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-
-
-def _log_line_text(line: bytes) -> str:
-    text = line.decode("utf-8", "replace").rstrip("\r").rsplit("\r", 1)[-1]  # what a terminal shows
-    return printable(_ANSI_SEQUENCE.sub("", text).replace("\t", "    "))
-
-
-# --- list --------------------------------------------------------------------------------------------
-
-_COLUMNS = ("ID", "USER", "STATE", "EXIT", "ELAPSED", "NAME", "COMMAND")
-
-
-def format_table(jobs: Sequence[Mapping[str, Any]], now: float, width: int | None = None) -> List[str]:
-    """The `list` table; COMMAND is cut to `width` columns in all (None: not cut)."""
-    rows = [_COLUMNS] + [_table_row(job, now) for job in jobs]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(_COLUMNS) - 1)]
-    lines = []
-    for row in rows:
-        cells = [row[0].rjust(widths[0])] + [cell.ljust(w) for cell, w in zip(row[1:-1], widths[1:])]
-        prefix = "  ".join(cells) + "  "
-        lines.append(prefix + _cut(row[-1], None if width is None else width - len(prefix)))
-    return lines
-
-
-def _table_row(job: Mapping[str, Any], now: float) -> Tuple[str, ...]:
-    elapsed = runtime_s(job, now)
-    return (
-        str(job["id"]),
-        printable(job.get("user", "") or "-"),
-        job.get("state", "?"),
-        exit_column(job),
-        "-" if elapsed is None else format_duration(elapsed),
-        printable(job.get("name") or "-"),
-        command_text(job.get("argv", [])),
-    )
-
-
-def _cut(text: str, room: int | None) -> str:
-    if room is None or len(text) <= room:
-        return text
-    room = max(room, 10)
-    ellipsis = "…" if _can_print("…") else "~"
-    return text[: room - 1] + ellipsis
 
 
 def _terminal_width() -> int:

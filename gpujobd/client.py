@@ -7,6 +7,11 @@
         sys.stdout.buffer.write(chunk)
     print(client.wait(job["id"])["state"])
 
+    # A parallel experiment: train in the foreground, evaluate in a loop until training ends.
+    train, evaluate = client.submit_with_background(
+        ["python", "train.py"], ["python", "eval.py"], name="exp1", timeout_s=3600, max_runs=100)
+    print(client.runs(evaluate["id"], limit=5))
+
 Jobs come back as plain dicts shaped like `api.job_to_json` (every `api.JSON_FIELDS` key present, None
 where unset, times as ISO 8601 UTC strings); pass `raw=True` for the wire dict instead (only the fields
 that are set, times as float seconds since the epoch). Every failure is a `gpujobd.errors.GpujobdError`.
@@ -138,12 +143,20 @@ def spec_values(
     name: str = "",
     properties: Mapping[str, str] | None = None,
     timeout_s: float | None = None,
+    background: bool = False,
+    max_runs: int | None = None,
+    restart_delay_s: float | None = None,
+    stop_on_failure: bool = False,
+    bind_to: int | None = None,
     caller_environ: Mapping[str, str] | None = None,
 ) -> Dict[str, Any]:
     """Check a submission (a convenience: the daemon re-validates) and return the spec's plain values.
 
     `env` sent is exactly the explicit env plus LANG from the caller's environment when set and not
-    given. A relative `cwd` is taken relative to the caller's working directory.
+    given. A relative `cwd` is taken relative to the caller's working directory. Only the options that
+    are set are sent: an absent `max_runs` or `restart_delay_s` means the server's default, and
+    `background`, `stop_on_failure` are sent only when true. `max_runs` (other than 1),
+    `restart_delay_s` and `stop_on_failure` need `background=True`, as the daemon requires.
     """
     values: Dict[str, Any] = {
         "argv": _checked_argv(argv),
@@ -156,6 +169,30 @@ def spec_values(
         values["properties"] = _checked_pairs("properties", properties)
     if timeout_s is not None:
         values["timeout_s"] = _checked_timeout(timeout_s)
+    values.update(_loop_values(background, max_runs, restart_delay_s, stop_on_failure))
+    if bind_to is not None:
+        values["bind_to"] = _checked_id(bind_to, "bind_to (a job id)")
+    return values
+
+
+def _loop_values(background: bool, max_runs: int | None, restart_delay_s: float | None,
+                 stop_on_failure: bool) -> Dict[str, Any]:
+    values: Dict[str, Any] = {}
+    if _checked_flag("background", background):
+        values["background"] = True
+    if max_runs is not None:
+        values["max_runs"] = _checked_max_runs(max_runs)
+    if restart_delay_s is not None:
+        values["restart_delay_s"] = _checked_restart_delay(restart_delay_s)
+    if _checked_flag("stop_on_failure", stop_on_failure):
+        values["stop_on_failure"] = True
+    if not background:
+        given = [key for key in ("max_runs", "restart_delay_s", "stop_on_failure") if key in values]
+        if values.get("max_runs") == 1:
+            given.remove("max_runs")  # one run is what a job without a loop does anyway
+        if given:
+            raise errors.InvalidArgument(f"{', '.join(given)} only apply to background loops: "
+                                         "submit with background=True")
     return values
 
 
@@ -168,6 +205,7 @@ def build_filter(
     *, all: bool = False, user: str | None = None, state: str | None = None,
     limit: int | None = None,
 ) -> Dict[str, GLib.Variant]:
+    """The List filter as an a{sv} dict, with only the keys that are given."""
     values: Dict[str, Any] = {}
     if all:
         values["all"] = True
@@ -181,6 +219,7 @@ def build_filter(
 
 
 def to_variants(values: Mapping[str, Any], signatures: Mapping[str, str]) -> Dict[str, GLib.Variant]:
+    """Plain values -> GLib.Variant values, typed by the contract's `signatures` (api.SPEC_FIELDS, ...)."""
     return {key: GLib.Variant(signatures[key], value) for key, value in values.items()}
 
 
@@ -272,17 +311,50 @@ def _checked_limit(limit: int) -> int:
     return limit
 
 
-def _checked_id(job_id: int) -> int:
+def _checked_id(job_id: int, what: str = "a job id") -> int:
     if isinstance(job_id, bool) or not isinstance(job_id, int) or not 0 <= job_id <= MAX_UINT64:
-        raise errors.InvalidArgument(f"a job id is a whole number >= 0, not {job_id!r}")
+        raise errors.InvalidArgument(f"{what} is a whole number >= 0, not {job_id!r}")
     return job_id
+
+
+def _checked_flag(what: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise errors.InvalidArgument(f"{what} must be True or False, not {value!r}")
+    return value
+
+
+def _checked_max_runs(max_runs: int) -> int:
+    if isinstance(max_runs, bool) or not isinstance(max_runs, int) or not 0 < max_runs <= MAX_UINT32:
+        raise errors.InvalidArgument(f"max_runs must be a whole number from 1 to {MAX_UINT32} (the "
+                                     f"server may allow fewer), not {max_runs!r}")
+    return max_runs
+
+
+def _checked_restart_delay(seconds: float) -> float:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise errors.InvalidArgument(f"the restart delay must be a number of seconds, not {seconds!r}")
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise errors.InvalidArgument(f"the restart delay must be 0 or more seconds, not {seconds}")
+    return float(seconds)
+
+
+def _checked_run_limit(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_UINT32:
+        raise errors.InvalidArgument(f"the runs limit must be a whole number from 0 (all) to "
+                                     f"{MAX_UINT32}, not {limit!r}")
+    return limit
 
 
 def _job(wire: Mapping[str, Any], raw: bool) -> Dict[str, Any]:
     return dict(wire) if raw else api.job_to_json(wire)
 
 
+def _run(wire: Mapping[str, Any], raw: bool) -> Dict[str, Any]:
+    return dict(wire) if raw else api.run_to_json(wire)
+
+
 def is_final(wire: Mapping[str, Any]) -> bool:
+    """Whether a job (a wire or JSON dict) is in a final state."""
     return JobState(wire["state"]).is_final
 
 
@@ -318,19 +390,48 @@ class Client:
         name: str = "",
         properties: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
+        background: bool = False,
+        max_runs: int | None = None,
+        restart_delay_s: float | None = None,
+        stop_on_failure: bool = False,
+        bind_to: int | None = None,
         raw: bool = False,
     ) -> Dict[str, Any]:
-        """Submit a job; return it as the daemon recorded it."""
-        spec = build_spec(argv, cwd=cwd, env=env, name=name, properties=properties, timeout_s=timeout_s)
+        """Submit a job; return it as the daemon recorded it.
+
+        `argv`: the command and its arguments (a list, not a shell string). `cwd`: its working
+        directory (default: the current one). `env`: the job's only environment variables besides
+        the daemon's safe base (PATH, HOME, USER, ...) and your LANG. `name`: a label. `properties`:
+        resource properties of the job's scope the daemon allows (e.g. {"MemoryMax": "8G"}).
+        `timeout_s`: stop the job after this many seconds (it then ends `timed-out`).
+
+        Background loops: `background=True` runs the command again after each run ends, up to
+        `max_runs` times (default: the server's jobs.default_max_runs), `restart_delay_s` apart
+        (default: the server's jobs.restart_delay_s), stopping after the first failed run with
+        `stop_on_failure=True`. Each run sees GPUJOB_RUN (1, 2, ...) and GPUJOB_ID. `bind_to`: the id
+        of a starting or running job of yours; when it ends, systemd stops this job, which then ends
+        `stopped` with reason `bound-job-ended`.
+
+        Only the options that are set are sent. Raises InvalidArgument for a bad option (checked
+        here first, then by the daemon), PermissionDenied, Unavailable, ...
+        """
+        spec = build_spec(argv, cwd=cwd, env=env, name=name, properties=properties, timeout_s=timeout_s,
+                          background=background, max_runs=max_runs, restart_delay_s=restart_delay_s,
+                          stop_on_failure=stop_on_failure, bind_to=bind_to)
         (wire,) = self._call("Submit", GLib.Variant("(a{sv})", (spec,)), "(a{sv})").unpack()
         return _job(wire, raw)
 
     def stop(self, job_id: int) -> str:
-        """Ask the daemon to stop a job: api.STOP_STOPPING, or api.STOP_ALREADY_ENDED."""
+        """Ask the daemon to stop a job: api.STOP_STOPPING, or api.STOP_ALREADY_ENDED.
+
+        Stopping is asynchronous (SIGTERM to the job's whole cgroup, SIGKILL after the server's stop
+        timeout): `wait` for the job to see it end `stopped`.
+        """
         (result,) = self._call("Stop", GLib.Variant("(t)", (_checked_id(job_id),)), "(s)").unpack()
         return result
 
     def get(self, job_id: int, *, raw: bool = False) -> Dict[str, Any]:
+        """One job as the daemon knows it now; NotFound if there is no such job."""
         (wire,) = self._call("Get", GLib.Variant("(t)", (_checked_id(job_id),)), "(a{sv})").unpack()
         return _job(wire, raw)
 
@@ -343,10 +444,25 @@ class Client:
         limit: int | None = None,
         raw: bool = False,
     ) -> List[Dict[str, Any]]:
-        """Jobs the daemon shows: active ones and those ended lately, or every one with all=True."""
+        """Jobs the daemon shows: active ones and those ended lately, or every one with all=True.
+
+        `user` and `state` (a JobState value such as "running") filter; `limit` keeps the newest N.
+        """
         query = build_filter(all=all, user=user, state=state, limit=limit)
         (wires,) = self._call("List", GLib.Variant("(a{sv})", (query,)), "(aa{sv})").unpack()
         return [_job(wire, raw) for wire in wires]
+
+    def runs(self, job_id: int, limit: int = 0, *, raw: bool = False) -> List[Dict[str, Any]]:
+        """The ended runs of a job, oldest first: the last `limit` of them, or all with limit=0.
+
+        A background loop has one record per ended run; any other job has one once it ended. Each is
+        shaped like `api.run_to_json`: run (1-based), started_at, ended_at (ISO 8601 UTC), exit_code,
+        signal, reason, detail; with raw=True the wire dict (times as float seconds, unset fields
+        left out).
+        """
+        args = GLib.Variant("(tu)", (_checked_id(job_id), _checked_run_limit(limit)))
+        (wires,) = self._call("Runs", args, "(aa{sv})").unpack()
+        return [_run(wire, raw) for wire in wires]
 
     def read_log(
         self, job_id: int, offset: int = 0, max_bytes: int = DEFAULT_READ_BYTES
@@ -411,6 +527,57 @@ class Client:
         finally:
             context.pop_thread_default()
         return _job(job, raw)
+
+    def submit_with_background(
+        self,
+        foreground_argv: Sequence[str],
+        background_argv: Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        name: str = "",
+        timeout_s: float | None = None,
+        properties: Mapping[str, str] | None = None,
+        max_runs: int | None = None,
+        restart_delay_s: float | None = None,
+        stop_on_failure: bool = False,
+        raw: bool = False,
+    ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        """The parallel experiment: a foreground job plus a background loop that lives only as long.
+
+        Submits `foreground_argv`, then `background_argv` as a background loop bound to it
+        (background=True, bind_to=the foreground's id, named `name + "-bg"` when a name is given):
+        when the foreground job ends, systemd stops the loop. Returns (foreground, background), as
+        JSON-shaped dicts (the wire dicts with raw=True).
+
+        `cwd`, `env` and `properties` apply to both jobs; `timeout_s` to the foreground only (the
+        loop ends with it); `max_runs`, `restart_delay_s` and `stop_on_failure` to the loop only.
+        Both commands and all options are checked here before anything is submitted. If the second
+        submission fails anyway (the daemon refuses it, or Ctrl-C), the foreground job is stopped
+        and the error re-raised, so a call never leaves half a pair running.
+        """
+        loop: Dict[str, Any] = dict(
+            cwd=cwd, env=env, name=f"{name}-bg" if name else "", properties=properties, background=True,
+            max_runs=max_runs, restart_delay_s=restart_delay_s, stop_on_failure=stop_on_failure,
+        )
+        spec_values(background_argv, **loop)  # a bad loop is refused before the foreground starts
+        foreground = self.submit(foreground_argv, cwd=cwd, env=env, name=name, properties=properties,
+                                 timeout_s=timeout_s, raw=True)
+        try:
+            background = self.submit(background_argv, **loop, bind_to=foreground["id"], raw=True)
+        except BaseException as error:
+            self._stop_after_failed_pair(foreground["id"], error)
+            raise
+        return _job(foreground, raw), _job(background, raw)
+
+    def _stop_after_failed_pair(self, foreground_id: int, error: BaseException) -> None:
+        try:
+            self.stop(foreground_id)
+        except errors.GpujobdError as stop_error:
+            if isinstance(error, errors.GpujobdError):
+                # Say both, keeping the first error's class (and so its exit code).
+                error.args = (f"{error}; stopping the foreground job {foreground_id} failed too "
+                              f"({stop_error}): stop it with `gpujobctl stop {foreground_id}`",)
 
     # -- plumbing --
 

@@ -1,8 +1,10 @@
 """gpujobctl against a stateful fake client: no bus, no daemon.
 
-The fake keeps jobs and their logs; time passes for a job each time a reader finds nothing new in its log
-(the next scripted chunk is appended, or the job ends once the script is used up). Its `logs` is the real
-`Client.logs`, so following is tested against the fake's `read_log`.
+The fake keeps jobs, their logs and runs; time passes for a job each time a reader finds nothing new in
+its log (the next scripted chunk is appended, or the job ends once the script is used up). A job bound
+to another (bind_to) is stopped when that one ends, as systemd's BindsTo= does. Its `logs` and
+`submit_with_background` are the real `Client` methods, so following and the pair's failure path are
+tested against the fake's `read_log`, `submit` and `stop`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
-from gpujobd import api, cli, errors
+from gpujobd import api, cli, cli_format, errors
 from gpujobd.client import Client
 from gpujobd.model import JobState
 
@@ -34,6 +36,9 @@ class FakeClient:
         self.next_script: List[bytes] = []
         self.next_ending: Dict[str, Any] = dict(SUCCEEDED)
         self.list_calls: List[Dict[str, Any]] = []
+        self.runs_of: Dict[int, List[Dict[str, Any]]] = {}
+        self.runs_calls: List[Tuple[int, int]] = []
+        self.submit_failures: Dict[int, Exception] = {}  # submission number (1-based) -> raised
 
     # -- test setup --
 
@@ -44,20 +49,37 @@ class FakeClient:
         job = {"id": job_id, "name": "", "user": "alice", "uid": 1000, "state": state,
                "unit": f"gpujob-{job_id}.scope", "argv": ["python", "train.py"], "cwd": "/home/alice",
                "env": {}, "properties": {}, "created_at": now - 60, "started_at": now - 60}
+        if fields.get("background"):
+            job.update(max_runs=10, restart_delay_s=2.0, runs=0, stop_on_failure=False)
         job.update(fields)
         if JobState(state).is_final:
             job.setdefault("ended_at", now)
         self.jobs[job_id] = job
+        self.runs_of[job_id] = []
         self.log[job_id] = bytearray(log)
         self.scripts[job_id] = list(script or [])
         self.endings[job_id] = dict(ending or SUCCEEDED)
         return job_id
 
+    def add_run(self, job_id: int, **run: Any) -> None:
+        """A run of the job ended (times default to a 10 s run ending now)."""
+        runs = self.runs_of[job_id]
+        now = time.time()
+        record = {"run": len(runs) + 1, "started_at": now - 10, "ended_at": now, "reason": "exit-code"}
+        record.update(run)
+        runs.append({key: value for key, value in record.items() if value is not None})
+        self.jobs[job_id]["runs"] = len(runs)
+
     def end(self, job_id: int, **outcome: Any) -> None:
         job = self.jobs[job_id]
         job.update(outcome)
         job["ended_at"] = time.time()
-        job["elapsed_s"] = job["ended_at"] - job["started_at"]
+        if job.get("started_at") is not None:
+            job["elapsed_s"] = job["ended_at"] - job["started_at"]
+        for other_id, other in self.jobs.items():  # systemd stops the jobs bound to this one
+            if other.get("bind_to") == job_id and not JobState(other["state"]).is_final:
+                self.end(other_id, state="stopped", reason="bound-job-ended", signal=15,
+                         detail="the job it was bound to ended")
 
     def _advance(self, job_id: int) -> None:
         """Time passes for a job: its next log chunk appears, or it ends."""
@@ -75,19 +97,38 @@ class FakeClient:
 
     @staticmethod
     def _out(job: Dict[str, Any], raw: bool) -> Dict[str, Any]:
-        return dict(job) if raw else api.job_to_json(job)
+        job = dict(job)
+        if job.get("elapsed_s") is not None and job.get("timeout_s"):  # as gpujobd computes it
+            job["timeout_fraction"] = job["elapsed_s"] / job["timeout_s"]
+        return job if raw else api.job_to_json(job)
 
     # -- the client's interface --
 
     def submit(self, argv: List[str], *, cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
                name: str = "", properties: Optional[Dict[str, str]] = None,
-               timeout_s: Optional[float] = None, raw: bool = False) -> Dict[str, Any]:
+               timeout_s: Optional[float] = None, raw: bool = False, **loop: Any) -> Dict[str, Any]:
+        """Records the call (the loop options only as given: background, max_runs, restart_delay_s,
+        stop_on_failure, bind_to); checks what gpujobd would check of them."""
+        loop = {key: value for key, value in loop.items()
+                if value is not None and value is not False}  # only what the client sends
         spec = {"argv": list(argv), "cwd": cwd, "env": dict(env or {}), "name": name,
-                "properties": dict(properties or {}), "timeout_s": timeout_s}
+                "properties": dict(properties or {}), "timeout_s": timeout_s, **loop}
         self.submitted.append(spec)
+        failure = self.submit_failures.get(len(self.submitted))
+        if failure is not None:
+            raise failure
+        if not loop.get("background") and any(
+                key in loop for key in ("max_runs", "restart_delay_s", "stop_on_failure")):
+            raise errors.InvalidArgument("--max-runs, ... only apply to background loops: add --background")
+        bound = loop.get("bind_to")
+        if bound is not None and self._job(bound)["state"] not in ("starting", "running"):
+            raise errors.InvalidArgument(f"--bind-to {bound}: that job is {self.jobs[bound]['state']}")
         fields = {key: value for key, value in spec.items() if value is not None}
         job_id = self.add_job(script=list(self.next_script), ending=self.next_ending, **fields)
         return self._out(self.jobs[job_id], raw)
+
+    submit_with_background = Client.submit_with_background
+    _stop_after_failed_pair = Client._stop_after_failed_pair
 
     def stop(self, job_id: int) -> str:
         job = self._job(job_id)
@@ -114,6 +155,12 @@ class FakeClient:
         if not data:
             self._advance(job_id)
         return data, offset + len(data), ended
+
+    def runs(self, job_id: int, limit: int = 0, *, raw: bool = False) -> List[Dict[str, Any]]:
+        self._job(job_id)
+        self.runs_calls.append((job_id, limit))
+        runs = self.runs_of[job_id][-limit:] if limit else self.runs_of[job_id]
+        return [dict(run) if raw else api.run_to_json(run) for run in runs]
 
     logs = Client.logs
 
@@ -177,6 +224,24 @@ def test_submit_without_double_dash_takes_the_rest_as_command(fake):
     (["submit", "--timeout", "0", "--", "true"], "argument --timeout"),
     (["submit", "--name", "x"], "no command given: put it after `--`"),
     (["submit", "--"], "no command given"),
+    (["submit", "--background", "--max-runs", "0", "--", "true"],
+     "argument --max-runs: expected a whole number > 0, not '0'"),
+    (["submit", "--background", "--max-runs", "-1", "--", "true"], "argument --max-runs"),
+    (["submit", "--background", "--max-runs", "2.5", "--", "true"], "argument --max-runs"),
+    (["submit", "--background", "--restart-delay", "soon", "--", "true"], "argument --restart-delay"),
+    (["submit", "--background", "--restart-delay", "-1", "--", "true"], "argument --restart-delay"),
+    (["submit", "--bind-to", "x", "--", "true"], "argument --bind-to: a job id is a whole number"),
+    (["submit", "--max-runs", "3", "--", "true"],
+     "--max-runs only apply to background loops: add --background or --with-background"),
+    (["submit", "--restart-delay", "5", "--stop-on-failure", "--", "true"],
+     "--restart-delay, --stop-on-failure only apply to background loops"),
+    (["submit", "--with-background", "", "--", "true"], "argument --with-background: the command is empty"),
+    (["submit", "--with-background", "python 'eval.py", "--", "true"], "cannot split"),
+    (["submit", "--with-background", "eval", "--background", "--", "true"],
+     "--background cannot be combined with --with-background"),
+    (["submit", "--with-background", "eval", "--bind-to", "3", "--", "true"],
+     "--bind-to cannot be combined with --with-background"),
+    (["submit", "--with-background", "eval"], "no command given"),
     (["stop"], "required: ID"),
     (["stop", "5", "x"], "a job id is a whole number, not 'x'"),
     (["status", "-1"], "status"),
@@ -207,6 +272,11 @@ def test_usage_error_says_where_to_look(fake, capsys):
 ])
 def test_duration(text, seconds):
     assert cli.duration(text) == seconds
+
+
+@pytest.mark.parametrize("text, seconds", [("0", 0.0), ("0s", 0.0), ("500ms", 0.5), ("1min", 60.0)])
+def test_restart_delay_may_be_zero(text, seconds):
+    assert cli.delay(text) == seconds
 
 
 def test_other_verbs_parse(fake):
@@ -268,6 +338,143 @@ def test_submit_wait_json_prints_the_final_job_instead_of_the_log(fake, capsys):
     assert job["ended_at"].endswith("Z")
 
 
+# --- submit: background loops -----------------------------------------------------------------------
+
+
+def test_submit_background_sends_the_loop_options(fake, capsys):
+    assert run(fake, "submit", "--background", "--max-runs", "5", "--restart-delay", "30s",
+               "--stop-on-failure", "--", "python", "eval.py") == 0
+    assert capsys.readouterr().out == "1\n"
+    assert fake.submitted == [{"argv": ["python", "eval.py"], "cwd": None, "env": {}, "name": "",
+                               "properties": {}, "timeout_s": None, "background": True, "max_runs": 5,
+                               "restart_delay_s": 30.0, "stop_on_failure": True}]
+
+
+def test_submit_sends_only_the_loop_options_given(fake):
+    assert run(fake, "submit", "--background", "--", "./loop.sh") == 0
+    assert run(fake, "submit", "--background", "--restart-delay", "0", "--", "./loop.sh") == 0
+    assert run(fake, "submit", "--", "./once.sh") == 0
+    loop_keys = [{key for key in spec if key in api.SPEC_FIELDS and key not in
+                  ("argv", "cwd", "env", "name", "properties", "timeout_s")} for spec in fake.submitted]
+    assert loop_keys == [{"background"}, {"background", "restart_delay_s"}, set()]
+    assert fake.submitted[1]["restart_delay_s"] == 0.0
+
+
+def test_submit_bind_to_is_sent_without_background(fake, capsys):
+    fake.add_job(id=4)
+    assert run(fake, "submit", "--bind-to", "4", "--", "./watch.sh") == 0
+    assert capsys.readouterr().out == "5\n"
+    assert fake.submitted[0]["bind_to"] == 4 and "background" not in fake.submitted[0]
+
+
+def test_submit_bind_to_an_ended_job_is_refused_by_the_daemon(fake, capsys):
+    fake.add_job(id=4, state="succeeded", exit_code=0)
+    assert run(fake, "submit", "--bind-to", "4", "--", "./watch.sh") == 2
+    assert "--bind-to 4: that job is succeeded" in one_error_line(capsys.readouterr().err)
+
+
+def test_submit_background_json_shows_the_loop_fields(fake, capsys):
+    assert run(fake, "submit", "--json", "--background", "--max-runs", "3", "--", "./loop.sh") == 0
+    job = json.loads(capsys.readouterr().out)
+    assert list(job) == list(api.JSON_FIELDS)
+    assert (job["background"], job["max_runs"], job["runs"]) == (True, 3, 0)
+
+
+def test_with_background_prints_both_ids_and_binds_the_loop(fake, capsys):
+    assert run(fake, "submit", "--name", "exp1", "--timeout", "1h", "--env", "A=1", "--max-runs", "7",
+               "--restart-delay", "1min", "--stop-on-failure",
+               "--with-background", "python eval.py --tag 'last run'", "--", "python", "train.py") == 0
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("1 2\n", "")
+    foreground, background = fake.submitted
+    assert foreground == {"argv": ["python", "train.py"], "cwd": None, "env": {"A": "1"}, "name": "exp1",
+                          "properties": {}, "timeout_s": 3600.0}
+    assert background == {"argv": ["python", "eval.py", "--tag", "last run"], "cwd": None,
+                          "env": {"A": "1"}, "name": "exp1-bg", "properties": {}, "timeout_s": None,
+                          "background": True, "max_runs": 7, "restart_delay_s": 60.0,
+                          "stop_on_failure": True, "bind_to": 1}
+    assert fake.jobs[2]["bind_to"] == 1
+
+
+def test_with_background_without_a_name_leaves_the_loop_unnamed(fake):
+    assert run(fake, "submit", "--with-background", "./eval.sh", "--", "./train.sh") == 0
+    assert [spec["name"] for spec in fake.submitted] == ["", ""]
+    assert "max_runs" not in fake.submitted[1]  # the server's default
+
+
+def test_with_background_json_prints_both_jobs(fake, capsys):
+    assert run(fake, "submit", "--json", "--with-background", "./eval.sh", "--", "./train.sh") == 0
+    pair = json.loads(capsys.readouterr().out)
+    assert list(pair) == ["foreground", "background"]
+    assert all(list(job) == list(api.JSON_FIELDS) for job in pair.values())
+    assert (pair["foreground"]["id"], pair["background"]["id"]) == (1, 2)
+    assert (pair["background"]["bind_to"], pair["background"]["background"]) == (1, True)
+
+
+@pytest.mark.parametrize("failure, code", [
+    (errors.PermissionDenied("--bind-to 1: that job belongs to bob"), 1),
+    (errors.InvalidArgument("--max-runs 5000: must be from 1 to this server's limit of 1000"), 2),
+    (errors.Unavailable("gpujobd did not answer Submit within 30s"), 1),
+])
+def test_with_background_stops_the_foreground_when_the_loop_cannot_be_submitted(fake, capsys, failure,
+                                                                                   code):
+    fake.submit_failures[2] = failure
+    assert run(fake, "submit", "--with-background", "./eval.sh", "--", "./train.sh") == code
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert one_error_line(captured.err) == f"gpujobctl: {failure}"
+    assert fake.stop_calls == [1]
+    assert fake.jobs[1]["state"] == "stopped" and list(fake.jobs) == [1]
+
+
+def test_with_background_says_so_when_the_foreground_cannot_be_stopped_either(fake, capsys):
+    fake.submit_failures[2] = errors.InvalidArgument("--max-runs 5000: above the limit")
+
+    def stop_fails(job_id: int) -> str:
+        raise errors.Unavailable("gpujobd is not running")
+
+    fake.stop = stop_fails
+    assert run(fake, "submit", "--with-background", "./eval.sh", "--", "./train.sh") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--max-runs 5000: above the limit" in line
+    assert "stopping the foreground job 1 failed too (gpujobd is not running)" in line
+    assert "gpujobctl stop 1" in line
+
+
+def test_with_background_failing_foreground_submits_no_loop(fake, capsys):
+    fake.submit_failures[1] = errors.InvalidArgument("the cwd /x does not exist")
+    assert run(fake, "submit", "--with-background", "./eval.sh", "--", "./train.sh") == 2
+    assert len(fake.submitted) == 1 and fake.stop_calls == [] and fake.jobs == {}
+
+
+def test_with_background_wait_follows_the_foreground_and_exits_with_its_code(fake, capsysbinary):
+    fake.next_script = [b"epoch 1\n", b"epoch 2\n"]
+    fake.next_ending = {"state": "failed", "reason": "exit-code", "exit_code": 3}
+    assert run(fake, "submit", "--wait", "--with-background", "./eval.sh", "--", "./train.sh") == 3
+    captured = capsysbinary.readouterr()
+    assert (captured.out, captured.err) == (b"epoch 1\nepoch 2\n", b"")
+    assert fake.jobs[1]["state"] == "failed"
+    assert (fake.jobs[2]["state"], fake.jobs[2]["reason"]) == ("stopped", "bound-job-ended")
+
+
+def test_with_background_wait_json_prints_both_ended_jobs(fake, capsys):
+    assert run(fake, "submit", "--wait", "--json", "--with-background", "./eval.sh", "--", "./train.sh") == 0
+    pair = json.loads(capsys.readouterr().out)
+    assert pair["foreground"]["state"] == "succeeded"
+    assert (pair["background"]["state"], pair["background"]["reason"]) == ("stopped", "bound-job-ended")
+
+
+def test_interrupted_with_background_wait_names_both_jobs(fake, capsys, monkeypatch):
+    def interrupted(chunks):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "write_chunks", interrupted)
+    assert run(fake, "submit", "--wait", "--with-background", "./eval.sh", "--", "./train.sh") == 130
+    line = one_error_line(capsys.readouterr().err)
+    assert "jobs 1 and 2 keep running" in line and "`gpujobctl stop 1` stops both" in line
+    assert fake.stop_calls == []
+
+
 @pytest.mark.parametrize("job, code", [
     ({"state": "succeeded", "exit_code": 0}, 0),
     ({"state": "failed", "exit_code": 3}, 3),
@@ -282,16 +489,35 @@ def test_exit_code_for(job, code):
 
 
 def test_describe_end():
-    assert cli.describe_end({"state": "succeeded", "exit_code": 0}) == "succeeded"
-    assert cli.describe_end({"state": "failed", "exit_code": 3, "reason": "exit-code"}) == \
+    assert cli_format.describe_end({"state": "succeeded", "exit_code": 0}) == "succeeded"
+    assert cli_format.describe_end({"state": "failed", "exit_code": 3, "reason": "exit-code"}) == \
         "failed (exit code 3)"
-    assert cli.describe_end({"state": "failed", "signal": 9, "reason": "signal"}) == \
+    assert cli_format.describe_end({"state": "failed", "signal": 9, "reason": "signal"}) == \
         "failed (signal 9 (SIGKILL))"
-    assert cli.describe_end({"state": "failed", "reason": "exec-failed", "detail": "not found"}) == \
+    assert cli_format.describe_end({"state": "failed", "reason": "exec-failed", "detail": "not found"}) == \
         "failed (exec-failed: not found)"
-    assert cli.describe_end({"state": "stopped", "reason": "stopped", "signal": 15,
+    assert cli_format.describe_end({"state": "stopped", "reason": "stopped", "signal": 15,
                              "stopped_by": "bob"}) == "stopped (signal 15 (SIGTERM), stopped by bob)"
-    assert cli.describe_end({"state": "running"}) == "running"
+    assert cli_format.describe_end({"state": "stopped", "reason": "stopped", "detail": "stopped by bob",
+                             "stopped_by": "bob"}) == "stopped (stopped by bob)"
+    assert cli_format.describe_end({"state": "running"}) == "running"
+    assert cli_format.describe_end({"state": "stopped", "reason": "bound-job-ended", "signal": 15,
+                                    "detail": "the job it was bound to ended"}) == \
+        "stopped (signal 15 (SIGTERM), bound-job-ended: the job it was bound to ended)"
+
+
+def test_describe_end_says_stopped_by_once():
+    job = {"state": "stopped", "reason": "stopped", "signal": 15, "stopped_by": "alice",
+           "detail": "stopped by alice"}
+    assert cli_format.describe_end(job) == "stopped (signal 15 (SIGTERM), stopped by alice)"
+    longer = dict(job, detail="Stopped by alice; leftover processes could not be counted")
+    assert cli_format.describe_end(longer) == \
+        "stopped (signal 15 (SIGTERM), Stopped by alice; leftover processes could not be counted)"
+
+
+def test_without_repeats_keeps_facts_that_only_look_alike():
+    assert cli_format.without_repeats(["exit code 1", "exit code 13"]) == ["exit code 1", "exit code 13"]
+    assert cli_format.without_repeats(["a b", "x a b y", "a b"]) == ["x a b y"]
 
 
 # --- stop -------------------------------------------------------------------------------------------
@@ -375,13 +601,38 @@ def test_list_empty_says_so_on_stderr(fake, capsys):
     assert "--all" in captured.err
 
 
+def test_list_shows_a_loops_runs_in_the_state_column(fake, capsys):
+    fake.add_job(id=3, background=True, max_runs=5, runs=3, name="exp1-bg", argv=["python", "eval.py"])
+    fake.add_job(id=4, state="failed", background=True, max_runs=5, runs=2, exit_code=1,
+                 reason="exit-code", elapsed_s=30.0)
+    fake.add_job(id=10, argv=["python", "train.py"])
+    assert run(fake, "list") == 0
+    lines = capsys.readouterr().out.splitlines()
+    column = lines[0].index("STATE")
+    assert [line[column:].split("  ")[0] for line in lines[1:]] == ["running 3/5", "failed 2/5", "running"]
+    assert lines[0].index("EXIT") == lines[1].index("-") == lines[2].index("1  ")
+
+
+def test_list_with_loops_fits_80_columns():
+    now = time.time()
+    jobs = [{"id": 1234, "user": "alice", "state": "timed-out", "background": True, "max_runs": 100,
+             "runs": 99, "signal": 15, "started_at": now - 90000, "name": "sweep-12-bg",
+             "argv": ["python", "-m", "experiments.eval", "--checkpoint", "/data/run-42/latest.pt"]}]
+    lines = cli_format.format_table(jobs, now, width=80)
+    assert all(len(line) <= 80 for line in lines)
+    assert "timed-out 99/100" in lines[1]
+    assert lines[1].endswith(("python -m experime…", "python -m experime~"))
+
+
 def test_table_cuts_the_command_to_the_width():
     job = {"id": 1, "user": "alice", "state": "running", "argv": ["python"] + ["x" * 10] * 20,
            "started_at": time.time()}
-    lines = cli.format_table([job], time.time(), width=60)
+    lines = cli_format.format_table([job], time.time(), width=60)
     assert all(len(line) <= 60 for line in lines)
     assert lines[1].endswith(("…", "~"))
-    assert len(cli.format_table([job], time.time(), width=None)[1]) > 200
+    assert len(cli_format.format_table([job], time.time(), width=None)[1]) > 200
+    narrow = cli_format.format_table([dict(job, argv=["x"])], time.time(), width=20)
+    assert narrow[0].endswith("COMMAND") and narrow[1].endswith("  x")
 
 
 # --- logs -------------------------------------------------------------------------------------------
@@ -455,7 +706,7 @@ def test_status_shows_the_fields_and_the_last_10_log_lines(fake, capsys, tmp_pat
     assert fields["Started"].endswith("1h 2min ago")
     assert fields["Ended"].endswith("5.0s ago")
     assert fields["Runtime"] == "1h 2min"
-    assert fields["Timeout"] == "2h 0min"
+    assert fields["Timeout"] == "2h 0min (reached 51%)"  # 3720 of 7200 s
     assert fields["Exit"] == "3"
     assert fields["Reason"] == "exit-code"
     assert fields["Leftover processes"] == "2"
@@ -483,12 +734,28 @@ def test_status_lists_the_cgroup_processes(fake, capsys, tmp_path, monkeypatch):
     assert "102 sh -c 'a b'" in out
 
 
+def test_status_finds_the_cgroup_of_a_job_in_another_slice_from_its_supervisor(
+        fake, capsys, tmp_path, monkeypatch):
+    fake.add_job(id=5, pid=100)
+    scope = tmp_path / "cg" / "gpu.slice" / "gpu-a.slice" / "gpujob-5.scope"
+    scope.mkdir(parents=True)
+    (scope / "cgroup.procs").write_text("100\n")
+    (tmp_path / "proc" / "100").mkdir(parents=True)
+    (tmp_path / "proc" / "100" / "cmdline").write_bytes(b"supervisor\0")
+    (tmp_path / "proc" / "100" / "cgroup").write_text("0::/gpu.slice/gpu-a.slice/gpujob-5.scope\n")
+    monkeypatch.setattr(cli, "CGROUP_ROOT", str(tmp_path / "cg"))
+    monkeypatch.setattr(cli, "CGROUP_SLICE_DIR", str(tmp_path / "cg" / "gpujob.slice"))
+    monkeypatch.setattr(cli, "PROC_DIR", str(tmp_path / "proc"))
+    assert run(fake, "status", "5") == 0
+    assert "Processes: 100 supervisor\n" in capsys.readouterr().out
+
+
 def test_status_reads_only_the_end_of_a_log_it_can_stat(fake, capsys, tmp_path, monkeypatch):
     log = b"".join(b"line %d\n" % n for n in range(1, 1001))
     job_id = _status_job(fake, tmp_path, log)
     (tmp_path / "job.log").write_bytes(log)
     fake.jobs[job_id]["log_path"] = str(tmp_path / "job.log")
-    monkeypatch.setattr(cli, "TAIL_WINDOW_BYTES", 100)
+    monkeypatch.setattr(cli_format, "TAIL_WINDOW_BYTES", 100)
     assert run(fake, "status", "5") == 0
     tail = capsys.readouterr().out.partition("\n\n")[2]
     assert tail.splitlines() == [f"line {n}" for n in range(991, 1001)]
@@ -501,7 +768,7 @@ def test_status_of_a_log_with_long_lines_shows_no_partial_line(fake, capsys, tmp
     job_id = _status_job(fake, tmp_path, log)
     (tmp_path / "job.log").write_bytes(log)
     fake.jobs[job_id]["log_path"] = str(tmp_path / "job.log")
-    monkeypatch.setattr(cli, "TAIL_WINDOW_BYTES", 100)
+    monkeypatch.setattr(cli_format, "TAIL_WINDOW_BYTES", 100)
     run(fake, "status", "5")
     assert capsys.readouterr().out.partition("\n\n")[2] == "last\n"
 
@@ -520,11 +787,134 @@ def test_status_json(fake, capsys, tmp_path):
     assert (job["id"], job["exit_code"], job["timeout_s"]) == (5, 3, 7200.0)
 
 
+def _loop_job(fake: FakeClient, runs: int, **fields: Any) -> int:
+    job_id = fake.add_job(id=7, name="exp1-bg", background=True, max_runs=10, bind_to=4,
+                          argv=["python", "eval.py"], **fields)
+    now = time.time()
+    for number in range(1, runs + 1):
+        fake.add_run(job_id, started_at=now - 100 + 10 * number, ended_at=now - 100 + 10 * number + 2.5,
+                     exit_code=0 if number % 2 else 1)
+    return job_id
+
+
+def test_status_of_a_loop_shows_its_runs_and_the_last_5(fake, capsys):
+    _loop_job(fake, runs=7)
+    assert run(fake, "status", "7") == 0
+    out = capsys.readouterr().out
+    assert fake.runs_calls == [(7, 5)]
+    lines = out.splitlines()
+    assert any(line.strip() == "Runs: 7 of 10" for line in lines)
+    assert any(line.strip() == "Restart delay: 2.0s" for line in lines)
+    assert any(line.strip() == "Bound to: job 4" for line in lines)
+    start = next(index for index, line in enumerate(lines) if line.strip().startswith("Last runs:"))
+    shown = [line.split(":", 1)[1].strip() if index == 0 else line.strip()
+             for index, line in enumerate(lines[start:start + 5])]
+    assert shown == ["run 3  2.5s  exit code 0", "run 4  2.5s  exit code 1", "run 5  2.5s  exit code 0",
+                     "run 6  2.5s  exit code 1", "run 7  2.5s  exit code 0"]
+    assert lines[start].index("run 3") == lines[start + 4].index("run 7")  # one aligned column
+    assert "Stop on failure" not in out
+
+
+def test_status_of_a_loop_shows_how_each_run_ended(fake, capsys):
+    job_id = fake.add_job(id=7, background=True, max_runs=5, stop_on_failure=True, restart_delay_s=0.0)
+    now = time.time()
+    fake.add_run(job_id, started_at=now - 100, ended_at=now - 88, exit_code=0)
+    fake.add_run(job_id, started_at=now - 80, ended_at=now - 77, signal=9, reason="signal")
+    fake.add_run(job_id, started_at=now - 70, ended_at=now - 70, reason="exec-failed",
+                 detail="No such file or directory")
+    fake.add_run(job_id, started_at=None, ended_at=None, reason="lost", detail="daemon restarted")
+    assert run(fake, "status", "7") == 0
+    out = capsys.readouterr().out
+    assert "Runs: 4 of 5\n" in out and "Stop on failure: yes\n" in out and "Restart delay: 0.0s" in out
+    assert "Last runs: run 1   12s  exit code 0\n" in out
+    assert "run 2  3.0s  signal 9 (SIGKILL)\n" in out
+    assert "run 3  0.0s  exec-failed: No such file or directory\n" in out
+    assert "run 4     -  daemon restarted\n" in out
+    assert "Bound to" not in out
+
+
+def test_status_of_a_loop_without_ended_runs(fake, capsys):
+    fake.add_job(id=7, background=True, max_runs=5)
+    assert run(fake, "status", "7") == 0
+    out = capsys.readouterr().out
+    assert "Runs: 0 of 5\n" in out and "Last runs" not in out
+
+
+def test_status_of_a_job_without_a_loop_asks_for_no_runs(fake, capsys):
+    fake.add_job(id=7)
+    assert run(fake, "status", "7") == 0
+    out = capsys.readouterr().out
+    assert fake.runs_calls == []
+    assert "Runs" not in out and "Timeout" not in out and "Bound to" not in out
+
+
+def test_status_of_a_bound_job(fake, capsys):
+    fake.add_job(id=4)
+    fake.add_job(id=5, bind_to=4)
+    fake.stop(4)
+    assert run(fake, "status", "5") == 0
+    out = capsys.readouterr().out
+    assert "Bound to: job 4\n" in out
+    assert "stopped (signal 15 (SIGTERM), bound-job-ended: the job it was bound to ended)" in out
+
+
+def test_status_timeout_of_a_running_job_says_how_much_was_used(fake, capsys):
+    fake.add_job(id=7, timeout_s=60.0, started_at=time.time() - 58.3)
+    assert run(fake, "status", "7") == 0
+    assert "Timeout: 1min 0s (reached 97%)\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fields, shown", [
+    ({"state": "timed-out", "reason": "timeout", "signal": 15, "elapsed_s": 60.0}, "1min 0s (reached 100%)"),
+    ({"state": "failed", "reason": "exit-code", "exit_code": 1, "elapsed_s": 59.99}, "1min 0s (reached 99%)"),
+    ({"state": "failed", "reason": "oom-kill", "timeout_fraction": 0.25, "elapsed_s": 15.0},
+     "1min 0s (reached 25%)"),
+    ({"state": "queued", "started_at": None}, "1min 0s"),
+])
+def test_status_timeout_uses_the_daemons_timeout_fraction(fake, capsys, fields, shown):
+    fake.add_job(id=7, timeout_s=60.0, **fields)
+    assert run(fake, "status", "7") == 0
+    assert f"Timeout: {shown}\n" in capsys.readouterr().out
+
+
+def test_status_of_a_stopped_job_says_who_stopped_it_once(fake, capsys):
+    fake.add_job(id=5)
+    fake.stop(5)
+    fake.jobs[5]["detail"] = "stopped by alice"  # what gpujobd records
+    assert run(fake, "status", "5") == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0]
+    assert header.endswith("job 5 - stopped (signal 15 (SIGTERM), stopped by alice)")
+    assert out.count("stopped by alice") == 1
+    assert "Stopped by: alice\n" in out and "Detail:" not in out
+
+
+def test_status_json_of_a_loop_adds_its_last_runs(fake, capsys):
+    _loop_job(fake, runs=7)
+    assert run(fake, "status", "7", "--json") == 0
+    job = json.loads(capsys.readouterr().out)
+    assert list(job) == [*api.JSON_FIELDS, "last_runs"]
+    assert (job["background"], job["runs"], job["max_runs"], job["bind_to"]) == (True, 7, 10, 4)
+    assert [run_["run"] for run_ in job["last_runs"]] == [3, 4, 5, 6, 7]
+    assert list(job["last_runs"][0]) == list(api.RUN_FIELDS)
+    assert job["last_runs"][0]["started_at"].endswith("Z")
+    assert job["last_runs"][1]["exit_code"] == 1
+
+
+def test_status_json_of_a_plain_job_is_exactly_the_job(fake, capsys):
+    fake.add_job(id=7, timeout_s=100.0, state="failed", elapsed_s=50.0, exit_code=2, reason="exit-code")
+    assert run(fake, "status", "7", "--json") == 0
+    job = json.loads(capsys.readouterr().out)
+    assert list(job) == list(api.JSON_FIELDS)
+    assert job["timeout_fraction"] == 0.5
+    assert fake.runs_calls == []
+
+
 def test_last_lines():
-    assert cli.last_lines(b"a\nb\nc\n", 2) == b"b\nc\n"
-    assert cli.last_lines(b"a\nb\nc", 2) == b"b\nc"
-    assert cli.last_lines(b"a\nb\n", 5) == b"a\nb\n"
-    assert cli.last_lines(b"", 3) == b""
+    assert cli_format.last_lines(b"a\nb\nc\n", 2) == b"b\nc\n"
+    assert cli_format.last_lines(b"a\nb\nc", 2) == b"b\nc"
+    assert cli_format.last_lines(b"a\nb\n", 5) == b"a\nb\n"
+    assert cli_format.last_lines(b"", 3) == b""
 
 
 # --- wait -------------------------------------------------------------------------------------------

@@ -110,7 +110,8 @@ def test_other_errors_become_the_base_class_with_their_text():
 def test_spec_has_the_contract_types():
     spec = client.build_spec(["python", "train.py"], cwd="/srv", env={"A": "1"}, name="n",
                              properties={"CPUQuota": "50%"}, timeout_s=60, caller_environ={})
-    assert {key: value.get_type_string() for key, value in spec.items()} == dict(api.SPEC_FIELDS)
+    assert set(spec) == {"argv", "cwd", "env", "name", "properties", "timeout_s"}
+    assert all(value.get_type_string() == api.SPEC_FIELDS[key] for key, value in spec.items())
     packed = GLib.Variant("(a{sv})", (spec,))
     assert packed.get_type_string() == "(a{sv})"
     assert packed.unpack()[0] == {"argv": ["python", "train.py"], "cwd": "/srv", "env": {"A": "1"},
@@ -154,6 +155,47 @@ def test_bad_submissions_are_invalid_arguments(argv, options, needle):
         client.spec_values(argv, caller_environ={}, **options)
 
 
+def test_spec_with_loop_options_has_the_contract_types():
+    spec = client.build_spec(["python", "eval.py"], cwd="/srv", background=True, max_runs=5,
+                             restart_delay_s=0, stop_on_failure=True, bind_to=4, caller_environ={})
+    assert set(spec) == {"argv", "cwd", "env", "background", "max_runs", "restart_delay_s",
+                         "stop_on_failure", "bind_to"}
+    assert all(value.get_type_string() == api.SPEC_FIELDS[key] for key, value in spec.items())
+    assert GLib.Variant("a{sv}", spec).unpack() == {
+        "argv": ["python", "eval.py"], "cwd": "/srv", "env": {}, "background": True, "max_runs": 5,
+        "restart_delay_s": 0.0, "stop_on_failure": True, "bind_to": 4}
+
+
+def test_spec_sends_only_the_loop_options_that_are_set():
+    assert set(client.spec_values(["x"], background=False, stop_on_failure=False, caller_environ={})) == \
+        {"argv", "cwd", "env"}
+    assert set(client.spec_values(["x"], background=True, caller_environ={})) == \
+        {"argv", "cwd", "env", "background"}  # max_runs and restart_delay_s: the server's defaults
+    assert client.spec_values(["x"], bind_to=0, caller_environ={})["bind_to"] == 0
+    assert client.spec_values(["x"], max_runs=1, caller_environ={})["max_runs"] == 1  # as gpujobd allows
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"background": True, "max_runs": 0}, "max_runs must be a whole number from 1"),
+    ({"background": True, "max_runs": True}, "max_runs must be a whole number"),
+    ({"background": True, "max_runs": 2.0}, "max_runs must be a whole number"),
+    ({"background": True, "max_runs": 1 << 32}, "max_runs must be a whole number"),
+    ({"background": True, "restart_delay_s": -1}, "0 or more seconds"),
+    ({"background": True, "restart_delay_s": float("inf")}, "0 or more seconds"),
+    ({"background": True, "restart_delay_s": "2s"}, "number of seconds"),
+    ({"background": "yes"}, "background must be True or False"),
+    ({"background": True, "stop_on_failure": 1}, "stop_on_failure must be True or False"),
+    ({"bind_to": -1}, r"bind_to \(a job id\) is a whole number >= 0"),
+    ({"bind_to": "4"}, "bind_to"),
+    ({"max_runs": 5}, "max_runs only apply to background loops: submit with background=True"),
+    ({"restart_delay_s": 1.0, "stop_on_failure": True},
+     "restart_delay_s, stop_on_failure only apply to background loops"),
+])
+def test_bad_loop_options_are_invalid_arguments(options, needle):
+    with pytest.raises(errors.InvalidArgument, match=needle):
+        client.spec_values(["true"], caller_environ={}, **options)
+
+
 def test_filter_sends_only_what_is_given():
     assert client.build_filter() == {}
     query = client.build_filter(all=True, user="bob", state="running", limit=10)
@@ -192,6 +234,10 @@ class FakeConnection:
         self.subscribers: Dict[int, Tuple[str, Callable[..., None]]] = {}
         self.on_get: Optional[Callable[[int], None]] = None
         self.raise_on_call: Optional[GLib.Error] = None
+        self.submit_errors: Dict[int, GLib.Error] = {}  # Submit call number (1-based) -> raised
+        self.stop_error: Optional[GLib.Error] = None
+        self.runs: Dict[int, List[Dict[str, Any]]] = {}
+        self.submits = 0
 
     def call_sync(self, bus_name: str, path: str, interface: str, method: str,
                   args: Optional[GLib.Variant], reply_type: GLib.VariantType, flags: Any,
@@ -205,10 +251,22 @@ class FakeConnection:
         return reply
 
     def _Submit(self, spec: Dict[str, Any]) -> GLib.Variant:
-        job = wire_job(len(self.jobs) + 1, "running", argv=spec["argv"], cwd=spec["cwd"],
-                       env=spec["env"], started_at=1700000001.5)
+        self.submits += 1
+        if self.submits in self.submit_errors:
+            raise self.submit_errors[self.submits]
+        job = wire_job(len(self.jobs) + 1, "running", started_at=1700000001.5,
+                       **{key: value for key, value in spec.items() if key in api.JOB_FIELDS})
+        if spec.get("background"):
+            job.setdefault("max_runs", 10)
+            job.update(runs=0)
         self.jobs[job["id"]] = job
         return GLib.Variant("(a{sv})", (variant_job(job),))
+
+    def _Runs(self, job_id: int, limit: int) -> GLib.Variant:
+        runs = self.runs.get(job_id, [])
+        runs = runs[-limit:] if limit else runs
+        return GLib.Variant("(aa{sv})", ([{key: GLib.Variant(api.RUN_FIELDS[key], value)
+                                            for key, value in run.items()} for run in runs],))
 
     def _Get(self, job_id: int) -> GLib.Variant:
         if self.on_get is not None:
@@ -218,6 +276,8 @@ class FakeConnection:
         return GLib.Variant("(a{sv})", (variant_job(self.jobs[job_id]),))
 
     def _Stop(self, job_id: int) -> GLib.Variant:
+        if self.stop_error is not None:
+            raise self.stop_error
         return GLib.Variant("(s)", (api.STOP_STOPPING,))
 
     def _List(self, query: Dict[str, Any]) -> GLib.Variant:
@@ -237,9 +297,11 @@ class FakeConnection:
     def signal_unsubscribe(self, handle: int) -> None:
         self.events.append(("unsubscribe", self.subscribers.pop(handle)[0]))
 
-    def emit_later(self, member: str, params: GLib.Variant, before: Callable[[], None] = lambda: None) -> None:
+    def emit_later(self, member: str, params: GLib.Variant, before: Callable[[], None] = lambda: None,
+                   ) -> None:
         """Deliver a signal from the thread-default main context, as GDBus does (after `before`)."""
-        def deliver() -> bool:
+        def deliver(*_user_data: Any) -> bool:
+            self.events.append(("emit", member))
             before()
             for subscribed, callback in list(self.subscribers.values()):
                 if subscribed == member:
@@ -279,6 +341,133 @@ def test_get_stop_list_send_the_contract_signatures(bus):
     signatures = [(event[1], event[2], event[3]) for event in bus.events]
     assert signatures == [("Get", "(t)", (3,)), ("Stop", "(t)", (3,)),
                           ("List", "(a{sv})", ({"all": True, "state": "running"},))]
+
+
+def test_submit_sends_the_loop_options(bus):
+    bus.jobs[1] = wire_job(1, "running")
+    job = client.Client(bus=bus).submit(["./eval.sh"], cwd="/srv", background=True, max_runs=3,
+                                        restart_delay_s=1.5, bind_to=1)
+    (spec,) = bus.events[0][3]
+    assert {key: spec[key] for key in ("background", "max_runs", "restart_delay_s", "bind_to")} == \
+        {"background": True, "max_runs": 3, "restart_delay_s": 1.5, "bind_to": 1}
+    assert "stop_on_failure" not in spec
+    assert (job["background"], job["max_runs"], job["bind_to"], job["runs"]) == (True, 3, 1, 0)
+
+
+def test_bad_loop_options_are_refused_before_any_call(bus):
+    with pytest.raises(errors.InvalidArgument):
+        client.Client(bus=bus).submit(["./eval.sh"], max_runs=3)
+    assert bus.events == []
+
+
+RUNS = [
+    {"run": 1, "started_at": 1700000000.0, "ended_at": 1700000012.25, "exit_code": 0,
+     "reason": "exit-code", "detail": ""},
+    {"run": 2, "started_at": 1700000014.0, "ended_at": 1700000015.0, "signal": 9, "reason": "signal",
+     "detail": "killed by SIGKILL"},
+    {"run": 3, "started_at": 1700000017.0, "ended_at": 1700000017.5, "reason": "exec-failed",
+     "detail": "No such file or directory"},
+]
+
+
+def test_runs_returns_json_shaped_runs_oldest_first(bus):
+    bus.runs[7] = RUNS
+    runs = client.Client(bus=bus).runs(7)
+    assert bus.events[0][1:4] == ("Runs", "(tu)", (7, 0))
+    assert [run["run"] for run in runs] == [1, 2, 3]
+    assert all(list(run) == list(api.RUN_FIELDS) for run in runs)
+    assert runs[0] == {"run": 1, "started_at": "2023-11-14T22:13:20.000Z",
+                       "ended_at": "2023-11-14T22:13:32.250Z", "exit_code": 0, "signal": None,
+                       "reason": "exit-code", "detail": ""}
+    assert (runs[1]["signal"], runs[1]["exit_code"]) == (9, None)
+
+
+def test_runs_limit_keeps_the_last_ones_and_raw_keeps_the_wire_dicts(bus):
+    bus.runs[7] = RUNS
+    runs = client.Client(bus=bus).runs(7, limit=2, raw=True)
+    assert bus.events[0][3] == (7, 2)
+    assert runs == RUNS[1:]
+
+
+@pytest.mark.parametrize("limit", [-1, 1 << 32, True, 2.0])
+def test_bad_runs_limits_are_refused_before_any_call(bus, limit):
+    with pytest.raises(errors.InvalidArgument, match="runs limit"):
+        client.Client(bus=bus).runs(7, limit)
+    assert bus.events == []
+
+
+def test_submit_with_background_submits_the_pair(bus, monkeypatch):
+    monkeypatch.delenv("LANG", raising=False)
+    foreground, background = client.Client(bus=bus).submit_with_background(
+        ["python", "train.py"], ["python", "eval.py"], cwd="/srv", env={"A": "1"}, name="exp1",
+        timeout_s=3600, properties={"MemoryMax": "8G"}, max_runs=50, restart_delay_s=0,
+        stop_on_failure=True)
+    sent = [event[3][0] for event in bus.events]
+    assert [event[1] for event in bus.events] == ["Submit", "Submit"]
+    assert sent[0] == {"argv": ["python", "train.py"], "cwd": "/srv", "env": {"A": "1"}, "name": "exp1",
+                       "properties": {"MemoryMax": "8G"}, "timeout_s": 3600.0}
+    assert sent[1] == {"argv": ["python", "eval.py"], "cwd": "/srv", "env": {"A": "1"}, "name": "exp1-bg",
+                       "properties": {"MemoryMax": "8G"}, "background": True, "max_runs": 50,
+                       "restart_delay_s": 0.0, "stop_on_failure": True, "bind_to": 1}
+    assert list(foreground) == list(background) == list(api.JSON_FIELDS)
+    assert (foreground["id"], background["id"], background["bind_to"]) == (1, 2, 1)
+    assert foreground["background"] is None and background["background"] is True
+
+
+def test_submit_with_background_without_a_name_or_loop_options(bus):
+    pair = client.Client(bus=bus).submit_with_background(["./train.sh"], ["./eval.sh"], raw=True)
+    sent = bus.events[1][3][0]
+    assert "name" not in sent and "max_runs" not in sent and "restart_delay_s" not in sent
+    assert (sent["background"], sent["bind_to"]) == (True, 1)
+    assert pair[0]["created_at"] == 1700000000.0  # raw: the wire dicts
+
+
+def test_submit_with_background_stops_the_foreground_when_the_loop_is_refused(bus):
+    bus.submit_errors[2] = glib_error("GDBus.Error:org.gpujobd1.Error.InvalidArgument: --max-runs 5000: "
+                                      "must be from 1 to this server's limit of 1000")
+    with pytest.raises(errors.InvalidArgument, match="--max-runs 5000") as raised:
+        client.Client(bus=bus).submit_with_background(["./train.sh"], ["./eval.sh"], max_runs=5000)
+    assert "failed too" not in str(raised.value)
+    assert [event[1:4] for event in bus.events][1:] == [
+        ("Submit", "(a{sv})", bus.events[1][3]), ("Stop", "(t)", (1,))]
+
+
+def test_submit_with_background_stops_the_foreground_when_interrupted(bus, monkeypatch):
+    gpujobd = client.Client(bus=bus)
+    real_submit = gpujobd.submit
+
+    def interrupted_second(argv: Any, **options: Any) -> Dict[str, Any]:
+        if options.get("background"):
+            raise KeyboardInterrupt
+        return real_submit(argv, **options)
+
+    monkeypatch.setattr(gpujobd, "submit", interrupted_second)
+    with pytest.raises(KeyboardInterrupt):
+        gpujobd.submit_with_background(["./train.sh"], ["./eval.sh"])
+    assert [event[1:4] for event in bus.events][-1] == ("Stop", "(t)", (1,))
+
+
+def test_submit_with_background_says_when_the_foreground_could_not_be_stopped(bus):
+    bus.submit_errors[2] = glib_error("GDBus.Error:org.gpujobd1.Error.PermissionDenied: no")
+    bus.stop_error = glib_error("GDBus.Error:org.freedesktop.DBus.Error.NoReply: gone", code=3)
+    with pytest.raises(errors.PermissionDenied) as raised:
+        client.Client(bus=bus, call_timeout_s=1).submit_with_background(["./train.sh"], ["./eval.sh"])
+    message = str(raised.value)
+    assert message.startswith("no; stopping the foreground job 1 failed too (gpujobd did not answer Stop")
+    assert message.endswith("stop it with `gpujobctl stop 1`")
+
+
+@pytest.mark.parametrize("background_argv, options, needle", [
+    (["./eval.sh"], {"max_runs": 0}, "max_runs"),
+    (["./eval.sh"], {"restart_delay_s": -1}, "restart delay"),
+    ([], {}, "the command is empty"),
+    ("./eval.sh --all", {}, "not a single string"),
+])
+def test_submit_with_background_checks_the_loop_before_submitting_anything(bus, background_argv, options,
+                                                                            needle):
+    with pytest.raises(errors.InvalidArgument, match=needle):
+        client.Client(bus=bus).submit_with_background(["./train.sh"], background_argv, **options)
+    assert bus.events == []
 
 
 def test_remote_errors_are_raised_as_gpujobd_errors(bus):
@@ -330,12 +519,13 @@ def test_wait_subscribes_before_the_first_get_and_wakes_on_the_signal(bus):
 
     bus.on_get = end_after_the_first_get
     started = time.monotonic()
-    job = client.Client(bus=bus).wait(4)
+    job = client.Client(bus=bus).wait(4, timeout_s=10)
     assert time.monotonic() - started < 5  # the signal, not the resync timer, woke it
     assert (job["state"], job["exit_code"]) == ("failed", 3)
     kinds = [event[:2] for event in bus.events]
     assert kinds == [("subscribe", "JobChanged"), ("subscribe", "NameOwnerChanged"), ("call", "Get"),
-                     ("call", "Get"), ("unsubscribe", "JobChanged"), ("unsubscribe", "NameOwnerChanged")]
+                     ("emit", "JobChanged"), ("call", "Get"),
+                     ("unsubscribe", "JobChanged"), ("unsubscribe", "NameOwnerChanged")]
 
 
 def test_wait_returns_at_once_for_an_ended_job(bus):
@@ -346,12 +536,33 @@ def test_wait_returns_at_once_for_an_ended_job(bus):
 
 def test_wait_ignores_other_jobs_and_non_final_states(bus):
     bus.jobs[4] = wire_job(4, "running")
-    bus.emit_later("JobChanged", GLib.Variant("(ts)", (5, "succeeded")))
-    bus.emit_later("JobChanged", GLib.Variant("(ts)", (4, "stopping")))
+
+    def signal_others(job_id: int) -> None:
+        bus.on_get = None
+        bus.emit_later("JobChanged", GLib.Variant("(ts)", (5, "succeeded")))
+        bus.emit_later("JobChanged", GLib.Variant("(ts)", (4, "stopping")))
+
+    bus.on_get = signal_others
     with pytest.raises(client.WaitTimedOut, match="job 4: it is still running"):
         client.Client(bus=bus).wait(4, timeout_s=0.2)
-    assert [event[1] for event in bus.events if event[0] == "call"] == ["Get", "Get"]
+    assert [event[1] for event in bus.events if event[0] in ("call", "emit")] == \
+        ["Get", "JobChanged", "JobChanged", "Get"]  # woken only by the timeout
     assert [event for event in bus.events if event[0] == "unsubscribe"]
+
+
+def test_wait_wakes_when_the_daemon_comes_back(bus):
+    bus.jobs[4] = wire_job(4, "running")
+
+    def restart(job_id: int) -> None:
+        bus.on_get = None
+        bus.emit_later("NameOwnerChanged", GLib.Variant("(sss)", (api.BUS_NAME, ":1.5", "")),
+                       before=lambda: bus.jobs.update({4: wire_job(4, "lost", ended_at=2.0)}))
+        bus.emit_later("NameOwnerChanged", GLib.Variant("(sss)", (api.BUS_NAME, "", ":1.9")))
+
+    bus.on_get = restart
+    assert client.Client(bus=bus).wait(4, timeout_s=10)["state"] == "lost"
+    assert [event[1] for event in bus.events if event[0] in ("call", "emit")] == \
+        ["Get", "NameOwnerChanged", "NameOwnerChanged", "Get"]
 
 
 def test_wait_timeout_is_a_gpujobd_error(bus):
