@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional
 from gpujobd import __version__
 from gpujobd.config import Config, dump_toml, load_config
 from gpujobd.errors import ConfigError
+from gpujobd.log import guarded
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -62,7 +63,7 @@ class _GLibScheduler:
         from gi.repository import GLib
 
         def fire() -> bool:
-            callback()
+            guarded(callback, "timer")()
             return False
 
         source = GLib.timeout_add(int(seconds * 1000), fire)
@@ -154,7 +155,7 @@ def _watch_records(Gio, directory: Path, handlers: Dict[str, Callable[[int], Non
         stem, dot, suffix = name.partition(".")
         handler = handlers.get(dot + suffix)
         if handler is not None and stem.isdigit():
-            handler(int(stem))
+            guarded(handler, "files.record_changed")(int(stem))
 
     monitor.connect("changed", changed)
     return monitor

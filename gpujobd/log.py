@@ -181,3 +181,14 @@ def _with_priority_prefix(renderer: Processor) -> Processor:
         return f"<{priority}>" + renderer(logger, method, event_dict)
 
     return render
+
+
+def guarded(handler: Callable[..., Any], event: str) -> Callable[..., None]:
+    """An event handler that logs its failure instead of losing it in the main loop: one bad event
+    must never stop the daemon from handling the next."""
+    def run(*args: Any) -> None:
+        try:
+            handler(*args)
+        except Exception:
+            get_logger().exception("event.handler_failed", source=event)
+    return run

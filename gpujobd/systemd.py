@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from gi.repository import Gio, GLib
 
+from gpujobd.log import guarded
 from gpujobd.model import UNIT_PREFIX, UNIT_SUFFIX, Job
 
 SYSTEMD = "org.freedesktop.systemd1"
@@ -47,8 +48,12 @@ def unit_object_path(unit: str) -> str:
 
 
 def _dbus_error_text(err: GLib.Error) -> str:
-    return Gio.DBusError.get_remote_error(err) + ": " + Gio.DBusError.strip_remote_error(err) if (
-        Gio.DBusError.is_remote_error(err)) else err.message
+    """'org.freedesktop.systemd1.NoSuchUnit: Unit x not loaded.' from a GDBus error."""
+    if not Gio.DBusError.is_remote_error(err):
+        return err.message
+    name = Gio.DBusError.get_remote_error(err)
+    Gio.DBusError.strip_remote_error(err)  # in place: leaves systemd's own message
+    return f"{name}: {err.message}"
 
 
 class Systemd:
@@ -80,12 +85,12 @@ class Systemd:
         _id, job_path, _unit, result = params.unpack()
         callback = self._pending_jobs.pop(job_path, None)
         if callback is not None:
-            callback(result)
+            guarded(callback, "systemd.job_removed")(result)
 
     def _unit_removed(self, _con, _sender, _path, _iface, _signal, params: GLib.Variant) -> None:
         unit, unit_path = params.unpack()
         if unit_path.startswith(self._unit_path_prefix) and self._on_unit_removed is not None:
-            self._on_unit_removed(unit)
+            guarded(self._on_unit_removed, "systemd.unit_removed")(unit)
 
     def _properties_changed(self, _con, _sender, path: str, _iface, _signal,
                             params: GLib.Variant) -> None:
@@ -93,7 +98,7 @@ class Systemd:
             return
         interface, changed, _invalidated = params.unpack()
         if interface in (UNIT_IFACE, SCOPE_IFACE) and changed:
-            self._on_unit_changed(_unit_name_from_path(path), changed)
+            guarded(self._on_unit_changed, "systemd.unit_changed")(_unit_name_from_path(path), changed)
 
     # -- calls -----------------------------------------------------------------------------------
     def _call(self, path: str, iface: str, method: str, args: Optional[GLib.Variant],

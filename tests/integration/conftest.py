@@ -127,7 +127,7 @@ def gpujobd_service():
     sh("systemctl", "is-active", "gpujobd")
     yield
     if _where() == "sandbox":
-        journal = sh("journalctl", "-u", "gpujobd", "--no-pager", "-o", "cat", check=False).stdout
+        journal = sh("journalctl", "--no-pager", "-o", "short-monotonic", check=False).stdout
         (CHECKOUT / ".scratch").mkdir(exist_ok=True)
         (CHECKOUT / ".scratch" / "gpujobd-journal.txt").write_text(journal)
 
