@@ -29,7 +29,7 @@ $(VENV)/.stamp: pyproject.toml | deps
 venv: $(VENV)/.stamp
 
 lint: venv
-	$(VENV)/bin/python -m ruff check gpujobd tests benchmarks
+	$(VENV)/bin/python -m ruff check gpujobd tests $(wildcard benchmarks)
 
 unit: venv
 	$(VENV)/bin/python -m pytest -q tests/unit tests/host
