@@ -386,8 +386,13 @@ class Manager:
 
     def on_unit_removed(self, unit: str) -> None:
         job_id = job_id_from_unit(unit)
-        if job_id is not None and job_id in self._runtime:
-            self._scope_gone(job_id)
+        if job_id is None or job_id not in self._runtime:
+            return
+        # `systemctl daemon-reload` sends UnitRemoved for every unit, live scopes included, and
+        # loads them again: only systemd's current list tells whether this scope is really gone.
+        if self._systemd.list_job_units().get(unit) in ALIVE_UNIT_STATES:
+            return
+        self._scope_gone(job_id)
 
     def on_exit_record(self, job_id: int) -> None:
         """The supervisor wrote its record: the main command is done. Leftovers die with the scope."""

@@ -206,6 +206,19 @@ def test_timeout_kills_the_whole_job(ctl):
     assert processes_matching("sleep 4501") == [] and processes_matching("sleep 4502") == []
 
 
+def test_daemon_reload_and_service_restart_never_touch_a_job(ctl):
+    job_id = ctl.submit("alice", "sleep", "4651")
+    ctl.wait_state("alice", job_id, "running")
+    sh("systemctl", "daemon-reload")  # systemd re-announces every unit: UnitRemoved, then loaded again
+    time.sleep(0.5)
+    assert ctl.job("alice", job_id)["state"] == "running"
+    sh("systemctl", "restart", "gpujobd")
+    assert ctl.job("alice", job_id)["state"] == "running"
+    assert processes_matching("sleep 4651")
+    ctl("alice", "stop", str(job_id), check=True)
+    assert ctl.wait_state("alice", job_id, "stopped")["reason"] == "stopped"
+
+
 def test_daemon_killed_mid_job_loses_nothing(ctl):
     running = ctl.submit("alice", "sleep", "4601")
     ends_while_down = ctl.submit("alice", "sh", "-c", "sleep 1; exit 7")
