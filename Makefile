@@ -49,9 +49,10 @@ demo: venv
 	$(SANDBOX) run -- sh tests/demo.sh
 
 install:
-	install -d $(DESTDIR)$(LIBDIR)/gpujobd $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) \
+	install -d $(DESTDIR)$(LIBDIR)/gpujobd/_vendor $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) \
 		$(DESTDIR)$(DBUSPOLICYDIR) $(DESTDIR)$(SYSCONFDIR)/gpujobd
 	install -m 0644 gpujobd/*.py gpujobd/py.typed $(DESTDIR)$(LIBDIR)/gpujobd/
+	install -m 0644 gpujobd/_vendor/*.py $(DESTDIR)$(LIBDIR)/gpujobd/_vendor/
 	for tool in gpujobd:gpujobd.daemon gpujobctl:gpujobd.cli; do \
 		name=$${tool%%:*}; module=$${tool#*:}; \
 		printf '#!%s -I\nimport sys\nsys.path.insert(0, "%s")\nfrom %s import main\nsys.exit(main())\n' \
@@ -72,3 +73,112 @@ uninstall:
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+
+# ---- distribution packages (docs/install.md) ---------------------------------------------------
+#   make deb            dist/gpujobd_<version>-<rev>_all.deb (dpkg-buildpackage; lintian)
+#   make rpm            dist/gpujobd-<version>-1.noarch.rpm (rpmbuild; rpmlint)
+#   make package-test   install, upgrade, remove and purge the .deb in the sandbox, as an admin would
+# Both build from a copy of the working tree (the files git tracks or would track) under build/.
+PKG_VERSION := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
+DEB_VERSION_SUFFIX ?=
+DEB_BUILD_ROOT = build/deb$(DEB_VERSION_SUFFIX)
+DEB_SRC = $(DEB_BUILD_ROOT)/gpujobd-$(PKG_VERSION)
+RPM_TOPDIR = $(CURDIR)/build/rpm
+# Packages are built with the distribution's own tools and python3, whatever else is on PATH (pyenv).
+PKG_PATH = /usr/sbin:/usr/bin:/sbin:/bin
+# Copy the working tree's files (tracked, or untracked and not ignored; deleted ones skipped) to $(1).
+define export_tree
+	rm -rf $(1) && mkdir -p $(1)
+	git ls-files -z --cached --others --exclude-standard \
+		| $(PYTHON) -c 'import os, sys; sys.stdout.buffer.write(b"".join(p + b"\0" for p in sys.stdin.buffer.read().split(b"\0") if p and os.path.lexists(p)))' \
+		| tar --null --files-from=- -cf - | tar -xf - -C $(1)
+endef
+
+.PHONY: deb rpm package-test
+
+deb:
+	$(call export_tree,$(DEB_SRC))
+	cp -r packaging/debian $(DEB_SRC)/debian
+	cd $(DEB_SRC) && upstream=$$(dpkg-parsechangelog -S Version | sed 's/-[^-]*$$//') && \
+		test "$$upstream" = "$(PKG_VERSION)" || { echo "packaging/debian/changelog is at $$upstream, pyproject.toml at $(PKG_VERSION): add a changelog entry"; exit 1; }
+	@if [ -n "$(DEB_VERSION_SUFFIX)" ]; then cd $(DEB_SRC) && \
+		top=$$(dpkg-parsechangelog -S Version) && dist=$$(dpkg-parsechangelog -S Distribution) && \
+		who=$$(dpkg-parsechangelog -S Maintainer) && \
+		{ printf 'gpujobd (%s%s) %s; urgency=medium\n\n  * Local rebuild (DEB_VERSION_SUFFIX=%s).\n\n -- %s  %s\n\n' \
+			"$$top" "$(DEB_VERSION_SUFFIX)" "$$dist" "$(DEB_VERSION_SUFFIX)" "$$who" "$$(date -R)"; \
+		  cat debian/changelog; } > debian/changelog.new && mv debian/changelog.new debian/changelog && \
+		echo "build version: $$(dpkg-parsechangelog -S Version)"; fi
+	@dpkg -s dpkg-dev lintian >/dev/null 2>&1 || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpkg-dev lintian; }
+	cd $(DEB_SRC) && { dpkg-checkbuilddeps >/dev/null 2>&1 || \
+		DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq . || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq .; }; }
+	cd $(DEB_SRC) && env PATH=$(PKG_PATH) dpkg-buildpackage -us -uc -b
+	mkdir -p dist
+	cd $(DEB_SRC) && deb=../gpujobd_$$(dpkg-parsechangelog -S Version | sed 's/^[0-9]*://')_all.deb && \
+		cp $$deb $(CURDIR)/dist/ && env PATH=$(PKG_PATH) lintian --display-info $$deb
+
+# A second .deb of the same code at a higher version is what the test upgrades to.
+DEB_VERSION := $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' packaging/debian/changelog)
+PKG_TEST_SUFFIX = +pkgtest1
+
+package-test: venv
+	$(MAKE) deb
+	$(MAKE) deb DEB_VERSION_SUFFIX=$(PKG_TEST_SUFFIX)
+	GPUJOBD_DEB=dist/gpujobd_$(DEB_VERSION)_all.deb \
+	GPUJOBD_DEB_UPGRADE=dist/gpujobd_$(DEB_VERSION)$(PKG_TEST_SUFFIX)_all.deb \
+		$(SANDBOX) run -- $(VENV)/bin/python -m pytest -q tests/packaging
+
+# On a builder without Fedora's pyproject-rpm-macros and systemd-rpm-macros (Debian), stand-ins
+# for them are loaded from packaging/rpm/macros.debian-builder; rpmbuild --nodeps there, since
+# the build dependencies are Debian packages that rpm's database does not know.
+RPM_DEB_BUILD_DEPS = rpm rpmlint python3-build python3-installer python3-wheel python3-setuptools \
+	python3-pytest python3-gi python3-pydbus python3-pystemd python3-structlog
+RPM_SRC = build/rpm/src/gpujobd-$(PKG_VERSION)
+
+rpm:
+	@if [ -f /etc/debian_version ]; then dpkg -s $(RPM_DEB_BUILD_DEPS) >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(RPM_DEB_BUILD_DEPS); }; fi
+	@spec=$$(sed -n 's/^Version: *//p' packaging/rpm/gpujobd.spec); test "$$spec" = "$(PKG_VERSION)" || { \
+		echo "packaging/rpm/gpujobd.spec is at $$spec, pyproject.toml at $(PKG_VERSION)"; exit 1; }
+	$(call export_tree,$(RPM_SRC))
+	rm -rf $(RPM_TOPDIR)/RPMS && mkdir -p $(RPM_TOPDIR)/SOURCES dist
+	tar -C $(dir $(RPM_SRC)) --owner=0 --group=0 --sort=name -czf $(RPM_TOPDIR)/SOURCES/gpujobd-$(PKG_VERSION).tar.gz gpujobd-$(PKG_VERSION)
+	if [ -n "$$(rpm --eval '%{?pyproject_wheel:1}%{?systemd_post:1}')" ]; then \
+		env PATH=$(PKG_PATH) rpmbuild -bb --define "_topdir $(RPM_TOPDIR)" packaging/rpm/gpujobd.spec; \
+	else \
+		env PATH=$(PKG_PATH) rpmbuild -bb --define "_topdir $(RPM_TOPDIR)" --nodeps \
+			--load=$(CURDIR)/packaging/rpm/macros.debian-builder \
+			--define "_gpujobd_rpm_dir $(CURDIR)/packaging/rpm" packaging/rpm/gpujobd.spec; \
+	fi
+	cp $(RPM_TOPDIR)/RPMS/noarch/gpujobd-$(PKG_VERSION)-*.noarch.rpm dist/
+	env PATH=$(PKG_PATH) rpmlint -c packaging/rpm/rpmlint.toml -r packaging/rpm/gpujobd.rpmlintrc packaging/rpm/gpujobd.spec $(RPM_TOPDIR)/RPMS/noarch/gpujobd-$(PKG_VERSION)-*.noarch.rpm
+
+# ---- benchmarks (docs/performance.md) ----------------------------------------------------------
+#   make bench           every section, in the sandbox: prints one table, writes
+#                        benchmarks/results/<date>-<host>.json and renders docs/performance.md from it
+#   make bench QUICK=1   a few runs each (under 2 minutes): <date>-<host>-quick.json, docs untouched
+#   BENCH_OUT=DIR        write the JSON there instead (inside the checkout: the sandbox sees only it)
+# Against this host's systemd instead (it installs gpujobd here): GPUJOBD_BENCH_HOST_SYSTEMD=1, and
+# PID 1 must be systemd. task-spooler (tsp) is a peer: installed here, so the sandbox sees it too.
+BENCH_APT_PACKAGES = task-spooler gcc
+BENCH_RESULTS = $(or $(BENCH_OUT),benchmarks/results)
+BENCH_ARGS = $(if $(QUICK),--quick) --out $(BENCH_RESULTS)
+
+.PHONY: bench bench-deps bench-report
+
+bench-deps: deps
+	@dpkg -s $(BENCH_APT_PACKAGES) >/dev/null 2>&1 || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_APT_PACKAGES); }
+
+bench: venv bench-deps
+	@if [ "$$GPUJOBD_BENCH_HOST_SYSTEMD" = 1 ]; then \
+		test "$$(cat /proc/1/comm)" = systemd || { echo "PID 1 is not systemd here: unset GPUJOBD_BENCH_HOST_SYSTEMD to use the sandbox"; exit 2; }; \
+		$(VENV)/bin/python -m benchmarks $(BENCH_ARGS); \
+	else \
+		$(SANDBOX) run -- $(VENV)/bin/python -m benchmarks $(BENCH_ARGS); \
+	fi
+	$(if $(QUICK),,$(VENV)/bin/python -m benchmarks.report --results $(BENCH_RESULTS))
+
+bench-report: venv
+	$(VENV)/bin/python -m benchmarks.report --results $(BENCH_RESULTS)

@@ -54,9 +54,18 @@ INTROSPECTION_XML = f"""<node>
       <arg name="next_offset" type="t" direction="out"/>
       <arg name="job_ended" type="b" direction="out"/>
     </method>
+    <method name="Gpus">
+      <arg name="report" type="a{{sv}}" direction="out"/>
+    </method>
     <signal name="JobChanged">
       <arg name="id" type="t"/>
       <arg name="state" type="s"/>
+    </signal>
+    <signal name="StrayFound">
+      <arg name="stray" type="a{{sv}}"/>
+    </signal>
+    <signal name="StrayCleared">
+      <arg name="stray" type="a{{sv}}"/>
     </signal>
     <property name="Version" type="s" access="read"/>
   </interface>
@@ -79,7 +88,11 @@ SPEC_FIELDS: Mapping[str, str] = {
     "restart_delay_s": "d",  # default: the server's jobs.restart_delay_s
     "stop_on_failure": "b",
     "bind_to": "t",  # a running job whose end stops this one
+    "gpu_check": "s",  # one of GPU_CHECKS; default: the server's gpu.prestart_check
 }
+
+# What a job may ask for when a stray GPU process holds one of its GPUs at submit (see docs/gpu.md).
+GPU_CHECKS = ("off", "refuse", "wait")
 
 # Per-run records (the Runs method), newest last.
 RUN_FIELDS: Mapping[str, str] = {
@@ -132,10 +145,12 @@ JOB_FIELDS: Mapping[str, str] = {
     "restart_delay_s": "d",
     "stop_on_failure": "b",
     "bind_to": "t",
+    "gpu_memory_bytes": "a{st}",  # live jobs: GPU memory per GPU UUID (`index:N` without one)
 }
 
 
-def encode_job(job: Job, log_path: str = "") -> Dict[str, Tuple[str, Any]]:
+def encode_job(job: Job, log_path: str = "",
+               gpu_memory: Optional[Mapping[str, int]] = None) -> Dict[str, Tuple[str, Any]]:
     """Job -> {field: (dbus signature, value)}, leaving unset optional fields out."""
     values: Dict[str, Any] = {
         "id": job.id,
@@ -163,6 +178,7 @@ def encode_job(job: Job, log_path: str = "") -> Dict[str, Tuple[str, Any]]:
         "restart_delay_s": job.spec.restart_delay_s if job.spec.background else None,
         "stop_on_failure": job.spec.stop_on_failure,
         "bind_to": job.spec.bind_to,
+        "gpu_memory_bytes": dict(gpu_memory) if gpu_memory is not None else None,
     }
     if job.outcome is not None:
         values.update(
@@ -187,7 +203,7 @@ JSON_FIELDS: Tuple[str, ...] = (
     "id", "name", "user", "state", "unit", "argv", "cwd", "exit_code", "signal", "reason", "detail",
     "created_at", "started_at", "ended_at", "elapsed_s", "timeout_s", "leftover_processes",
     "stopped_by", "pid", "env", "properties", "log_path", "timeout_fraction", "background", "runs",
-    "max_runs", "restart_delay_s", "stop_on_failure", "bind_to",
+    "max_runs", "restart_delay_s", "stop_on_failure", "bind_to", "gpu_memory_bytes",
 )
 
 
@@ -220,3 +236,114 @@ def is_active(wire: Mapping[str, Any]) -> bool:
 
 def unknown_keys(given: Iterable[str], known: Mapping[str, str]) -> list:
     return sorted(set(given) - set(known))
+
+
+# --- the GPU report (the Gpus method) and the strays (StrayFound, StrayCleared) ----------------------
+# Every value is optional: what NVML or /proc could not tell is left out.
+
+GPU_REPORT_FIELDS: Mapping[str, str] = {
+    "state": "s",  # ok, unavailable, hung, starting, disabled
+    "available": "b",
+    "reason": "s",  # why not available: NVML's own reason, or the call that hung
+    "retry_in_s": "d",  # when unavailable: the back-off wait before the next try
+    "policy": "s",  # gpu.stray_policy
+    "updated_at": "d",  # when the latest good reading was taken
+    "driver_version": "s",
+    "devices": "aa{sv}",  # GPU_DEVICE_FIELDS
+    "strays": "aa{sv}",  # STRAY_FIELDS
+}
+
+GPU_DEVICE_FIELDS: Mapping[str, str] = {
+    "index": "u",
+    "uuid": "s",
+    "name": "s",
+    "state": "s",  # ok, lost (fell off the bus), error (no handle)
+    "memory_total_bytes": "t",
+    "memory_used_bytes": "t",
+    "utilization_gpu_percent": "u",
+    "utilization_memory_percent": "u",
+    "errors": "a{ss}",  # field -> why NVML did not give it (NOT_SUPPORTED fields are just absent)
+    "processes": "aa{sv}",  # GPU_PROCESS_FIELDS
+}
+
+GPU_PROCESS_FIELDS: Mapping[str, str] = {
+    "pid": "u",  # as NVML gave it: untrusted
+    "type": "s",  # C, G or C+G
+    "used_memory_bytes": "t",
+    "owner": "s",  # job, unit, stray, unknown
+    "job_id": "t",
+    "unit": "s",
+    "note": "s",
+    "user": "s",
+    "uid": "u",
+    "ppid": "u",
+    "command": "as",
+    "cgroup": "s",
+    "started_at": "d",
+    "age_s": "d",
+}
+
+STRAY_FIELDS: Mapping[str, str] = {
+    "pid": "u",
+    "ppid": "u",
+    "user": "s",
+    "uid": "u",
+    "command": "as",
+    "cgroup": "s",
+    "unit": "s",
+    "gpus": "a{st}",  # GPU UUID -> memory used there
+    "gpu_indexes": "au",
+    "used_memory_bytes": "t",
+    "started_at": "d",
+    "age_s": "d",
+    "first_seen_at": "d",
+    "ticks": "u",  # polls in a row it has been seen stray
+    "action": "s",  # what the policy does about it, in words
+    "note": "s",
+    "cleared_because": "s",  # StrayCleared only
+}
+
+GPU_TIME_FIELDS = ("updated_at", "started_at", "first_seen_at")
+_NESTED = {"devices": GPU_DEVICE_FIELDS, "processes": GPU_PROCESS_FIELDS, "strays": STRAY_FIELDS}
+
+
+def _encode_table(values: Mapping[str, Any], table: Mapping[str, str]) -> Dict[str, Tuple[str, Any]]:
+    """{field: (signature, value)}; a list of records (aa{sv}) holds such dicts in turn."""
+    out: Dict[str, Tuple[str, Any]] = {}
+    for key, signature in table.items():
+        value = values.get(key)
+        if value is None:
+            continue
+        if key in _NESTED:
+            value = [_encode_table(item, _NESTED[key]) for item in value]
+        out[key] = (signature, value)
+    return out
+
+
+def encode_gpu_report(report: Mapping[str, Any]) -> Dict[str, Tuple[str, Any]]:
+    return _encode_table(report, GPU_REPORT_FIELDS)
+
+
+def encode_stray(stray: Mapping[str, Any]) -> Dict[str, Tuple[str, Any]]:
+    return _encode_table(stray, STRAY_FIELDS)
+
+
+def _table_to_json(wire: Mapping[str, Any], table: Mapping[str, str]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key in table:
+        value = wire.get(key)
+        if key in _NESTED:
+            value = [_table_to_json(item, _NESTED[key]) for item in (value or [])]
+        elif key in GPU_TIME_FIELDS:
+            value = iso_utc(value)
+        out[key] = value
+    return out
+
+
+def gpu_report_to_json(wire: Mapping[str, Any]) -> Dict[str, Any]:
+    """The Gpus report as received (plain values) -> the documented JSON object (docs/gpu.md)."""
+    return _table_to_json(wire, GPU_REPORT_FIELDS)
+
+
+def stray_to_json(wire: Mapping[str, Any]) -> Dict[str, Any]:
+    return _table_to_json(wire, STRAY_FIELDS)

@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_list(verbs)
     _add_logs(verbs)
     _add_wait(verbs)
+    _add_gpus(verbs)
     return parser
 
 
@@ -247,6 +248,9 @@ def _add_submit(verbs: Any) -> None:
     loop.add_argument("--with-background", type=command_string, metavar="'CMD [ARG...]'",
                       help="also start this command (one quoted string) as a background loop bound to "
                            "the job; prints both ids, \"FOREGROUND BACKGROUND\"")
+    sub.add_argument("--gpu-check", choices=api.GPU_CHECKS,
+                     help="when a stray process holds one of the job's GPUs: start anyway (off), refuse "
+                          "(refuse) or wait queued (wait); default: the server's gpu.prestart_check")
     sub.add_argument("--wait", action="store_true",
                      help="follow the job's log until it ends, and exit with its exit code")
     sub.add_argument("--json", action="store_true", help="print the job as JSON instead of its id")
@@ -303,6 +307,40 @@ def _add_logs(verbs: Any) -> None:
     sub.add_argument("id", type=job_id, metavar="ID")
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
     sub.set_defaults(handler=cmd_logs)
+
+
+def _add_gpus(verbs: Any) -> None:
+    sub = _verb(verbs, "gpus", "show the GPUs, the processes on them and who owns each (job, unit, STRAY)",
+                "Stray processes hold GPU memory outside every job; see gpujobd's docs/gpu.md.")
+    sub.add_argument("--json", action="store_true", help="print the report as JSON")
+    sub.set_defaults(handler=cmd_gpus)
+
+
+def cmd_gpus(args: argparse.Namespace, client: Any) -> int:
+    from gpujobd.cli_gpus import format_gpus
+
+    report = client.gpus(raw=True)
+    if args.json:
+        print_json(api.gpu_report_to_json(report))
+    else:
+        for line in format_gpus(report):
+            print(line)
+    return errors.EXIT_OK
+
+
+def _warn_of_strays(client: Any) -> None:
+    """`status` mentions stray GPU processes (on stderr); a daemon that cannot tell says nothing."""
+    from gpujobd.cli_gpus import stray_warning
+
+    gpus = getattr(client, "gpus", None)
+    if gpus is None:
+        return
+    try:
+        warning = stray_warning(gpus(raw=True))
+    except errors.GpujobdError:
+        return
+    if warning:
+        print_error(warning)
 
 
 def _add_wait(verbs: Any) -> None:
@@ -395,7 +433,8 @@ def cmd_submit(args: argparse.Namespace, client: Any) -> int:
               "properties": dict(args.property), "timeout_s": args.timeout}
     if args.with_background is not None:
         return _submit_pair(args, client, command, common)
-    job = client.submit(command, **common, **_loop_options(args), raw=True)
+    gpu_check = {"gpu_check": args.gpu_check} if getattr(args, "gpu_check", None) else {}
+    job = client.submit(command, **common, **_loop_options(args), **gpu_check, raw=True)
     if not args.wait:
         if args.json:
             print_json(api.job_to_json(job))
@@ -500,6 +539,7 @@ def _stop_one(client: Any, one_id: int) -> str:
 def cmd_status(args: argparse.Namespace, client: Any) -> int:
     job = client.get(args.id, raw=True)
     runs = client.runs(args.id, STATUS_RUNS, raw=True) if job.get("background") else None
+    _warn_of_strays(client)
     if args.json:
         shown = api.job_to_json(job)
         if runs is not None:
@@ -509,6 +549,10 @@ def cmd_status(args: argparse.Namespace, client: Any) -> int:
     processes = read_processes(job.get("unit", ""), job.get("pid"))
     for line in format_status(job, time.time(), processes, runs):
         print(line)
+    from gpujobd.cli_gpus import gpu_memory_line
+
+    if gpu_memory_line(job):
+        print(gpu_memory_line(job))
     tail = log_tail(client, job, STATUS_LOG_LINES)
     if tail:
         print()

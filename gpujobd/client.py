@@ -148,6 +148,7 @@ def spec_values(
     restart_delay_s: float | None = None,
     stop_on_failure: bool = False,
     bind_to: int | None = None,
+    gpu_check: str | None = None,
     caller_environ: Mapping[str, str] | None = None,
 ) -> Dict[str, Any]:
     """Check a submission (a convenience: the daemon re-validates) and return the spec's plain values.
@@ -172,6 +173,11 @@ def spec_values(
     values.update(_loop_values(background, max_runs, restart_delay_s, stop_on_failure))
     if bind_to is not None:
         values["bind_to"] = _checked_id(bind_to, "bind_to (a job id)")
+    if gpu_check is not None:
+        if gpu_check not in api.GPU_CHECKS:
+            raise errors.InvalidArgument(f"gpu_check must be one of {', '.join(api.GPU_CHECKS)}, "
+                                         f"not {gpu_check!r}")
+        values["gpu_check"] = gpu_check
     return values
 
 
@@ -395,6 +401,7 @@ class Client:
         restart_delay_s: float | None = None,
         stop_on_failure: bool = False,
         bind_to: int | None = None,
+        gpu_check: str | None = None,
         raw: bool = False,
     ) -> Dict[str, Any]:
         """Submit a job; return it as the daemon recorded it.
@@ -410,14 +417,15 @@ class Client:
         (default: the server's jobs.restart_delay_s), stopping after the first failed run with
         `stop_on_failure=True`. Each run sees GPUJOB_RUN (1, 2, ...) and GPUJOB_ID. `bind_to`: the id
         of a starting or running job of yours; when it ends, systemd stops this job, which then ends
-        `stopped` with reason `bound-job-ended`.
+        `stopped` with reason `bound-job-ended`. `gpu_check` ("off", "refuse", "wait"; default: the
+        server's gpu.prestart_check): what to do when a stray process holds one of the job's GPUs.
 
         Only the options that are set are sent. Raises InvalidArgument for a bad option (checked
         here first, then by the daemon), PermissionDenied, Unavailable, ...
         """
         spec = build_spec(argv, cwd=cwd, env=env, name=name, properties=properties, timeout_s=timeout_s,
                           background=background, max_runs=max_runs, restart_delay_s=restart_delay_s,
-                          stop_on_failure=stop_on_failure, bind_to=bind_to)
+                          stop_on_failure=stop_on_failure, bind_to=bind_to, gpu_check=gpu_check)
         (wire,) = self._call("Submit", GLib.Variant("(a{sv})", (spec,)), "(a{sv})").unpack()
         return _job(wire, raw)
 
@@ -463,6 +471,13 @@ class Client:
         args = GLib.Variant("(tu)", (_checked_id(job_id), _checked_run_limit(limit)))
         (wires,) = self._call("Runs", args, "(aa{sv})").unpack()
         return [_run(wire, raw) for wire in wires]
+
+    def gpus(self, *, raw: bool = False) -> Dict[str, Any]:
+        """The GPU report: availability (and NVML's reason when unavailable), every GPU with its
+        processes and their owners (job, unit, stray, unknown), and the stray processes; shaped like
+        `api.gpu_report_to_json`, or the wire dict with raw=True. See docs/gpu.md."""
+        (wire,) = self._call("Gpus", None, "(a{sv})").unpack()
+        return dict(wire) if raw else api.gpu_report_to_json(wire)
 
     def read_log(
         self, job_id: int, offset: int = 0, max_bytes: int = DEFAULT_READ_BYTES

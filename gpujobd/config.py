@@ -80,6 +80,7 @@ _is_property_name = _matches(r"[A-Z][A-Za-z0-9]*")
 LOG_FORMATS = ("console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 STRAY_POLICIES = ("report", "kill")
+PRESTART_CHECKS = ("off", "refuse", "wait")
 
 
 @dataclass(frozen=True)
@@ -190,17 +191,27 @@ class GpuConfig:
         "What to do about a stray GPU process: log it, or kill it.", choices=STRAY_POLICIES,
     ))
     stray_grace_s: float = field(default=60.0, metadata=spec(
-        "How long a process may use a GPU outside any job before it is stray.", minimum=0,
+        "With policy kill, how long a stray must have been seen (since it was first found) before "
+        "it may be killed.", minimum=0,
     ))
     stray_kill_min_ticks: int = field(default=3, metadata=spec(
-        "Polls in a row a process must be seen stray before it is killed.", minimum=1,
+        "With policy kill, polls in a row a process must be seen stray before it may be killed.",
+        minimum=1,
     ))
     stray_kill_users: Tuple[str, ...] = field(default=(), metadata=spec(
-        "With policy kill, kill only strays of these users (empty: any user).",
+        "With policy kill, kill only strays whose real user is one of these (empty: any user but "
+        "root and system accounts, who are never killed).",
         check=_is_account_name, expect="a list of user names", item_expect="a user name",
     ))
     stray_kill_orphans_only: bool = field(default=True, metadata=spec(
-        "With policy kill, kill only strays whose parent is PID 1 (no login session above them).",
+        "With policy kill, kill only orphans: strays whose parent is PID 1 or a systemd subreaper.",
+    ))
+    prestart_check: str = field(default="off", metadata=spec(
+        "Before a job starts, if a stray holds its GPUs: start anyway, refuse the job, or wait "
+        "(queued) for the GPUs; a job's own gpu_check overrides it.", choices=PRESTART_CHECKS,
+    ))
+    prestart_wait_s: float = field(default=300.0, metadata=spec(
+        "How long a job waits, queued, for strays to leave its GPUs before it fails.", above=0,
     ))
 
     @property

@@ -76,6 +76,7 @@ def run(config: Config) -> int:
     from pydbus import SystemBus
 
     from gpujobd import api
+    from gpujobd.gpu import Nvml, Worker
     from gpujobd.log import get_logger
     from gpujobd.manager import Manager
     from gpujobd.model import UNIT_PREFIX
@@ -83,6 +84,7 @@ def run(config: Config) -> int:
     from gpujobd.spawner import RECORD_SUFFIX, RUNS_SUFFIX, JobFiles, spawn_supervisor
     from gpujobd.store import Store
     from gpujobd.systemd import JobUnits, Systemd, notify_ready
+    from gpujobd.watcher import ProcFs, Watcher, system_uid_min
 
     log = get_logger()
     loop = GLib.MainLoop()
@@ -103,13 +105,21 @@ def run(config: Config) -> int:
         if service:
             service[0].job_changed(job)
 
-    manager = Manager(config, store, JobUnits(systemd, config.daemon.slice, config.jobs.stop_timeout_s),
-                      files, spawn, _GLibScheduler(), changed)
+    scheduler = _GLibScheduler()
+    job_units = JobUnits(systemd, config.daemon.slice, config.jobs.stop_timeout_s)
+    # The GPU watcher: NVML and /proc are read on its one worker thread, never on this loop.
+    watcher = Watcher(config, live_jobs=lambda: manager.live_job_ids(), scheduler=scheduler,
+                      worker=Worker(), nvml=Nvml(), procs=ProcFs(), stop_unit=job_units.stop_unit,
+                      daemon_pid=os.getpid(), uid_min=system_uid_min())
+    manager = Manager(config, store, job_units, files, spawn, scheduler, changed, gpus=watcher)
+    watcher.on_report = manager.gpus_changed
     systemd.subscribe(manager.on_unit_changed, manager.on_unit_removed)
     monitor = _watch_records(Gio, files.record_dir, {RECORD_SUFFIX: manager.on_exit_record,
                                                      RUNS_SUFFIX: manager.on_runs_file})
     manager.reconcile()
-    service.append(ManagerService(manager, bus.con))
+    service.append(ManagerService(manager, bus.con, gpus=watcher))
+    watcher.on_stray_found = service[0].stray_found
+    watcher.on_stray_cleared = service[0].stray_cleared
     try:
         publication = bus.publish(api.BUS_NAME, (api.OBJECT_PATH, service[0]))
     except GLib.Error as err:
@@ -121,6 +131,7 @@ def run(config: Config) -> int:
         GLib.unix_signal_add(GLib.PRIORITY_HIGH, signum, _quit(loop, log, signum))
     notify_ready(f"serving {api.BUS_NAME}")
     log.info("daemon.ready", version=__version__, bus_name=api.BUS_NAME, pid=os.getpid())
+    watcher.start()
     try:
         loop.run()
     finally:

@@ -101,6 +101,12 @@ class SchedulerPort(Protocol):
     def call_later(self, seconds: float, callback: Callable[[], None]) -> Callable[[], None]: ...
 
 
+class GpuPort(Protocol):
+    """The GPU watcher, for the check before a job starts (gpujobd.watcher.Watcher)."""
+
+    def blocking_strays(self, cuda_visible_devices: Optional[str]) -> Optional[List[Dict[str, Any]]]: ...
+
+
 Spawn = Callable[[Dict[str, Any], int], GatePort]
 
 
@@ -118,14 +124,16 @@ class _Runtime:
 
     gate: Optional[GatePort] = None
     scope_result: Optional[str] = None
-    cancel_start_timer: Optional[Callable[[], None]] = None
+    cancel_start_timer: Optional[Callable[[], None]] = None  # also the wait of a queued job
+    queued: Optional[Tuple[Caller, List[Encoded]]] = None  # waiting for its GPUs: who, and what to start
 
 
 class Manager:
     def __init__(self, config: Config, store: StorePort, systemd: SystemdPort, files: JobFilesPort,
                  spawn: Spawn, scheduler: SchedulerPort, on_change: Callable[[Job], None],
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, gpus: Optional[GpuPort] = None):
         self._config = config
+        self._gpus = gpus
         self._store = store
         self._systemd = systemd
         self._files = files
@@ -160,27 +168,105 @@ class Manager:
             f"'{self._config.daemon.admin_group}' may {action} it")
 
     # -- verbs -----------------------------------------------------------------------------------
-    def submit(self, caller: Caller, spec: JobSpec) -> Job:
+    def submit(self, caller: Caller, spec: JobSpec, gpu_check: Optional[str] = None) -> Job:
         if caller.uid == 0:
             raise PermissionDenied("gpujobd never runs a job as root: submit as the user the work "
                                    "belongs to (e.g. runuser -u USER -- gpujobctl submit ...)")
         spec = self._with_loop_defaults(spec)
         properties = self._validate(spec) + self._binding(caller, spec)
-        job = self._store.create(caller.user, caller.uid, caller.gid, spec, self._clock())
+        check = gpu_check or self._config.gpu.prestart_check
+        blockers = self._gpu_blockers(spec) if check != "off" else []
+        if blockers and check == "refuse":
+            raise InvalidArgument(f"{describe_strays(blockers)}; the job was not created (gpu_check "
+                                  "refuse). `gpujobctl gpus` shows the GPUs; submit with gpu_check wait "
+                                  "to wait for them")
+        job = self._store.create(caller.user, caller.uid, caller.gid, spec, self._clock(),
+                                 state=JobState.QUEUED if blockers else JobState.STARTING)
         log.info("job.submitted", job_id=job.id, user=caller.user, unit=job.unit, argv0=spec.argv[0])
+        if blockers:
+            self._wait_for_gpus(job, caller, properties, blockers)
+        else:
+            self._start_or_abort(job, caller, properties)
+        return self._job(job.id)
+
+    def _start_or_abort(self, job: Job, caller: Caller, properties: Sequence[Encoded]) -> None:
         try:
             self._start(job, caller, properties)
         except Exception as err:  # the job exists: it must end recorded, never half-started
             log.error("job.start_failed", job_id=job.id, error=str(err))
             self._runtime.setdefault(job.id, _Runtime())
             self._abort_start(job.id, f"could not start the job's scope: {err}")
-        return self._job(job.id)
+
+    # -- waiting for GPUs that a stray holds (gpu_check wait) -------------------------------------
+    def _gpu_blockers(self, spec: JobSpec) -> List[Dict[str, Any]]:
+        """The strays on the GPUs the job will use; none when the GPUs cannot be read now."""
+        if self._gpus is None:
+            return []
+        found = self._gpus.blocking_strays(spec.env.get("CUDA_VISIBLE_DEVICES"))
+        if found is None:
+            log.warning("job.gpu_check_skipped", reason="the GPUs cannot be read now; see gpujobctl gpus")
+            return []
+        return found
+
+    def _wait_for_gpus(self, job: Job, caller: Caller, properties: Sequence[Encoded],
+                       blockers: List[Dict[str, Any]]) -> None:
+        runtime = self._runtime.setdefault(job.id, _Runtime())
+        runtime.queued = (caller, list(properties))
+        wait_s = self._config.gpu.prestart_wait_s
+        runtime.cancel_start_timer = self._scheduler.call_later(wait_s, lambda: self._gpu_wait_over(job.id))
+        log.info("job.waiting_for_gpus", job_id=job.id, wait_s=wait_s, strays=describe_strays(blockers))
+
+    def gpus_changed(self) -> None:
+        """The watcher has read the GPUs again: start the queued jobs whose GPUs are free now."""
+        for job_id in [job_id for job_id, runtime in self._runtime.items() if runtime.queued is not None]:
+            job = self._store.get(job_id)
+            if job is not None and job.state is JobState.QUEUED and not self._gpu_blockers(job.spec):
+                self._release_queued(job)
+
+    def _gpu_wait_over(self, job_id: int) -> None:
+        runtime = self._runtime.get(job_id)
+        job = self._store.get(job_id)
+        if runtime is None or runtime.queued is None or job is None or job.state is not JobState.QUEUED:
+            return
+        runtime.cancel_start_timer = None
+        blockers = self._gpu_blockers(job.spec)
+        if not blockers:
+            self._release_queued(job)
+            return
+        self._end(job, Outcome(EndReason.START_FAILED, detail=(
+            f"waited {self._config.gpu.prestart_wait_s:g} s (gpu.prestart_wait_s) for its GPUs: "
+            f"{describe_strays(blockers)}")), self._clock())
+
+    def _release_queued(self, job: Job) -> None:
+        runtime = self._runtime[job.id]
+        assert runtime.queued is not None
+        caller, properties = runtime.queued
+        runtime.queued = None
+        if runtime.cancel_start_timer is not None:
+            runtime.cancel_start_timer()
+            runtime.cancel_start_timer = None
+        job = self._commit(transition(job, JobState.STARTING))
+        log.info("job.gpus_free", job_id=job.id, waited_s=round(self._clock() - job.created_at, 1))
+        self._start_or_abort(job, caller, properties)
+
+    def live_job_ids(self) -> List[int]:
+        """The jobs that are not final: whose scopes' processes are theirs (the GPU watcher asks)."""
+        return [job.id for job in self._store.active_jobs()]
 
     def stop(self, caller: Caller, job_id: int) -> str:
         job = self._job(job_id)
         self._authorize(caller, job, "stop")
         if job.state.is_final:
             return api.STOP_ALREADY_ENDED
+        if job.state is JobState.QUEUED:  # nothing runs yet: it ends here
+            runtime = self._runtime.get(job_id)
+            if runtime is not None and runtime.cancel_start_timer is not None:
+                runtime.cancel_start_timer()
+            log.info("job.stopping", job_id=job_id, by=caller.user, unit=job.unit)
+            self._end(dataclasses.replace(job, stopped_by=caller.user), Outcome(
+                EndReason.STOPPED, detail=f"stopped by {caller.user} while it waited for its GPUs"),
+                self._clock())
+            return api.STOP_STOPPING
         if job.state is not JobState.STOPPING:
             job = self._commit(transition(job, JobState.STOPPING, stopped_by=caller.user))
         log.info("job.stopping", job_id=job_id, by=caller.user, unit=job.unit)
@@ -488,6 +574,10 @@ class Manager:
 
     def _reconcile_job(self, job: Job, unit_state: Optional[str]) -> None:
         self._runtime[job.id] = _Runtime()
+        if job.state is JobState.QUEUED:  # its wait for GPUs belonged to the daemon that stopped
+            self._end(job, Outcome(EndReason.START_FAILED, detail="gpujobd stopped while the job waited "
+                                   "for its GPUs; nothing of it ran: submit it again"), self._clock())
+            return
         if unit_state in ALIVE_UNIT_STATES:
             log.info("reconcile.reattached", job_id=job.id, unit=job.unit, active_state=unit_state)
             self._ingest_runs(job.id)  # runs of a loop that ended while the daemon was down
@@ -524,6 +614,31 @@ def _float(record: Optional[Mapping[str, Any]], key: str) -> Optional[float]:
 
 
 _RECORD_REASONS = {reason.value: reason for reason in EndReason}
+
+
+def describe_strays(strays: Sequence[Mapping[str, Any]]) -> str:
+    """'GPU 0 is held by a stray process: PID 4242 of bob, `python x.py`, 1.5 GiB, ...'."""
+    parts = []
+    for stray in strays:
+        gpus = ", ".join(str(index) for index in stray.get("gpu_indexes", [])) or "?"
+        command = " ".join(stray.get("command", []))
+        command = command if len(command) <= 120 else command[:117] + "..."
+        where = stray.get("unit") or stray.get("cgroup") or "no unit"
+        parts.append(f"GPU {gpus} is held by a stray process: PID {stray.get('pid')} of "
+                     f"{stray.get('user')}, `{command}`, {_size(stray.get('used_memory_bytes'))} "
+                     f"of GPU memory, in {where}")
+    return "; ".join(parts)
+
+
+def _size(count: Optional[int]) -> str:
+    if not count:
+        return "unknown"
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{value:.1f} GiB"
 
 
 def decide_outcome(record: Optional[Mapping[str, Any]], stopped_by: Optional[str],

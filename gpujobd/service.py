@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple, TypeVar
 
 from gi.repository import Gio, GLib
 from pydbus.generic import signal
@@ -52,13 +52,29 @@ def on_the_wire(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class GpuReports(Protocol):
+    """What the service asks of the GPU watcher (gpujobd.watcher.Watcher)."""
+
+    def report(self) -> Dict[str, Any]: ...
+
+    def job_gpu_memory(self, job_id: int) -> Optional[Dict[str, int]]: ...
+
+
+NO_WATCHER_REPORT = {"state": "disabled", "available": False, "reason": "this daemon has no GPU watcher",
+                     "devices": [], "strays": []}
+
+
 class ManagerService:
     dbus = api.INTROSPECTION_XML
     JobChanged = signal()
+    StrayFound = signal()
+    StrayCleared = signal()
 
-    def __init__(self, manager: Manager, connection: Gio.DBusConnection):
+    def __init__(self, manager: Manager, connection: Gio.DBusConnection,
+                 gpus: Optional[GpuReports] = None):
         self._manager = manager
         self._con = connection
+        self._gpus = gpus
         self._callers: collections.OrderedDict[str, Caller] = collections.OrderedDict()
 
     @property
@@ -68,7 +84,7 @@ class ManagerService:
     @on_the_wire
     def Submit(self, spec: Mapping[str, Any], dbus_context: Any = None) -> Dict[str, GLib.Variant]:
         caller = self._caller(dbus_context)
-        job = self._manager.submit(caller, decode_spec(spec))
+        job = self._manager.submit(caller, decode_spec(spec), gpu_check=decode_gpu_check(spec))
         return self._encode(job, caller)
 
     @on_the_wire
@@ -99,8 +115,20 @@ class ManagerService:
         data, next_offset, ended = self._manager.read_log(caller, job_id, offset, max_bytes)
         return GLib.Variant("ay", data), next_offset, ended
 
+    @on_the_wire
+    def Gpus(self, dbus_context: Any = None) -> Dict[str, GLib.Variant]:
+        self._caller(dbus_context)  # any known user may look, as at `ps`
+        report = self._gpus.report() if self._gpus is not None else NO_WATCHER_REPORT
+        return variants(api.encode_gpu_report(report))
+
     def job_changed(self, job: Job) -> None:
         self.JobChanged(job.id, job.state.value)
+
+    def stray_found(self, stray: Mapping[str, Any]) -> None:
+        self.StrayFound(variants(api.encode_stray(stray)))
+
+    def stray_cleared(self, stray: Mapping[str, Any]) -> None:
+        self.StrayCleared(variants(api.encode_stray(stray)))
 
     # -- helpers ---------------------------------------------------------------------------------
     def _caller(self, dbus_context: Any) -> Caller:
@@ -127,10 +155,27 @@ class ManagerService:
         return int(reply.unpack()[0])
 
     def _encode(self, job: Job, caller: Caller) -> Dict[str, GLib.Variant]:
-        wire = api.encode_job(job, log_path=self._manager.log_path(job.id))
+        gpu_memory = (self._gpus.job_gpu_memory(job.id)
+                      if self._gpus is not None and not job.state.is_final else None)
+        wire = api.encode_job(job, log_path=self._manager.log_path(job.id), gpu_memory=gpu_memory)
         if not (caller.is_admin or caller.uid == job.uid):
             wire.pop("env", None)  # may hold secrets: its owner and admins only
         return {key: GLib.Variant(signature, value) for key, (signature, value) in wire.items()}
+
+
+def variants(wire: Mapping[str, Tuple[str, Any]]) -> Dict[str, GLib.Variant]:
+    """{field: (signature, value)} -> {field: GLib.Variant}; records of an aa{sv} field in turn."""
+    return {key: GLib.Variant(signature, [variants(item) for item in value] if signature == "aa{sv}"
+                              else value) for key, (signature, value) in wire.items()}
+
+
+def decode_gpu_check(spec: Mapping[str, Any]) -> Optional[str]:
+    """The submit spec's gpu_check, or None for the server's gpu.prestart_check."""
+    value = _optional(spec, "gpu_check", str, "a string (s)", None)
+    if value is not None and value not in api.GPU_CHECKS:
+        raise InvalidArgument(f"spec field 'gpu_check': {value!r} is not one of "
+                              f"{', '.join(api.GPU_CHECKS)}")
+    return value
 
 
 def _expect(spec: Mapping[str, Any], key: str, kind: type, what: str) -> Any:

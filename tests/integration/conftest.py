@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -135,3 +136,56 @@ def gpujobd_service():
 @pytest.fixture
 def ctl(gpujobd_service) -> Ctl:
     return Ctl()
+
+
+# --- the NVML test double (tests/nvml_double), as this sandbox's libnvidia-ml.so.1 -------------------
+
+NVML_LIBRARY = Path("/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1")
+NVML_SCRIPT = Path("/run/nvml-double/script")  # the double's default: the daemon needs no environment
+
+
+@pytest.fixture(scope="session")
+def nvml_double(gpujobd_service) -> Path:
+    """The NVML double installed as the system's libnvidia-ml.so.1, read by the installed daemon
+    through the pynvml it ships (gpujobd/_vendor); sandbox only (the overlay makes it vanish)."""
+    if _where() != "sandbox":
+        pytest.skip("the NVML double replaces the system's libnvidia-ml.so.1: sandbox only")
+    from tests.nvml_double import LIBRARY_NAME, build
+
+    libdir = build(CHECKOUT / "build" / "nvml-double")
+    install_nvml_library(libdir / LIBRARY_NAME)
+    return libdir / LIBRARY_NAME
+
+
+def install_nvml_library(built: Path) -> None:
+    NVML_LIBRARY.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(built, NVML_LIBRARY)
+    sh("ldconfig")
+
+
+def remove_nvml_library() -> None:
+    NVML_LIBRARY.unlink(missing_ok=True)
+    sh("ldconfig")
+
+
+class NvmlScript:
+    """Writes the double's script (tests/nvml_double/script.py) at the path the daemon's NVML reads."""
+
+    path = NVML_SCRIPT
+
+    def write(self, **script) -> None:
+        from tests.nvml_double.script import write_script
+
+        write_script(self.path, **script)
+
+    def remove(self) -> None:
+        from tests.nvml_double.script import remove_script
+
+        remove_script(self.path)
+
+
+@pytest.fixture
+def nvml_script(nvml_double) -> Iterator[NvmlScript]:
+    script = NvmlScript()
+    yield script
+    script.remove()

@@ -55,8 +55,8 @@ def _args(element: ET.Element) -> list:
 
 
 # The members of the interface. Adding one is a deliberate change: update this and the snapshot.
-METHODS = ("Submit", "Stop", "Get", "List", "Runs", "ReadLog")
-SIGNALS = ("JobChanged",)
+METHODS = ("Submit", "Stop", "Get", "List", "Runs", "ReadLog", "Gpus")
+SIGNALS = ("JobChanged", "StrayFound", "StrayCleared")
 
 # What clients of version 1 call: these may never change (a new member or field may be added).
 V1_METHOD_ARGS = {

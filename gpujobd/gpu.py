@@ -1,0 +1,491 @@
+"""NVML, read honestly, off the main loop. The only module of gpujobd that imports pynvml.
+
+Three pieces, all used by gpujobd.watcher (see docs/gpu.md):
+
+- `Nvml` reads the GPUs: initialised once (again only after a failure), it lists every device (index,
+  UUID, name, memory, utilisation) and each device's compute and graphics processes with the GPU
+  memory they use. Every NVML error is handled at the call that raised it: a library or driver that
+  is missing raises `NvmlUnavailable` with NVML's own reason; GPU_IS_LOST marks that one device lost
+  and leaves the others be; NOT_SUPPORTED leaves that one field out; a permission or other error of
+  one call leaves that field out and says why in the device's `errors`.
+- `Worker` is the daemon's one extra thread. It runs one task at a time (an NVML read, /proc
+  inspection, a verified kill) and hands the result to the main loop with `post` (GLib.idle_add in
+  the daemon). Before each call that may block it names the call (`step`): the main loop sees how
+  long the current call has been running, without a lock and without waiting, and reports "nvml call
+  hung" instead of starting a second call while one is stuck in the kernel.
+- `Backoff`: the waits between tries of a failing NVML, doubling from gpu.retry_initial_s to
+  gpu.retry_max_s.
+
+`python -m gpujobd.gpu` prints one report as JSON; `--bench-tick` times a whole watch tick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
+
+# NVML return codes (nvml.h). pynvml defines the same numbers (tests/unit/test_gpu.py checks); they
+# are repeated here so that a daemon without pynvml still names them.
+NVML_SUCCESS = 0
+ERROR_UNINITIALIZED = 1
+ERROR_INVALID_ARGUMENT = 2
+ERROR_NOT_SUPPORTED = 3
+ERROR_NO_PERMISSION = 4
+ERROR_ALREADY_INITIALIZED = 5
+ERROR_NOT_FOUND = 6
+ERROR_DRIVER_NOT_LOADED = 9
+ERROR_TIMEOUT = 10
+ERROR_LIBRARY_NOT_FOUND = 12
+ERROR_FUNCTION_NOT_FOUND = 13
+ERROR_GPU_IS_LOST = 15
+ERROR_RESET_REQUIRED = 16
+ERROR_LIB_RM_VERSION_MISMATCH = 18
+ERROR_UNKNOWN = 999
+
+# Errors that say NVML as a whole is unusable, whichever call returned them: the report becomes
+# "unavailable", NVML is shut down, and initialised again on the next (backed-off) try.
+FATAL_ERRORS = frozenset({ERROR_UNINITIALIZED, ERROR_DRIVER_NOT_LOADED, ERROR_LIBRARY_NOT_FOUND,
+                          ERROR_LIB_RM_VERSION_MISMATCH})
+# Errors that say one device is gone; the other devices are read as usual.
+LOST_ERRORS = frozenset({ERROR_GPU_IS_LOST})
+
+DEVICE_OK = "ok"
+DEVICE_LOST = "lost"  # fell off the bus (GPU_IS_LOST)
+DEVICE_ERROR = "error"  # no handle: nothing but its index is known
+
+PROCESS_COMPUTE = "C"
+PROCESS_GRAPHICS = "G"
+PROCESS_BOTH = "C+G"
+
+
+class NvmlUnavailable(Exception):
+    """NVML cannot be used now; the message is NVML's reason (or why the bindings are missing)."""
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """A process NVML lists on a device. `pid` is what NVML said: untrusted (0, 2**32-1, another
+    PID namespace's number and swapped fields have been seen)."""
+
+    pid: int
+    type: str  # C, G or C+G, as nvidia-smi writes it
+    used_memory_bytes: Optional[int] = None  # None: NVML does not know (not available, not supported)
+
+
+@dataclass(frozen=True)
+class Device:
+    index: int
+    state: str = DEVICE_OK
+    uuid: Optional[str] = None
+    name: Optional[str] = None
+    memory_total_bytes: Optional[int] = None
+    memory_used_bytes: Optional[int] = None
+    utilization_gpu_percent: Optional[int] = None
+    utilization_memory_percent: Optional[int] = None
+    processes: Tuple[GpuProcess, ...] = ()
+    errors: Dict[str, str] = field(default_factory=dict)  # field -> NVML's reason it is missing
+
+
+@dataclass(frozen=True)
+class NvmlReport:
+    devices: Tuple[Device, ...]
+    driver_version: Optional[str] = None
+    taken_at: float = 0.0  # wall clock, when the read began
+    duration_s: float = 0.0
+
+    def pids(self) -> List[int]:
+        """Every PID any device lists, once each, in order of first appearance."""
+        seen: Dict[int, None] = {}
+        for device in self.devices:
+            for process in device.processes:
+                seen.setdefault(process.pid, None)
+        return list(seen)
+
+
+# --- the worker thread --------------------------------------------------------------------------------
+
+
+class Steps(Protocol):
+    """Where a task names the call it is about to make, so a hang is seen and named."""
+
+    def step(self, what: str) -> contextlib.AbstractContextManager: ...
+
+
+class NoSteps:
+    """For running a task on the calling thread (the CLI's self-test, the benchmark)."""
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        yield
+
+
+NO_STEPS = NoSteps()
+
+
+@dataclass(frozen=True)
+class Done:
+    """What a task gave back: its value, or the exception it raised."""
+
+    value: Any = None
+    error: Optional[BaseException] = None
+
+
+Post = Callable[[Callable[[], None]], None]  # runs a callable on the main loop, from any thread
+
+
+def glib_post(callback: Callable[[], None]) -> None:
+    """Run `callback` on the GLib main loop (GLib.idle_add is safe to call from any thread)."""
+    from gi.repository import GLib
+
+    def once() -> bool:
+        callback()
+        return False
+
+    GLib.idle_add(once)
+
+
+class Worker:
+    """One thread, one task at a time; results go to the main loop through `post`.
+
+    Main-loop side: `submit()`, `busy`, `current()`. Worker side: the task, and `step()` around each
+    call that may block. The only state shared between the two is `_current`, a tuple replaced
+    whole (one atomic store), so neither side ever waits for the other.
+    """
+
+    def __init__(self, post: Post = glib_post, name: str = "gpujobd-nvml",
+                 monotonic: Callable[[], float] = time.monotonic):
+        self._post = post
+        self._name = name
+        self._monotonic = monotonic
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._busy = False  # main loop only
+        self._current: Optional[Tuple[str, float]] = None  # written by the worker only
+
+    # -- main loop -----------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def submit(self, task: Callable[[Steps], Any], on_done: Callable[[Done], None]) -> bool:
+        """Queue `task` for the thread; False (and nothing queued) while a task is still running:
+        a stuck call must never get a second one beside it."""
+        if self._busy:
+            return False
+        self._busy = True
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        self._tasks.put((task, on_done))
+        return True
+
+    def current(self) -> Optional[Tuple[str, float]]:
+        """(what, seconds so far) of the call the thread is in now, or None between calls."""
+        current = self._current
+        if current is None:
+            return None
+        return current[0], max(0.0, self._monotonic() - current[1])
+
+    # -- the thread ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        self._current = (what, self._monotonic())
+        try:
+            yield
+        finally:
+            self._current = None
+
+    def _run(self) -> None:
+        while True:
+            task, on_done = self._tasks.get()
+            try:
+                done = Done(value=task(self))
+            except BaseException as err:  # the main loop decides; the thread goes on
+                done = Done(error=err)
+            self._current = None
+            self._post(lambda on_done=on_done, done=done: self._finish(on_done, done))
+
+    def _finish(self, on_done: Callable[[Done], None], done: Done) -> None:
+        self._busy = False
+        on_done(done)
+
+
+class Backoff:
+    """initial, 2*initial, 4*initial, ... up to maximum; reset() after a success."""
+
+    def __init__(self, initial_s: float, maximum_s: float):
+        self.initial_s = initial_s
+        self.maximum_s = maximum_s
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        delay = min(self.maximum_s, self.initial_s * (2 ** min(self.failures, 62)))
+        self.failures += 1
+        return delay
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+# --- NVML ---------------------------------------------------------------------------------------------
+
+
+def import_pynvml() -> Any:
+    """A system-wide pynvml (newer GPUs may need a newer one) first, else the copy gpujobd ships."""
+    try:
+        import pynvml
+    except ImportError:
+        try:
+            from gpujobd._vendor import pynvml  # type: ignore[no-redef]
+        except ImportError as err:
+            raise NvmlUnavailable(
+                "the NVML Python bindings are not installed (module pynvml, PyPI package "
+                f"nvidia-ml-py), and gpujobd's bundled copy is missing: {err}") from None
+    return pynvml
+
+
+def _reason(err: BaseException) -> str:
+    """NVML's words for an error, with its code: 'Driver Not Loaded (NVML error 9)'."""
+    code = getattr(err, "value", None)
+    try:
+        text = str(err)
+    except Exception:  # pynvml asks the library for unknown codes' strings; that may fail too
+        text = ""
+    text = text or type(err).__name__
+    return f"{text} (NVML error {code})" if isinstance(code, int) else text
+
+
+class _DeviceLost(Exception):
+    pass
+
+
+class Nvml:
+    """Reads the GPUs through pynvml (or a module of the same shape: the tests' fake).
+
+    Not thread-safe: one Worker thread is its only user. `read()` initialises NVML when it is not,
+    and shuts it down after a failure that makes it unusable, so the next read starts afresh.
+    """
+
+    def __init__(self, load: Callable[[], Any] = import_pynvml,
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic):
+        self._load = load
+        self._clock = clock
+        self._monotonic = monotonic
+        self._nv: Any = None
+        self._initialised = False
+        self.driver_version: Optional[str] = None
+
+    @property
+    def initialised(self) -> bool:
+        return self._initialised
+
+    def read(self, steps: Steps = NO_STEPS) -> NvmlReport:
+        """Every device and its processes. Raises NvmlUnavailable when NVML cannot be used."""
+        taken_at, started = self._clock(), self._monotonic()
+        try:
+            self._init(steps)
+            with steps.step("nvmlDeviceGetCount"):
+                count = self._nv.nvmlDeviceGetCount()
+            devices = tuple(self._device(steps, index) for index in range(int(count)))
+        except NvmlUnavailable:
+            self._shutdown(steps)
+            raise
+        except Exception as err:
+            if self._is_nvml_error(err) or self._nv is None:
+                self._shutdown(steps)
+                raise NvmlUnavailable(_reason(err)) from None
+            self._shutdown(steps)
+            raise NvmlUnavailable(f"NVML failed unexpectedly: {type(err).__name__}: {err}") from None
+        return NvmlReport(devices=devices, driver_version=self.driver_version, taken_at=taken_at,
+                          duration_s=self._monotonic() - started)
+
+    def shutdown(self, steps: Steps = NO_STEPS) -> None:
+        self._shutdown(steps)
+
+    # -- one device ----------------------------------------------------------------------------------
+    def _device(self, steps: Steps, index: int) -> Device:
+        errors: Dict[str, str] = {}
+        try:
+            handle = self._call(steps, f"nvmlDeviceGetHandleByIndex({index})",
+                                self._nv.nvmlDeviceGetHandleByIndex, index)
+        except _DeviceLost as lost:
+            return Device(index=index, state=DEVICE_LOST, errors={"device": str(lost)})
+        except _FieldError as err:
+            return Device(index=index, state=DEVICE_ERROR, errors={"device": str(err)})
+        values: Dict[str, Any] = {}
+        try:
+            values["uuid"] = self._field(steps, index, "uuid", errors, self._nv.nvmlDeviceGetUUID, handle)
+            values["name"] = self._field(steps, index, "name", errors, self._nv.nvmlDeviceGetName, handle)
+            memory = self._field(steps, index, "memory", errors, self._nv.nvmlDeviceGetMemoryInfo, handle)
+            if memory is not None:
+                values["memory_total_bytes"] = _int_or_none(getattr(memory, "total", None))
+                values["memory_used_bytes"] = _int_or_none(getattr(memory, "used", None))
+            rates = self._field(steps, index, "utilization", errors,
+                                self._nv.nvmlDeviceGetUtilizationRates, handle)
+            if rates is not None:
+                values["utilization_gpu_percent"] = _int_or_none(getattr(rates, "gpu", None))
+                values["utilization_memory_percent"] = _int_or_none(getattr(rates, "memory", None))
+            compute = self._field(steps, index, "compute_processes", errors,
+                                  self._nv.nvmlDeviceGetComputeRunningProcesses, handle)
+            graphics = self._field(steps, index, "graphics_processes", errors,
+                                   self._nv.nvmlDeviceGetGraphicsRunningProcesses, handle)
+        except _DeviceLost as lost:
+            errors["device"] = str(lost)
+            return Device(index=index, state=DEVICE_LOST, errors=errors,
+                          **{k: v for k, v in values.items() if k in ("uuid", "name")})
+        values["processes"] = _merge_processes(compute or (), graphics or ())
+        return Device(index=index, errors=errors, **values)
+
+    def _field(self, steps: Steps, index: int, name: str, errors: Dict[str, str],
+               fn: Callable[..., Any], *args: Any) -> Any:
+        """One NVML call for one field: its value, or None (NOT_SUPPORTED: silently; other errors:
+        noted in `errors`). GPU_IS_LOST raises _DeviceLost, fatal errors NvmlUnavailable."""
+        try:
+            value = self._call(steps, f"{fn.__name__}(GPU {index})", fn, *args)
+        except _FieldError as err:
+            if err.code != ERROR_NOT_SUPPORTED:
+                errors[name] = str(err)
+            return None
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        return value
+
+    def _call(self, steps: Steps, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            with steps.step(what):
+                return fn(*args)
+        except Exception as err:
+            if self._is_mismatch(err):  # pynvml: this one function's struct differs from the driver's
+                raise _FieldError(None, f"{type(err).__name__}: {err}") from None
+            if not self._is_nvml_error(err):
+                raise
+            code = getattr(err, "value", None)
+            if code in FATAL_ERRORS:
+                raise NvmlUnavailable(f"{what}: {_reason(err)}") from None
+            if code in LOST_ERRORS:
+                raise _DeviceLost(_reason(err)) from None
+            raise _FieldError(code, _reason(err)) from None
+
+    # -- init and shutdown ---------------------------------------------------------------------------
+    def _init(self, steps: Steps) -> None:
+        if self._initialised:
+            return
+        if self._nv is None:
+            self._nv = self._load()
+        try:
+            with steps.step("nvmlInit"):
+                self._nv.nvmlInit()
+        except Exception as err:
+            if self._is_nvml_error(err):
+                raise NvmlUnavailable(_reason(err)) from None
+            raise NvmlUnavailable(f"nvmlInit failed: {type(err).__name__}: {err}") from None
+        self._initialised = True
+        try:
+            with steps.step("nvmlSystemGetDriverVersion"):
+                version = self._nv.nvmlSystemGetDriverVersion()
+            self.driver_version = version.decode() if isinstance(version, bytes) else str(version)
+        except Exception as err:
+            if not self._is_nvml_error(err):
+                raise
+            self.driver_version = None
+
+    def _shutdown(self, steps: Steps) -> None:
+        if not self._initialised:
+            return
+        self._initialised = False
+        try:
+            with steps.step("nvmlShutdown"):
+                self._nv.nvmlShutdown()
+        except Exception as err:  # already unusable: nothing to tell beyond the first error
+            if not self._is_nvml_error(err):
+                raise
+
+    def _is_mismatch(self, err: BaseException) -> bool:
+        error_class = getattr(self._nv, "NVMLLibraryMismatchError", None)
+        return isinstance(error_class, type) and isinstance(err, error_class)
+
+    def _is_nvml_error(self, err: BaseException) -> bool:
+        error_class = getattr(self._nv, "NVMLError", None)
+        return isinstance(error_class, type) and isinstance(err, error_class)
+
+
+class _FieldError(Exception):
+    def __init__(self, code: Optional[int], reason: str):
+        super().__init__(reason)
+        self.code = code
+
+
+def _int_or_none(value: Any) -> Optional[int]:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+# NVML's "not available" for unsigned long long (pynvml already maps it to None for usedGpuMemory).
+_NOT_AVAILABLE_ULL = 2**64 - 1
+
+
+def _merge_processes(compute: Any, graphics: Any) -> Tuple[GpuProcess, ...]:
+    """One entry per PID: a process in both lists is C+G; its memory is the larger figure given."""
+    merged: Dict[int, GpuProcess] = {}
+    for kind, listed in ((PROCESS_COMPUTE, compute), (PROCESS_GRAPHICS, graphics)):
+        for info in listed:
+            pid = _int_or_none(getattr(info, "pid", None))
+            if pid is None:
+                continue
+            memory = _int_or_none(getattr(info, "usedGpuMemory", None))
+            if memory == _NOT_AVAILABLE_ULL:
+                memory = None
+            earlier = merged.get(pid)
+            if earlier is None:
+                merged[pid] = GpuProcess(pid=pid, type=kind, used_memory_bytes=memory)
+                continue
+            both = PROCESS_BOTH if earlier.type != kind else kind
+            known = [m for m in (earlier.used_memory_bytes, memory) if m is not None]
+            merged[pid] = GpuProcess(pid=pid, type=both, used_memory_bytes=max(known) if known else None)
+    return tuple(merged.values())
+
+
+def report_to_json(report: NvmlReport) -> Dict[str, Any]:
+    return dataclasses.asdict(report)
+
+
+# --- command line: a self-test and the cost of one tick ------------------------------------------------
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m gpujobd.gpu",
+        description="Read the GPUs through NVML once, as the daemon's watcher does, and print it.")
+    parser.add_argument("--bench-tick", action="store_true",
+                        help="time whole watch ticks (NVML, /proc and classification) and print the figure")
+    parser.add_argument("--repeat", type=int, default=20, help="ticks to time with --bench-tick")
+    args = parser.parse_args(argv)
+    nvml = Nvml()
+    if not args.bench_tick:
+        try:
+            report = nvml.read()
+        except NvmlUnavailable as err:
+            print(json.dumps({"available": False, "reason": str(err)}, indent=2))
+            return 1
+        print(json.dumps({"available": True, **report_to_json(report)}, indent=2))
+        return 0
+    from gpujobd.log import configure_logging
+    from gpujobd.watcher import bench_tick
+
+    configure_logging("console", "error")  # every process is news on the first tick: not the figure
+    result = bench_tick(nvml, repeat=max(1, args.repeat))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
