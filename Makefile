@@ -1,6 +1,6 @@
 # gpujobd — every target does what CI does; see README.md.
 #   make demo      boot the sandbox, install gpujobd, show it at work
-#   make test      unit tests on this host, integration tests in the sandbox
+#   make test      lint, unit tests on this host, integration and package tests in the sandbox
 #   make install   install from this checkout (DESTDIR, PREFIX honoured)
 
 PREFIX ?= /usr/local
@@ -43,7 +43,7 @@ integration-host: venv
 	@test "$$(cat /proc/1/comm)" = systemd || { echo "PID 1 is not systemd here: use make integration"; exit 2; }
 	$(VENV)/bin/python -m pytest -q tests/integration
 
-test: lint unit integration
+test: lint unit integration package-test
 
 demo: venv
 	$(SANDBOX) run -- sh tests/demo.sh
@@ -125,6 +125,7 @@ PKG_TEST_SUFFIX = +pkgtest1
 package-test: venv
 	$(MAKE) deb
 	$(MAKE) deb DEB_VERSION_SUFFIX=$(PKG_TEST_SUFFIX)
+	$(MAKE) rpm
 	GPUJOBD_DEB=dist/gpujobd_$(DEB_VERSION)_all.deb \
 	GPUJOBD_DEB_UPGRADE=dist/gpujobd_$(DEB_VERSION)$(PKG_TEST_SUFFIX)_all.deb \
 		$(SANDBOX) run -- $(VENV)/bin/python -m pytest -q tests/packaging
