@@ -1,20 +1,20 @@
 """The daemon's core: job transitions, authorization and the crash reconcile.
 
-It sees systemd, the supervisor spawner, the job files, the store and the clock through small
-protocols, so it is tested with stateful fakes (tests/unit/test_manager.py) and never imports a D-Bus
-or systemd library. Every transition is committed to the store before it is signalled or released.
+It sees systemd, the supervisor spawner, the job files, the store and the clock through the small
+protocols of gpujobd.ports, so it is tested with stateful fakes (tests/unit/test_manager.py) and
+never imports a D-Bus or systemd library. Every transition is committed to the store before it is
+signalled or released.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import grp
-import math
 import os
 import pwd
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gpujobd import api
 from gpujobd.config import Config
@@ -30,84 +30,16 @@ from gpujobd.model import (
     job_id_from_unit,
     transition,
 )
-from gpujobd.properties import Encoded, parse_properties
+from gpujobd.outcome import RECORD_REASONS, decide_outcome, record_float
+from gpujobd.ports import GatePort, GpuPort, JobFilesPort, SchedulerPort, Spawn, StorePort, SystemdPort
+from gpujobd.properties import Encoded
+from gpujobd.validation import validate, with_loop_defaults
 
 log = get_logger()
 
 ALIVE_UNIT_STATES = frozenset({"active", "activating", "deactivating", "reloading", "refreshing"})
 GONE_UNIT_STATES = frozenset({"inactive", "failed"})
 START_JOB_DONE = "done"
-MAX_TIMEOUT_S = 100 * 365 * 24 * 3600.0  # RuntimeMaxSec= is in microseconds, a uint64
-
-
-# -- the ports the core uses ---------------------------------------------------------------------
-class GatePort(Protocol):
-    pid: int
-
-    def release(self) -> None: ...
-
-    def abort(self) -> None: ...
-
-
-class SystemdPort(Protocol):
-    def start_scope(self, job: Job, pid: int, properties: Sequence[Encoded],
-                    on_done: Callable[[str], None]) -> None: ...
-
-    def stop_unit(self, unit: str) -> None: ...
-
-    def list_job_units(self) -> Mapping[str, str]: ...  # unit name -> ActiveState
-
-    def scope_result(self, unit: str) -> Optional[str]: ...
-
-
-class JobFilesPort(Protocol):
-    def create_log(self, job_id: int, uid: int, gid: int) -> int: ...
-
-    def log_path(self, job_id: int) -> str: ...
-
-    def read_log(self, job_id: int, offset: int, max_bytes: int) -> Tuple[bytes, int]: ...
-
-    def record_path(self, job_id: int) -> str: ...
-
-    def runs_path(self, job_id: int) -> str: ...
-
-    def read_exit_record(self, job_id: int) -> Optional[Dict[str, Any]]: ...
-
-    def read_runs(self, job_id: int) -> List[Dict[str, Any]]: ...
-
-    def discard_records(self, job_id: int) -> None: ...
-
-    def record_job_ids(self) -> List[int]: ...
-
-
-class StorePort(Protocol):
-    def create(self, user: str, uid: int, gid: int, spec: JobSpec, created_at: float,
-               state: JobState = ...) -> Job: ...
-
-    def save(self, job: Job) -> None: ...
-
-    def get(self, job_id: int) -> Optional[Job]: ...
-
-    def list_jobs(self, *, include_ended: bool, ended_since: Optional[float], user: Optional[str],
-                  state: Optional[JobState], limit: int, after_id: Optional[int] = None) -> List[Job]: ...
-
-    def active_jobs(self) -> List[Job]: ...
-
-    def record_run(self, job_id: int, run: int, started_at: Optional[float], ended_at: Optional[float],
-                   exit_code: Optional[int], signal: Optional[int], reason: str, detail: str) -> None: ...
-
-
-class SchedulerPort(Protocol):
-    def call_later(self, seconds: float, callback: Callable[[], None]) -> Callable[[], None]: ...
-
-
-class GpuPort(Protocol):
-    """The GPU watcher, for the check before a job starts (gpujobd.watcher.Watcher)."""
-
-    def blocking_strays(self, cuda_visible_devices: Optional[str]) -> Optional[List[Dict[str, Any]]]: ...
-
-
-Spawn = Callable[[Dict[str, Any], int], GatePort]
 
 
 @dataclass(frozen=True)
@@ -172,8 +104,8 @@ class Manager:
         if caller.uid == 0:
             raise PermissionDenied("gpujobd never runs a job as root: submit as the user the work "
                                    "belongs to (e.g. runuser -u USER -- gpujobctl submit ...)")
-        spec = self._with_loop_defaults(spec)
-        properties = self._validate(spec) + self._binding(caller, spec)
+        spec = with_loop_defaults(spec, self._config.jobs)
+        properties = validate(spec, self._config.jobs) + self._binding(caller, spec)
         check = gpu_check or self._config.gpu.prestart_check
         blockers = self._gpu_blockers(spec) if check != "off" else []
         if blockers and check == "refuse":
@@ -298,60 +230,6 @@ class Manager:
         return self._files.log_path(job_id)
 
     # -- starting --------------------------------------------------------------------------------
-    def _validate(self, spec: JobSpec) -> List[Encoded]:
-        problems = []
-        if not spec.argv or not spec.argv[0]:
-            problems.append("the command is empty: give it after '--', "
-                            "e.g. gpujobctl submit -- python train.py")
-        if sum(len(a.encode()) + 1 for a in spec.argv) > api.MAX_ARG_BYTES:
-            problems.append(f"the command line is longer than {api.MAX_ARG_BYTES} bytes")
-        if any("\0" in a for a in spec.argv):
-            problems.append("the command contains a NUL byte")
-        if not os.path.isabs(spec.cwd) or "\0" in spec.cwd:
-            problems.append(f"cwd {spec.cwd!r} must be an absolute path")
-        for key, value in spec.env.items():
-            if not key or "=" in key or "\0" in key or "\0" in value:
-                problems.append(f"--env {key!r}: a name must be non-empty, without '=' or NUL")
-        if len(spec.env) > api.MAX_ENV_ITEMS:
-            problems.append(f"more than {api.MAX_ENV_ITEMS} --env entries")
-        if len(spec.name) > api.MAX_NAME_LENGTH:
-            problems.append(f"--name is longer than {api.MAX_NAME_LENGTH} characters")
-        problems += self._timeout_problems(spec.timeout_s)
-        problems += self._loop_problems(spec)
-        try:
-            properties = parse_properties(spec.properties, self._config.jobs.allowed_properties)
-        except InvalidArgument as err:
-            problems.append(str(err))
-            properties = []
-        if problems:
-            raise InvalidArgument("; ".join(problems))
-        return properties
-
-    def _with_loop_defaults(self, spec: JobSpec) -> JobSpec:
-        if not spec.background:
-            return spec
-        jobs = self._config.jobs
-        return dataclasses.replace(
-            spec,
-            max_runs=jobs.default_max_runs if spec.max_runs is None else spec.max_runs,
-            restart_delay_s=jobs.restart_delay_s if spec.restart_delay_s is None else spec.restart_delay_s,
-        )
-
-    def _loop_problems(self, spec: JobSpec) -> List[str]:
-        if not spec.background:
-            given = [flag for flag, value in (("--max-runs", spec.max_runs not in (None, 1)),
-                                              ("--restart-delay", spec.restart_delay_s is not None),
-                                              ("--stop-on-failure", spec.stop_on_failure)) if value]
-            return [f"{', '.join(given)} only apply to background loops: add --background"] if given else []
-        limit = self._config.jobs.max_runs_limit
-        problems = []
-        if not 1 <= (spec.max_runs or 0) <= limit:
-            problems.append(f"--max-runs {spec.max_runs}: must be from 1 to this server's limit of "
-                            f"{limit} (jobs.max_runs_limit)")
-        if spec.restart_delay_s is None or not spec.restart_delay_s >= 0:
-            problems.append(f"--restart-delay {spec.restart_delay_s}: must be 0 or more seconds")
-        return problems
-
     def _binding(self, caller: Caller, spec: JobSpec) -> List[Encoded]:
         """BindsTo= + After= the foreground job's scope: systemd stops this job when that one ends."""
         if spec.bind_to is None:
@@ -366,17 +244,6 @@ class Manager:
             raise InvalidArgument(f"--bind-to {spec.bind_to}: that job is {target.state.value}; "
                                   "a job can only be bound to one that is starting or running")
         return [("BindsTo", "as", [target.unit]), ("After", "as", [target.unit])]
-
-    def _timeout_problems(self, timeout_s: Optional[float]) -> List[str]:
-        if timeout_s is None:
-            return []
-        limit = self._config.jobs.max_timeout_s
-        if not (timeout_s > 0 and math.isfinite(timeout_s)) or timeout_s > MAX_TIMEOUT_S:
-            return [f"--timeout {timeout_s}: must be a positive number of seconds, at most "
-                    f"{MAX_TIMEOUT_S:.0f}"]
-        if limit and timeout_s > limit:
-            return [f"--timeout {timeout_s}: above this server's limit of {limit} s (jobs.max_timeout_s)"]
-        return []
 
     def _start(self, job: Job, caller: Caller, properties: Sequence[Encoded]) -> None:
         log_fd = self._files.create_log(job.id, job.uid, job.gid)
@@ -516,8 +383,8 @@ class Manager:
         self._ingest_runs(job.id)
         outcome = decide_outcome(record, job.stopped_by, scope_result, self._bound_job_ended(job),
                                  had_timeout=job.spec.timeout_s is not None)
-        ended_at = _float(record, "ended_at") or self._clock()
-        started_at = job.started_at or _float(record, "started_at")
+        ended_at = record_float(record, "ended_at") or self._clock()
+        started_at = job.started_at or record_float(record, "started_at")
         self._end(dataclasses.replace(job, started_at=started_at), outcome, ended_at)
 
     def _bound_job_ended(self, job: Job) -> bool:
@@ -537,9 +404,10 @@ class Manager:
             if not isinstance(number, int) or number in known:
                 continue
             reason = str(run.get("reason") or "")
-            self._store.record_run(job_id, number, _float(run, "started_at"), _float(run, "ended_at"),
+            self._store.record_run(job_id, number, record_float(run, "started_at"),
+                                   record_float(run, "ended_at"),
                                    run.get("exit_code"), run.get("signal"),
-                                   reason if reason in _RECORD_REASONS else EndReason.LOST.value,
+                                   reason if reason in RECORD_REASONS else EndReason.LOST.value,
                                    str(run.get("detail") or ""))
             new += 1
         return new
@@ -606,16 +474,6 @@ class Manager:
         return job
 
 
-def _float(record: Optional[Mapping[str, Any]], key: str) -> Optional[float]:
-    if not record:
-        return None
-    value = record.get(key)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-_RECORD_REASONS = {reason.value: reason for reason in EndReason}
-
-
 def describe_strays(strays: Sequence[Mapping[str, Any]]) -> str:
     """'GPU 0 is held by a stray process: PID 4242 of bob, `python x.py`, 1.5 GiB, ...'."""
     parts = []
@@ -639,34 +497,3 @@ def _size(count: Optional[int]) -> str:
             return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
         value /= 1024
     return f"{value:.1f} GiB"
-
-
-def decide_outcome(record: Optional[Mapping[str, Any]], stopped_by: Optional[str],
-                   scope_result: Optional[str], bound_job_ended: bool = False,
-                   had_timeout: bool = True) -> Outcome:
-    """How a job ended, from its supervisor's record, who stopped it, systemd's scope result and
-    whether the job it was bound to has ended."""
-    exit_code = record.get("exit_code") if record else None
-    signal = record.get("signal") if record else None
-    leftovers = int(record.get("leftover_processes") or 0) if record else 0
-    detail = str(record.get("detail") or "") if record else ""
-    common = {"exit_code": exit_code, "signal": signal, "leftover_processes": leftovers}
-    killed_from_outside = record is None or record.get("terminated_by_signal") is not None
-    if stopped_by:
-        return Outcome(EndReason.STOPPED, detail=f"stopped by {stopped_by}", **common)
-    # systemd also says "timeout" when stopping took longer than the stop timeout (leftovers that
-    # ignore SIGTERM after the command itself ended): that is not the job's --timeout.
-    if scope_result == "timeout" and had_timeout and killed_from_outside:
-        return Outcome(EndReason.TIMEOUT, detail="the job reached its --timeout (RuntimeMaxSec)",
-                       **common)
-    if bound_job_ended and killed_from_outside:
-        return Outcome(EndReason.BOUND_JOB_ENDED, detail="the job it was bound to ended", **common)
-    if scope_result == "oom-kill":
-        return Outcome(EndReason.OOM_KILL, detail="the kernel's OOM killer acted in the job", **common)
-    if record is None:
-        return Outcome(EndReason.LOST, detail="the job's scope ended and its supervisor left no exit "
-                                              "record (it was killed, or its files were removed)")
-    reason = _RECORD_REASONS.get(str(record.get("reason")), EndReason.LOST)
-    if reason is EndReason.LOST:
-        detail = f"unreadable exit record: reason {record.get('reason')!r}"
-    return Outcome(reason, detail=detail, **common)

@@ -21,7 +21,7 @@ import pytest
 from gpujobd import api
 from gpujobd.config import Config, config_from_mapping
 from gpujobd.errors import InvalidArgument, NotFound, PermissionDenied
-from gpujobd.manager import ALIVE_UNIT_STATES, Caller, Manager, decide_outcome
+from gpujobd.manager import ALIVE_UNIT_STATES, Caller, Manager
 from gpujobd.model import (
     EndReason,
     Job,
@@ -32,6 +32,7 @@ from gpujobd.model import (
     transition,
     unit_name,
 )
+from gpujobd.outcome import decide_outcome
 from gpujobd.store import Store
 
 NOW = 1_750_000_000.0

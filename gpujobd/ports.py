@@ -1,0 +1,78 @@
+"""The ports the manager uses: small protocols, so the core is tested with stateful fakes and
+never imports a D-Bus, systemd or NVML library."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
+
+from gpujobd.model import Job, JobSpec, JobState
+from gpujobd.properties import Encoded
+
+
+class GatePort(Protocol):
+    pid: int
+
+    def release(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class SystemdPort(Protocol):
+    def start_scope(self, job: Job, pid: int, properties: Sequence[Encoded],
+                    on_done: Callable[[str], None]) -> None: ...
+
+    def stop_unit(self, unit: str) -> None: ...
+
+    def list_job_units(self) -> Mapping[str, str]: ...  # unit name -> ActiveState
+
+    def scope_result(self, unit: str) -> Optional[str]: ...
+
+
+class JobFilesPort(Protocol):
+    def create_log(self, job_id: int, uid: int, gid: int) -> int: ...
+
+    def log_path(self, job_id: int) -> str: ...
+
+    def read_log(self, job_id: int, offset: int, max_bytes: int) -> Tuple[bytes, int]: ...
+
+    def record_path(self, job_id: int) -> str: ...
+
+    def runs_path(self, job_id: int) -> str: ...
+
+    def read_exit_record(self, job_id: int) -> Optional[Dict[str, Any]]: ...
+
+    def read_runs(self, job_id: int) -> List[Dict[str, Any]]: ...
+
+    def discard_records(self, job_id: int) -> None: ...
+
+    def record_job_ids(self) -> List[int]: ...
+
+
+class StorePort(Protocol):
+    def create(self, user: str, uid: int, gid: int, spec: JobSpec, created_at: float,
+               state: JobState = ...) -> Job: ...
+
+    def save(self, job: Job) -> None: ...
+
+    def get(self, job_id: int) -> Optional[Job]: ...
+
+    def list_jobs(self, *, include_ended: bool, ended_since: Optional[float], user: Optional[str],
+                  state: Optional[JobState], limit: int, after_id: Optional[int] = None) -> List[Job]: ...
+
+    def active_jobs(self) -> List[Job]: ...
+
+    def record_run(self, job_id: int, run: int, started_at: Optional[float], ended_at: Optional[float],
+                   exit_code: Optional[int], signal: Optional[int], reason: str, detail: str) -> None: ...
+
+
+class SchedulerPort(Protocol):
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> Callable[[], None]: ...
+
+
+class GpuPort(Protocol):
+    """The GPU watcher, for the check before a job starts (gpujobd.watcher.Watcher)."""
+
+    def blocking_strays(self, cuda_visible_devices: Optional[str]) -> Optional[List[Dict[str, Any]]]: ...
+
+
+Spawn = Callable[[Dict[str, Any], int], GatePort]
