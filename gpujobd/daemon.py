@@ -76,6 +76,7 @@ def run(config: Config) -> int:
     from pydbus import SystemBus
 
     from gpujobd import api
+    from gpujobd.attribution import ProcFs
     from gpujobd.gpu import Nvml, Worker
     from gpujobd.log import get_logger
     from gpujobd.manager import Manager
@@ -83,8 +84,9 @@ def run(config: Config) -> int:
     from gpujobd.service import ManagerService
     from gpujobd.spawner import RECORD_SUFFIX, RUNS_SUFFIX, JobFiles, spawn_supervisor
     from gpujobd.store import Store
+    from gpujobd.strays import system_uid_min
     from gpujobd.systemd import JobUnits, Systemd, notify_ready
-    from gpujobd.watcher import ProcFs, Watcher, system_uid_min
+    from gpujobd.watcher import Watcher
 
     log = get_logger()
     loop = GLib.MainLoop()

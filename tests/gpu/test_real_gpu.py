@@ -16,8 +16,9 @@ from typing import List
 
 import pytest
 
+from gpujobd.attribution import ProcFs
 from gpujobd.gpu import NO_STEPS, Nvml, NvmlUnavailable
-from gpujobd.watcher import ProcFs, bench_tick, collect
+from gpujobd.watcher import bench_tick, collect
 
 pytestmark = pytest.mark.gpu
 

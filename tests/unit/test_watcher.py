@@ -17,13 +17,23 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from gpujobd import watcher as w
+from gpujobd.attribution import (
+    Identity,
+    ProcFs,
+    ProcInfo,
+    attribute,
+    parse_cgroup,
+    parse_stat,
+    unit_of_cgroup,
+)
 from gpujobd.config import Config, config_from_mapping
 from gpujobd.errors import InvalidArgument
 from gpujobd.gpu import Device, Done, GpuProcess, NvmlReport, NvmlUnavailable
 from gpujobd.manager import Manager
 from gpujobd.model import EndReason, JobState
 from gpujobd.store import Store
-from gpujobd.watcher import Identity, ProcFs, ProcInfo, Watcher
+from gpujobd.strays import Verdict, kill_verdict, kill_verified, system_uid_min
+from gpujobd.watcher import Watcher
 from tests.unit import test_manager as tm
 from tests.unit.test_manager import OWNER, Rig, spec
 
@@ -47,9 +57,9 @@ def proc(pid: int, *, user: str = "alice", uid: int = 1000, euid: Optional[int] 
 def test_only_the_v2_line_of_proc_cgroup_counts() -> None:
     text = ("12:memory:/user.slice\n11:cpu,cpuacct:/system.slice/sshd.service\n"
             "0::/gpujob.slice/gpujob-7.scope\n")
-    assert w.parse_cgroup(text) == "/gpujob.slice/gpujob-7.scope"
-    assert w.parse_cgroup("0::/\n") == "/"
-    assert w.parse_cgroup("5:cpuset:/gpujob.slice/gpujob-9.scope\n") is None, "v1 lines are the host's"
+    assert parse_cgroup(text) == "/gpujob.slice/gpujob-7.scope"
+    assert parse_cgroup("0::/\n") == "/"
+    assert parse_cgroup("5:cpuset:/gpujob.slice/gpujob-9.scope\n") is None, "v1 lines are the host's"
 
 
 @pytest.mark.parametrize(("path", "unit"), [
@@ -65,12 +75,12 @@ def test_only_the_v2_line_of_proc_cgroup_counts() -> None:
     (None, None),
 ])
 def test_the_unit_is_the_last_scope_or_service_component(path: Optional[str], unit: Optional[str]) -> None:
-    assert w.unit_of_cgroup(path) == unit
+    assert unit_of_cgroup(path) == unit
 
 
 def test_stat_is_parsed_past_a_comm_with_blanks_and_parentheses() -> None:
     fields = " ".join(str(n) for n in range(4, 53))  # ppid is field 4, starttime field 22
-    assert w.parse_stat(f"4242 (a b) (c)) S {fields}") == ("a b) (c)", "S", 4, 22)
+    assert parse_stat(f"4242 (a b) (c)) S {fields}") == ("a b) (c)", "S", 4, 22)
 
 
 def write_proc(root: Path, pid: int, *, comm: str = "python", ppid: int = 1, uid: int = 1000,
@@ -151,15 +161,15 @@ def test_procfs_reads_this_very_process() -> None:
 ])
 def test_attribution(pid: int, info: Optional[ProcInfo], owner: str, job_id: Optional[int],
                      unit: Optional[str]) -> None:
-    who = w.attribute(pid, info, live_jobs={7}, pid_max=4194304)
+    who = attribute(pid, info, live_jobs={7}, pid_max=4194304)
     assert (who.owner, who.job_id, who.unit) == (owner, job_id, unit)
     if owner in ("stray", "unknown") and info is None:
         assert who.note
 
 
 def test_an_invalid_pid_is_named_as_such() -> None:
-    assert "not a valid PID" in w.attribute(4294967295, None, (), 4194304).note
-    assert "no process 4242 in this PID namespace" in w.attribute(4242, None, (), 4194304).note
+    assert "not a valid PID" in attribute(4294967295, None, (), 4194304).note
+    assert "no process 4242 in this PID namespace" in attribute(4242, None, (), 4194304).note
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,9 +183,9 @@ def kill_config(**gpu: Any) -> Config:
 
 
 def verdict(info: ProcInfo, unit: Optional[str] = None, *, stray_for_s: float = 100.0, ticks: int = 5,
-            config: Optional[Config] = None) -> w.Verdict:
-    return w.kill_verdict(info, unit, stray_for_s=stray_for_s, ticks=ticks, config=config or kill_config(),
-                          daemon_pid=DAEMON_PID, uid_min=1000)
+            config: Optional[Config] = None) -> Verdict:
+    return kill_verdict(info, unit, stray_for_s=stray_for_s, ticks=ticks, config=config or kill_config(),
+                        daemon_pid=DAEMON_PID, uid_min=1000)
 
 
 @pytest.mark.parametrize(("info", "unit", "fragment"), [
@@ -229,8 +239,8 @@ def test_a_stray_in_an_ended_jobs_scope_or_init_scope_may_be_killed() -> None:
 def test_uid_min_comes_from_login_defs(tmp_path: Path) -> None:
     defs = tmp_path / "login.defs"
     defs.write_text("# comment\nUID_MIN\t\t 2000\nUID_MAX 60000\n")
-    assert w.system_uid_min(str(defs)) == 2000
-    assert w.system_uid_min(str(tmp_path / "missing")) == 1000
+    assert system_uid_min(str(defs)) == 2000
+    assert system_uid_min(str(tmp_path / "missing")) == 1000
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -258,8 +268,8 @@ class Recorder:
         return self.identities.pop(0)
 
     def kill(self, pid: int, expected: Identity, signum: int = signal.SIGTERM) -> Tuple[bool, str]:
-        return w.kill_verified(self, pid, expected, signum, pidfd_open=self.pidfd_open,  # type: ignore[arg-type]
-                               send=self.send, close=self.close)
+        return kill_verified(self, pid, expected, signum, pidfd_open=self.pidfd_open,  # type: ignore[arg-type]
+                             send=self.send, close=self.close)
 
 
 def test_the_kill_signals_through_the_pidfd_after_reverifying() -> None:
@@ -300,9 +310,9 @@ def test_the_real_pidfd_kill_hits_the_judged_process_only() -> None:
         judged = procs.identity(child.pid)
         assert judged is not None
         wrong = Identity(judged.uid, judged.start_ticks + 1, judged.cgroup)
-        ok, what = w.kill_verified(procs, child.pid, wrong, signal.SIGTERM)
+        ok, what = kill_verified(procs, child.pid, wrong, signal.SIGTERM)
         assert not ok and child.poll() is None, "a different start time: untouched"
-        ok, what = w.kill_verified(procs, child.pid, judged, signal.SIGTERM)
+        ok, what = kill_verified(procs, child.pid, judged, signal.SIGTERM)
         assert ok, what
         assert child.wait(10) == -signal.SIGTERM
     finally:
