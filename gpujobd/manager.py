@@ -376,14 +376,18 @@ class Manager:
             return  # the start job's own result decides
         if runtime.scope_result is None:
             runtime.scope_result = self._systemd.scope_result(job.unit)
-        self._finish(job, runtime.scope_result)
+        self._finish(job, runtime.scope_result, scope_gone_at=self._clock())
 
-    def _finish(self, job: Job, scope_result: Optional[str]) -> None:
+    def _finish(self, job: Job, scope_result: Optional[str],
+                scope_gone_at: Optional[float] = None) -> None:
+        """A job ends when its last process does: seen live, that is when its scope went; after a
+        crash, the supervisor's record is the best witness there is."""
         record = self._files.read_exit_record(job.id)
         self._ingest_runs(job.id)
         outcome = decide_outcome(record, job.stopped_by, scope_result, self._bound_job_ended(job),
                                  had_timeout=job.spec.timeout_s is not None)
-        ended_at = record_float(record, "ended_at") or self._clock()
+        witnesses = [t for t in (record_float(record, "ended_at"), scope_gone_at) if t is not None]
+        ended_at = max(witnesses) if witnesses else self._clock()
         started_at = job.started_at or record_float(record, "started_at")
         self._end(dataclasses.replace(job, started_at=started_at), outcome, ended_at)
 

@@ -608,7 +608,9 @@ def test_the_owner_stops_a_running_job(rig: Rig) -> None:
     outcome = assert_final(rig.job(job.id), JobState.STOPPED, EndReason.STOPPED)
     assert (outcome.exit_code, outcome.signal) == (None, 15)
     assert outcome.detail == "stopped by nobody"
-    assert rig.job(job.id).ended_at == NOW + 31, "the end time is the record's"
+    # The job ended when its last process did: when the scope went (seen live), not when the
+    # supervisor's command ended.
+    assert rig.job(job.id).ended_at == rig.clock.now, "the end time is the scope's"
     assert rig.states(job.id) == [JobState.RUNNING, JobState.STOPPING, JobState.STOPPED]
     assert all(signalled is committed for _, signalled, committed in rig.changes)
 
@@ -715,7 +717,8 @@ def test_exit_0_then_the_unit_ends_succeeds_with_the_leftover_count(rig: Rig) ->
     ended = rig.job(job.id)
     outcome = assert_final(ended, JobState.SUCCEEDED, EndReason.EXIT_CODE)
     assert (outcome.exit_code, outcome.signal, outcome.leftover_processes) == (0, None, 2)
-    assert ended.ended_at == NOW + 60 and ended.started_at == NOW  # the daemon's start time stays
+    # leftovers ran on until the scope was stopped: the job ended with them, not with its command
+    assert ended.ended_at == rig.clock.now and ended.started_at == NOW  # the daemon's start time stays
     assert job.id in rig.files.discarded and rig.files.records == {}
     assert [run["run"] for run in rig.store.runs(job.id)] == [1]
     assert rig.store.runs(job.id)[0]["exit_code"] == 0
@@ -1009,7 +1012,7 @@ def test_running_jobs_with_active_units_are_reattached(rig: Rig) -> None:
     a, b = rig.job(first.id), rig.job(second.id)
     assert_final(a, JobState.SUCCEEDED, EndReason.EXIT_CODE)
     assert assert_final(b, JobState.FAILED, EndReason.EXIT_CODE).exit_code == 7
-    assert (a.ended_at, b.ended_at) == (NOW + 4000, NOW + 4100)
+    assert (a.ended_at, b.ended_at) == (rig.clock.now, rig.clock.now)  # seen live: when the scopes went
     assert (a.started_at, b.started_at) == (started[first.id], started[second.id])
 
 
