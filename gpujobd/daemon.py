@@ -81,7 +81,7 @@ def run(config: Config) -> int:
     from gpujobd.log import get_logger
     from gpujobd.manager import Manager
     from gpujobd.model import UNIT_PREFIX
-    from gpujobd.service import ManagerService
+    from gpujobd.service import ManagerService, publish
     from gpujobd.spawner import RECORD_SUFFIX, RUNS_SUFFIX, JobFiles, spawn_supervisor
     from gpujobd.store import Store
     from gpujobd.strays import system_uid_min
@@ -123,9 +123,9 @@ def run(config: Config) -> int:
     watcher.on_stray_found = service[0].stray_found
     watcher.on_stray_cleared = service[0].stray_cleared
     try:
-        publication = bus.publish(api.BUS_NAME, (api.OBJECT_PATH, service[0]))
-    except GLib.Error as err:
-        log.error("daemon.bus_name_refused", bus_name=api.BUS_NAME, error=err.message,
+        unpublish = publish(bus, service[0])
+    except (GLib.Error, RuntimeError) as err:
+        log.error("daemon.bus_name_refused", bus_name=api.BUS_NAME, error=str(err),
                   hint="is the D-Bus policy org.gpujobd1.conf installed? `systemctl reload dbus` "
                        "makes dbus-daemon read it")
         return 1
@@ -138,7 +138,7 @@ def run(config: Config) -> int:
         loop.run()
     finally:
         monitor.cancel()
-        publication.unpublish()
+        unpublish()
         store.close()
     log.info("daemon.stopped", jobs_left_running="all: jobs live in their own scopes")
     return 0

@@ -69,3 +69,22 @@ def test_errors_cross_the_wire_with_their_stable_names_and_no_traceback():
         broken()
     assert type(internal.value).__name__ == "org.gpujobd1.Error.Internal"
     assert "internal detail" not in str(internal.value) and "journalctl" in str(internal.value)
+
+
+class LogManager(FakeManager):
+    def __init__(self, data):
+        self.data = data
+
+    def read_log(self, caller, job_id, offset, max_bytes):
+        chunk = self.data[offset:offset + max_bytes]
+        return chunk, offset + len(chunk), True
+
+
+def test_read_log_builds_its_reply_as_one_byte_string_not_a_variant_per_byte():
+    data = bytes(range(256)) * 4096  # 1 MiB, every byte value
+    service = ManagerService(LogManager(data), FakeBus({":1.5": 1001}))
+    reply = service.ReadLog(1, 0, 1 << 20, dbus_context=Context(":1.5"))
+    assert isinstance(reply, GLib.Variant) and reply.get_type_string() == "(aytb)"
+    assert reply.get_child_value(0).get_data_as_bytes().get_data() == data
+    assert reply.get_child_value(1).get_uint64() == len(data)
+    assert ManagerService.ReadLog.replies_with_variant
