@@ -2,8 +2,9 @@
 
 Published with pydbus on the system bus under api.BUS_NAME (`publish()`). The caller's identity
 comes from the bus (GetConnectionUnixUser of the message's sender), never from an argument or /proc;
-when it cannot be established, the call is denied. GpujobdError subclasses become D-Bus errors with their stable names;
-anything else becomes org.gpujobd1.Error.Internal, logged here, with no traceback on the wire.
+when it cannot be established, the call is denied. GpujobdError subclasses become D-Bus errors with
+their stable names; anything else becomes org.gpujobd1.Error.Internal, logged here, with no
+traceback on the wire.
 """
 
 from __future__ import annotations
