@@ -1,0 +1,1 @@
+"""One module per section of the table; each has `run(bed, params) -> List[Row]`."""
