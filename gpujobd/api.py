@@ -22,6 +22,7 @@ MAX_ARG_BYTES = 128 * 1024
 MAX_ENV_ITEMS = 1024
 MAX_NAME_LENGTH = 128
 MAX_LIST_LIMIT = 100_000
+LIST_PAGE_MAX = 1000  # jobs in one List reply; clients page with `after_id` for more
 
 INTROSPECTION_XML = f"""<node>
   <interface name="{INTERFACE}">
@@ -110,7 +111,8 @@ FILTER_FIELDS: Mapping[str, str] = {
     "all": "b",  # include ended jobs (default: active ones and those ended in the last hour)
     "user": "s",
     "state": "s",
-    "limit": "u",
+    "limit": "u",  # at most this many (and never more than LIST_PAGE_MAX): the newest ones
+    "after_id": "t",  # page forward instead: the first `limit` jobs with a larger id
 }
 
 # Job fields on the wire. Optional values are left out of the dict when unset (D-Bus has no null).

@@ -562,18 +562,41 @@ def cmd_status(args: argparse.Namespace, client: Any) -> int:
 
 
 def cmd_list(args: argparse.Namespace, client: Any) -> int:
-    jobs = client.list(all=args.all, user=args.user, state=args.state, limit=args.limit, raw=True)
-    if args.json:
-        print_json([api.job_to_json(job) for job in jobs])
-        return errors.EXIT_OK
-    if not jobs:
+    """Prints page by page: the daemon is asked for the next page only when this one is out."""
+    if args.limit is None:
+        pages = client.pages(all=args.all, user=args.user, state=args.state, raw=True)
+    else:
+        pages = iter([client.list(all=args.all, user=args.user, state=args.state, limit=args.limit,
+                                  raw=True)])
+    printed = _print_json_pages(pages) if args.json else _print_table_pages(pages)
+    if not printed and not args.json:
         hint = "" if args.all else " (add --all to include jobs that ended more than an hour ago)"
         print(f"no jobs{hint}", file=sys.stderr)
-        return errors.EXIT_OK
-    width = _terminal_width() if sys.stdout.isatty() else None
-    for line in format_table(jobs, time.time(), width):
-        print(line)
     return errors.EXIT_OK
+
+
+def _print_json_pages(pages: Iterable[List[Job]]) -> int:
+    count = 0
+    sys.stdout.write("[")
+    for page in pages:
+        for job in page:
+            sys.stdout.write(("," if count else "") + "\n  " + json.dumps(api.job_to_json(job)))
+            count += 1
+        sys.stdout.flush()
+    sys.stdout.write("\n]\n" if count else "]\n")
+    return count
+
+
+def _print_table_pages(pages: Iterable[List[Job]]) -> int:
+    width = _terminal_width() if sys.stdout.isatty() else None
+    count = 0
+    for page in pages:
+        lines = format_table(page, time.time(), width)
+        for line in lines if not count else lines[1:]:  # the header once
+            print(line)
+        count += len(page)
+        sys.stdout.flush()
+    return count
 
 
 def cmd_logs(args: argparse.Namespace, client: Any) -> int:

@@ -209,10 +209,12 @@ def build_spec(argv: Sequence[str], **options: Any) -> Dict[str, GLib.Variant]:
 
 def build_filter(
     *, all: bool = False, user: str | None = None, state: str | None = None,
-    limit: int | None = None,
+    limit: int | None = None, after_id: int | None = None,
 ) -> Dict[str, GLib.Variant]:
     """The List filter as an a{sv} dict, with only the keys that are given."""
     values: Dict[str, Any] = {}
+    if after_id is not None:
+        values["after_id"] = _checked_id(after_id) if after_id else 0
     if all:
         values["all"] = True
     if user:
@@ -456,9 +458,27 @@ class Client:
 
         `user` and `state` (a JobState value such as "running") filter; `limit` keeps the newest N.
         """
-        query = build_filter(all=all, user=user, state=state, limit=limit)
-        (wires,) = self._call("List", GLib.Variant("(a{sv})", (query,)), "(aa{sv})").unpack()
-        return [_job(wire, raw) for wire in wires]
+        if limit is not None and limit <= api.LIST_PAGE_MAX:
+            query = build_filter(all=all, user=user, state=state, limit=limit)
+            (wires,) = self._call("List", GLib.Variant("(a{sv})", (query,)), "(aa{sv})").unpack()
+            return [_job(wire, raw) for wire in wires]
+        jobs = [job for page in self.pages(all=all, user=user, state=state, raw=raw) for job in page]
+        return jobs[-limit:] if limit else jobs
+
+    def pages(self, *, all: bool = False, user: str | None = None, state: str | None = None,
+              raw: bool = False) -> Iterator[List[Dict[str, Any]]]:
+        """The same jobs as list(), in pages of at most api.LIST_PAGE_MAX, oldest first: a reader
+        that stops early (`gpujobctl list --all | head`) costs the daemon one page, not the history."""
+        after_id = 0
+        while True:
+            query = build_filter(all=all, user=user, state=state, limit=api.LIST_PAGE_MAX,
+                                 after_id=after_id)
+            (wires,) = self._call("List", GLib.Variant("(a{sv})", (query,)), "(aa{sv})").unpack()
+            if wires:
+                yield [_job(wire, raw) for wire in wires]
+            if len(wires) < api.LIST_PAGE_MAX:
+                return
+            after_id = int(wires[-1]["id"])
 
     def runs(self, job_id: int, limit: int = 0, *, raw: bool = False) -> List[Dict[str, Any]]:
         """The ended runs of a job, oldest first: the last `limit` of them, or all with limit=0.

@@ -212,10 +212,10 @@ class Manager:
         return self._job(job_id)
 
     def list(self, *, include_ended: bool, user: Optional[str], state: Optional[JobState],
-             limit: int) -> List[Job]:
+             limit: int, after_id: Optional[int] = None) -> List[Job]:
         since = self._clock() - self._config.jobs.recent_window_s
         return self._store.list_jobs(include_ended=include_ended, ended_since=since, user=user,
-                                     state=state, limit=limit)
+                                     state=state, limit=limit, after_id=after_id)
 
     def read_log(self, caller: Caller, job_id: int, offset: int,
                  max_bytes: int) -> Tuple[bytes, int, bool]:

@@ -386,18 +386,19 @@ def test_decode_spec_refuses_too_many_argv_items() -> None:
 
 
 def test_decode_the_empty_filter() -> None:
-    assert decode_filter({}) == (False, None, None, api.MAX_LIST_LIMIT)
+    assert decode_filter({}) == (False, None, None, api.LIST_PAGE_MAX, None)
 
 
 def test_decode_a_full_filter() -> None:
-    assert decode_filter({"all": True, "user": "alice", "state": "running", "limit": 10}) == (
-        True, "alice", JobState.RUNNING, 10)
+    assert decode_filter({"all": True, "user": "alice", "state": "running", "limit": 10,
+                          "after_id": 3}) == (True, "alice", JobState.RUNNING, 10, 3)
 
 
 @pytest.mark.parametrize(("filters", "expected"), [
-    ({"limit": 0}, (False, None, None, api.MAX_LIST_LIMIT)),  # 0: no limit asked
-    ({"limit": api.MAX_LIST_LIMIT + 1}, (False, None, None, api.MAX_LIST_LIMIT)),
-    ({"user": "", "state": ""}, (False, None, None, api.MAX_LIST_LIMIT)),
+    ({"limit": 0}, (False, None, None, api.LIST_PAGE_MAX, None)),  # 0: no limit asked
+    ({"limit": api.LIST_PAGE_MAX + 1}, (False, None, None, api.LIST_PAGE_MAX, None)),
+    ({"user": "", "state": ""}, (False, None, None, api.LIST_PAGE_MAX, None)),
+    ({"after_id": 7, "limit": 5}, (False, None, None, 5, 7)),
 ])
 def test_decode_filter_defaults_and_caps(filters: Dict[str, Any], expected: tuple) -> None:
     assert decode_filter(filters) == expected

@@ -148,6 +148,16 @@ class FakeClient:
                 if (user is None or job["user"] == user) and (state is None or job["state"] == state)]
         return [self._out(job, raw) for job in jobs[:limit]]
 
+    page_size = 2  # small pages, so that paging is exercised
+
+    def pages(self, *, all: bool = False, user: Optional[str] = None, state: Optional[str] = None,
+              raw: bool = False):
+        self.list_calls.append({"all": all, "user": user, "state": state, "limit": None})
+        jobs = self.list(all=all, user=user, state=state, raw=raw)
+        self.list_calls.pop()
+        for start in range(0, len(jobs), self.page_size):
+            yield jobs[start:start + self.page_size]
+
     def read_log(self, job_id: int, offset: int = 0, max_bytes: int = 1 << 20) -> Tuple[bytes, int, bool]:
         ended = JobState(self._job(job_id)["state"]).is_final  # looked at before the file, as gpujobd does
         data = bytes(self.log[job_id][offset:offset + max_bytes])

@@ -198,10 +198,10 @@ def test_bad_loop_options_are_invalid_arguments(options, needle):
 
 def test_filter_sends_only_what_is_given():
     assert client.build_filter() == {}
-    query = client.build_filter(all=True, user="bob", state="running", limit=10)
+    query = client.build_filter(all=True, user="bob", state="running", limit=10, after_id=4)
     assert {key: value.get_type_string() for key, value in query.items()} == dict(api.FILTER_FIELDS)
     assert GLib.Variant("a{sv}", query).unpack() == {"all": True, "user": "bob", "state": "running",
-                                                     "limit": 10}
+                                                     "limit": 10, "after_id": 4}
     with pytest.raises(errors.InvalidArgument, match="unknown state 'sleeping'"):
         client.build_filter(state="sleeping")
     with pytest.raises(errors.InvalidArgument, match="limit"):
@@ -281,7 +281,11 @@ class FakeConnection:
         return GLib.Variant("(s)", (api.STOP_STOPPING,))
 
     def _List(self, query: Dict[str, Any]) -> GLib.Variant:
-        return GLib.Variant("(aa{sv})", ([variant_job(job) for job in self.jobs.values()],))
+        """As the daemon pages: ids above after_id, at most `limit` (capped at LIST_PAGE_MAX)."""
+        limit = min(query.get("limit") or api.LIST_PAGE_MAX, api.LIST_PAGE_MAX)
+        ids = sorted(i for i in self.jobs if i > query.get("after_id", -1))
+        chosen = ids[:limit] if "after_id" in query else ids[-limit:]
+        return GLib.Variant("(aa{sv})", ([variant_job(self.jobs[i]) for i in chosen],))
 
     def _ReadLog(self, job_id: int, offset: int, max_bytes: int) -> GLib.Variant:
         data = self.log[offset:offset + max_bytes]
@@ -339,8 +343,25 @@ def test_get_stop_list_send_the_contract_signatures(bus):
     assert gpujobd.stop(3) == api.STOP_STOPPING
     assert [job["id"] for job in gpujobd.list(all=True, state="running")] == [3]
     signatures = [(event[1], event[2], event[3]) for event in bus.events]
-    assert signatures == [("Get", "(t)", (3,)), ("Stop", "(t)", (3,)),
-                          ("List", "(a{sv})", ({"all": True, "state": "running"},))]
+    assert signatures == [("Get", "(t)", (3,)), ("Stop", "(t)", (3,)),  # list() pages from the oldest
+                          ("List", "(a{sv})", ({"all": True, "state": "running", "limit": api.LIST_PAGE_MAX,
+                                                "after_id": 0},))]
+
+
+def test_list_pages_through_a_long_history_and_stops_when_the_reader_does(bus):
+    for job_id in range(1, 2 * api.LIST_PAGE_MAX + 6):
+        bus.jobs[job_id] = wire_job(job_id, "succeeded")
+    gpujobd = client.Client(bus=bus)
+    assert [job["id"] for job in gpujobd.list(all=True)] == list(range(1, 2 * api.LIST_PAGE_MAX + 6))
+    asked = [event[3][0].get("after_id") for event in bus.events if event[1] == "List"]
+    assert asked == [0, api.LIST_PAGE_MAX, 2 * api.LIST_PAGE_MAX]
+    bus.events.clear()
+    first_page = next(gpujobd.pages(all=True))
+    assert len(first_page) == api.LIST_PAGE_MAX
+    assert len([event for event in bus.events if event[1] == "List"]) == 1  # no more asked for
+    assert [job["id"] for job in gpujobd.list(all=True, limit=3)] == [2 * api.LIST_PAGE_MAX + 3,
+                                                                     2 * api.LIST_PAGE_MAX + 4,
+                                                                     2 * api.LIST_PAGE_MAX + 5]
 
 
 def test_submit_sends_the_loop_options(bus):
