@@ -43,7 +43,7 @@ integration-host: venv
 	@test "$$(cat /proc/1/comm)" = systemd || { echo "PID 1 is not systemd here: use make integration"; exit 2; }
 	$(VENV)/bin/python -m pytest -q tests/integration
 
-test: lint unit integration package-test
+test: lint unit integration package-test bench-check
 
 demo: venv
 	$(SANDBOX) run -- sh tests/demo.sh
@@ -166,7 +166,11 @@ BENCH_APT_PACKAGES = task-spooler gcc
 BENCH_RESULTS = $(or $(BENCH_OUT),benchmarks/results)
 BENCH_ARGS = $(if $(QUICK),--quick) --out $(BENCH_RESULTS)
 
-.PHONY: bench bench-deps bench-report
+.PHONY: bench bench-deps bench-report bench-check
+
+# The benchmarks' quick mode, run end to end by a test (no timing is asserted): part of `make test`.
+bench-check: venv
+	$(VENV)/bin/python -m pytest -q tests/bench
 
 bench-deps: deps
 	@dpkg -s $(BENCH_APT_PACKAGES) >/dev/null 2>&1 || { apt-get update -qq && \
