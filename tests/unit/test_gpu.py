@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 
-from gpujobd import gpu
+from gpujobd import gpu, gpu_cli
 from gpujobd.gpu import Backoff, Done, Nvml, NvmlUnavailable, Worker
 
 NAMES = {
@@ -453,7 +453,7 @@ def test_the_command_line_prints_unavailable_without_nvml(monkeypatch: pytest.Mo
         raise NvmlUnavailable("Driver Not Loaded (NVML error 9)")
 
     monkeypatch.setattr(Nvml, "read", unavailable)
-    assert gpu.main([]) == 1
+    assert gpu_cli.main([]) == 1
     assert '"reason": "Driver Not Loaded (NVML error 9)"' in capsys.readouterr().out
 
 
