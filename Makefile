@@ -49,11 +49,12 @@ demo: venv
 	$(SANDBOX) run -- sh tests/demo.sh
 
 install:
-	install -d $(DESTDIR)$(LIBDIR)/gpujobd/_vendor $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) \
+	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) \
 		$(DESTDIR)$(DBUSPOLICYDIR) $(DESTDIR)$(SYSCONFDIR)/gpujobd
-	install -m 0644 gpujobd/*.py gpujobd/py.typed $(DESTDIR)$(LIBDIR)/gpujobd/
-	install -m 0644 gpujobd/_vendor/*.py $(DESTDIR)$(LIBDIR)/gpujobd/_vendor/
-	for tool in gpujobd:gpujobd.daemon gpujobctl:gpujobd.cli; do \
+	rm -rf $(DESTDIR)$(LIBDIR)/gpujobd
+	find gpujobd -name __pycache__ -prune -o -type f \( -name "*.py" -o -name py.typed \) -print \
+		| xargs -I{} install -D -m 0644 {} $(DESTDIR)$(LIBDIR)/{}
+	for tool in gpujobd:gpujobd.daemon.main gpujobctl:gpujobd.cli.main; do \
 		name=$${tool%%:*}; module=$${tool#*:}; \
 		printf '#!%s -I\nimport sys\nsys.path.insert(0, "%s")\nfrom %s import main\nsys.exit(main())\n' \
 			"$(PYTHON)" "$(LIBDIR)" "$$module" > $(DESTDIR)$(BINDIR)/$$name; \

@@ -6,7 +6,7 @@ fds 1 and 2 the job's log. It reads one JSON line (the job spec, see `encode_spe
 job's user, appends one JSON line per finished run to `runs_file`, and finally writes the exit record
 atomically to `exit_record`. Its own exit status is not the job's: 0 means the record was written.
 
-It starts once per job, so it imports only the standard library, and not even gpujobd.model.
+It starts once per job, so it imports only the standard library, and not even gpujobd.shared.model.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ RUN_ENV_VAR = "GPUJOB_RUN"
 LOG_PREFIX = "gpujob: "
 CGROUP_ROOT = "/sys/fs/cgroup"
 
-# These mirror gpujobd.model.EndReason (tests check that they still do).
+# These mirror gpujobd.shared.model.EndReason (tests check that they still do).
 REASON_EXIT_CODE = "exit-code"
 REASON_SIGNAL = "signal"
 REASON_EXEC_FAILED = "exec-failed"

@@ -33,8 +33,8 @@ DROP_IN = Path("/run/systemd/system/gpujobd.service.d/bench-nvml-double.conf")
 SCRIPT = Path("/run/gpujobd-bench-nvml/script")
 _TICK = (
     "import json, sys; sys.path.insert(0, {lib!r})\n"
-    "from gpujobd.gpu import Nvml\nfrom gpujobd.log import configure_logging\n"
-    "from gpujobd.watcher import bench_tick\n"
+    "from gpujobd.daemon.gpu.nvml_reader import Nvml\nfrom gpujobd.shared.log import configure_logging\n"
+    "from gpujobd.daemon.gpu.watcher import bench_tick\n"
     "configure_logging('console', 'error'); nvml = Nvml()\n"
     "print(json.dumps([bench_tick(nvml, repeat={ticks}) for _ in range({runs})]))\n"
 )

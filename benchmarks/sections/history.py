@@ -58,7 +58,7 @@ def _growth(at: Dict[int, Dict[str, Figure]], sizes: Any, key: str, stat: str = 
 
 
 def _seed(bed: Testbed, n: int) -> None:
-    from gpujobd.store import Store
+    from gpujobd.daemon.store import Store
 
     bed.reset_state()
     STATE_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from gpujobd import store
-from gpujobd.model import EndReason, Job, JobSpec, JobState, Outcome, transition
+from gpujobd.daemon import store
+from gpujobd.shared.model import EndReason, Job, JobSpec, JobState, Outcome, transition
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "state-v1.sqlite3"
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z; every time in the file is T0 + a few seconds

@@ -1,8 +1,8 @@
-"""Smoke test of gpujobd.gpu against a real NVIDIA GPU and driver: skipped cleanly without one.
+"""Smoke test of gpujobd's NVML reader against a real NVIDIA GPU and driver: skipped cleanly without one.
 
     .venv/bin/python -m pytest -q tests/gpu
 
-What NVML says through gpujobd.gpu must agree with nvidia-smi (which reads the same NVML): the
+What NVML says through gpujobd's reader must agree with nvidia-smi (which reads the same NVML): the
 devices, their UUIDs and sizes, and the compute processes; a whole watch tick (NVML, /proc,
 attribution) must run.
 """
@@ -16,9 +16,9 @@ from typing import List
 
 import pytest
 
-from gpujobd.attribution import ProcFs
-from gpujobd.gpu import NO_STEPS, Nvml, NvmlUnavailable
-from gpujobd.watcher import bench_tick, collect
+from gpujobd.daemon.gpu.attribution import ProcFs
+from gpujobd.daemon.gpu.nvml_reader import NO_STEPS, Nvml, NvmlUnavailable
+from gpujobd.daemon.gpu.watcher import bench_tick, collect
 
 pytestmark = pytest.mark.gpu
 

@@ -4,7 +4,7 @@
     python3 tests/nvml_double/bench_tick.py [--gpus 8] [--per-gpu 100] [--repeat 20]
 
 Starts that many real processes (sleeps, so each /proc look finds a live one), lists them in the
-double's script, and runs `python -m gpujobd.gpu_cli --bench-tick` in a child process whose
+double's script, and runs `python -m gpujobd.daemon.gpu.nvml_cli --bench-tick` in a child process whose
 LD_LIBRARY_PATH puts the double first (the double must never be loaded into this process). Prints
 the child's figures (milliseconds per tick: NVML + /proc on the worker's side, attribution on the
 main loop's). A figure to look at, not a test: nothing asserts on it.
@@ -43,7 +43,8 @@ def main() -> int:
                                          memory_used=40 << 30) for i in range(args.gpus)],
                          processes=[Process(i // args.per_gpu, p.pid, 256 << 20)
                                     for i, p in enumerate(sleepers)])
-            done = subprocess.run([sys.executable, "-m", "gpujobd.gpu_cli", "--bench-tick", "--repeat",
+            done = subprocess.run([sys.executable, "-m", "gpujobd.daemon.gpu.nvml_cli", "--bench-tick",
+                                   "--repeat",
                                    str(args.repeat)], cwd=CHECKOUT, env=environ(libdir, script),
                                   capture_output=True, text=True, timeout=600)
     finally:

@@ -16,11 +16,12 @@ from typing import Any, Dict, Mapping
 import pytest
 from gi.repository import Gio, GLib
 
-from gpujobd import api, service
-from gpujobd.errors import InvalidArgument, NotFound
-from gpujobd.manager import Caller
-from gpujobd.model import EndReason, Job, JobSpec, JobState, Outcome
-from gpujobd.service import ManagerService, decode_filter, decode_spec
+from gpujobd.daemon.adapters import dbus_service as service
+from gpujobd.daemon.adapters.dbus_service import ManagerService, decode_filter, decode_spec
+from gpujobd.daemon.manager import Caller
+from gpujobd.shared import api
+from gpujobd.shared.errors import InvalidArgument, NotFound
+from gpujobd.shared.model import EndReason, Job, JobSpec, JobState, Outcome
 
 SNAPSHOT = Path(__file__).resolve().parent / "snapshots" / "introspection-v1.xml"
 NOW = 1_750_000_000.25

@@ -15,9 +15,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
-from gpujobd import api, cli, cli_format, errors
+from gpujobd.cli import main as cli
+from gpujobd.cli import render as cli_format
 from gpujobd.client import Client
-from gpujobd.model import JobState
+from gpujobd.shared import api, errors
+from gpujobd.shared.model import JobState
 
 SUCCEEDED = {"state": "succeeded", "reason": "exit-code", "exit_code": 0}
 

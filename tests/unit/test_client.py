@@ -10,7 +10,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import pytest
 from gi.repository import Gio, GLib
 
-from gpujobd import api, client, errors
+from gpujobd import client
+from gpujobd.shared import api, errors
 
 IO_ERROR = GLib.quark_to_string(Gio.io_error_quark())
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gpujobd import config, log
-from gpujobd.config import (
+from gpujobd.shared import config, log
+from gpujobd.shared.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
     SETTINGS,
@@ -17,7 +17,7 @@ from gpujobd.config import (
     load_config,
     resolve_config_path,
 )
-from gpujobd.errors import ConfigError
+from gpujobd.shared.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "packaging" / "gpujobd.toml"
@@ -64,7 +64,7 @@ def test_every_key_has_a_one_line_doc_and_every_time_ends_in_s():
 
 def test_shipped_file_is_generated_from_the_table():
     assert SHIPPED.read_text() == config.default_config_text(), (
-        "packaging/gpujobd.toml is out of date; regenerate it with: python -c 'from gpujobd.config "
+        "packaging/gpujobd.toml is out of date; regenerate it with: python -c 'from gpujobd.shared.config "
         "import default_config_text; print(default_config_text(), end=\"\")' > packaging/gpujobd.toml"
     )
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from gpujobd.config import load_config
+from gpujobd.shared.config import load_config
 
 
 def gpujobd(*args: str, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gpujobd.daemon", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "gpujobd.daemon.main", *args], capture_output=True,
                           text=True, env=env)
 
 

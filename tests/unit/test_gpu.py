@@ -1,4 +1,4 @@
-"""gpujobd.gpu: NVML read through a small stateful fake of the pynvml module, the worker thread and
+"""gpu.nvml_reader: NVML read through a small stateful fake of the pynvml module, the worker thread and
 its hang detection, and the back-off schedule.
 
 The fake keeps NVML's state (initialised or not, its devices, the processes on them) and fails any
@@ -15,8 +15,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 
-from gpujobd import gpu, gpu_cli
-from gpujobd.gpu import Backoff, Done, Nvml, NvmlUnavailable, Worker
+from gpujobd.daemon.gpu import nvml_cli as gpu_cli
+from gpujobd.daemon.gpu import nvml_reader as gpu
+from gpujobd.daemon.gpu.nvml_reader import Backoff, Done, Nvml, NvmlUnavailable, Worker
 
 NAMES = {
     1: "Uninitialized", 3: "Not Supported", 4: "Insufficient Permissions", 9: "Driver Not Loaded",
@@ -458,7 +459,7 @@ def test_the_command_line_prints_unavailable_without_nvml(monkeypatch: pytest.Mo
 
 
 def test_the_benchmark_times_whole_ticks(nv: FakePynvml) -> None:
-    from gpujobd.watcher import bench_tick
+    from gpujobd.daemon.gpu.watcher import bench_tick
 
     for index in range(2):
         for pid in range(100):

@@ -10,8 +10,8 @@ import re
 import pytest
 import structlog
 
-from gpujobd import log
-from gpujobd.model import JobState
+from gpujobd.shared import log
+from gpujobd.shared.model import JobState
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 

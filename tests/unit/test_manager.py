@@ -1,4 +1,4 @@
-"""gpujobd.manager, driven through small stateful fakes of its ports and a real SQLite store.
+"""gpujobd.daemon.manager, driven through small stateful fakes of its ports and a real SQLite store.
 
 The fakes keep state the way their real counterparts do (systemd: units and their ActiveState,
 pending start jobs, scope results; the files: logs, exit records, runs; the scheduler: armed timers)
@@ -18,11 +18,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import pytest
 
-from gpujobd import api
-from gpujobd.config import Config, config_from_mapping
-from gpujobd.errors import InvalidArgument, NotFound, PermissionDenied
-from gpujobd.manager import ALIVE_UNIT_STATES, Caller, Manager
-from gpujobd.model import (
+from gpujobd.daemon.manager import ALIVE_UNIT_STATES, Caller, Manager
+from gpujobd.daemon.outcome import decide_outcome
+from gpujobd.daemon.store import Store
+from gpujobd.shared import api
+from gpujobd.shared.config import Config, config_from_mapping
+from gpujobd.shared.errors import InvalidArgument, NotFound, PermissionDenied
+from gpujobd.shared.model import (
     EndReason,
     Job,
     JobSpec,
@@ -32,8 +34,6 @@ from gpujobd.model import (
     transition,
     unit_name,
 )
-from gpujobd.outcome import decide_outcome
-from gpujobd.store import Store
 
 NOW = 1_750_000_000.0
 NOBODY = pwd.getpwnam("nobody")
@@ -1243,7 +1243,7 @@ def test_decide_outcome(record_: Optional[Dict[str, Any]], stopped_by: Optional[
 
 
 def test_alive_and_gone_unit_states_do_not_overlap() -> None:
-    from gpujobd.manager import GONE_UNIT_STATES
+    from gpujobd.daemon.manager import GONE_UNIT_STATES
 
     assert not ALIVE_UNIT_STATES & GONE_UNIT_STATES
     assert "deactivating" in ALIVE_UNIT_STATES and {"inactive", "failed"} == GONE_UNIT_STATES

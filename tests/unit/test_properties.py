@@ -1,4 +1,4 @@
-"""gpujobd.properties: `--property NAME=VALUE` parsed strictly into what StartTransientUnit takes."""
+"""gpujobd.daemon.properties: `--property NAME=VALUE` parsed strictly into what StartTransientUnit takes."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ from typing import Iterable, List
 
 import pytest
 
-from gpujobd.config import Config
-from gpujobd.errors import InvalidArgument
-from gpujobd.properties import (
+from gpujobd.daemon.properties import (
     MAX_CPU_INDEX,
     PARSERS,
     UINT64_MAX,
@@ -17,6 +15,8 @@ from gpujobd.properties import (
     parse_properties,
     split_assignment,
 )
+from gpujobd.shared.config import Config
+from gpujobd.shared.errors import InvalidArgument
 
 ALL = tuple(PARSERS)  # an allowlist naming every property that has a parser
 KIB, MIB, GIB, TIB, PIB, EIB = (1 << (10 * n) for n in range(1, 7))

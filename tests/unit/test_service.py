@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from gi.repository import GLib
 
-from gpujobd.errors import NotFound, PermissionDenied
-from gpujobd.manager import Caller
-from gpujobd.service import ManagerService, on_the_wire
+from gpujobd.daemon.adapters.dbus_service import ManagerService, on_the_wire
+from gpujobd.daemon.manager import Caller
+from gpujobd.shared.errors import NotFound, PermissionDenied
 
 
 class FakeBus:

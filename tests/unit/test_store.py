@@ -1,4 +1,4 @@
-"""gpujobd.store: the SQLite job table (tmp_path only; fast)."""
+"""gpujobd.daemon.store: the SQLite job table (tmp_path only; fast)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from typing import Iterator, List, Optional
 
 import pytest
 
-from gpujobd import errors, store
-from gpujobd.model import EndReason, Job, JobSpec, JobState, Outcome, transition, unit_name
-from gpujobd.store import Store
+from gpujobd.daemon import store
+from gpujobd.daemon.store import Store
+from gpujobd.shared import errors
+from gpujobd.shared.model import EndReason, Job, JobSpec, JobState, Outcome, transition, unit_name
 
 FIXTURE_V1 = Path(__file__).resolve().parent.parent / "data" / "state-v1.sqlite3"
 NOW = 1_750_000_000.0

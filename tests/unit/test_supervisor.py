@@ -18,7 +18,8 @@ from typing import Callable, List, Optional
 
 import pytest
 
-from gpujobd import model, supervisor
+from gpujobd import supervisor
+from gpujobd.shared import model
 from gpujobd.supervisor import SpecError
 
 REPO_ROOT = Path(supervisor.__file__).resolve().parents[1]

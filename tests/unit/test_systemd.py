@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpujobd.systemd import _unit_name_from_path, scope_properties, unit_object_path
+from gpujobd.daemon.adapters.systemd import _unit_name_from_path, scope_properties, unit_object_path
 
 
 @pytest.mark.parametrize("pid", [0, 1, -5])

@@ -1,4 +1,4 @@
-"""gpujobd.watcher: /proc parsing, attribution, the kill policy, and the watcher's loop, driven with
+"""gpu.watcher: /proc parsing, attribution, the kill policy, and the watcher's loop, driven with
 fakes of its seams (NVML reader, /proc, worker, scheduler, clocks, systemd's stop_unit, the kill);
 and the manager's check of the GPUs before a job starts (refuse, wait), with test_manager's rig.
 """
@@ -16,8 +16,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from gpujobd import watcher as w
-from gpujobd.attribution import (
+from gpujobd.daemon.gpu import watcher as w
+from gpujobd.daemon.gpu.attribution import (
     Identity,
     ProcFs,
     ProcInfo,
@@ -26,14 +26,14 @@ from gpujobd.attribution import (
     parse_stat,
     unit_of_cgroup,
 )
-from gpujobd.config import Config, config_from_mapping
-from gpujobd.errors import InvalidArgument
-from gpujobd.gpu import Device, Done, GpuProcess, NvmlReport, NvmlUnavailable
-from gpujobd.manager import Manager
-from gpujobd.model import EndReason, JobState
-from gpujobd.store import Store
-from gpujobd.strays import Verdict, kill_verdict, kill_verified, system_uid_min
-from gpujobd.watcher import Watcher
+from gpujobd.daemon.gpu.nvml_reader import Device, Done, GpuProcess, NvmlReport, NvmlUnavailable
+from gpujobd.daemon.gpu.strays import Verdict, kill_verdict, kill_verified, system_uid_min
+from gpujobd.daemon.gpu.watcher import Watcher
+from gpujobd.daemon.manager import Manager
+from gpujobd.daemon.store import Store
+from gpujobd.shared.config import Config, config_from_mapping
+from gpujobd.shared.errors import InvalidArgument
+from gpujobd.shared.model import EndReason, JobState
 from tests.unit import test_manager as tm
 from tests.unit.test_manager import OWNER, Rig, spec
 
@@ -926,8 +926,8 @@ def test_live_job_ids_are_the_non_final_jobs(make_rig: MakeRig) -> None:
 def test_the_report_goes_on_the_wire_and_back_to_json(rigw: Rigw) -> None:
     from gi.repository import GLib
 
-    from gpujobd import api
-    from gpujobd.service import variants
+    from gpujobd.daemon.adapters.dbus_service import variants
+    from gpujobd.shared import api
 
     populate(rigw)
     rigw.nvml.devices[1] = Device(**{**rigw.nvml.devices[1].__dict__, "state": "ok",
@@ -953,8 +953,8 @@ def test_the_report_goes_on_the_wire_and_back_to_json(rigw: Rigw) -> None:
 def test_an_unavailable_report_on_the_wire(rigw: Rigw) -> None:
     from gi.repository import GLib
 
-    from gpujobd import api
-    from gpujobd.service import NO_WATCHER_REPORT, variants
+    from gpujobd.daemon.adapters.dbus_service import NO_WATCHER_REPORT, variants
+    from gpujobd.shared import api
 
     rigw.nvml.error = "Driver Not Loaded (NVML error 9)"
     rigw.start()
@@ -967,10 +967,10 @@ def test_an_unavailable_report_on_the_wire(rigw: Rigw) -> None:
 
 
 def test_a_live_jobs_wire_form_carries_its_gpu_memory() -> None:
-    from gpujobd import api
-    from gpujobd.manager import Caller
-    from gpujobd.model import Job, JobSpec, Outcome
-    from gpujobd.service import ManagerService
+    from gpujobd.daemon.adapters.dbus_service import ManagerService
+    from gpujobd.daemon.manager import Caller
+    from gpujobd.shared import api
+    from gpujobd.shared.model import Job, JobSpec, Outcome
 
     class Files:
         @staticmethod
@@ -998,8 +998,8 @@ def test_a_live_jobs_wire_form_carries_its_gpu_memory() -> None:
 
 
 def test_the_gpu_check_of_a_spec() -> None:
-    from gpujobd import api, config
-    from gpujobd.service import decode_gpu_check, decode_spec
+    from gpujobd.daemon.adapters.dbus_service import decode_gpu_check, decode_spec
+    from gpujobd.shared import api, config
 
     assert api.GPU_CHECKS == config.PRESTART_CHECKS
     spec_ = {"argv": ["true"], "cwd": "/", "gpu_check": "wait"}
@@ -1020,7 +1020,7 @@ class GpuClient:
         self.report = report
 
     def gpus(self, *, raw: bool = False) -> Dict[str, Any]:
-        from gpujobd import api
+        from gpujobd.shared import api
 
         return dict(self.report) if raw else api.gpu_report_to_json(self.report)
 
@@ -1031,14 +1031,14 @@ class GpuClient:
 def wire_report(rigw: Rigw) -> Dict[str, Any]:
     from gi.repository import GLib
 
-    from gpujobd import api
-    from gpujobd.service import variants
+    from gpujobd.daemon.adapters.dbus_service import variants
+    from gpujobd.shared import api
 
     return GLib.Variant("a{sv}", variants(api.encode_gpu_report(rigw.watcher.report()))).unpack()
 
 
 def test_gpujobctl_gpus_shows_owners_like_nvidia_smi(rigw: Rigw, capsys: pytest.CaptureFixture) -> None:
-    from gpujobd import cli
+    from gpujobd.cli import main as cli
 
     populate(rigw)
     rigw.start()
@@ -1060,7 +1060,8 @@ def test_gpujobctl_gpus_shows_owners_like_nvidia_smi(rigw: Rigw, capsys: pytest.
 def test_gpujobctl_gpus_json_is_the_documented_report(rigw: Rigw, capsys: pytest.CaptureFixture) -> None:
     import json
 
-    from gpujobd import api, cli
+    from gpujobd.cli import main as cli
+    from gpujobd.shared import api
 
     populate(rigw)
     rigw.start()
@@ -1071,7 +1072,7 @@ def test_gpujobctl_gpus_json_is_the_documented_report(rigw: Rigw, capsys: pytest
 
 
 def test_gpujobctl_gpus_when_nvml_is_unavailable(rigw: Rigw, capsys: pytest.CaptureFixture) -> None:
-    from gpujobd import cli
+    from gpujobd.cli import main as cli
 
     rigw.nvml.error = "Driver Not Loaded (NVML error 9)"
     rigw.start()
@@ -1081,7 +1082,7 @@ def test_gpujobctl_gpus_when_nvml_is_unavailable(rigw: Rigw, capsys: pytest.Capt
 
 
 def test_gpujobctl_status_warns_of_strays(rigw: Rigw, capsys: pytest.CaptureFixture) -> None:
-    from gpujobd import cli
+    from gpujobd.cli import main as cli
 
     populate(rigw)
     rigw.start()
@@ -1098,7 +1099,7 @@ def test_gpujobctl_status_warns_of_strays(rigw: Rigw, capsys: pytest.CaptureFixt
 
 
 def test_size_and_age_words() -> None:
-    from gpujobd.cli_gpus import age, size
+    from gpujobd.cli.gpus import age, size
 
     assert [size(n) for n in (None, 0, 1023, 1024, 3 << 30, 5 << 40)] == [
         "-", "0 B", "1023 B", "1.0 KiB", "3.0 GiB", "5.0 TiB"]
@@ -1106,7 +1107,7 @@ def test_size_and_age_words() -> None:
 
 
 def test_status_shows_a_jobs_gpu_memory() -> None:
-    from gpujobd.cli_gpus import gpu_memory_line
+    from gpujobd.cli.gpus import gpu_memory_line
 
     assert gpu_memory_line({"gpu_memory_bytes": {UUID1: 1 << 30, UUID0: 5 << 30}}) == (
         f"gpu memory: {UUID0} 5.0 GiB, {UUID1} 1.0 GiB")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Tuple, Type
 
-from gpujobd.errors import ConfigError
+from gpujobd.shared.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

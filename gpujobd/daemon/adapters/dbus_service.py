@@ -18,11 +18,12 @@ from pydbus.generic import signal
 from pydbus.method_call_context import MethodCallContext
 from pydbus.registration import ObjectRegistration, ObjectWrapper
 
-from gpujobd import __version__, api
-from gpujobd.errors import GpujobdError, Internal, InvalidArgument, PermissionDenied
-from gpujobd.log import get_logger
-from gpujobd.manager import Caller, Manager
-from gpujobd.model import Job, JobSpec, JobState
+from gpujobd import __version__
+from gpujobd.daemon.manager import Caller, Manager
+from gpujobd.shared import api
+from gpujobd.shared.errors import GpujobdError, Internal, InvalidArgument, PermissionDenied
+from gpujobd.shared.log import get_logger
+from gpujobd.shared.model import Job, JobSpec, JobState
 
 log = get_logger()
 CALLER_CACHE_SIZE = 4096
@@ -56,7 +57,7 @@ def on_the_wire(method: F) -> F:
 
 
 class GpuReports(Protocol):
-    """What the service asks of the GPU watcher (gpujobd.watcher.Watcher)."""
+    """What the service asks of the GPU watcher (gpujobd.daemon.gpu.watcher.Watcher)."""
 
     def report(self) -> Dict[str, Any]: ...
 

@@ -7,11 +7,11 @@ import math
 import os
 from typing import List, Optional
 
-from gpujobd import api
-from gpujobd.config import JobsConfig
-from gpujobd.errors import InvalidArgument
-from gpujobd.model import JobSpec
-from gpujobd.properties import Encoded, parse_properties
+from gpujobd.daemon.properties import Encoded, parse_properties
+from gpujobd.shared import api
+from gpujobd.shared.config import JobsConfig
+from gpujobd.shared.errors import InvalidArgument
+from gpujobd.shared.model import JobSpec
 
 MAX_TIMEOUT_S = 100 * 365 * 24 * 3600.0  # RuntimeMaxSec= is in microseconds, a uint64
 

@@ -1,7 +1,7 @@
 """The daemon's core: job transitions, authorization and the crash reconcile.
 
 It sees systemd, the supervisor spawner, the job files, the store and the clock through the small
-protocols of gpujobd.ports, so it is tested with stateful fakes (tests/unit/test_manager.py) and
+protocols of gpujobd.daemon.ports, so it is tested with stateful fakes (tests/unit/test_manager.py) and
 never imports a D-Bus or systemd library. Every transition is committed to the store before it is
 signalled or released.
 """
@@ -16,11 +16,15 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from gpujobd import api
-from gpujobd.config import Config
-from gpujobd.errors import InvalidArgument, NotFound, PermissionDenied
-from gpujobd.log import get_logger
-from gpujobd.model import (
+from gpujobd.daemon.outcome import RECORD_REASONS, decide_outcome, record_float
+from gpujobd.daemon.ports import GatePort, GpuPort, JobFilesPort, SchedulerPort, Spawn, StorePort, SystemdPort
+from gpujobd.daemon.properties import Encoded
+from gpujobd.daemon.validation import validate, with_loop_defaults
+from gpujobd.shared import api
+from gpujobd.shared.config import Config
+from gpujobd.shared.errors import InvalidArgument, NotFound, PermissionDenied
+from gpujobd.shared.log import get_logger
+from gpujobd.shared.model import (
     EndReason,
     Job,
     JobSpec,
@@ -30,10 +34,6 @@ from gpujobd.model import (
     job_id_from_unit,
     transition,
 )
-from gpujobd.outcome import RECORD_REASONS, decide_outcome, record_float
-from gpujobd.ports import GatePort, GpuPort, JobFilesPort, SchedulerPort, Spawn, StorePort, SystemdPort
-from gpujobd.properties import Encoded
-from gpujobd.validation import validate, with_loop_defaults
 
 log = get_logger()
 

@@ -24,8 +24,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from gpujobd import errors
-from gpujobd.model import EndReason, Job, JobSpec, JobState, Outcome, unit_name
+from gpujobd.shared import errors
+from gpujobd.shared.model import EndReason, Job, JobSpec, JobState, Outcome, unit_name
 
 BUSY_TIMEOUT_S = 5.0
 MAX_JOB_ID = 2**63 - 1  # SQLite's largest integer

@@ -1,7 +1,7 @@
 """Who owns a GPU process: /proc/<pid> read through an injectable reader, and the owner it makes.
 
 The reads (status, stat, cgroup, cmdline) can block on a wedged process, so they run on the GPU
-worker thread only (gpujobd.watcher hands them there); classifying what was read is pure.
+worker thread only (gpujobd.daemon.gpu.watcher hands them there); classifying what was read is pure.
 
 Attribution: PID -> /proc/<pid>/cgroup, the `0::` line only (other lines are a host's v1
 hierarchies) -> the unit, the last path component ending in .scope or .service -> the job, for
@@ -25,7 +25,7 @@ import pwd
 from dataclasses import dataclass
 from typing import Callable, Collection, Optional, Protocol, Tuple
 
-from gpujobd.model import job_id_from_unit
+from gpujobd.shared.model import job_id_from_unit
 
 OWNER_JOB = "job"
 OWNER_UNIT = "unit"

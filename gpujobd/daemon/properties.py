@@ -11,7 +11,7 @@ import decimal
 import re
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Tuple
 
-from gpujobd.errors import InvalidArgument
+from gpujobd.shared.errors import InvalidArgument
 
 UINT64_MAX = 2**64 - 1
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([KMGTPE]?)$")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from gpujobd.model import EndReason, Outcome
+from gpujobd.shared.model import EndReason, Outcome
 
 
 def record_float(record: Optional[Mapping[str, Any]], key: str) -> Optional[float]:

@@ -14,7 +14,7 @@
 
 Jobs come back as plain dicts shaped like `api.job_to_json` (every `api.JSON_FIELDS` key present, None
 where unset, times as ISO 8601 UTC strings); pass `raw=True` for the wire dict instead (only the fields
-that are set, times as float seconds since the epoch). Every failure is a `gpujobd.errors.GpujobdError`.
+that are set, times as float seconds since the epoch). Every failure is a `errors.GpujobdError`.
 
 This module and the daemon's server module are the only ones that import a D-Bus library. Calls go
 straight through Gio's `call_sync` with the contract's known signatures: no introspection round trip
@@ -31,8 +31,8 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
 
 from gi.repository import Gio, GLib
 
-from gpujobd import api, errors
-from gpujobd.model import JobState
+from gpujobd.shared import api, errors
+from gpujobd.shared.model import JobState
 
 DEFAULT_CALL_TIMEOUT_S = 30.0
 DEFAULT_FOLLOW_POLL_INTERVAL_S = 0.25

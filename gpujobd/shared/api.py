@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
-from gpujobd.model import Job, JobState
+from gpujobd.shared.model import Job, JobState
 
 BUS_NAME = "org.gpujobd1"
 OBJECT_PATH = "/org/gpujobd1"

@@ -1,9 +1,9 @@
 """The GPU watcher: the tick loop that reads the GPUs, and the report of who owns what is on them.
 
-Every gpu.poll_interval_s the watcher hands one task to the worker thread (gpujobd.gpu.Worker): read
+Every gpu.poll_interval_s the watcher hands one task to the worker thread (gpu.nvml_reader.Worker): read
 NVML, then inspect each listed PID in /proc (status, stat, cgroup, cmdline: reads that can block on a
 wedged process, so never on the main loop). The result comes back to the main loop, where the rest is
-pure: attribution (gpujobd.attribution), stray tracking and the kill policy (gpujobd.strays), the
+pure: attribution (gpu.attribution), stray tracking and the kill policy (gpu.strays), the
 report. A call that does not return in gpu.nvml_call_timeout_s makes the watcher `hung`; NVML that
 cannot be used makes it `unavailable`, retried with back-off. See docs/gpu.md.
 
@@ -20,11 +20,29 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Protocol, Tuple
 
-from gpujobd.attribution import OWNER_JOB, OWNER_STRAY, Attribution, ProcFs, ProcInfo, ProcPort, attribute
-from gpujobd.config import Config
-from gpujobd.gpu import Backoff, Device, Done, GpuProcess, Nvml, NvmlReport, NvmlUnavailable, Steps, Worker
-from gpujobd.log import get_logger
-from gpujobd.strays import DEFAULT_UID_MIN, Seen, Strays, kill_verified, stray_key
+from gpujobd.daemon.gpu.attribution import (
+    OWNER_JOB,
+    OWNER_STRAY,
+    Attribution,
+    ProcFs,
+    ProcInfo,
+    ProcPort,
+    attribute,
+)
+from gpujobd.daemon.gpu.nvml_reader import (
+    Backoff,
+    Device,
+    Done,
+    GpuProcess,
+    Nvml,
+    NvmlReport,
+    NvmlUnavailable,
+    Steps,
+    Worker,
+)
+from gpujobd.daemon.gpu.strays import DEFAULT_UID_MIN, Seen, Strays, kill_verified, stray_key
+from gpujobd.shared.config import Config
+from gpujobd.shared.log import get_logger
 
 log = get_logger()
 
@@ -349,13 +367,13 @@ def _device_view(device: Device, processes: List[Dict[str, Any]]) -> Dict[str, A
     return view
 
 
-# --- the cost of one tick (python -m gpujobd.gpu --bench-tick) ----------------------------------------
+# --- the cost of one tick (python -m gpujobd.daemon.gpu.nvml_reader --bench-tick) ---
 
 
 def bench_tick(nvml: Nvml, repeat: int = 20, procs: Optional[ProcPort] = None) -> Dict[str, Any]:
     """Time whole ticks on this thread: NVML, /proc and the main loop's part (attribution, strays).
     Only a figure to print; nothing asserts on it."""
-    from gpujobd.gpu import NoSteps
+    from gpujobd.daemon.gpu.nvml_reader import NoSteps
 
     procs = procs or ProcFs()
 

@@ -1,7 +1,7 @@
 """Strays: GPU processes nobody owns, tracked across ticks, and what the kill policy does to them.
 
-A stray (gpujobd.attribution) is known by its PID and start time, so a reused PID is a new stray. Each
-good reading of the GPUs (gpujobd.watcher) updates the set: a new one is reported (`on_found`), one
+A stray (gpu.attribution) is known by its PID and start time, so a reused PID is a new stray. Each
+good reading of the GPUs (gpujobd.daemon.gpu.watcher) updates the set: a new one is reported (`on_found`), one
 seen again counts one more consecutive tick, one gone is cleared (`on_cleared`); a gap in the
 readings restarts the count. With gpu.stray_policy = "kill", `kill_verdict` decides for each one:
 never for PID 0 or 1, the daemon, root, system accounts or another unit's processes; otherwise only
@@ -18,11 +18,11 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Tuple
 
-from gpujobd.attribution import Attribution, Identity, ProcInfo, ProcPort
-from gpujobd.config import Config
-from gpujobd.gpu import Done, Steps
-from gpujobd.log import get_logger
-from gpujobd.model import job_id_from_unit
+from gpujobd.daemon.gpu.attribution import Attribution, Identity, ProcInfo, ProcPort
+from gpujobd.daemon.gpu.nvml_reader import Done, Steps
+from gpujobd.shared.config import Config
+from gpujobd.shared.log import get_logger
+from gpujobd.shared.model import job_id_from_unit
 
 log = get_logger()
 

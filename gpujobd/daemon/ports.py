@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
-from gpujobd.model import Job, JobSpec, JobState
-from gpujobd.properties import Encoded
+from gpujobd.daemon.properties import Encoded
+from gpujobd.shared.model import Job, JobSpec, JobState
 
 
 class GatePort(Protocol):
@@ -70,7 +70,7 @@ class SchedulerPort(Protocol):
 
 
 class GpuPort(Protocol):
-    """The GPU watcher, for the check before a job starts (gpujobd.watcher.Watcher)."""
+    """The GPU watcher, for the check before a job starts (gpujobd.daemon.gpu.watcher.Watcher)."""
 
     def blocking_strays(self, cuda_visible_devices: Optional[str]) -> Optional[List[Dict[str, Any]]]: ...
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from gpujobd import __version__
-from gpujobd.config import Config, dump_toml, load_config
-from gpujobd.errors import ConfigError
-from gpujobd.log import guarded
+from gpujobd.shared.config import Config, dump_toml, load_config
+from gpujobd.shared.errors import ConfigError
+from gpujobd.shared.log import guarded
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -45,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.check_config:
         sys.stdout.write(dump_toml(config))
         return 0
-    from gpujobd.log import configure_logging
+    from gpujobd.shared.log import configure_logging
 
     configure_logging(config.daemon.log_format, config.daemon.log_level)
     # pydbus logs every exception a method raises, with its traceback; the service logs its own
@@ -75,18 +75,18 @@ def run(config: Config) -> int:
     from gi.repository import Gio, GLib
     from pydbus import SystemBus
 
-    from gpujobd import api
-    from gpujobd.attribution import ProcFs
-    from gpujobd.gpu import Nvml, Worker
-    from gpujobd.log import get_logger
-    from gpujobd.manager import Manager
-    from gpujobd.model import UNIT_PREFIX
-    from gpujobd.service import ManagerService, publish
-    from gpujobd.spawner import RECORD_SUFFIX, RUNS_SUFFIX, JobFiles, spawn_supervisor
-    from gpujobd.store import Store
-    from gpujobd.strays import system_uid_min
-    from gpujobd.systemd import JobUnits, Systemd, notify_ready
-    from gpujobd.watcher import Watcher
+    from gpujobd.daemon.adapters.dbus_service import ManagerService, publish
+    from gpujobd.daemon.adapters.systemd import JobUnits, Systemd, notify_ready
+    from gpujobd.daemon.gpu.attribution import ProcFs
+    from gpujobd.daemon.gpu.nvml_reader import Nvml, Worker
+    from gpujobd.daemon.gpu.strays import system_uid_min
+    from gpujobd.daemon.gpu.watcher import Watcher
+    from gpujobd.daemon.manager import Manager
+    from gpujobd.daemon.spawner import RECORD_SUFFIX, RUNS_SUFFIX, JobFiles, spawn_supervisor
+    from gpujobd.daemon.store import Store
+    from gpujobd.shared import api
+    from gpujobd.shared.log import get_logger
+    from gpujobd.shared.model import UNIT_PREFIX
 
     log = get_logger()
     loop = GLib.MainLoop()

@@ -13,8 +13,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from gi.repository import Gio, GLib
 
-from gpujobd.log import guarded
-from gpujobd.model import UNIT_PREFIX, UNIT_SUFFIX, Job
+from gpujobd.shared.log import guarded
+from gpujobd.shared.model import UNIT_PREFIX, UNIT_SUFFIX, Job
 
 SYSTEMD = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"

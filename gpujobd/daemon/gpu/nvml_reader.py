@@ -1,6 +1,6 @@
 """NVML, read honestly, off the main loop. The only module of gpujobd that imports pynvml.
 
-Three pieces, all used by gpujobd.watcher (see docs/gpu.md):
+Three pieces, all used by gpujobd.daemon.gpu.watcher (see docs/gpu.md):
 
 - `Nvml` reads the GPUs: initialised once (again only after a failure), it lists every device (index,
   UUID, name, memory, utilisation) and each device's compute and graphics processes with the GPU
@@ -16,7 +16,7 @@ Three pieces, all used by gpujobd.watcher (see docs/gpu.md):
 - `Backoff`: the waits between tries of a failing NVML, doubling from gpu.retry_initial_s to
   gpu.retry_max_s.
 
-`python -m gpujobd.gpu` prints one report as JSON; `--bench-tick` times a whole watch tick.
+`python -m gpujobd.daemon.gpu.nvml_reader` prints one report as JSON; `--bench-tick` times a whole watch tick.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """gpujobctl: submit, inspect, follow and stop gpujobd jobs from a shell.
 
-Argument parsing and one handler per verb; what is shown is formatted by gpujobd.cli_format.
+Argument parsing and one handler per verb; what is shown is formatted by gpujobd.cli.render.
 
 Exit codes: 0 success, 1 the operation failed, 2 usage error; `submit --wait` and `wait` exit with the
 job's own code (a signal N gives 128+N, a failure without an exit code gives 1). Errors are one line on
@@ -20,8 +20,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
 
-from gpujobd import __version__, api, errors
-from gpujobd.cli_format import (
+from gpujobd import __version__
+from gpujobd.cli.render import (
     command_text,
     describe_end,
     format_status,
@@ -29,7 +29,8 @@ from gpujobd.cli_format import (
     log_tail,
     printable,
 )
-from gpujobd.model import JobState
+from gpujobd.shared import api, errors
+from gpujobd.shared.model import JobState
 
 PROG = "gpujobctl"
 EXIT_INTERRUPTED = 130
@@ -91,9 +92,9 @@ def default_client_factory() -> Any:
 
 def _client_settings() -> Dict[str, float]:
     try:
-        from gpujobd.config import load_config
+        from gpujobd.shared.config import load_config
     except ModuleNotFoundError as error:
-        if error.name != "gpujobd.config":
+        if error.name != "gpujobd.shared.config":
             raise
         return {}
     try:
@@ -317,7 +318,7 @@ def _add_gpus(verbs: Any) -> None:
 
 
 def cmd_gpus(args: argparse.Namespace, client: Any) -> int:
-    from gpujobd.cli_gpus import format_gpus
+    from gpujobd.cli.gpus import format_gpus
 
     report = client.gpus(raw=True)
     if args.json:
@@ -330,7 +331,7 @@ def cmd_gpus(args: argparse.Namespace, client: Any) -> int:
 
 def _warn_of_strays(client: Any) -> None:
     """`status` mentions stray GPU processes (on stderr); a daemon that cannot tell says nothing."""
-    from gpujobd.cli_gpus import stray_warning
+    from gpujobd.cli.gpus import stray_warning
 
     gpus = getattr(client, "gpus", None)
     if gpus is None:
@@ -549,7 +550,7 @@ def cmd_status(args: argparse.Namespace, client: Any) -> int:
     processes = read_processes(job.get("unit", ""), job.get("pid"))
     for line in format_status(job, time.time(), processes, runs):
         print(line)
-    from gpujobd.cli_gpus import gpu_memory_line
+    from gpujobd.cli.gpus import gpu_memory_line
 
     if gpu_memory_line(job):
         print(gpu_memory_line(job))

@@ -1,0 +1,1 @@
+"""gpujobctl: one module per verb, rendering apart. Never imports the daemon."""

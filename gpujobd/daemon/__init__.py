@@ -1,0 +1,1 @@
+"""The daemon: the composition root (main), the core (manager, store, spawner, …) and its adapters."""
