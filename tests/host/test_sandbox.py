@@ -66,25 +66,53 @@ def test_boots_real_systemd_with_a_system_bus_and_journal():
 def test_leaves_host_tmp_etc_processes_and_cgroups_as_found(tmp_path):
     canary = Path("/tmp") / f"gpujobd-canary-{os.getpid()}"
     canary.write_text("still here")
-    tmp_before = set(os.listdir("/tmp"))
+    # An old file and a directory too: what systemd-tmpfiles --clean (age) or --remove would take.
+    old_canary = Path("/tmp") / f"gpujobd-canary-old-{os.getpid()}"
+    old_canary.write_text("old")
+    month_ago = time.time() - 30 * 86400
+    os.utime(old_canary, (month_ago, month_ago))
+    dir_canary = Path("/tmp") / f"gpujobd-canary-dir-{os.getpid()}"
+    dir_canary.mkdir()
     etc_before = _etc_digest()
     try:
         with Sandbox() as sbx:
             sbx.add_user("sbxuser")
-            wrote = sbx.run(["sh", "-c", "rm -f /tmp/gpujobd-canary-*; touch /tmp/inside /etc/inside"])
+            wrote = sbx.run(["sh", "-c", "rm -rf /tmp/gpujobd-canary-*; touch /tmp/inside /etc/inside"])
             assert wrote.returncode == 0
             inside = sbx.exec(["ls", "/tmp"], capture=True).stdout.split()
             assert "inside" in inside and canary.name not in inside
         assert canary.read_text() == "still here"
         assert "inside" not in os.listdir("/tmp")
-        assert tmp_before <= set(os.listdir("/tmp"))  # nothing of the host's /tmp was removed
+        # Other processes on the host may come and go in /tmp: the canaries stand for its contents.
+        assert old_canary.read_text() == "old" and dir_canary.is_dir()
         assert not Path("/etc/inside").exists()
         assert _etc_digest() == etc_before
         assert "sbxuser" not in Path("/etc/passwd").read_text()
         assert _processes_of_sandboxes() == []
         assert _sandbox_cgroups() == []
     finally:
-        canary.unlink(missing_ok=True)
+        for path in (canary, old_canary):
+            path.unlink(missing_ok=True)
+        if dir_canary.exists():
+            dir_canary.rmdir()
+
+
+def test_device_nodes_made_inside_stay_inside():
+    name = f"gpujobd-sbx-node-{os.getpid()}"
+    assert not Path("/dev", name).exists()
+    with Sandbox() as sbx:
+        made = sbx.exec(["sh", "-c", f"mknod /dev/{name} c 195 250 && stat -c '%t:%T' /dev/{name}"],
+                        capture=True)
+        usable = sbx.exec(["sh", "-c", "echo x > /dev/null && head -c 4 /dev/urandom | wc -c && "
+                                       "test -c /dev/pts/ptmx && tty_ok=$(script -qc true /dev/null "
+                                       ">/dev/null 2>&1 && echo pty) ; echo ${tty_ok:-nopty}"],
+                          capture=True)
+        assert made.returncode == 0, made.stderr
+        assert made.stdout.strip() == "c3:fa"  # major 195, minor 250, in hex: the node exists inside
+        assert usable.returncode == 0, usable.stderr
+        assert usable.stdout.split() == ["4", "pty"]
+        assert not Path("/dev", name).exists()  # ... and not on the host while the sandbox runs
+    assert not Path("/dev", name).exists()
 
 
 def test_two_at_once_and_one_after_another():

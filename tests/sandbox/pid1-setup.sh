@@ -15,7 +15,23 @@ mkdir "$scratch/upper" "$scratch/work" "$scratch/root"
 mount -t overlay overlay -o "lowerdir=/,upperdir=$scratch/upper,workdir=$scratch/work" "$scratch/root"
 root="$scratch/root"
 
-mount --rbind /dev "$root/dev"
+# A private /dev: a tmpfs with the few host devices a booted systemd and the tests need, bound one by
+# one. Binding the host's whole /dev would make every node created inside (the GPU tests mknod fake
+# /dev/nvidiaN) appear on the host.
+mount -t tmpfs -o mode=0755,nosuid sbx-dev "$root/dev"
+for node in null zero full random urandom tty kmsg console; do
+    [ -e "/dev/$node" ] || continue
+    touch "$root/dev/$node"
+    mount --bind "/dev/$node" "$root/dev/$node"
+done
+mkdir "$root/dev/pts" "$root/dev/shm"
+mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 sbx-devpts "$root/dev/pts"
+ln -s pts/ptmx "$root/dev/ptmx"
+mount -t tmpfs -o mode=1777,nosuid,nodev sbx-shm "$root/dev/shm"
+ln -s /proc/self/fd "$root/dev/fd"
+for fd in 0:stdin 1:stdout 2:stderr; do
+    ln -s "/proc/self/fd/${fd%%:*}" "$root/dev/${fd#*:}"
+done
 mount -t proc proc "$root/proc"
 mount -t sysfs sysfs "$root/sys"
 mount -t cgroup2 cgroup2 "$root/sys/fs/cgroup"
