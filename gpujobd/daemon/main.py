@@ -75,6 +75,7 @@ def run(config: Config) -> int:
     from gi.repository import Gio, GLib
     from pydbus import SystemBus
 
+    from gpujobd.daemon.adapters import users
     from gpujobd.daemon.adapters.dbus_service import ManagerService, publish
     from gpujobd.daemon.adapters.systemd import JobUnits, Systemd, notify_ready
     from gpujobd.daemon.gpu.attribution import ProcFs
@@ -113,7 +114,7 @@ def run(config: Config) -> int:
     watcher = Watcher(config, live_jobs=lambda: manager.live_job_ids(), scheduler=scheduler,
                       worker=Worker(), nvml=Nvml(), procs=ProcFs(), stop_unit=job_units.stop_unit,
                       daemon_pid=os.getpid(), uid_min=system_uid_min())
-    manager = Manager(config, store, job_units, files, spawn, scheduler, changed, gpus=watcher)
+    manager = Manager(config, store, job_units, files, spawn, scheduler, changed, users=users, gpus=watcher)
     watcher.on_report = manager.gpus_changed
     systemd.subscribe(manager.on_unit_changed, manager.on_unit_removed)
     monitor = _watch_records(Gio, files.record_dir, {RECORD_SUFFIX: manager.on_exit_record,
