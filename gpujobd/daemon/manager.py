@@ -2,8 +2,8 @@
 
 It sees systemd, the supervisor spawner, the job files, the store and the clock through the small
 protocols of gpujobd.daemon.ports, so it is tested with stateful fakes (tests/unit/test_manager.py) and
-never imports a D-Bus, systemd or user-database library. Every transition is committed to the store before it is
-signalled or released.
+never imports a D-Bus, systemd or user-database library. Every transition is committed to the store
+before it is signalled or released.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+from typing import Set
 
 from gpujobd.daemon.adapters import users
 
@@ -18,7 +19,7 @@ def _unused_uid() -> int:
     raise AssertionError("every uid in 40000..59999 has a passwd entry")
 
 
-def _unused_name(prefix: str, known: "set[str]") -> str:
+def _unused_name(prefix: str, known: Set[str]) -> str:
     return next(f"{prefix}{n}" for n in range(1000) if f"{prefix}{n}" not in known)
 
 
