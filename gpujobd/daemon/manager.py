@@ -442,8 +442,8 @@ class Manager:
                 log.warning("reconcile.stray_job_unit", unit=unit, active_state=state)
                 self._systemd.stop_unit(unit)
         for job_id in self._files.record_job_ids():
-            job = self._store.get(job_id)
-            if job is None or job.state.is_final:
+            recorded = self._store.get(job_id)
+            if recorded is None or recorded.state.is_final:
                 self._files.discard_records(job_id)
         log.info("reconcile.done", active_jobs=len(self._runtime), units=len(units))
 
