@@ -84,7 +84,7 @@ uninstall:
 		$(DESTDIR)$(DBUSPOLICYDIR)/org.gpujobd1.conf
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
 
 # ---- distribution packages (docs/install.md) ---------------------------------------------------
 #   make deb            dist/gpujobd_<version>-<rev>_all.deb (dpkg-buildpackage; lintian)
