@@ -15,7 +15,8 @@ SANDBOX = $(PYTHON) tests/sandbox/sandbox.py
 APT_PACKAGES = systemd dbus util-linux passwd procps python3 python3-venv python3-gi \
 	python3-pydbus python3-pystemd python3-structlog
 
-.PHONY: deps venv test unit integration integration-host demo install uninstall lint clean
+.PHONY: deps venv test unit integration integration-host demo install uninstall lint lint-style lint-imports \
+	lint-types clean
 
 deps:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { \
@@ -28,8 +29,18 @@ $(VENV)/.stamp: pyproject.toml | deps
 
 venv: $(VENV)/.stamp
 
-lint: venv
+# ruff; the import rules of pyproject.toml's [tool.importlinter] (tests/lint holds a contract type of
+# ours); mypy over gpujobd/ with the strictness stated in [tool.mypy]. `make -k lint` runs all three.
+lint: lint-style lint-imports lint-types
+
+lint-style: venv
 	$(VENV)/bin/python -m ruff check gpujobd tests $(wildcard benchmarks)
+
+lint-imports: venv
+	$(VENV)/bin/lint-imports --no-cache --no-logo
+
+lint-types: venv
+	$(VENV)/bin/python -m mypy
 
 unit: venv
 	$(VENV)/bin/python -m pytest -q tests/unit tests/host
@@ -73,7 +84,7 @@ uninstall:
 		$(DESTDIR)$(DBUSPOLICYDIR)/org.gpujobd1.conf
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
 
 # ---- distribution packages (docs/install.md) ---------------------------------------------------
 #   make deb            dist/gpujobd_<version>-<rev>_all.deb (dpkg-buildpackage; lintian)

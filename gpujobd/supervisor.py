@@ -64,6 +64,19 @@ class Spec:
     """A validated job spec; attributes are named as in SPEC_KEYS."""
 
     __slots__ = SPEC_KEYS
+    job_id: int
+    argv: list[str]
+    cwd: str
+    env: dict[str, str]
+    uid: int
+    gid: int
+    user: str
+    umask: int
+    exit_record: str
+    runs_file: str
+    max_runs: int
+    restart_delay_s: float
+    stop_on_failure: bool
 
     def __init__(self, fields: dict) -> None:
         for key in SPEC_KEYS:
@@ -178,7 +191,9 @@ def _run_record(run: int, started_at: float, ended_at: float, exit_code: int | N
             "signal": sig, "reason": reason, "detail": detail}
 
 
-def signal_name(signum: int) -> str:
+def signal_name(signum: int | None) -> str:
+    if signum is None:
+        return "a stop signal"
     try:
         return signal.Signals(signum).name
     except ValueError:

@@ -18,7 +18,7 @@ import re
 import shlex
 import sys
 import time
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NoReturn, Sequence, Set, Tuple
 
 from gpujobd import __version__
 from gpujobd.cli.render import (
@@ -128,7 +128,7 @@ def _silence_stdout() -> None:
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line, `gpujobctl: ...`, and exit 2."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         print_error(f"{message}; see `{self.prog} -h`")
         raise SystemExit(errors.EXIT_USAGE)
 
@@ -656,7 +656,7 @@ def read_processes(unit: str, supervisor_pid: int | None = None) -> List[Tuple[i
     """(pid, command line) of every process in the job's cgroup; [] if it cannot be read."""
     if not unit or "/" in unit or unit.startswith("."):
         return []
-    pids = set()
+    pids: Set[int] = set()
     for directory, _subdirs, _files in os.walk(_scope_dir(unit, supervisor_pid)):
         try:
             with open(os.path.join(directory, "cgroup.procs")) as procs:

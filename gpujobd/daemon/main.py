@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from gpujobd import __version__
 from gpujobd.shared.config import Config, dump_toml, load_config
@@ -71,10 +71,22 @@ class _GLibScheduler:
             source) else None
 
 
+def _glib_post(callback: Callable[[], None]) -> None:
+    """Run `callback` on the GLib main loop (GLib.idle_add is safe to call from any thread)."""
+    from gi.repository import GLib
+
+    def once() -> bool:
+        callback()
+        return False
+
+    GLib.idle_add(once)
+
+
 def run(config: Config) -> int:
     from gi.repository import Gio, GLib
     from pydbus import SystemBus
 
+    from gpujobd.daemon.adapters import users
     from gpujobd.daemon.adapters.dbus_service import ManagerService, publish
     from gpujobd.daemon.adapters.systemd import JobUnits, Systemd, notify_ready
     from gpujobd.daemon.gpu.attribution import ProcFs
@@ -82,11 +94,11 @@ def run(config: Config) -> int:
     from gpujobd.daemon.gpu.strays import system_uid_min
     from gpujobd.daemon.gpu.watcher import Watcher
     from gpujobd.daemon.manager import Manager
-    from gpujobd.daemon.spawner import RECORD_SUFFIX, RUNS_SUFFIX, JobFiles, spawn_supervisor
+    from gpujobd.daemon.spawner import RECORD_SUFFIX, RUNS_SUFFIX, Gate, JobFiles, spawn_supervisor
     from gpujobd.daemon.store import Store
     from gpujobd.shared import api
     from gpujobd.shared.log import get_logger
-    from gpujobd.shared.model import UNIT_PREFIX
+    from gpujobd.shared.model import UNIT_PREFIX, Job
 
     log = get_logger()
     loop = GLib.MainLoop()
@@ -98,12 +110,12 @@ def run(config: Config) -> int:
     systemd = Systemd(bus.con, UNIT_PREFIX)
     service: List[ManagerService] = []
 
-    def spawn(spec, log_fd):
+    def spawn(spec: Dict[str, Any], log_fd: int) -> Gate:
         gate = spawn_supervisor(spec, log_fd)
         GLib.child_watch_add(GLib.PRIORITY_DEFAULT, gate.pid, lambda pid, status: None)  # reap
         return gate
 
-    def changed(job):
+    def changed(job: Job) -> None:
         if service:
             service[0].job_changed(job)
 
@@ -111,9 +123,9 @@ def run(config: Config) -> int:
     job_units = JobUnits(systemd, config.daemon.slice, config.jobs.stop_timeout_s)
     # The GPU watcher: NVML and /proc are read on its one worker thread, never on this loop.
     watcher = Watcher(config, live_jobs=lambda: manager.live_job_ids(), scheduler=scheduler,
-                      worker=Worker(), nvml=Nvml(), procs=ProcFs(), stop_unit=job_units.stop_unit,
-                      daemon_pid=os.getpid(), uid_min=system_uid_min())
-    manager = Manager(config, store, job_units, files, spawn, scheduler, changed, gpus=watcher)
+                      worker=Worker(post=_glib_post), nvml=Nvml(), procs=ProcFs(),
+                      stop_unit=job_units.stop_unit, daemon_pid=os.getpid(), uid_min=system_uid_min())
+    manager = Manager(config, store, job_units, files, spawn, scheduler, changed, users=users, gpus=watcher)
     watcher.on_report = manager.gpus_changed
     systemd.subscribe(manager.on_unit_changed, manager.on_unit_removed)
     monitor = _watch_records(Gio, files.record_dir, {RECORD_SUFFIX: manager.on_exit_record,
@@ -144,7 +156,7 @@ def run(config: Config) -> int:
     return 0
 
 
-def _quit(loop, log, signum: int):
+def _quit(loop: Any, log: Any, signum: int) -> Callable[[], bool]:
     def handler() -> bool:
         log.info("daemon.stopping", signal=signal.Signals(signum).name)
         loop.quit()
@@ -152,7 +164,7 @@ def _quit(loop, log, signum: int):
     return handler
 
 
-def _watch_records(Gio, directory: Path, handlers: Dict[str, Callable[[int], None]]):
+def _watch_records(Gio: Any, directory: Path, handlers: Dict[str, Callable[[int], None]]) -> Any:
     """Supervisors rename their exit record into place and append to their runs file; inotify
     tells us of both without polling."""
     monitor = Gio.File.new_for_path(str(directory)).monitor_directory(
@@ -160,7 +172,7 @@ def _watch_records(Gio, directory: Path, handlers: Dict[str, Callable[[int], Non
     interesting = (Gio.FileMonitorEvent.CREATED, Gio.FileMonitorEvent.MOVED_IN,
                    Gio.FileMonitorEvent.RENAMED, Gio.FileMonitorEvent.CHANGES_DONE_HINT)
 
-    def changed(_monitor, file, other_file, event) -> None:
+    def changed(_monitor: Any, file: Any, other_file: Any, event: Any) -> None:
         if event not in interesting:
             return
         target = other_file if event == Gio.FileMonitorEvent.RENAMED else file

@@ -2,22 +2,29 @@
 
 It sees systemd, the supervisor spawner, the job files, the store and the clock through the small
 protocols of gpujobd.daemon.ports, so it is tested with stateful fakes (tests/unit/test_manager.py) and
-never imports a D-Bus or systemd library. Every transition is committed to the store before it is
-signalled or released.
+never imports a D-Bus, systemd or user-database library. Every transition is committed to the store
+before it is signalled or released.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import grp
 import os
-import pwd
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gpujobd.daemon.outcome import RECORD_REASONS, decide_outcome, record_float
-from gpujobd.daemon.ports import GatePort, GpuPort, JobFilesPort, SchedulerPort, Spawn, StorePort, SystemdPort
+from gpujobd.daemon.ports import (
+    GatePort,
+    GpuPort,
+    JobFilesPort,
+    SchedulerPort,
+    Spawn,
+    StorePort,
+    SystemdPort,
+    UsersPort,
+)
 from gpujobd.daemon.properties import Encoded
 from gpujobd.daemon.validation import validate, with_loop_defaults
 from gpujobd.shared import api
@@ -62,9 +69,10 @@ class _Runtime:
 
 class Manager:
     def __init__(self, config: Config, store: StorePort, systemd: SystemdPort, files: JobFilesPort,
-                 spawn: Spawn, scheduler: SchedulerPort, on_change: Callable[[Job], None],
-                 clock: Callable[[], float] = time.time, gpus: Optional[GpuPort] = None):
+                 spawn: Spawn, scheduler: SchedulerPort, on_change: Callable[[Job], None], *,
+                 users: UsersPort, clock: Callable[[], float] = time.time, gpus: Optional[GpuPort] = None):
         self._config = config
+        self._users = users
         self._gpus = gpus
         self._store = store
         self._systemd = systemd
@@ -77,20 +85,12 @@ class Manager:
 
     # -- callers -------------------------------------------------------------------------------
     def caller_from_uid(self, uid: int) -> Caller:
-        try:
-            entry = pwd.getpwuid(uid)
-        except KeyError:
-            raise PermissionDenied(
-                f"uid {uid} has no passwd entry; gpujobd serves only known users") from None
-        groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
-        return Caller(uid=uid, user=entry.pw_name, gid=entry.pw_gid,
-                      is_admin=uid == 0 or self._admin_gid() in groups)
-
-    def _admin_gid(self) -> Optional[int]:
-        try:
-            return grp.getgrnam(self._config.daemon.admin_group).gr_gid
-        except KeyError:
-            return None
+        user = self._users.user_by_name(self._users.user_name(uid))
+        if user is None or user.uid != uid:
+            raise PermissionDenied(f"uid {uid} has no passwd entry; gpujobd serves only known users")
+        admin_gid = self._users.group_gid(self._config.daemon.admin_group)
+        return Caller(uid=uid, user=user.name, gid=user.gid,
+                      is_admin=uid == 0 or admin_gid in user.groups)
 
     def _authorize(self, caller: Caller, job: Job, action: str) -> None:
         if caller.is_admin or caller.uid == job.uid:
@@ -277,9 +277,12 @@ class Manager:
 
     def _job_environment(self, job: Job) -> Dict[str, str]:
         """A safe base (never the daemon's environment), then the user's explicit --env."""
-        entry = pwd.getpwnam(job.user)
-        env = {"PATH": self._config.jobs.default_path, "HOME": entry.pw_dir, "USER": job.user,
-               "LOGNAME": job.user, "SHELL": entry.pw_shell or "/bin/sh"}
+        user = self._users.user_by_name(job.user)
+        if user is None:
+            raise InvalidArgument(f"user {job.user} (uid {job.uid}) has no passwd entry any more: "
+                                  "a job runs only as a known user")
+        env = {"PATH": self._config.jobs.default_path, "HOME": user.home, "USER": job.user,
+               "LOGNAME": job.user, "SHELL": user.shell or "/bin/sh"}
         env.update(job.spec.env)
         env["GPUJOB_ID"] = str(job.id)
         return env
@@ -439,8 +442,8 @@ class Manager:
                 log.warning("reconcile.stray_job_unit", unit=unit, active_state=state)
                 self._systemd.stop_unit(unit)
         for job_id in self._files.record_job_ids():
-            job = self._store.get(job_id)
-            if job is None or job.state.is_final:
+            recorded = self._store.get(job_id)
+            if recorded is None or recorded.state.is_final:
                 self._files.discard_records(job_id)
         log.info("reconcile.done", active_jobs=len(self._runtime), units=len(units))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from gpujobd.shared.model import EndReason, Outcome
 
@@ -27,7 +27,7 @@ def decide_outcome(record: Optional[Mapping[str, Any]], stopped_by: Optional[str
     signal = record.get("signal") if record else None
     leftovers = int(record.get("leftover_processes") or 0) if record else 0
     detail = str(record.get("detail") or "") if record else ""
-    common = {"exit_code": exit_code, "signal": signal, "leftover_processes": leftovers}
+    common: Dict[str, Any] = {"exit_code": exit_code, "signal": signal, "leftover_processes": leftovers}
     killed_from_outside = record is None or record.get("terminated_by_signal") is not None
     if stopped_by:
         return Outcome(EndReason.STOPPED, detail=f"stopped by {stopped_by}", **common)

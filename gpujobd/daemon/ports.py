@@ -1,8 +1,9 @@
 """The ports the manager uses: small protocols, so the core is tested with stateful fakes and
-never imports a D-Bus, systemd or NVML library."""
+never imports a D-Bus, systemd, NVML or user-database library (checked in `make lint`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from gpujobd.daemon.properties import Encoded
@@ -64,6 +65,8 @@ class StorePort(Protocol):
     def record_run(self, job_id: int, run: int, started_at: Optional[float], ended_at: Optional[float],
                    exit_code: Optional[int], signal: Optional[int], reason: str, detail: str) -> None: ...
 
+    def runs(self, job_id: int) -> List[Dict[str, Any]]: ...
+
 
 class SchedulerPort(Protocol):
     def call_later(self, seconds: float, callback: Callable[[], None]) -> Callable[[], None]: ...
@@ -73,6 +76,28 @@ class GpuPort(Protocol):
     """The GPU watcher, for the check before a job starts (gpujobd.daemon.gpu.watcher.Watcher)."""
 
     def blocking_strays(self, cuda_visible_devices: Optional[str]) -> Optional[List[Dict[str, Any]]]: ...
+
+
+@dataclass(frozen=True)
+class User:
+    """A passwd entry, with every group the user is a member of (its primary group included)."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+    groups: Tuple[int, ...]
+
+
+class UsersPort(Protocol):
+    """The user and group database (gpujobd.daemon.adapters.users, a module that satisfies this)."""
+
+    def user_name(self, uid: int) -> str: ...  # the login name, else the uid as text
+
+    def user_by_name(self, name: str) -> Optional[User]: ...
+
+    def group_gid(self, name: str) -> Optional[int]: ...
 
 
 Spawn = Callable[[Dict[str, Any], int], GatePort]

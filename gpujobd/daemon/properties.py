@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import decimal
 import re
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Set, Tuple
 
 from gpujobd.shared.errors import InvalidArgument
 
@@ -57,7 +57,7 @@ def _tasks(name: str, text: str) -> Encoded:
 
 
 def _cpu_set(name: str, text: str) -> Encoded:
-    cpus = set()
+    cpus: Set[int] = set()
     for part in text.replace(" ", ",").split(","):
         if not part:
             continue

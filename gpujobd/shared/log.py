@@ -20,13 +20,15 @@ Records of the stdlib `logging` module (pydbus logs through it) take the same wa
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import os
 import sys
-from typing import IO, Any, Callable, Dict, List
+from typing import IO, Any, Callable, List
 
 import structlog
 from structlog.stdlib import ProcessorFormatter
+from structlog.typing import EventDict, Processor
 
 FORMATS = ("console", "json")
 LEVELS = ("debug", "info", "warning", "error")
@@ -35,10 +37,7 @@ LOGGER_NAME = "gpujobd"
 
 _SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 _FIRST_KEYS = ("timestamp", "event", "level", "logger")
-_JSON = structlog.processors.JSONRenderer(default=str)
-
-EventDict = Dict[str, Any]
-Processor = Callable[[Any, str, EventDict], Any]
+Renderer = Callable[[Any, str, EventDict], str]  # a processor that ends the chain: one line of text
 
 
 def configure_logging(
@@ -93,7 +92,7 @@ def is_journal_stream(stream: IO[str]) -> bool:
     return expected == f"{info.st_dev}:{info.st_ino}"
 
 
-class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+class _Handler(logging.StreamHandler):
     """Our root handler, recognised (and replaced) when configure_logging runs again."""
 
 
@@ -110,7 +109,7 @@ def _install_handler(formatter: logging.Formatter, stream: IO[str], level: str) 
 
 
 def _formatter(fmt: str, journald: bool) -> ProcessorFormatter:
-    renderer: Processor = _render_json if fmt == "json" else _render_key_values
+    renderer: Renderer = _render_json if fmt == "json" else _render_key_values
     processors: List[Processor] = [
         ProcessorFormatter.remove_processors_meta,
         structlog.stdlib.add_log_level,
@@ -133,7 +132,7 @@ def _stringify_enums(_: Any, __: str, event_dict: EventDict) -> EventDict:
 
 
 def _render_json(logger: Any, method: str, event_dict: EventDict) -> str:
-    return _JSON(logger, method, _ordered(event_dict))
+    return json.dumps(_ordered(event_dict), default=str)
 
 
 def _render_key_values(_: Any, __: str, event_dict: EventDict) -> str:
@@ -173,7 +172,7 @@ def _quote(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def _with_priority_prefix(renderer: Processor) -> Processor:
+def _with_priority_prefix(renderer: Renderer) -> Renderer:
     """Prefix the line with `<N>`, which journald reads as the syslog priority and strips."""
 
     def render(logger: Any, method: str, event_dict: EventDict) -> str:

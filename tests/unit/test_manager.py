@@ -18,8 +18,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import pytest
 
+from gpujobd.daemon.adapters import users
 from gpujobd.daemon.manager import ALIVE_UNIT_STATES, Caller, Manager
 from gpujobd.daemon.outcome import decide_outcome
+from gpujobd.daemon.ports import User
 from gpujobd.daemon.store import Store
 from gpujobd.shared import api
 from gpujobd.shared.config import Config, config_from_mapping
@@ -304,7 +306,7 @@ class Rig:
 
     def _new_manager(self) -> Manager:
         manager = Manager(self.config, self.store, self.systemd, self.files, self.spawner, self.scheduler,
-                          self._changed, clock=self.clock)
+                          self._changed, users=users, clock=self.clock)
         self.systemd.manager = manager
         return manager
 
@@ -573,6 +575,14 @@ def test_a_spawn_failure_ends_the_job_recorded(rig: Rig) -> None:
     assert rig.files.log_fd_closed(job.id)
     assert rig.systemd.scopes == {} and rig.scheduler.timers == {}
     assert rig.states(job.id) == [JobState.FAILED]
+
+
+def test_a_user_without_a_passwd_entry_at_start_ends_the_job_recorded(rig: Rig) -> None:
+    assert users.user_by_name(OTHER.user) is None, f"this host has a user {OTHER.user}"
+    job = rig.submit(OTHER)
+    outcome = assert_final(job, JobState.FAILED, EndReason.START_FAILED)
+    assert f"user {OTHER.user} (uid {OTHER.uid}) has no passwd entry" in outcome.detail
+    assert rig.spawner.gates == {} and rig.systemd.scopes == {}
 
 
 def test_a_start_scope_failure_aborts_the_gate(rig: Rig) -> None:
@@ -978,6 +988,28 @@ def test_an_unknown_uid_is_refused(rig: Rig) -> None:
     unused = next(uid for uid in range(40000, 60000) if not _has_passwd_entry(uid))
     with pytest.raises(PermissionDenied, match=f"uid {unused} has no passwd entry"):
         rig.manager.caller_from_uid(unused)
+
+
+def test_a_uid_whose_name_belongs_to_another_uid_is_refused(make_rig: MakeRig) -> None:
+    """A uid without an entry is named by its number; a user whose name is that number is not it."""
+    rig = make_rig()
+    rig.manager = Manager(rig.config, rig.store, rig.systemd, rig.files, rig.spawner, rig.scheduler,
+                          rig._changed, users=NumberedUsers(), clock=rig.clock)
+    with pytest.raises(PermissionDenied, match="uid 4242 has no passwd entry"):
+        rig.manager.caller_from_uid(4242)
+
+
+class NumberedUsers:
+    """A user database with one user, named "4242", whose uid is 1234."""
+
+    def user_name(self, uid: int) -> str:
+        return str(uid) if uid != 1234 else "4242"
+
+    def user_by_name(self, name: str) -> Optional[User]:
+        return User("4242", 1234, 1234, "/home/4242", "/bin/sh", (1234,)) if name == "4242" else None
+
+    def group_gid(self, name: str) -> Optional[int]:
+        return None
 
 
 def _has_passwd_entry(uid: int) -> bool:

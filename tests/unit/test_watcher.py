@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
+from gpujobd.daemon.adapters import users
 from gpujobd.daemon.gpu import watcher as w
 from gpujobd.daemon.gpu.attribution import (
     Identity,
@@ -787,7 +788,7 @@ STRAY = {"pid": 4242, "user": "bob", "command": ["python", "leftover.py"], "gpu_
 
 def with_gpus(rig: Rig, gpus: FakeGpus) -> Rig:
     rig.manager = Manager(rig.config, rig.store, rig.systemd, rig.files, rig.spawner, rig.scheduler,
-                          rig._changed, clock=rig.clock, gpus=gpus)
+                          rig._changed, users=users, clock=rig.clock, gpus=gpus)
     rig.systemd.manager = rig.manager
     return rig
 

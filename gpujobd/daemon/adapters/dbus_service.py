@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple, TypeVar
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, TypeVar
 
 from gi.repository import Gio, GLib
 from pydbus.generic import signal
@@ -74,7 +74,7 @@ def replies_with_variant(method: F) -> F:
     return method
 
 
-class _Dispatcher(ObjectWrapper):
+class _Dispatcher(ObjectWrapper):  # type: ignore[misc]  # pydbus has no type information
     """pydbus's dispatch, except that a method may return its whole reply as a ready GLib.Variant.
 
     pydbus builds every reply from Python values, and for an `ay` that is one Variant per byte:
@@ -82,10 +82,11 @@ class _Dispatcher(ObjectWrapper):
 
     __slots__ = ()
 
-    def call_method(self, connection, sender, object_path, interface_name, method_name,
-                    parameters, invocation):
+    def call_method(self, connection: Gio.DBusConnection, sender: str, object_path: str,
+                    interface_name: str, method_name: str, parameters: GLib.Variant,
+                    invocation: Gio.DBusMethodInvocation) -> None:
         method = getattr(self.object, method_name, None)
-        if not getattr(method, "replies_with_variant", False):
+        if method is None or not getattr(method, "replies_with_variant", False):
             return super().call_method(connection, sender, object_path, interface_name, method_name,
                                        parameters, invocation)
         try:
@@ -157,14 +158,15 @@ class ManagerService:
             _VARDICT_ENTRY, [_vardict(self._encode(job, caller)) for job in jobs]))
 
     @on_the_wire
-    def Runs(self, job_id: int, limit: int, dbus_context: Any = None) -> List[Dict[str, GLib.Variant]]:
+    # `list`, not `List`: in this class body, List names the method above.
+    def Runs(self, job_id: int, limit: int, dbus_context: Any = None) -> list[Dict[str, GLib.Variant]]:
         self._caller(dbus_context)
         return [{key: GLib.Variant(signature, value) for key, (signature, value) in
                  api.encode_run(run).items()} for run in self._manager.runs(job_id, limit)]
 
     @replies_with_variant
     @on_the_wire
-    def ReadLog(self, job_id: int, offset: int, max_bytes: int, dbus_context: Any = None) -> tuple:
+    def ReadLog(self, job_id: int, offset: int, max_bytes: int, dbus_context: Any = None) -> GLib.Variant:
         caller = self._caller(dbus_context)
         data, next_offset, ended = self._manager.read_log(caller, job_id, offset, max_bytes)
         return GLib.Variant.new_tuple(

@@ -81,19 +81,21 @@ class Systemd:
         ]
         self._call(SYSTEMD_PATH, MANAGER_IFACE, "Subscribe", None)
 
-    def _job_removed(self, _con, _sender, _path, _iface, _signal, params: GLib.Variant) -> None:
+    def _job_removed(self, _con: Gio.DBusConnection, _sender: str, _path: str, _iface: str, _signal: str,
+                     params: GLib.Variant) -> None:
         _id, job_path, _unit, result = params.unpack()
         callback = self._pending_jobs.pop(job_path, None)
         if callback is not None:
             guarded(callback, "systemd.job_removed")(result)
 
-    def _unit_removed(self, _con, _sender, _path, _iface, _signal, params: GLib.Variant) -> None:
+    def _unit_removed(self, _con: Gio.DBusConnection, _sender: str, _path: str, _iface: str, _signal: str,
+                      params: GLib.Variant) -> None:
         unit, unit_path = params.unpack()
         if unit_path.startswith(self._unit_path_prefix) and self._on_unit_removed is not None:
             guarded(self._on_unit_removed, "systemd.unit_removed")(unit)
 
-    def _properties_changed(self, _con, _sender, path: str, _iface, _signal,
-                            params: GLib.Variant) -> None:
+    def _properties_changed(self, _con: Gio.DBusConnection, _sender: str, path: str, _iface: str,
+                            _signal: str, params: GLib.Variant) -> None:
         if not path.startswith(self._unit_path_prefix) or self._on_unit_changed is None:
             return
         interface, changed, _invalidated = params.unpack()

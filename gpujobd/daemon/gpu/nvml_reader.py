@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import queue
 import threading
 import time
@@ -138,17 +139,6 @@ class Done:
 Post = Callable[[Callable[[], None]], None]  # runs a callable on the main loop, from any thread
 
 
-def glib_post(callback: Callable[[], None]) -> None:
-    """Run `callback` on the GLib main loop (GLib.idle_add is safe to call from any thread)."""
-    from gi.repository import GLib
-
-    def once() -> bool:
-        callback()
-        return False
-
-    GLib.idle_add(once)
-
-
 class Worker:
     """One thread, one task at a time; results go to the main loop through `post`.
 
@@ -157,7 +147,7 @@ class Worker:
     whole (one atomic store), so neither side ever waits for the other.
     """
 
-    def __init__(self, post: Post = glib_post, name: str = "gpujobd-nvml",
+    def __init__(self, post: Post, name: str = "gpujobd-nvml",
                  monotonic: Callable[[], float] = time.monotonic):
         self._post = post
         self._name = name
@@ -208,7 +198,7 @@ class Worker:
             except BaseException as err:  # the main loop decides; the thread goes on
                 done = Done(error=err)
             self._current = None
-            self._post(lambda on_done=on_done, done=done: self._finish(on_done, done))
+            self._post(functools.partial(self._finish, on_done, done))
 
     def _finish(self, on_done: Callable[[Done], None], done: Done) -> None:
         self._busy = False
@@ -241,7 +231,7 @@ def import_pynvml() -> Any:
         import pynvml
     except ImportError:
         try:
-            from gpujobd._vendor import pynvml  # type: ignore[no-redef]
+            from gpujobd._vendor import pynvml
         except ImportError as err:
             raise NvmlUnavailable(
                 "the NVML Python bindings are not installed (module pynvml, PyPI package "

@@ -35,8 +35,8 @@ COMMAND_LOG_CHARS = 200
 
 
 def kill_verified(procs: ProcPort, pid: int, expected: Identity, signum: int, *,
-                  pidfd_open: Callable[[int], int] = getattr(os, "pidfd_open", None),
-                  send: Callable[[int, int], None] = getattr(signal, "pidfd_send_signal", None),
+                  pidfd_open: Optional[Callable[[int], int]] = getattr(os, "pidfd_open", None),
+                  send: Optional[Callable[[int, int], None]] = getattr(signal, "pidfd_send_signal", None),
                   close: Callable[[int], None] = os.close) -> Tuple[bool, str]:
     """Signal `pid` only if it is still the process judged, with no PID-reuse race.
 

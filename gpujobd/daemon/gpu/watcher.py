@@ -18,7 +18,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Protocol, Tuple
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Tuple
 
 from gpujobd.daemon.gpu.attribution import (
     OWNER_JOB,
@@ -41,6 +41,7 @@ from gpujobd.daemon.gpu.nvml_reader import (
     Worker,
 )
 from gpujobd.daemon.gpu.strays import DEFAULT_UID_MIN, Seen, Strays, kill_verified, stray_key
+from gpujobd.daemon.ports import SchedulerPort
 from gpujobd.shared.config import Config
 from gpujobd.shared.log import get_logger
 
@@ -90,10 +91,6 @@ def gpu_key(device: Device) -> str:
 
 
 # --- the watcher ---------------------------------------------------------------------------------------
-
-
-class SchedulerPort(Protocol):
-    def call_later(self, seconds: float, callback: Callable[[], None]) -> Callable[[], None]: ...
 
 
 @dataclass(frozen=True)
