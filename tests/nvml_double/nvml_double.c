@@ -27,13 +27,15 @@
  *   driver VERSION                      nvmlSystemGetDriverVersion (default 550.54.14)
  *   device INDEX [uuid=UUID] [memory_total=B] [memory_used=B] [memory_reserved=B]
  *          [util_gpu=PCT] [util_memory=PCT] [pci_bus_id=DDDDDDDD:BB:DD.0]
- *          [pci_device_id=N] [name=REST OF LINE, MAY CONTAIN BLANKS]
+ *          [pci_device_id=N] [minor=N] [name=REST OF LINE, MAY CONTAIN BLANKS]
  *                                       name= must come last.  Indices must be 0..N-1,
  *                                       each once (at most 64 devices).  memory_used is
  *                                       what nvmlDeviceGetMemoryInfo (v1) reports as used
  *                                       (it includes memory_reserved); free = total - used.
  *                                       nvmlDeviceGetMemoryInfo_v2 reports reserved
  *                                       separately and used = memory_used - memory_reserved.
+ *                                       minor: nvmlDeviceGetMinorNumber (/dev/nvidiaN),
+ *                                       default the index.
  *   process DEVICE compute|graphics|mps pid=PID used_memory=B|-1
  *           [gpu_instance_id=N] [compute_instance_id=N]
  *                                       listed in file order; pid is reported as given
@@ -122,6 +124,7 @@ struct device {
     unsigned long long memory_total, memory_used, memory_reserved;
     unsigned int util_gpu, util_memory;
     unsigned int pci_domain, pci_bus, pci_device, pci_device_id;
+    unsigned int minor;          /* /dev/nvidia<minor> */
     struct proc_list procs[KIND_COUNT];
 };
 
@@ -201,6 +204,7 @@ static const struct {
     {"nvmlDeviceGetUUID", "nvmlDeviceGetUUID"},
     {"nvmlDeviceGetName", "nvmlDeviceGetName"},
     {"nvmlDeviceGetIndex", "nvmlDeviceGetIndex"},
+    {"nvmlDeviceGetMinorNumber", "nvmlDeviceGetMinorNumber"},
     {"nvmlDeviceGetMemoryInfo", "nvmlDeviceGetMemoryInfo"},
     {"nvmlDeviceGetMemoryInfo_v2", "nvmlDeviceGetMemoryInfo"},
     {"nvmlDeviceGetUtilizationRates", "nvmlDeviceGetUtilizationRates"},
@@ -379,6 +383,7 @@ static int parse_device(struct parser *p, struct script *s, char *rest)
     d->memory_total = 80ULL << 30;
     d->pci_bus = (unsigned int)index + 1;
     d->pci_device_id = 0x233010DE; /* 10DE: NVIDIA; 2330: H100 SXM5 80GB */
+    d->minor = (unsigned int)index;
 
     while ((tok = next_token(&rest))) {
         if (strncmp(tok, "name=", 5) == 0) {
@@ -414,6 +419,8 @@ static int parse_device(struct parser *p, struct script *s, char *rest)
             bad = parse_bus_id(value, d);
         else if (strcmp(tok, "pci_device_id") == 0)
             bad = parse_u32(value, &d->pci_device_id);
+        else if (strcmp(tok, "minor") == 0)
+            bad = parse_u32(value, &d->minor);
         else
             return fail(p, "device: unknown key '%s'", tok);
         if (bad)
@@ -898,6 +905,15 @@ nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned int *index)
     if (!index)
         return leave(NVML_ERROR_INVALID_ARGUMENT);
     *index = (unsigned int)idx;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetMinorNumber(nvmlDevice_t device, unsigned int *minorNumber)
+{
+    ENTER_DEVICE("nvmlDeviceGetMinorNumber", device);
+    if (!minorNumber)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    *minorNumber = d->minor;
     return leave(NVML_SUCCESS);
 }
 

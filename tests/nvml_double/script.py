@@ -55,6 +55,7 @@ class Device:
     pci_bus_id: Optional[str] = None  # "00000000:65:00.0"; default bus = index + 1
     pci_device_id: Optional[int] = None  # default 0x233010DE
     index: Optional[int] = None
+    minor: Optional[int] = None  # nvmlDeviceGetMinorNumber, the N of /dev/nvidiaN; default = index
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,8 @@ def _device_line(index: int, d: Device) -> str:
         parts.append(f"pci_bus_id={_token(f'{where}.pci_bus_id', d.pci_bus_id, _BUS_ID)}")
     if d.pci_device_id is not None:
         parts.append(f"pci_device_id={_int(f'{where}.pci_device_id', d.pci_device_id, 0, U32_MAX)}")
+    if d.minor is not None:
+        parts.append(f"minor={_int(f'{where}.minor', d.minor, 0, U32_MAX)}")
     parts.append(f"name={d.name}")  # last: the rest of the line
     return " ".join(parts)
 

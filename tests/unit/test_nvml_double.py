@@ -82,7 +82,7 @@ def two_devices(script: Path, **kwargs: Any) -> None:
                memory_total=80 * GIB, memory_used=3 * GIB + 17, memory_reserved=512 << 20,
                util_gpu=87, util_memory=41, pci_bus_id="00000000:1B:00.0"),
         Device(uuid="GPU-00000000-1111-2222-3333-444444444444", name="Tesla  T4 (two blanks)",
-               memory_total=16 * GIB, memory_used=0, util_gpu=0, util_memory=100),
+               memory_total=16 * GIB, memory_used=0, util_gpu=0, util_memory=100, minor=7),
     ], **kwargs)
 
 
@@ -146,6 +146,7 @@ def test_two_devices_read_back_exactly(nvml_libdir, script):
             h = handle(i)
             devices.append({
                 "index": pynvml.nvmlDeviceGetIndex(h),
+                "minor": pynvml.nvmlDeviceGetMinorNumber(h),
                 "uuid": pynvml.nvmlDeviceGetUUID(h),
                 "name": pynvml.nvmlDeviceGetName(h),
                 "memory": plain(pynvml.nvmlDeviceGetMemoryInfo(h)),
@@ -162,6 +163,7 @@ def test_two_devices_read_back_exactly(nvml_libdir, script):
                                                      "NVIDIA H100 80GB HBM3")
     assert (d1["index"], d1["uuid"], d1["name"]) == (1, "GPU-00000000-1111-2222-3333-444444444444",
                                                      "Tesla  T4 (two blanks)")
+    assert (d0["minor"], d1["minor"]) == (0, 7)  # the index by default, else as scripted
     assert d0["memory"] == {"total": 80 * GIB, "used": 3 * GIB + 17, "free": 77 * GIB - 17}
     assert d0["memory_v2"] == {"version": 0x02000028, "total": 80 * GIB, "reserved": 512 << 20,
                                "used": 3 * GIB + 17 - (512 << 20), "free": 77 * GIB - 17}
