@@ -59,7 +59,8 @@ def test_every_key_has_a_one_line_doc_and_every_time_ends_in_s():
 def test_shipped_file_is_generated_from_the_table():
     assert SHIPPED.read_text() == config_toml.default_config_text(), (
         "packaging/gpujobd.toml is out of date; regenerate it with: python -c "
-        "'from gpujobd.shared.config_toml import default_config_text; print(default_config_text(), end=\"\")' > packaging/gpujobd.toml"
+        "'from gpujobd.shared.config_toml import default_config_text; "
+        "print(default_config_text(), end=\"\")' > packaging/gpujobd.toml"
     )
 
 
