@@ -132,13 +132,14 @@ def _foreign_units(limit_runs: Sequence[Dict[str, Any]], jobs_per_run: int) -> s
 
 def _logs(rows: Rows, params: Dict[str, Any]) -> Dict[str, str]:
     found = {"logs__target_size": _size(params["log_bytes"]),
-             "logs__probe_size": _size(params["log_probe_bytes"]),
-             "logs__budget": _duration(params["log_budget_s"]), "logs__measured_size": "not measured"}
+             "logs__budget": _duration(params["log_budget_s"]),
+             "logs__measured_size": "not measured", "logs__warmups": "not measured"}
     if not _measured(rows, "logs.bytes_ratio"):
         return found
     detail = rows["logs.bytes_ratio"]["ours"]["detail"]
     found["logs__measured_size"] = _size(detail["bytes"])
     found["logs__size_note"] = _size_note(detail, params)
+    found["logs__warmups"] = _warmups(detail["probe"])
     if _measured(rows, "logs.get_during_follow"):
         row = rows["logs.get_during_follow"]
         slowdown = row["ours"]["max"] / row["peers"][0]["max"]
@@ -147,6 +148,13 @@ def _logs(rows: Rows, params: Dict[str, Any]) -> Dict[str, str]:
             "serves one call at a time)" if slowdown > SLOWED_ABOVE else
             f"another client's calls were barely slowed by a follow (max x{slowdown:.2f})")
     return found
+
+
+def _warmups(probe: Dict[str, Any]) -> str:
+    """The warm-up follows this run made (runs before they grew recorded one, without its sizes)."""
+    sizes = probe.get("warmup_sizes", [probe["bytes"]])
+    which = "one warm-up follow" if len(sizes) == 1 else f"{len(sizes)} warm-up follows"
+    return f"{which} of {', '.join(_size(n) for n in sizes)}, the last at {probe['follow_mb_s']:.2f} MB/s"
 
 
 def _size_note(detail: Dict[str, Any], params: Dict[str, Any]) -> str:

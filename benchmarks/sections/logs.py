@@ -73,12 +73,12 @@ def run(bed: Testbed, p: Params) -> List[Row]:
 
 def _probe(bed: Testbed, p: Params) -> Dict[str, Any]:
     """The warm-up follows, growing x4 until one takes an eighth of the budget: the last one."""
-    size = p.log_probe_bytes
+    sizes = [p.log_probe_bytes]
     while True:
-        probe = _follow(bed, size)
-        if size >= p.log_bytes or probe["follow_s"] >= p.log_budget_s / 8:
-            return probe
-        size = min(size * 4, p.log_bytes)
+        probe = _follow(bed, sizes[-1])
+        if sizes[-1] >= p.log_bytes or probe["follow_s"] >= p.log_budget_s / 8:
+            return {**probe, "warmup_sizes": sizes}
+        sizes.append(min(sizes[-1] * 4, p.log_bytes))
 
 
 def _size(n_bytes: int) -> str:
