@@ -1,4 +1,4 @@
-"""4. History scale: the CLI's cost with 100, 10 000 and 100 000 ended jobs in the daemon's state.
+"""4. History scale: the CLI's cost at each of params.history_sizes ended jobs in the daemon's state.
 
 For each size the daemon is stopped, its state emptied, the database seeded with
 benchmarks.seed (jobs that ended 10 s apart, the newest 10 s ago: a busy server's history),
