@@ -6,7 +6,9 @@ newest full run in benchmarks/results). Never edit docs/performance.md by hand: 
 Placeholders: $table (the markdown table), $machine, $started_at, $mode, and for every row key
 (dots become `__`, e.g. `burst.rate` -> `burst__rate`): ${KEY__p50}, ${KEY__p95}, ${KEY__max},
 ${KEY__runs}, ${KEY__peer0__p50} (...p95, max, label), ${KEY__ratio0}, ${KEY__note}, ${KEY__status}.
-A placeholder the results cannot fill stops the rendering (KeyError), so the page never shows one.
+Sentences that judge a figure ("flat", "x1.8", "both cores busy") are placeholders too, computed in
+benchmarks/prose.py. A placeholder the results cannot fill stops the rendering (KeyError), so the page
+never shows one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from benchmarks.prose import derived
 from benchmarks.table import number, ratio, row_lines
 
 HERE = Path(__file__).resolve().parent
@@ -76,28 +79,6 @@ def values(result: Dict[str, Any]) -> Dict[str, str]:
                 found.update(_dist_values(f"{key}__peer{index}", peer))
                 found[f"{key}__ratio{index}"] = ratio(peer_ratio)
     found.update(derived(result))
-    return found
-
-
-def derived(result: Dict[str, Any]) -> Dict[str, str]:
-    """Figures the commentary quotes that are not a row's summary: where the CPU went in a burst,
-    and the size the log follow was measured at."""
-    rows = {row["key"]: row for row in result["rows"]}
-    found: Dict[str, str] = {}
-    burst = rows.get("burst.rate")
-    if burst and "ours" in burst:
-        for side, runs in (("ours", burst["ours"]["detail"]["runs"]),
-                           ("limit", burst["peers"][0]["detail"]["runs"])):
-            jobs = len(runs) * result["params"]["burst_jobs"]
-            for part in ("machine", "gpujobd", "systemd", "dbus-daemon"):
-                per_job = sum(r["cpu_s"][part] for r in runs) / jobs * 1000
-                found[f"burst__{side}__cpu_ms_per_job__{part.replace('-', '_')}"] = f"{per_job:.1f} ms"
-    logs = rows.get("logs.bytes_ratio")
-    if logs and "ours" in logs:
-        detail = logs["ours"]["detail"]
-        found["logs__measured_size"] = f"{detail['bytes'] / (1 << 20):g} MiB"
-        found["logs__probe_mb_s"] = f"{detail['probe']['follow_mb_s']:.2f} MB/s"
-        found["logs__gib_hours"] = f"{(1 << 30) / 1e6 / detail['probe']['follow_mb_s'] / 3600:.1f} h"
     return found
 
 

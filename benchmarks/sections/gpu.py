@@ -28,6 +28,7 @@ from benchmarks.testbed import CHECKOUT, LIBDIR, SYSTEM_PYTHON, Testbed, sh
 from benchmarks.timing import run_timed
 
 SECTION = "gpu"
+WATCHER = "gpujobd/daemon/gpu/watcher.py"
 POLL_INTERVAL_S = 5.0  # gpu.poll_interval_s's default
 DROP_IN = Path("/run/systemd/system/gpujobd.service.d/bench-nvml-double.conf")
 SCRIPT = Path("/run/gpujobd-bench-nvml/script")
@@ -43,9 +44,10 @@ _TICK = (
 def run(bed: Testbed, p: Params) -> List[Row]:
     tick = f"GPU watcher: one watch tick, {p.gpu_devices} GPUs x {p.gpu_processes} processes (NVML double)"
     idle = "gpujobd CPU at rest with the GPU watcher on (8 jobs on 8 GPUs through the NVML double)"
-    if not ((bed.source / "gpujobd" / "gpu.py").exists() and (bed.source / "tests" / "nvml_double").is_dir()):
-        return [Row(SECTION, "gpu.tick", tick, missing="GPU watcher not present (TODO)"),
-                Row(SECTION, "gpu.idle_cpu", idle, missing="GPU watcher not present (TODO)")]
+    if not ((bed.source / WATCHER).exists() and (bed.source / "tests" / "nvml_double").is_dir()):
+        missing = f"the gpujobd benchmarked has no {WATCHER} or tests/nvml_double"
+        return [Row(SECTION, "gpu.tick", tick, missing=missing),
+                Row(SECTION, "gpu.idle_cpu", idle, missing=missing)]
     try:
         return _measure(bed, p, tick, idle)
     except Exception as error:  # work in progress elsewhere: say why, do not sink the other sections

@@ -1,7 +1,7 @@
-"""4. History scale: the CLI's cost with 100, 10 000 and 100 000 ended jobs in the daemon's state.
+"""4. History scale: the CLI's cost at each of params.history_sizes ended jobs in the daemon's state.
 
 For each size the daemon is stopped, its state emptied, the database seeded with
-Store.seed_ended_jobs (jobs that ended 10 s apart, the newest 10 s ago: a busy server's history),
+benchmarks.seed (jobs that ended 10 s apart, the newest 10 s ago: a busy server's history),
 and the daemon started again. Each figure at a size stands beside the same figure at the smallest
 size: a ratio near 1 is flat, near the size ratio is O(n). The daemon's RSS is sampled after every
 query; its start (systemctl start until READY=1, reconcile included) is timed by restarting it.
@@ -58,12 +58,11 @@ def _growth(at: Dict[int, Dict[str, Figure]], sizes: Any, key: str, stat: str = 
 
 
 def _seed(bed: Testbed, n: int) -> None:
-    from gpujobd.daemon.store import Store
+    from benchmarks.seed import seed_ended_jobs  # imports gpujobd: only inside the testbed
 
     bed.reset_state()
     STATE_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-    with Store(DB_FILE) as store:
-        store.seed_ended_jobs(n, bed.user.name, bed.user.uid, bed.user.gid, time.time())
+    seed_ended_jobs(DB_FILE, n, bed.user.name, bed.user.uid, bed.user.gid, time.time())
 
 
 class _Scale:

@@ -1,4 +1,4 @@
-"""5. Logs: `gpujobctl logs -f` following a job that writes 1 GB.
+"""5. Logs: `gpujobctl logs -f` following a job that writes log_bytes (params; halved if it does not fit).
 
 The job is `head -c SIZE /dev/zero`; the follower starts as soon as submit returned. Measured from
 the client side: the bytes `gpujobctl logs -f` wrote to its stdout (counted here) per byte in the log
@@ -6,10 +6,12 @@ file, its CPU time (wait4's rusage) and the daemon's CPU time meanwhile (/proc/M
 per GB. Beside them: `cat` of the same finished log into the same counting pipe, the floor of moving
 those bytes from the file to a reader.
 
-A first follow of log_probe_bytes warms up and measures the follow rate. If following log_bytes at
-that rate would take longer than log_budget_s, the size is halved until it fits, and the rows say so
-with the time 1 GiB would have taken. While each measured follow runs, a warm client times Get calls
-to the daemon, beside the same calls on an idle daemon: what one follower costs everyone else.
+Warm-up follows measure the follow rate: the first of log_probe_bytes, each next one 4 times larger,
+until one takes an eighth of log_budget_s or reaches log_bytes (a small follow's rate is mostly the
+submit and the client's start, and would understate the rate of a large one). If following log_bytes at
+the last warm-up's rate would take longer than log_budget_s, the size is halved until it fits, and the
+rows name the size followed and say why. While each measured follow runs, a warm client times Get
+calls to the daemon, beside the same calls on an idle daemon: what one follower costs everyone else.
 """
 
 from __future__ import annotations
@@ -34,15 +36,16 @@ GET_CALLS = 10  # spread over each measured follow
 
 
 def run(bed: Testbed, p: Params) -> List[Row]:
-    probe = _follow(bed, p.log_probe_bytes)
+    probe = _probe(bed, p)
     size = _fitting_size(p, probe["follow_mb_s"])
     pause = size / 1e6 / probe["follow_mb_s"] / GET_CALLS
     idle_get = _get_latencies(bed, probe["job"], pause=0.0)
     runs = [_follow(bed, size, probe["job"], pause) for _ in range(p.log_runs)]
-    shown = f"{size / GIB:g} GiB" if size >= GIB else f"{size >> 20} MiB"
+    shown = _size(size)
     scaled = "" if size == p.log_bytes else (
-        f"; measured at {shown}: following {p.log_bytes / GIB:g} GiB at the probed "
-        f"{probe['follow_mb_s']:.2f} MB/s would take {p.log_bytes / 1e6 / probe['follow_mb_s'] / 3600:.1f} h")
+        f"measured at {shown}, not {_size(p.log_bytes)}: at the warm-up's {probe['follow_mb_s']:.2f} MB/s "
+        f"({_size(probe['bytes'])}), {_size(p.log_bytes)} would take "
+        f"{p.log_bytes / 1e6 / probe['follow_mb_s']:.0f} s, past the {p.log_budget_s:g} s budget")
     detail = {"runs": runs, "bytes": size, "target_bytes": p.log_bytes, "probe": probe}
 
     def dist(label: str, unit: str, key: str) -> Dist:
@@ -51,7 +54,7 @@ def run(bed: Testbed, p: Params) -> List[Row]:
     return [
         Row(SECTION, "logs.bytes_ratio", f"`gpujobctl logs -f` on a job writing {shown}: bytes received "
             "per byte in the log", dist("gpujobctl logs -f", "B/B", "ratio"),
-            [Dist("limit: each byte once", "B/B", [1.0] * len(runs))], note=scaled.lstrip("; ")),
+            [Dist("limit: each byte once", "B/B", [1.0] * len(runs))], note=scaled),
         Row(SECTION, "logs.follower_cpu", "CPU time of `gpujobctl logs -f`, per GB followed",
             dist("gpujobctl logs -f", "cpu-s/GB", "follower_cpu_per_gb"),
             [dist("cat of the same log into the same pipe", "cpu-s/GB", "cat_cpu_per_gb")]),
@@ -64,8 +67,22 @@ def run(bed: Testbed, p: Params) -> List[Row]:
         Row(SECTION, "logs.get_during_follow", "another client's `Get` while one log is followed",
             Dist("Client().get() during logs -f", "s", [x for r in runs for x in r["get_s"]], 1),
             [Dist("Client().get() on the idle daemon", "s", idle_get, 1)], ratio_of="max",
-            note="the daemon serves one call at a time: a slow ReadLog delays every other caller"),
+            note="the daemon serves one call at a time; the ratio compares the slowest calls"),
     ]
+
+
+def _probe(bed: Testbed, p: Params) -> Dict[str, Any]:
+    """The warm-up follows, growing x4 until one takes an eighth of the budget: the last one."""
+    sizes = [p.log_probe_bytes]
+    while True:
+        probe = _follow(bed, sizes[-1])
+        if sizes[-1] >= p.log_bytes or probe["follow_s"] >= p.log_budget_s / 8:
+            return {**probe, "warmup_sizes": sizes}
+        sizes.append(min(sizes[-1] * 4, p.log_bytes))
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / GIB:g} GiB" if n_bytes >= GIB else f"{n_bytes / (1 << 20):g} MiB"
 
 
 def _fitting_size(p: Params, mb_s: float) -> int:

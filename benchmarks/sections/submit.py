@@ -20,7 +20,7 @@ from benchmarks.timing import command_dist, run_timed
 SECTION = "submit"
 _PROBE = (
     "import sys; sys.path.insert(0, {lib!r}); before = set(sys.modules); "
-    "from gpujobd import cli; code = cli.main(['submit', '--', 'true']); "
+    "from gpujobd.cli.main import main; code = main(['submit', '--', 'true']); "
     "loaded = [k for k, m in sys.modules.items() if k not in before and getattr(m, '__name__', '') == k "
     "and getattr(m, '__spec__', None) is not None]; "
     "import json; sys.stderr.write(json.dumps(loaded))"

@@ -92,7 +92,7 @@ def default_client_factory() -> Any:
 
 def _client_settings() -> Dict[str, float]:
     try:
-        from gpujobd.shared.config import load_config
+        from gpujobd.shared.config_toml import load_config
     except ModuleNotFoundError as error:
         if error.name != "gpujobd.shared.config":
             raise

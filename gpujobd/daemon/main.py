@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from gpujobd import __version__
-from gpujobd.shared.config import Config, dump_toml, load_config
+from gpujobd.shared.config import Config
+from gpujobd.shared.config_toml import dump_toml, load_config
 from gpujobd.shared.errors import ConfigError
 from gpujobd.shared.log import guarded
 

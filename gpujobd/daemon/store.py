@@ -6,10 +6,8 @@ returns, so a state change the daemon acknowledges survives a crash or a power c
 the model's objects (Job, JobSpec, Outcome); a row this code cannot decode is an error naming the job,
 never something silently skipped.
 
-The schema is versioned with `PRAGMA user_version`: MIGRATIONS[i] brings a database from version i to
-i + 1 in one transaction. A database written by a newer gpujobd is refused, never downgraded. Released
-migrations are frozen: change the schema only by appending a migration (tests/data/state-v1.sqlite3
-must keep loading).
+The schema and its migrations are in gpujobd.daemon.store_schema; this module runs them, each in one
+transaction, and refuses a database written by a newer gpujobd (never downgrading it).
 
 Only SQLite features of 3.22 and older are used (no RETURNING, no STRICT tables): Python 3.9 installs
 often link an old SQLite.
@@ -22,8 +20,9 @@ import json
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+from gpujobd.daemon.store_schema import MIGRATIONS, SCHEMA_VERSION
 from gpujobd.shared import errors
 from gpujobd.shared.model import EndReason, Job, JobSpec, JobState, Outcome, unit_name
 
@@ -34,78 +33,6 @@ DB_FILE_MODE = 0o600
 NON_FINAL_STATES: Tuple[JobState, ...] = tuple(state for state in JobState if not state.is_final)
 _NON_FINAL_VALUES: Tuple[str, ...] = tuple(state.value for state in NON_FINAL_STATES)
 _NON_FINAL_PLACEHOLDERS = ", ".join("?" * len(_NON_FINAL_VALUES))
-
-# ---------------------------------------------------------------------------------------------------
-# Schema
-
-_V1_STATEMENTS = (
-    """
-    CREATE TABLE jobs (
-        id                 INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids are never reused
-        user               TEXT    NOT NULL,
-        uid                INTEGER NOT NULL,
-        gid                INTEGER NOT NULL,
-        name               TEXT    NOT NULL DEFAULT '',
-        argv               TEXT    NOT NULL,                   -- JSON array of strings
-        cwd                TEXT    NOT NULL,
-        env                TEXT    NOT NULL DEFAULT '{}',      -- JSON object string -> string
-        properties         TEXT    NOT NULL DEFAULT '{}',      -- JSON object string -> string
-        timeout_s          REAL,
-        state              TEXT    NOT NULL,                   -- JobState value
-        unit               TEXT    NOT NULL DEFAULT '',
-        pid                INTEGER,
-        created_at         REAL    NOT NULL,                   -- seconds since the epoch
-        started_at         REAL,
-        ended_at           REAL,
-        reason             TEXT,                               -- EndReason value; NULL: no outcome yet
-        exit_code          INTEGER,
-        signal             INTEGER,
-        detail             TEXT,
-        leftover_processes INTEGER,
-        stopped_by         TEXT,
-        -- Background loops (a job re-run up to max_runs times, bound to a foreground job): reserved
-        -- in v1, read and written from v2 on; per-run records go to the runs table.
-        max_runs           INTEGER NOT NULL DEFAULT 1,
-        restart_delay_s    REAL,
-        stop_on_failure    INTEGER NOT NULL DEFAULT 0,         -- boolean
-        bind_to            INTEGER                             -- a job id (no foreign key: pruning
-                                                               -- the foreground job must not fail)
-    )
-    """,
-    # The default list view (active jobs + recently ended ones) and the crash reconcile.
-    "CREATE INDEX jobs_state ON jobs (state)",
-    "CREATE INDEX jobs_ended_at ON jobs (ended_at)",
-    # `list --user`; the implicit rowid in the index keeps each user's jobs in id order.
-    "CREATE INDEX jobs_user ON jobs (user)",
-    """
-    CREATE TABLE runs (
-        job_id     INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
-        run        INTEGER NOT NULL,                           -- 1, 2, ... within the job
-        started_at REAL,
-        ended_at   REAL,
-        exit_code  INTEGER,
-        signal     INTEGER,
-        reason     TEXT,                                       -- EndReason value
-        detail     TEXT,
-        PRIMARY KEY (job_id, run)
-    )
-    """,
-)
-
-
-def _migrate_to_v1(conn: sqlite3.Connection) -> None:
-    for statement in _V1_STATEMENTS:
-        conn.execute(statement)
-
-
-def _migrate_to_v2(conn: sqlite3.Connection) -> None:
-    """Background loops: whether a job is one (its loop columns were reserved in v1)."""
-    conn.execute("ALTER TABLE jobs ADD COLUMN background INTEGER NOT NULL DEFAULT 0")
-
-
-# Append only. Index i migrates version i -> i + 1; each runs in one transaction.
-MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migrate_to_v1, _migrate_to_v2]
-SCHEMA_VERSION = len(MIGRATIONS)
 
 # Columns that mirror the model (everything but id).
 _JOB_COLUMNS: Tuple[str, ...] = (
@@ -121,10 +48,6 @@ _SELECT_JOBS = (
 )
 _INSERT_JOB = (
     f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES ({', '.join('?' * len(_JOB_COLUMNS))})"
-)
-_INSERT_JOB_WITH_ID = (
-    f"INSERT INTO jobs (id, {', '.join(_JOB_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * (len(_JOB_COLUMNS) + 1))})"
 )
 _UPDATE_JOB = "UPDATE jobs SET " + ", ".join(f"{column} = ?" for column in _JOB_COLUMNS) + " WHERE id = ?"
 
@@ -383,21 +306,6 @@ class Store:
         )
         return [self._decode_run(row) for row in rows]
 
-    # -- benchmarks --------------------------------------------------------------------------------
-
-    def seed_ended_jobs(self, n: int, user: str, uid: int, gid: int, now: float,
-                        interval_s: float = 10.0) -> None:
-        """Bulk-insert `n` succeeded jobs, for benchmarks only (100 000 take a second or two).
-
-        One transaction, executemany. Each row is what a real job leaves: `true` run in /, state
-        succeeded, outcome exit-code 0, created/started/ended set, unit matching its id. The jobs ended
-        `interval_s` apart, the newest `interval_s` before `now`, oldest first (ascending ids).
-        """
-        with self._transaction(f"seeding {n} ended jobs") as conn:
-            first_id = _next_job_id(conn)
-            rows = (_seed_row(first_id + k, n - k, user, uid, gid, now, interval_s) for k in range(n))
-            conn.executemany(_INSERT_JOB_WITH_ID, rows)
-
     # -- rows -> model -----------------------------------------------------------------------------
 
     def _decode(self, row: sqlite3.Row) -> Job:
@@ -532,23 +440,3 @@ def _default_view(filters: List[str], params: List[Any], ended_since: Optional[f
         candidate_params += [ended_since, *after_params]
     sql = f"{_SELECT_JOBS} WHERE id IN ({candidates}){_and(filters)} ORDER BY id LIMIT ?"
     return sql, [*candidate_params, *params, limit]
-
-
-def _next_job_id(conn: sqlite3.Connection) -> int:
-    """What AUTOINCREMENT would hand out next: above every id ever used, deleted ones included."""
-    seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
-    highest = conn.execute("SELECT max(id) FROM jobs").fetchone()[0]
-    return max(seq[0] if seq else 0, highest or 0) + 1
-
-
-def _seed_row(job_id: int, age_steps: int, user: str, uid: int, gid: int, now: float,
-              interval_s: float) -> Tuple[Any, ...]:
-    ended_at = now - age_steps * interval_s
-    started_at = ended_at - interval_s / 2
-    spec = JobSpec(argv=("true",), cwd="/")
-    job = Job(
-        id=job_id, user=user, uid=uid, gid=gid, spec=spec, state=JobState.SUCCEEDED,
-        created_at=started_at - 0.1, unit=unit_name(job_id), started_at=started_at, ended_at=ended_at,
-        outcome=Outcome(reason=EndReason.EXIT_CODE, exit_code=0),
-    )
-    return (job_id, *_job_values(job))

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from gpujobd.daemon import store
+from gpujobd.daemon import store, store_schema
 from gpujobd.shared.model import EndReason, Job, JobSpec, JobState, Outcome, transition
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "state-v1.sqlite3"
@@ -103,9 +103,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.path.exists() and not args.force:
         print(f"{args.path} exists and is frozen; use --force to overwrite it", file=sys.stderr)
         return 1
-    if store.SCHEMA_VERSION != 1:
-        print(f"the code writes schema version {store.SCHEMA_VERSION}, not 1; the v1 fixture is frozen",
-              file=sys.stderr)
+    if store_schema.SCHEMA_VERSION != 1:
+        print(f"the code writes schema version {store_schema.SCHEMA_VERSION}, not 1; the v1 fixture is"
+              " frozen", file=sys.stderr)
         return 1
     for suffix in ("", "-wal", "-shm"):
         Path(f"{args.path}{suffix}").unlink(missing_ok=True)

@@ -8,15 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gpujobd.shared import config, log
-from gpujobd.shared.config import (
-    CONFIG_ENV,
-    DEFAULT_CONFIG_PATH,
-    SETTINGS,
-    Config,
-    load_config,
-    resolve_config_path,
-)
+from gpujobd.shared import config, config_toml, log
+from gpujobd.shared.config import SETTINGS, Config
+from gpujobd.shared.config_toml import CONFIG_ENV, DEFAULT_CONFIG_PATH, load_config, resolve_config_path
 from gpujobd.shared.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +47,7 @@ def test_defaults_pass_their_own_checks():
     for s in SETTINGS:
         value = list(s.default) if isinstance(s.default, tuple) else s.default
         data.setdefault(s.section, {})[s.name] = str(value) if isinstance(value, Path) else value
-    assert config.config_from_mapping(data) == Config()
+    assert config_toml.config_from_mapping(data) == Config()
 
 
 def test_every_key_has_a_one_line_doc_and_every_time_ends_in_s():
@@ -63,9 +57,10 @@ def test_every_key_has_a_one_line_doc_and_every_time_ends_in_s():
 
 
 def test_shipped_file_is_generated_from_the_table():
-    assert SHIPPED.read_text() == config.default_config_text(), (
-        "packaging/gpujobd.toml is out of date; regenerate it with: python -c 'from gpujobd.shared.config "
-        "import default_config_text; print(default_config_text(), end=\"\")' > packaging/gpujobd.toml"
+    assert SHIPPED.read_text() == config_toml.default_config_text(), (
+        "packaging/gpujobd.toml is out of date; regenerate it with: python -c "
+        "'from gpujobd.shared.config_toml import default_config_text; "
+        "print(default_config_text(), end=\"\")' > packaging/gpujobd.toml"
     )
 
 
@@ -86,7 +81,7 @@ def test_docs_list_every_key_with_its_default_and_range():
     for s in SETTINGS:
         rows = [line for line in lines if line.startswith(f"| `{s.dotted}` |")]
         assert len(rows) == 1, f"docs/configuration.md has no single table row for {s.dotted}"
-        assert f"`{config.toml_value(s.default)}`" in rows[0], f"{s.dotted}: default differs in the docs"
+        assert f"`{config_toml.toml_value(s.default)}`" in rows[0], f"{s.dotted}: default differs in the docs"
         assert f"| {s.expected} |" in rows[0], f"{s.dotted}: docs should say it accepts {s.expected}"
 
 
@@ -143,7 +138,7 @@ def test_dump_toml_round_trips(tmp_path):
         jobs=dataclasses.replace(Config().jobs, stop_timeout_s=2.5, allowed_properties=("CPUQuota",)),
         gpu=dataclasses.replace(Config().gpu, stray_kill_users=("alice",), watch=False),
     )
-    text = config.dump_toml(changed)
+    text = config_toml.dump_toml(changed)
     for s in SETTINGS:
         assert f"\n{s.name} = " in "\n" + text, s.dotted
     assert load_config(write(tmp_path, text)) == changed
@@ -253,7 +248,7 @@ def test_config_error_is_a_usage_error():
 
 
 def test_missing_default_file_means_defaults(monkeypatch, tmp_path):
-    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    monkeypatch.setattr(config_toml, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
     assert resolve_config_path(None) == (tmp_path / "absent.toml", False)
     assert load_config() == Config()
 

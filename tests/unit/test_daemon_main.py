@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from gpujobd.shared.config import load_config
+from gpujobd.shared.config_toml import load_config
 
 
 def gpujobd(*args: str, env=None) -> subprocess.CompletedProcess:

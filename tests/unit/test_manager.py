@@ -24,7 +24,8 @@ from gpujobd.daemon.outcome import decide_outcome
 from gpujobd.daemon.ports import User
 from gpujobd.daemon.store import Store
 from gpujobd.shared import api
-from gpujobd.shared.config import Config, config_from_mapping
+from gpujobd.shared.config import Config
+from gpujobd.shared.config_toml import config_from_mapping
 from gpujobd.shared.errors import InvalidArgument, NotFound, PermissionDenied
 from gpujobd.shared.model import (
     EndReason,

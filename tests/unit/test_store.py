@@ -12,7 +12,7 @@ from typing import Iterator, List, Optional
 
 import pytest
 
-from gpujobd.daemon import store
+from gpujobd.daemon import store, store_schema
 from gpujobd.daemon.store import Store
 from gpujobd.shared import errors
 from gpujobd.shared.model import EndReason, Job, JobSpec, JobState, Outcome, transition, unit_name
@@ -77,7 +77,7 @@ def test_new_database_is_private_wal_and_current(db: Store, db_path: Path) -> No
     assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
     conn = raw(db_path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == store_schema.SCHEMA_VERSION
     reserved = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
     assert {"max_runs", "restart_delay_s", "stop_on_failure", "bind_to"} <= reserved
     conn.close()
@@ -91,14 +91,14 @@ def test_missing_directory_is_refused(tmp_path: Path) -> None:
 def test_newer_schema_is_refused_with_a_clear_message(db_path: Path) -> None:
     Store(db_path).close()
     conn = raw(db_path)
-    conn.execute(f"PRAGMA user_version = {store.SCHEMA_VERSION + 1}")
+    conn.execute(f"PRAGMA user_version = {store_schema.SCHEMA_VERSION + 1}")
     conn.close()
     with pytest.raises(errors.Unavailable) as caught:
         Store(db_path)
     message = str(caught.value)
     assert str(db_path) in message
-    assert f"schema version {store.SCHEMA_VERSION + 1}" in message
-    assert f"up to {store.SCHEMA_VERSION}" in message
+    assert f"schema version {store_schema.SCHEMA_VERSION + 1}" in message
+    assert f"up to {store_schema.SCHEMA_VERSION}" in message
 
 
 def test_garbage_file_is_refused_naming_the_file(db_path: Path) -> None:
@@ -213,8 +213,6 @@ def test_ids_increase_and_are_never_reused(db: Store, db_path: Path) -> None:
     db.close()
     with Store(db_path) as reopened:
         assert reopened.create("alice", 1000, 1000, spec(), NOW).id == 5
-        reopened.seed_ended_jobs(2, "alice", 1000, 1000, NOW)
-        assert reopened.create("alice", 1000, 1000, spec(), NOW).id == 8
 
 
 def test_unknown_state_or_reason_names_the_job(db: Store, db_path: Path) -> None:
@@ -368,27 +366,6 @@ def test_record_run_of_unknown_job_errors(db: Store) -> None:
         db.record_run(5, 1, NOW, NOW, 0, None, EndReason.EXIT_CODE, "")
 
 
-# -- bulk seed ---------------------------------------------------------------------------------------
-
-
-def test_seed_100k_ended_jobs_then_default_view(db: Store) -> None:
-    running = start(db)
-    db.seed_ended_jobs(100_000, "bench", 2000, 2000, NOW)
-    assert db.count_jobs() == 100_001
-    # Seeded jobs end 10 s apart, the newest 10 s before NOW: 360 ended in the last hour.
-    view = default_view(db, limit=100_000)
-    assert len(view) == 361 and view[0] == running
-    assert ids(view[1:]) == list(range(100_001 - 359, 100_002))
-    newest = db.get(100_001)
-    assert newest is not None
-    assert newest.unit == unit_name(100_001) and newest.state is JobState.SUCCEEDED
-    assert newest.outcome == Outcome(EndReason.EXIT_CODE, exit_code=0)
-    assert newest.ended_at == NOW - 10 and newest.started_at is not None
-    assert newest.created_at <= newest.started_at <= newest.ended_at
-    assert ids(all_view(db, limit=2)) == [100_000, 100_001]
-    assert ids(db.active_jobs()) == [running.id]
-
-
 # -- schema freeze -----------------------------------------------------------------------------------
 
 T0 = 1_700_000_000.0
@@ -481,7 +458,7 @@ def test_fixture_script_refuses_to_overwrite(tmp_path: Path) -> None:
     target.write_bytes(b"precious")
     assert script.main([str(target)]) == 1  # type: ignore[attr-defined]
     assert target.read_bytes() == b"precious"
-    if store.SCHEMA_VERSION != 1:
+    if store_schema.SCHEMA_VERSION != 1:
         pytest.skip("the code is past schema version 1; the script no longer writes the fixture")
     assert script.main([str(target), "--force"]) == 0  # type: ignore[attr-defined]
     with Store(target) as regenerated:

@@ -32,7 +32,8 @@ from gpujobd.daemon.gpu.strays import Verdict, kill_verdict, kill_verified, syst
 from gpujobd.daemon.gpu.watcher import Watcher
 from gpujobd.daemon.manager import Manager
 from gpujobd.daemon.store import Store
-from gpujobd.shared.config import Config, config_from_mapping
+from gpujobd.shared.config import Config
+from gpujobd.shared.config_toml import config_from_mapping
 from gpujobd.shared.errors import InvalidArgument
 from gpujobd.shared.model import EndReason, JobState
 from tests.unit import test_manager as tm
