@@ -82,7 +82,7 @@ def test_other_users_are_refused_and_admins_are_not(ctl):
     ctl.wait_state("alice", job_id, "running")
     for verb in (["stop", str(job_id)], ["logs", str(job_id)]):
         refused = ctl("bob", *verb)
-        assert refused.returncode == 1
+        assert refused.returncode == 4  # permission denied
         assert "belongs to alice" in refused.stderr, refused.stderr
     assert ctl.job("bob", job_id)["state"] == "running"  # metadata is visible, like squeue
     assert "env" not in ctl.job("bob", job_id) or ctl.job("bob", job_id)["env"] in (None, {})
@@ -133,7 +133,7 @@ def test_bad_input_gets_clear_errors_and_loses_nothing(ctl):
     bad_value = ctl("alice", "submit", "--property", "MemoryMax=lots", "--", "true")
     assert bad_value.returncode == 2 and "MemoryMax" in bad_value.stderr
     unknown = ctl("alice", "status", "999999")
-    assert unknown.returncode == 1 and "no job 999999" in unknown.stderr
+    assert unknown.returncode == 3 and "no job 999999" in unknown.stderr  # no such job
     assert "Traceback" not in empty.stderr + prop.stderr + unknown.stderr
     after = len(json.loads(ctl("alice", "list", "--all", "--json", check=True).stdout))
     assert after == before  # nothing was half-created
