@@ -119,14 +119,14 @@ class Strays:
     def orphan(self, user: str, marker: int) -> int:
         """A sleep of `user` whose parent has exited (so PID 1 reaped it), moved into init.scope."""
         done = sh("setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "sh", "-c",
-                  f"sleep {marker} </dev/null >/dev/null 2>&1 & echo $!")
+                  f"sleep {marker} </dev/null >/dev/null 2>&1 & echo $!", cwd="/")
         return self._outside(int(done.stdout.strip()))
 
     def with_parent(self, user: str, marker: int) -> int:
         """A sleep of `user` whose parent (a shell waiting for it) is alive, moved into init.scope."""
         parent = subprocess.Popen(["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "sh",
                                    "-c", f"sleep {marker} </dev/null >/dev/null 2>&1 & echo $!; wait"],
-                                  stdout=subprocess.PIPE, text=True)
+                                  stdout=subprocess.PIPE, text=True, cwd="/")
         self.parents.append(parent)
         return self._outside(int(parent.stdout.readline()))  # type: ignore[union-attr]
 
