@@ -15,8 +15,8 @@ SANDBOX = $(PYTHON) tests/sandbox/sandbox.py
 APT_PACKAGES = systemd dbus util-linux passwd procps python3 python3-venv python3-gi \
 	python3-pydbus python3-pystemd python3-structlog
 
-.PHONY: deps venv test unit integration integration-host demo install uninstall lint lint-style lint-imports \
-	lint-types clean
+.PHONY: deps venv test unit bus integration integration-host demo install uninstall lint lint-style \
+	lint-imports lint-types clean
 
 deps:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { \
@@ -45,6 +45,10 @@ lint-types: venv
 unit: venv
 	$(VENV)/bin/python -m pytest -q tests/unit tests/host
 
+# The real D-Bus service and client on a private dbus-daemon the tests start (no systemd): ~1 s.
+bus: venv
+	$(VENV)/bin/python -m pytest -q tests/bus
+
 integration: venv
 	$(SANDBOX) run -- $(VENV)/bin/python -m pytest -q tests/integration
 
@@ -54,7 +58,7 @@ integration-host: venv
 	@test "$$(cat /proc/1/comm)" = systemd || { echo "PID 1 is not systemd here: use make integration"; exit 2; }
 	$(VENV)/bin/python -m pytest -q tests/integration
 
-test: lint unit integration package-test bench-check
+test: lint unit bus integration package-test bench-check
 
 demo: venv
 	$(SANDBOX) run -- sh tests/demo.sh

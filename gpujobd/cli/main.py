@@ -2,10 +2,10 @@
 
 Argument parsing and one handler per verb; what is shown is formatted by gpujobd.cli.render.
 
-Exit codes: 0 success, 1 the operation failed, 2 usage error; `submit --wait` and `wait` exit with the
-job's own code (a signal N gives 128+N, a failure without an exit code gives 1). Errors are one line on
-stderr, `gpujobctl: <what was wrong>`, never a traceback. The D-Bus client is imported only when a verb
-runs, so `-h` and usage errors answer fast.
+Exit codes: one per error kind, from gpujobd.shared.errors (EXIT_CODES); `submit --wait` and `wait`
+exit with the job's own code once it ended (a signal N gives 128+N, a failure without an exit code
+gives 1). Errors are one line on stderr, `gpujobctl: <what was wrong>`, never a traceback. The D-Bus
+client is imported only when a verb runs, so `-h` and usage errors answer fast.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from gpujobd.shared import api, errors
 from gpujobd.shared.model import JobState
 
 PROG = "gpujobctl"
-EXIT_INTERRUPTED = 130
-EXIT_BROKEN_PIPE = 141  # what a shell reports for a command killed by SIGPIPE
+EXIT_INTERRUPTED = errors.EXIT_INTERRUPTED
+EXIT_BROKEN_PIPE = errors.EXIT_BROKEN_PIPE
 STATUS_LOG_LINES = 10
 STATUS_RUNS = 5  # status shows this many of a background loop's last runs
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -361,7 +361,10 @@ examples:
   gpujobctl logs -f 42
   gpujobctl stop 42
 
-exit codes: 0 success, 1 failure, 2 usage error; `submit --wait` and `wait` exit with the job's code.
+exit codes:
+""" + "\n".join(f"  {code:<3}  {meaning}" for code, meaning in errors.EXIT_CODES) + """
+`submit --wait` and `wait` exit with the job's own code once it ended (128+N for signal N); their errors
+still exit as above, so read stderr (or --json) to tell a job's code 3 from "no such job".
 `gpujobctl VERB -h` explains each verb."""
 
 _SUBMIT_EPILOG = """\
@@ -391,7 +394,8 @@ examples:
   gpujobctl stop 42
   gpujobctl stop 42 43 44
 
-Exits 1 if any job could not be stopped (every id is still tried)."""
+Every id is tried; exits with the code of the first that could not be stopped (3 no such job,
+4 not yours, ...)."""
 
 _STATUS_EPILOG = """\
 examples:
@@ -422,7 +426,8 @@ examples:
   gpujobctl wait --timeout 1h 42
 
 Exits 0 if every job succeeded, else with the code of the first failed job in argument order
-(signal N gives 128+N, a failure without an exit code gives 1)."""
+(signal N gives 128+N, a failure without an exit code gives 1); an id that cannot be waited for counts
+with its error's code (3 no such job, 4 not yours; `gpujobctl -h` lists them), a timeout with 1."""
 
 
 # --- verbs -------------------------------------------------------------------------------------------
@@ -516,7 +521,7 @@ def submitted_command(command: Sequence[str]) -> List[str]:
 
 
 def cmd_stop(args: argparse.Namespace, client: Any) -> int:
-    failed = False
+    first_error = errors.EXIT_OK
     for one_id in args.ids:
         try:
             print(f"job {one_id}: {_stop_one(client, one_id)}")
@@ -524,8 +529,8 @@ def cmd_stop(args: argparse.Namespace, client: Any) -> int:
             raise  # the next ids would fail the same way
         except errors.GpujobdError as error:
             print_error(f"job {one_id}: {error}")
-            failed = True
-    return errors.EXIT_FAILED if failed else errors.EXIT_OK
+            first_error = first_error or error.exit_code
+    return first_error
 
 
 def _stop_one(client: Any, one_id: int) -> str:
@@ -626,7 +631,7 @@ def _wait_one(client: Any, one_id: int, deadline: float | None, ended: List[Job]
         raise
     except errors.GpujobdError as error:
         print_error(f"job {one_id}: {error}")
-        return errors.EXIT_FAILED
+        return error.exit_code
     ended.append(job)
     if not quiet:
         print(f"job {one_id}: {describe_end(job)}")

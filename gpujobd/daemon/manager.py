@@ -29,7 +29,7 @@ from gpujobd.daemon.properties import Encoded
 from gpujobd.daemon.validation import validate, with_loop_defaults
 from gpujobd.shared import api
 from gpujobd.shared.config import Config
-from gpujobd.shared.errors import InvalidArgument, NotFound, PermissionDenied
+from gpujobd.shared.errors import InvalidArgument, NotFound, PermissionDenied, Refused
 from gpujobd.shared.log import get_logger
 from gpujobd.shared.model import (
     EndReason,
@@ -109,9 +109,9 @@ class Manager:
         check = gpu_check or self._config.gpu.prestart_check
         blockers = self._gpu_blockers(spec) if check != "off" else []
         if blockers and check == "refuse":
-            raise InvalidArgument(f"{describe_strays(blockers)}; the job was not created (gpu_check "
-                                  "refuse). `gpujobctl gpus` shows the GPUs; submit with gpu_check wait "
-                                  "to wait for them")
+            raise Refused(f"{describe_strays(blockers)}; the job was not created (gpu_check "
+                          "refuse). `gpujobctl gpus` shows the GPUs; submit with gpu_check wait "
+                          "to wait for them")
         job = self._store.create(caller.user, caller.uid, caller.gid, spec, self._clock(),
                                  state=JobState.QUEUED if blockers else JobState.STARTING)
         log.info("job.submitted", job_id=job.id, user=caller.user, unit=job.unit, argv0=spec.argv[0])

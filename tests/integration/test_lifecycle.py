@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,7 +84,7 @@ def test_other_users_are_refused_and_admins_are_not(ctl):
     ctl.wait_state("alice", job_id, "running")
     for verb in (["stop", str(job_id)], ["logs", str(job_id)]):
         refused = ctl("bob", *verb)
-        assert refused.returncode == 1
+        assert refused.returncode == 4  # permission denied
         assert "belongs to alice" in refused.stderr, refused.stderr
     assert ctl.job("bob", job_id)["state"] == "running"  # metadata is visible, like squeue
     assert "env" not in ctl.job("bob", job_id) or ctl.job("bob", job_id)["env"] in (None, {})
@@ -133,7 +135,7 @@ def test_bad_input_gets_clear_errors_and_loses_nothing(ctl):
     bad_value = ctl("alice", "submit", "--property", "MemoryMax=lots", "--", "true")
     assert bad_value.returncode == 2 and "MemoryMax" in bad_value.stderr
     unknown = ctl("alice", "status", "999999")
-    assert unknown.returncode == 1 and "no job 999999" in unknown.stderr
+    assert unknown.returncode == 3 and "no job 999999" in unknown.stderr  # no such job
     assert "Traceback" not in empty.stderr + prop.stderr + unknown.stderr
     after = len(json.loads(ctl("alice", "list", "--all", "--json", check=True).stdout))
     assert after == before  # nothing was half-created
@@ -220,17 +222,27 @@ def test_daemon_reload_and_service_restart_never_touch_a_job(ctl):
 
 
 def test_daemon_killed_mid_job_loses_nothing(ctl):
-    running = ctl.submit("alice", "sleep", "4601")
-    ends_while_down = ctl.submit("alice", "sh", "-c", "sleep 1; exit 7")
-    ctl.wait_state("alice", running, "running")
-    ctl.wait_state("alice", ends_while_down, "running")
-    old_pid = daemon_pid()
-    os.kill(old_pid, signal.SIGKILL)
-    time.sleep(1.5)  # the second job ends while no daemon runs
-    assert processes_matching("sleep 4601"), "a job died with the daemon"
-    wait_for(lambda: daemon_pid() not in (0, old_pid) and sh("systemctl", "is-active", "gpujobd",
-                                                            check=False).stdout.strip() == "active",
-             "systemd to restart gpujobd")
+    gate = Path(tempfile.mkdtemp(prefix="gpujobd-gate-", dir="/tmp"))  # the sandbox's own /tmp
+    gate.chmod(0o755)  # alice's job looks in it
+    release = gate / "release"
+    try:
+        running = ctl.submit("alice", "sleep", "4601")
+        ends_while_down = ctl.submit("alice", "sh", "-c",
+                                     f"until [ -e {release} ]; do sleep 0.05; done; exit 7")
+        ctl.wait_state("alice", running, "running")
+        ctl.wait_state("alice", ends_while_down, "running")
+        os.kill(daemon_pid(), signal.SIGKILL)
+        sh("systemctl", "stop", "gpujobd")  # hold it down (no automatic restart) until started below
+        assert not _daemon_active()
+        assert processes_matching("sleep 4601"), "a job died with the daemon"
+        assert processes_matching(str(release)), "the gated job died with the daemon"
+        release.touch()  # the job ends now, while no daemon runs
+        wait_for(lambda: not scope_pids(f"gpujob-{ends_while_down}.scope"), "the released job to end")
+        assert not _daemon_active(), "the daemon came back before the job ended"
+        sh("systemctl", "start", "gpujobd")
+    finally:
+        shutil.rmtree(gate, ignore_errors=True)
+        sh("systemctl", "start", "gpujobd")  # already up unless an assertion above failed
     ended = ctl.wait_state("alice", ends_while_down, "failed")
     assert (ended["exit_code"], ended["reason"]) == (7, "exit-code")
     assert ctl.job("alice", running)["state"] == "running"
@@ -239,3 +251,7 @@ def test_daemon_killed_mid_job_loses_nothing(ctl):
     assert processes_matching("sleep 4601") == []
     newer = ctl.submit("alice", "true")
     assert newer > ends_while_down  # ids are never reused
+
+
+def _daemon_active() -> bool:
+    return sh("systemctl", "is-active", "gpujobd", check=False).stdout.strip() == "active"

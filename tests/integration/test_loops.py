@@ -80,7 +80,7 @@ def test_binding_needs_a_running_job_of_your_own(ctl):
     assert refused.returncode == 2 and "succeeded" in refused.stderr
     theirs = ctl.submit("bob", "sleep", "30")
     denied = ctl("alice", "submit", "--background", "--bind-to", str(theirs), "--", "true")
-    assert denied.returncode == 1 and "belongs to bob" in denied.stderr
+    assert denied.returncode == 4 and "belongs to bob" in denied.stderr  # permission denied
     ctl("bob", "stop", str(theirs), check=True)
 
 

@@ -273,9 +273,17 @@ def test_iso_utc() -> None:
     assert api.iso_utc(1.0005) == "1970-01-01T00:00:01.000Z"
 
 
-@pytest.mark.parametrize("state", list(JobState))
-def test_is_active(state: JobState) -> None:
-    assert api.is_active({"state": state.value}) is (not state.is_final)
+@pytest.mark.parametrize("state, active", [
+    ("queued", True), ("starting", True), ("running", True), ("stopping", True),
+    ("succeeded", False), ("failed", False), ("stopped", False), ("timed-out", False), ("lost", False),
+])
+def test_is_active(state: str, active: bool) -> None:
+    assert api.is_active({"state": state}) is active
+
+
+def test_is_active_covers_every_state() -> None:
+    assert {s.value for s in JobState} == {"queued", "starting", "running", "stopping", "succeeded", "failed",
+                                           "stopped", "timed-out", "lost"}
 
 
 def test_the_service_hides_env_from_other_users() -> None:

@@ -424,9 +424,9 @@ def test_with_background_json_prints_both_jobs(fake, capsys):
 
 
 @pytest.mark.parametrize("failure, code", [
-    (errors.PermissionDenied("--bind-to 1: that job belongs to bob"), 1),
+    (errors.PermissionDenied("--bind-to 1: that job belongs to bob"), 4),
     (errors.InvalidArgument("--max-runs 5000: must be from 1 to this server's limit of 1000"), 2),
-    (errors.Unavailable("gpujobd did not answer Submit within 30s"), 1),
+    (errors.Unavailable("gpujobd did not answer Submit within 30s"), 5),
 ])
 def test_with_background_stops_the_foreground_when_the_loop_cannot_be_submitted(fake, capsys, failure,
                                                                                    code):
@@ -539,7 +539,7 @@ def test_stop_tries_every_id_and_fails_if_any_failed(fake, capsys):
     fake.add_job(id=5)
     fake.add_job(id=6, state="succeeded", ended_at=1.0, exit_code=0)
     fake.add_job(id=8)
-    assert run(fake, "stop", "5", "7", "6", "8") == 1
+    assert run(fake, "stop", "5", "7", "6", "8") == 3  # no such job 7
     captured = capsys.readouterr()
     assert captured.out.splitlines() == ["job 5: stopping", "job 6: already ended (succeeded)",
                                          "job 8: stopping"]
@@ -559,7 +559,7 @@ def test_stop_gives_up_when_the_daemon_is_unavailable(fake, capsys):
                                  "`systemctl status gpujobd`")
 
     fake.stop = unavailable
-    assert run(fake, "stop", "1", "2", "3") == 1
+    assert run(fake, "stop", "1", "2", "3") == 5
     assert "systemctl status gpujobd" in one_error_line(capsys.readouterr().err)
 
 
@@ -950,7 +950,7 @@ def test_wait_all_succeeded_exits_0(fake):
 
 def test_wait_unknown_id_counts_as_a_failure_but_the_rest_are_waited_for(fake, capsys):
     fake.add_job(id=1, ending={"state": "failed", "reason": "exit-code", "exit_code": 5})
-    assert run(fake, "wait", "9", "1") == 1
+    assert run(fake, "wait", "9", "1") == 3  # no such job 9, the first failure
     captured = capsys.readouterr()
     assert "job 9: no job 9" in one_error_line(captured.err)
     assert fake.jobs[1]["state"] == "failed"
@@ -966,10 +966,10 @@ def test_wait_json(fake, capsys):
 
 
 @pytest.mark.parametrize("error, code", [
-    (errors.NotFound("no job 7: see `gpujobctl list --all`"), 1),
-    (errors.PermissionDenied("job 7 belongs to bob: only bob or root may stop it"), 1),
+    (errors.NotFound("no job 7: see `gpujobctl list --all`"), 3),
+    (errors.PermissionDenied("job 7 belongs to bob: only bob or root may stop it"), 4),
     (errors.InvalidArgument("the cwd /x does not exist: give an existing directory"), 2),
-    (errors.Unavailable("gpujobd is not running (x): check `systemctl status gpujobd`"), 1),
+    (errors.Unavailable("gpujobd is not running (x): check `systemctl status gpujobd`"), 5),
     (errors.ConfigError("bad config: fix /etc/gpujobd/gpujobd.toml"), 2),
     (errors.Internal("database is locked\nsecond line"), 1),
 ])

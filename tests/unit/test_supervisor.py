@@ -26,6 +26,9 @@ REPO_ROOT = Path(supervisor.__file__).resolve().parents[1]
 PATH = "/usr/local/bin:/usr/bin:/bin"
 # The supervisor must also run on Python 3.9: point this at such an interpreter to check it end to end.
 SUPERVISOR_PYTHON = os.environ.get("GPUJOBD_TEST_SUPERVISOR_PYTHON", sys.executable)
+# The command runs as nobody, who may not reach this checkout's .venv (a clone under root's 0700 home):
+# a command that needs a Python interpreter gets the system's, which every user can execute.
+USER_PYTHON = "/usr/bin/python3"
 
 
 def spec_fields(state_dir: Path, **overrides: object) -> dict:
@@ -406,12 +409,13 @@ def test_the_command_gets_exactly_the_given_environment_umask_and_default_signal
 
 
 @needs_root
+@pytest.mark.skipif(not os.path.exists(USER_PYTHON), reason=f"needs {USER_PYTHON}")
 def test_only_fds_0_to_2_are_open_in_the_command(tmp_path: Path) -> None:
     leaked = os.open(tmp_path / "leaked", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         script = ("import os\nfds = []\nfor fd in range(4096):\n    try:\n        os.fstat(fd)\n"
                   "    except OSError:\n        continue\n    fds.append(fd)\nprint('FDS', fds)\n")
-        done = run_job(tmp_path, argv=[sys.executable, "-I", "-S", "-c", script], pass_fds=(leaked,))
+        done = run_job(tmp_path, argv=[USER_PYTHON, "-I", "-S", "-c", script], pass_fds=(leaked,))
     finally:
         os.close(leaked)
     assert "FDS [0, 1, 2]" in done.log, done.log

@@ -34,7 +34,7 @@ from gpujobd.daemon.manager import Manager
 from gpujobd.daemon.store import Store
 from gpujobd.shared.config import Config
 from gpujobd.shared.config_toml import config_from_mapping
-from gpujobd.shared.errors import InvalidArgument
+from gpujobd.shared.errors import InvalidArgument, Refused
 from gpujobd.shared.model import EndReason, JobState
 from tests.unit import test_manager as tm
 from tests.unit.test_manager import OWNER, Rig, spec
@@ -833,7 +833,7 @@ def test_check_off_by_default_asks_nothing(make_rig: MakeRig, gpus: FakeGpus) ->
 def test_refuse_names_the_stray_and_creates_nothing(make_rig: MakeRig, gpus: FakeGpus) -> None:
     rig = make_rig(gpu={"prestart_check": "refuse"})
     gpus.strays = [STRAY]
-    with pytest.raises(InvalidArgument) as caught:
+    with pytest.raises(Refused) as caught:
         rig.manager.submit(OWNER, spec(env={"CUDA_VISIBLE_DEVICES": "0"}))
     message = str(caught.value)
     for fragment in ("GPU 0", "PID 4242", "bob", "`python leftover.py`", "3.0 GiB", "gpujobctl gpus"):
@@ -846,7 +846,7 @@ def test_a_jobs_own_check_overrides_the_servers(make_rig: MakeRig, gpus: FakeGpu
     gpus.strays = [STRAY]
     assert rig.manager.submit(OWNER, spec(), gpu_check="off").state is JobState.STARTING
     rig2 = make_rig()
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(Refused):
         rig2.manager.submit(OWNER, spec(), gpu_check="refuse")
 
 

@@ -1,0 +1,122 @@
+"""The published service, live: its introspection, the verbs through the real client, and its errors
+by name, class and exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Tuple
+
+import pytest
+from gi.repository import Gio, GLib
+
+from gpujobd.cli import main as cli
+from gpujobd.client import Client
+from gpujobd.shared import api, errors
+from tests.bus.conftest import LiveService, gpujobctl_as
+
+SNAPSHOT = Path(__file__).resolve().parents[1] / "unit" / "snapshots" / "introspection-v1.xml"
+USER = "nobody"  # the service never runs a job for root: jobs are submitted as this user
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="submits as another user: must be root")
+
+
+def call(address: str, interface: str, method: str, args: GLib.Variant | None, reply: str) -> GLib.Variant:
+    """One raw call to the service on the bus at `address`, on a connection of its own."""
+    flags = Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION
+    connection = Gio.DBusConnection.new_for_address_sync(address, flags, None, None)
+    try:
+        return connection.call_sync(api.BUS_NAME, api.OBJECT_PATH, interface, method, args,
+                                    GLib.VariantType.new(reply), Gio.DBusCallFlags.NONE, 5000, None)
+    finally:
+        connection.close_sync(None)
+
+
+def introspect(address: str) -> str:
+    return call(address, "org.freedesktop.DBus.Introspectable", "Introspect", None, "(s)").unpack()[0]
+
+
+def canonical(element: ET.Element) -> Tuple[Any, ...]:
+    """An element as a comparable value: attributes unordered; members of an interface unordered
+    (by kind and name); the args of a method or signal in their order, which is the signature."""
+    children = [canonical(child) for child in element]
+    if element.tag in ("node", "interface"):
+        children.sort()
+    return (element.tag, tuple(sorted(element.attrib.items())), tuple(children))
+
+
+def interfaces(xml: str) -> dict:
+    return {iface.get("name"): canonical(iface) for iface in ET.fromstring(xml).iter("interface")}
+
+
+def test_the_published_object_introspects_as_the_snapshot(live_service: LiveService,
+                                                            bus_address: str) -> None:
+    live = interfaces(introspect(bus_address))
+    frozen = interfaces(SNAPSHOT.read_text(encoding="utf-8"))
+    assert api.INTERFACE in frozen, f"the snapshot has no {api.INTERFACE}"
+    assert api.INTERFACE in live, f"the published object has no {api.INTERFACE}: {sorted(live)}"
+    for name, expected in frozen.items():
+        assert live.get(name) == expected, (
+            f"{name} as published differs from {SNAPSHOT.name}: the D-Bus API changed; if deliberate, "
+            "update the snapshot (see tests/unit/test_api.py)")
+    # What GDBus adds itself: the standard interfaces, nothing else.
+    standard = {"org.freedesktop.DBus.Properties", "org.freedesktop.DBus.Introspectable",
+                "org.freedesktop.DBus.Peer"}
+    assert set(live) - set(frozen) <= standard
+
+
+@needs_root
+def test_submit_get_list_stop_through_the_real_client(live_service: LiveService, bus_address: str) -> None:
+    submitted = gpujobctl_as(USER, bus_address, "submit", "--json", "--cwd", "/", "--name", "live",
+                             "--", "sleep", "60")
+    assert submitted.returncode == 0, submitted.stderr
+    job = json.loads(submitted.stdout)
+    assert (job["user"], job["name"], job["argv"]) == (USER, "live", ["sleep", "60"])
+    assert job["state"] == "starting"
+    unit = job["unit"]
+    live_service.loop.call(live_service.systemd.finish_start_job, unit)  # systemd: the scope is active
+
+    client = Client(bus_address, call_timeout_s=10)  # root: an admin, who may look at and stop any job
+    assert client.get(job["id"])["state"] == "running"
+    listed = client.list()
+    assert [(j["id"], j["state"]) for j in listed] == [(job["id"], "running")]
+    mine = gpujobctl_as(USER, bus_address, "list", "--json")
+    assert mine.returncode == 0, mine.stderr
+    assert [j["id"] for j in json.loads(mine.stdout)] == [job["id"]]
+
+    assert client.stop(job["id"]) == api.STOP_STOPPING
+    assert live_service.loop.call(live_service.systemd.was_stopped, unit)
+    live_service.loop.call(live_service.systemd.scope_ends, unit)  # systemd: the scope is gone
+    ended = client.wait(job["id"], timeout_s=10)  # woken by the JobChanged signal on the bus
+    assert (ended["state"], ended["reason"], ended["stopped_by"]) == ("stopped", "stopped", "root")
+    assert client.stop(job["id"]) == api.STOP_ALREADY_ENDED
+
+
+def test_no_such_job_crosses_the_bus_by_name_class_and_exit_code(
+        live_service: LiveService, bus_address: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(GLib.Error) as raw:
+        call(bus_address, api.INTERFACE, "Get", GLib.Variant("(t)", (999,)), "(a{sv})")
+    assert Gio.DBusError.get_remote_error(raw.value) == "org.gpujobd1.Error.NotFound"
+
+    with pytest.raises(errors.NotFound, match="no job 999"):
+        Client(bus_address).get(999)
+    assert cli.main(["status", "999"], client_factory=lambda: Client(bus_address)) == 3
+    assert "no job 999" in capsys.readouterr().err
+
+
+def test_root_may_not_submit_and_exits_permission_denied(
+        live_service: LiveService, bus_address: str, capsys: pytest.CaptureFixture[str]) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the refusal is for root")
+    code = cli.main(["submit", "--cwd", "/", "--", "true"], client_factory=lambda: Client(bus_address))
+    assert code == 4
+    assert "never runs a job as root" in capsys.readouterr().err
+    assert Client(bus_address).list(all=True) == []  # nothing was created
+
+
+def test_a_bus_where_gpujobd_is_not_running_exits_5(bus_address: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["list"], client_factory=lambda: Client(bus_address, call_timeout_s=5)) == 5
+    assert "gpujobd is not running" in capsys.readouterr().err
