@@ -2,11 +2,11 @@
 
 Through the NVML test double (tests/nvml_double, built here), never a real GPU: 8 jobs each run 100
 sleeping processes, and the double's script puts each job's sleepers on one GPU. The tick is the
-watcher's own `bench_tick` (NVML, /proc and attribution), run in a child whose LD_LIBRARY_PATH puts
-the double first; each sample is the median of a few ticks of a fresh watcher. Its limit is the poll
-interval (gpu.poll_interval_s): the tick's share of it is the watcher's duty cycle. The idle CPU is
-taken like section 6's, with gpu.watch on, beside the same windows with it off, with the double
-loaded into the daemon through a runtime drop-in.
+watcher's `bench_tick` (gpujobd.daemon.gpu.nvml_cli: NVML, /proc and attribution), run in a child
+whose LD_LIBRARY_PATH puts the double first; each sample is the median of a few ticks of a fresh
+watcher. Its limit is the poll interval (gpu.poll_interval_s): the tick's share of it is the
+watcher's duty cycle. The idle CPU is taken like section 6's, with gpu.watch on, beside the same
+windows with it off, with the double loaded into the daemon through a runtime drop-in.
 
 While the watcher is not part of the gpujobd being benchmarked, the rows say so and nothing is run.
 """
@@ -33,8 +33,8 @@ DROP_IN = Path("/run/systemd/system/gpujobd.service.d/bench-nvml-double.conf")
 SCRIPT = Path("/run/gpujobd-bench-nvml/script")
 _TICK = (
     "import json, sys; sys.path.insert(0, {lib!r})\n"
-    "from gpujobd.daemon.gpu.nvml_reader import Nvml\nfrom gpujobd.shared.log import configure_logging\n"
-    "from gpujobd.daemon.gpu.watcher import bench_tick\n"
+    "from gpujobd.daemon.adapters.nvml import Nvml\nfrom gpujobd.shared.log import configure_logging\n"
+    "from gpujobd.daemon.gpu.nvml_cli import bench_tick\n"
     "configure_logging('console', 'error'); nvml = Nvml()\n"
     "print(json.dumps([bench_tick(nvml, repeat={ticks}) for _ in range({runs})]))\n"
 )
@@ -43,7 +43,8 @@ _TICK = (
 def run(bed: Testbed, p: Params) -> List[Row]:
     tick = f"GPU watcher: one watch tick, {p.gpu_devices} GPUs x {p.gpu_processes} processes (NVML double)"
     idle = "gpujobd CPU at rest with the GPU watcher on (8 jobs on 8 GPUs through the NVML double)"
-    if not ((bed.source / "gpujobd" / "gpu.py").exists() and (bed.source / "tests" / "nvml_double").is_dir()):
+    watcher = bed.source / "gpujobd" / "daemon" / "adapters" / "nvml.py"
+    if not (watcher.exists() and (bed.source / "tests" / "nvml_double").is_dir()):
         return [Row(SECTION, "gpu.tick", tick, missing="GPU watcher not present (TODO)"),
                 Row(SECTION, "gpu.idle_cpu", idle, missing="GPU watcher not present (TODO)")]
     try:

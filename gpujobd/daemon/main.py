@@ -76,11 +76,13 @@ def run(config: Config) -> int:
     from pydbus import SystemBus
 
     from gpujobd.daemon.adapters.dbus_service import ManagerService, publish
+    from gpujobd.daemon.adapters.mainloop import glib_post
+    from gpujobd.daemon.adapters.nvml import Nvml
+    from gpujobd.daemon.adapters.procfs import ProcFs
     from gpujobd.daemon.adapters.systemd import JobUnits, Systemd, notify_ready
-    from gpujobd.daemon.gpu.attribution import ProcFs
-    from gpujobd.daemon.gpu.nvml_reader import Nvml, Worker
     from gpujobd.daemon.gpu.strays import system_uid_min
     from gpujobd.daemon.gpu.watcher import Watcher
+    from gpujobd.daemon.gpu.worker import Worker
     from gpujobd.daemon.manager import Manager
     from gpujobd.daemon.spawner import RECORD_SUFFIX, RUNS_SUFFIX, JobFiles, spawn_supervisor
     from gpujobd.daemon.store import Store
@@ -111,8 +113,8 @@ def run(config: Config) -> int:
     job_units = JobUnits(systemd, config.daemon.slice, config.jobs.stop_timeout_s)
     # The GPU watcher: NVML and /proc are read on its one worker thread, never on this loop.
     watcher = Watcher(config, live_jobs=lambda: manager.live_job_ids(), scheduler=scheduler,
-                      worker=Worker(), nvml=Nvml(), procs=ProcFs(), stop_unit=job_units.stop_unit,
-                      daemon_pid=os.getpid(), uid_min=system_uid_min())
+                      worker=Worker(post=glib_post), nvml=Nvml(), procs=ProcFs(),
+                      stop_unit=job_units.stop_unit, daemon_pid=os.getpid(), uid_min=system_uid_min())
     manager = Manager(config, store, job_units, files, spawn, scheduler, changed, gpus=watcher)
     watcher.on_report = manager.gpus_changed
     systemd.subscribe(manager.on_unit_changed, manager.on_unit_removed)
