@@ -68,7 +68,7 @@ PIP = $(VENV)/bin/pip --disable-pip-version-check --no-input
 wheels: venv $(NVML_PY_WHEEL)
 	$(call export_tree,$(WHEEL_SRC))
 	rm -f $(WHEELS)/gpujobd-*.whl
-	$(PIP) wheel -q --no-deps --no-build-isolation -w $(WHEELS) $(WHEEL_SRC)
+	$(PIP) wheel -q --no-deps -w $(WHEELS) $(WHEEL_SRC)
 	@test -f $(GPUJOBD_WHEEL) || { echo "make wheels: pip built no $(GPUJOBD_WHEEL)" >&2; exit 1; }
 
 $(NVML_PY_WHEEL): $(NVML_PY_PIN) | venv
