@@ -1,7 +1,8 @@
 # gpujobd — every target does what CI does; see README.md.
 #   make demo      boot the sandbox, install gpujobd, show it at work
 #   make test      lint, unit tests on this host, integration and package tests in the sandbox
-#   make install   install from this checkout (DESTDIR, PREFIX honoured)
+#   make wheels    build gpujobd's wheel from this checkout and fetch the pinned nvidia-ml-py wheel
+#   make install   install those wheels (DESTDIR, PREFIX honoured; no network, no git needed)
 
 PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
@@ -15,8 +16,8 @@ SANDBOX = $(PYTHON) tests/sandbox/sandbox.py
 APT_PACKAGES = systemd dbus util-linux passwd procps python3 python3-venv python3-gi \
 	python3-pydbus python3-pystemd python3-structlog
 
-.PHONY: deps venv test unit bus integration integration-host demo install uninstall lint lint-style \
-	lint-imports lint-types clean
+.PHONY: deps venv wheels test unit bus integration integration-host demo install uninstall lint \
+	lint-style lint-imports lint-types clean
 
 deps:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { \
@@ -49,26 +50,59 @@ unit: venv
 bus: venv
 	$(VENV)/bin/python -m pytest -q tests/bus
 
-integration: venv
+integration: venv wheels
 	$(SANDBOX) run -- $(VENV)/bin/python -m pytest -q tests/integration
 
 # Against this host's own systemd: only when explicitly asked (it installs gpujobd on this host).
-integration-host: venv
+integration-host: venv wheels
 	@test "$$GPUJOBD_TEST_HOST_SYSTEMD" = 1 || { echo "set GPUJOBD_TEST_HOST_SYSTEMD=1 to test against this host's systemd"; exit 2; }
 	@test "$$(cat /proc/1/comm)" = systemd || { echo "PID 1 is not systemd here: use make integration"; exit 2; }
 	$(VENV)/bin/python -m pytest -q tests/integration
 
 test: lint unit bus integration package-test bench-check
 
-demo: venv
+demo: venv wheels
 	$(SANDBOX) run -- sh tests/demo.sh
 
+# ---- wheels, then install ----------------------------------------------------------------------
+# `make install` runs where PyPI and git may be out of reach (inside the test sandbox, whose
+# checkout has no git metadata), so it only installs what `make wheels` prepared in build/wheels/:
+# gpujobd's wheel, built from a copy of the working tree, and NVIDIA's nvidia-ml-py (module
+# pynvml), pinned and hash-checked (packaging/nvidia-ml-py.txt). Both go into LIBDIR, the private
+# directory the gpujobd and gpujobctl wrappers put first on sys.path.
+PKG_VERSION := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
+WHEELS = build/wheels
+WHEEL_SRC = build/wheel-src/gpujobd-$(PKG_VERSION)
+GPUJOBD_WHEEL = $(WHEELS)/gpujobd-$(PKG_VERSION)-py3-none-any.whl
+NVML_PY_PIN = packaging/nvidia-ml-py.txt
+NVML_PY_VERSION := $(shell sed -n 's/^nvidia-ml-py==\([^ ]*\) .*/\1/p' $(NVML_PY_PIN))
+NVML_PY_SHA256 := $(shell sed -n 's/^nvidia-ml-py==.*--hash=sha256:\([0-9a-f]*\).*/\1/p' $(NVML_PY_PIN))
+NVML_PY_WHEEL = $(WHEELS)/nvidia_ml_py-$(NVML_PY_VERSION)-py3-none-any.whl
+PIP = $(VENV)/bin/pip --disable-pip-version-check --no-input
+
+wheels: venv $(NVML_PY_WHEEL)
+	$(call export_tree,$(WHEEL_SRC))
+	rm -f $(WHEELS)/gpujobd-*.whl
+	$(PIP) wheel -q --no-deps -w $(WHEELS) $(WHEEL_SRC)
+	@test -f $(GPUJOBD_WHEEL) || { echo "make wheels: pip built no $(GPUJOBD_WHEEL)" >&2; exit 1; }
+
+$(NVML_PY_WHEEL): $(NVML_PY_PIN) | venv
+	mkdir -p $(WHEELS)
+	$(PIP) download -q --no-deps --only-binary=:all: --require-hashes -r $(NVML_PY_PIN) -d $(WHEELS)
+	touch $@
+
 install:
-	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) \
-		$(DESTDIR)$(DBUSPOLICYDIR) $(DESTDIR)$(SYSCONFDIR)/gpujobd
-	rm -rf $(DESTDIR)$(LIBDIR)/gpujobd
-	find gpujobd -name __pycache__ -prune -o -type f \( -name "*.py" -o -name py.typed \) -print \
-		| xargs -I{} install -D -m 0644 {} $(DESTDIR)$(LIBDIR)/{}
+	@for wheel in $(GPUJOBD_WHEEL) $(NVML_PY_WHEEL); do test -f $$wheel || { echo "make install: \
+	$$wheel is missing: run \`make wheels\` first (it builds gpujobd's wheel from this checkout and fetches \
+	the pinned nvidia-ml-py from PyPI)" >&2; exit 2; }; done
+	@test -x $(VENV)/bin/pip || { echo "make install: no $(VENV)/bin/pip: run \`make wheels\` first" >&2; exit 2; }
+	@echo "$(NVML_PY_SHA256)  $(NVML_PY_WHEEL)" | sha256sum --check --quiet - || { echo "make install: \
+	$(NVML_PY_WHEEL) is not the wheel pinned in $(NVML_PY_PIN): remove it and run \`make wheels\`" >&2; exit 2; }
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DBUSPOLICYDIR) $(DESTDIR)$(SYSCONFDIR)/gpujobd
+	rm -rf $(DESTDIR)$(LIBDIR)
+	$(PIP) install -q --no-deps --no-index --no-compile --no-cache-dir --root-user-action=ignore \
+		--target $(DESTDIR)$(LIBDIR) $(GPUJOBD_WHEEL) $(NVML_PY_WHEEL)
+	rm -rf $(DESTDIR)$(LIBDIR)/bin  # the wheels' console scripts: the wrappers below replace them
 	for tool in gpujobd:gpujobd.daemon.main gpujobctl:gpujobd.cli.main; do \
 		name=$${tool%%:*}; module=$${tool#*:}; \
 		printf '#!%s -I\nimport sys\nsys.path.insert(0, "%s")\nfrom %s import main\nsys.exit(main())\n' \
@@ -95,7 +129,6 @@ clean:
 #   make rpm            dist/gpujobd-<version>-1.noarch.rpm (rpmbuild; rpmlint)
 #   make package-test   install, upgrade, remove and purge the .deb in the sandbox, as an admin would
 # Both build from a copy of the working tree (the files git tracks or would track) under build/.
-PKG_VERSION := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
 DEB_VERSION_SUFFIX ?=
 DEB_BUILD_ROOT = build/deb$(DEB_VERSION_SUFFIX)
 DEB_SRC = $(DEB_BUILD_ROOT)/gpujobd-$(PKG_VERSION)
@@ -138,7 +171,7 @@ deb:
 DEB_VERSION := $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' packaging/debian/changelog)
 PKG_TEST_SUFFIX = +pkgtest1
 
-package-test: venv
+package-test: venv wheels
 	$(MAKE) deb
 	$(MAKE) deb DEB_VERSION_SUFFIX=$(PKG_TEST_SUFFIX)
 	$(MAKE) rpm
@@ -153,23 +186,30 @@ RPM_DEB_BUILD_DEPS = rpm rpmlint python3-build python3-installer python3-wheel p
 	python3-pytest python3-gi python3-pydbus python3-pystemd python3-structlog
 RPM_SRC = build/rpm/src/gpujobd-$(PKG_VERSION)
 
-rpm:
+# The RPM bundles the pinned nvidia-ml-py wheel (its Source1): make rpm hands rpmbuild the one
+# `make wheels` fetched; the spec's %prep checks its sha256.
+RPM_SPEC = packaging/rpm/gpujobd.spec
+rpm: $(NVML_PY_WHEEL)
 	@if [ -f /etc/debian_version ]; then dpkg -s $(RPM_DEB_BUILD_DEPS) >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(RPM_DEB_BUILD_DEPS); }; fi
-	@spec=$$(sed -n 's/^Version: *//p' packaging/rpm/gpujobd.spec); test "$$spec" = "$(PKG_VERSION)" || { \
-		echo "packaging/rpm/gpujobd.spec is at $$spec, pyproject.toml at $(PKG_VERSION)"; exit 1; }
+	@spec=$$(sed -n 's/^Version: *//p' $(RPM_SPEC)); test "$$spec" = "$(PKG_VERSION)" || { \
+		echo "$(RPM_SPEC) is at $$spec, pyproject.toml at $(PKG_VERSION)"; exit 1; }
+	@pin=$$(sed -n 's/^%global nvml_py_version *//p; s/^%global nvml_py_sha256 *//p' $(RPM_SPEC) | tr '\n' ' '); \
+		test "$$pin" = "$(NVML_PY_VERSION) $(NVML_PY_SHA256) " || { echo "$(RPM_SPEC) pins nvidia-ml-py \
+	$$pin; $(NVML_PY_PIN) pins $(NVML_PY_VERSION) $(NVML_PY_SHA256): make them agree"; exit 1; }
 	$(call export_tree,$(RPM_SRC))
 	rm -rf $(RPM_TOPDIR)/RPMS && mkdir -p $(RPM_TOPDIR)/SOURCES dist
+	cp $(NVML_PY_WHEEL) $(RPM_TOPDIR)/SOURCES/
 	tar -C $(dir $(RPM_SRC)) --owner=0 --group=0 --sort=name -czf $(RPM_TOPDIR)/SOURCES/gpujobd-$(PKG_VERSION).tar.gz gpujobd-$(PKG_VERSION)
 	if [ -n "$$(rpm --eval '%{?pyproject_wheel:1}%{?systemd_post:1}')" ]; then \
-		env PATH=$(PKG_PATH) rpmbuild -bb --define "_topdir $(RPM_TOPDIR)" packaging/rpm/gpujobd.spec; \
+		env PATH=$(PKG_PATH) rpmbuild -bb --define "_topdir $(RPM_TOPDIR)" $(RPM_SPEC); \
 	else \
 		env PATH=$(PKG_PATH) rpmbuild -bb --define "_topdir $(RPM_TOPDIR)" --nodeps \
 			--load=$(CURDIR)/packaging/rpm/macros.debian-builder \
-			--define "_gpujobd_rpm_dir $(CURDIR)/packaging/rpm" packaging/rpm/gpujobd.spec; \
+			--define "_gpujobd_rpm_dir $(CURDIR)/packaging/rpm" $(RPM_SPEC); \
 	fi
 	cp $(RPM_TOPDIR)/RPMS/noarch/gpujobd-$(PKG_VERSION)-*.noarch.rpm dist/
-	env PATH=$(PKG_PATH) rpmlint -c packaging/rpm/rpmlint.toml -r packaging/rpm/gpujobd.rpmlintrc packaging/rpm/gpujobd.spec $(RPM_TOPDIR)/RPMS/noarch/gpujobd-$(PKG_VERSION)-*.noarch.rpm
+	env PATH=$(PKG_PATH) rpmlint -c packaging/rpm/rpmlint.toml -r packaging/rpm/gpujobd.rpmlintrc $(RPM_SPEC) $(RPM_TOPDIR)/RPMS/noarch/gpujobd-$(PKG_VERSION)-*.noarch.rpm
 
 # ---- benchmarks (docs/performance.md) ----------------------------------------------------------
 #   make bench           every section, in the sandbox: prints one table, writes
@@ -192,7 +232,7 @@ bench-deps: deps
 	@dpkg -s $(BENCH_APT_PACKAGES) >/dev/null 2>&1 || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_APT_PACKAGES); }
 
-bench: venv bench-deps
+bench: venv bench-deps wheels
 	@if [ "$$GPUJOBD_BENCH_HOST_SYSTEMD" = 1 ]; then \
 		test "$$(cat /proc/1/comm)" = systemd || { echo "PID 1 is not systemd here: unset GPUJOBD_BENCH_HOST_SYSTEMD to use the sandbox"; exit 2; }; \
 		$(VENV)/bin/python -m benchmarks $(BENCH_ARGS); \

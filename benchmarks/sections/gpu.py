@@ -2,11 +2,11 @@
 
 Through the NVML test double (tests/nvml_double, built here), never a real GPU: 8 jobs each run 100
 sleeping processes, and the double's script puts each job's sleepers on one GPU. The tick is the
-watcher's own `bench_tick` (NVML, /proc and attribution), run in a child whose LD_LIBRARY_PATH puts
-the double first; each sample is the median of a few ticks of a fresh watcher. Its limit is the poll
-interval (gpu.poll_interval_s): the tick's share of it is the watcher's duty cycle. The idle CPU is
-taken like section 6's, with gpu.watch on, beside the same windows with it off, with the double
-loaded into the daemon through a runtime drop-in.
+watcher's `bench_tick` (gpujobd.daemon.gpu.nvml_cli: NVML, /proc and attribution), run in a child
+whose LD_LIBRARY_PATH puts the double first; each sample is the median of a few ticks of a fresh
+watcher. Its limit is the poll interval (gpu.poll_interval_s): the tick's share of it is the
+watcher's duty cycle. The idle CPU is taken like section 6's, with gpu.watch on, beside the same
+windows with it off, with the double loaded into the daemon through a runtime drop-in.
 
 While the watcher is not part of the gpujobd being benchmarked, the rows say so and nothing is run.
 """
@@ -28,14 +28,14 @@ from benchmarks.testbed import CHECKOUT, LIBDIR, SYSTEM_PYTHON, Testbed, sh
 from benchmarks.timing import run_timed
 
 SECTION = "gpu"
-WATCHER = "gpujobd/daemon/gpu/watcher.py"
+NVML_READER = "gpujobd/daemon/adapters/nvml.py"
 POLL_INTERVAL_S = 5.0  # gpu.poll_interval_s's default
 DROP_IN = Path("/run/systemd/system/gpujobd.service.d/bench-nvml-double.conf")
 SCRIPT = Path("/run/gpujobd-bench-nvml/script")
 _TICK = (
     "import json, sys; sys.path.insert(0, {lib!r})\n"
-    "from gpujobd.daemon.gpu.nvml_reader import Nvml\nfrom gpujobd.shared.log import configure_logging\n"
-    "from gpujobd.daemon.gpu.watcher import bench_tick\n"
+    "from gpujobd.daemon.adapters.nvml import Nvml\nfrom gpujobd.shared.log import configure_logging\n"
+    "from gpujobd.daemon.gpu.nvml_cli import bench_tick\n"
     "configure_logging('console', 'error'); nvml = Nvml()\n"
     "print(json.dumps([bench_tick(nvml, repeat={ticks}) for _ in range({runs})]))\n"
 )
@@ -44,8 +44,8 @@ _TICK = (
 def run(bed: Testbed, p: Params) -> List[Row]:
     tick = f"GPU watcher: one watch tick, {p.gpu_devices} GPUs x {p.gpu_processes} processes (NVML double)"
     idle = "gpujobd CPU at rest with the GPU watcher on (8 jobs on 8 GPUs through the NVML double)"
-    if not ((bed.source / WATCHER).exists() and (bed.source / "tests" / "nvml_double").is_dir()):
-        missing = f"the gpujobd benchmarked has no {WATCHER} or tests/nvml_double"
+    if not ((bed.source / NVML_READER).exists() and (bed.source / "tests" / "nvml_double").is_dir()):
+        missing = f"the gpujobd benchmarked has no {NVML_READER} or tests/nvml_double"
         return [Row(SECTION, "gpu.tick", tick, missing=missing),
                 Row(SECTION, "gpu.idle_cpu", idle, missing=missing)]
     try:

@@ -72,28 +72,19 @@ class _GLibScheduler:
             source) else None
 
 
-def _glib_post(callback: Callable[[], None]) -> None:
-    """Run `callback` on the GLib main loop (GLib.idle_add is safe to call from any thread)."""
-    from gi.repository import GLib
-
-    def once() -> bool:
-        callback()
-        return False
-
-    GLib.idle_add(once)
-
-
 def run(config: Config) -> int:
     from gi.repository import Gio, GLib
     from pydbus import SystemBus
 
     from gpujobd.daemon.adapters import users
     from gpujobd.daemon.adapters.dbus_service import ManagerService, publish
+    from gpujobd.daemon.adapters.mainloop import glib_post
+    from gpujobd.daemon.adapters.nvml import Nvml
+    from gpujobd.daemon.adapters.procfs import ProcFs
     from gpujobd.daemon.adapters.systemd import JobUnits, Systemd, notify_ready
-    from gpujobd.daemon.gpu.attribution import ProcFs
-    from gpujobd.daemon.gpu.nvml_reader import Nvml, Worker
     from gpujobd.daemon.gpu.strays import system_uid_min
     from gpujobd.daemon.gpu.watcher import Watcher
+    from gpujobd.daemon.gpu.worker import Worker
     from gpujobd.daemon.manager import Manager
     from gpujobd.daemon.spawner import RECORD_SUFFIX, RUNS_SUFFIX, Gate, JobFiles, spawn_supervisor
     from gpujobd.daemon.store import Store
@@ -124,9 +115,10 @@ def run(config: Config) -> int:
     job_units = JobUnits(systemd, config.daemon.slice, config.jobs.stop_timeout_s)
     # The GPU watcher: NVML and /proc are read on its one worker thread, never on this loop.
     watcher = Watcher(config, live_jobs=lambda: manager.live_job_ids(), scheduler=scheduler,
-                      worker=Worker(post=_glib_post), nvml=Nvml(), procs=ProcFs(),
+                      worker=Worker(post=glib_post), nvml=Nvml(), procs=ProcFs(),
                       stop_unit=job_units.stop_unit, daemon_pid=os.getpid(), uid_min=system_uid_min())
-    manager = Manager(config, store, job_units, files, spawn, scheduler, changed, users=users, gpus=watcher)
+    manager = Manager(config, store, job_units, files, spawn, scheduler, changed, users=users,
+                      gpus=watcher)
     watcher.on_report = manager.gpus_changed
     systemd.subscribe(manager.on_unit_changed, manager.on_unit_removed)
     monitor = _watch_records(Gio, files.record_dir, {RECORD_SUFFIX: manager.on_exit_record,

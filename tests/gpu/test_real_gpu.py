@@ -16,9 +16,12 @@ from typing import List
 
 import pytest
 
-from gpujobd.daemon.gpu.attribution import ProcFs
-from gpujobd.daemon.gpu.nvml_reader import NO_STEPS, Nvml, NvmlUnavailable
-from gpujobd.daemon.gpu.watcher import bench_tick, collect
+from gpujobd.daemon.adapters.nvml import Nvml
+from gpujobd.daemon.adapters.procfs import ProcFs
+from gpujobd.daemon.gpu.nvml_cli import bench_tick
+from gpujobd.daemon.gpu.report import NvmlUnavailable
+from gpujobd.daemon.gpu.watcher import collect
+from gpujobd.daemon.gpu.worker import NO_STEPS
 
 pytestmark = pytest.mark.gpu
 

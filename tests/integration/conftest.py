@@ -147,7 +147,7 @@ NVML_SCRIPT = Path("/run/nvml-double/script")  # the double's default: the daemo
 @pytest.fixture(scope="session")
 def nvml_double(gpujobd_service) -> Path:
     """The NVML double installed as the system's libnvidia-ml.so.1, read by the installed daemon
-    through the pynvml it ships (gpujobd/_vendor); sandbox only (the overlay makes it vanish)."""
+    through the pynvml `make install` put beside it; sandbox only (the overlay makes it vanish)."""
     if _where() != "sandbox":
         pytest.skip("the NVML double replaces the system's libnvidia-ml.so.1: sandbox only")
     from tests.nvml_double import LIBRARY_NAME, build

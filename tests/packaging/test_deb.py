@@ -199,9 +199,16 @@ def test_install_enables_and_starts_the_service():
     sh("gpujobd", "--check-config")
     sh("man", "-w", "gpujobd")
     sh("man", "-w", "gpujobctl")
-    # The vendored NVML bindings import with the system's python3 (they load libnvidia-ml.so.1
-    # only when initialised, so this works on a machine without a GPU too).
-    sh("/usr/bin/python3", "-c", "from gpujobd._vendor import pynvml; pynvml.nvmlInit")
+    # The NVML bindings are recommended (python3-pynvml, in contrib), never a hard dependency, and
+    # no copy of them is shipped: without them the daemon runs and its GPU watcher says what to install.
+    assert "python3-pynvml" in sh("dpkg-deb", "-f", str(deb), "Recommends").stdout
+    depends = sh("dpkg-deb", "-f", str(deb), "Depends").stdout
+    assert "pynvml" not in depends and "nvidia-ml-py" not in depends, depends
+    assert not [f for f in sh("dpkg", "-L", "gpujobd").stdout.split() if f.endswith("pynvml.py")]
+    if sh("/usr/bin/python3", "-c", "import pynvml", check=False).returncode != 0:
+        report = wait_for(lambda: (lambda r: r if r["state"] == "unavailable" else None)(
+            json.loads(ctl("gpus", "--json").stdout)), "the GPU watcher to report NVML unavailable")
+        assert "python3-pynvml" in report["reason"], report
     _state["installed"] = True
 
 

@@ -45,8 +45,14 @@ def test_it_lists_the_expected_files():
                                      for f in listed) if m}
     assert len(sitelib) == 1, sitelib
     (sitelib,) = sitelib
-    for module in ("__init__.py", "daemon.py", "cli.py", "supervisor.py", "_vendor/pynvml.py"):
+    for module in ("__init__.py", "daemon/main.py", "daemon/adapters/nvml.py", "cli/main.py",
+                   "supervisor.py"):
         assert f"{sitelib}/gpujobd/{module}" in listed
+    # No copy of the NVML bindings inside gpujobd: the pinned wheel is installed, whole, in a
+    # private directory that only gpujobd's commands put on sys.path.
+    assert not [f for f in listed if f.startswith(f"{sitelib}/") and "pynvml" in f]
+    assert "/usr/share/gpujobd/pynvml.py" in listed
+    assert any(re.fullmatch(r"/usr/share/gpujobd/nvidia_ml_py-[\d.]+\.dist-info/METADATA", f) for f in listed)
     assert any(f.startswith(f"{sitelib}/gpujobd-") and f.endswith(".dist-info/entry_points.txt")
                for f in listed)
     assert not any("/tests/" in f for f in listed)
@@ -68,7 +74,18 @@ def test_requires_are_distribution_packages_and_pynvml_is_bundled():
                  "systemd"):
         assert re.search(rf"^{name}\b", requires, re.M), f"no Requires: {name}"
     assert "nvidia-ml-py" not in requires  # no repository has it: it is bundled
-    assert "bundled(python3dist(nvidia-ml-py))" in query("--provides")
+    pin = (CHECKOUT / "packaging" / "nvidia-ml-py.txt").read_text()
+    pinned = re.search(r"^nvidia-ml-py==(\S+) ", pin, re.M)
+    assert pinned is not None
+    assert f"bundled(python3dist(nvidia-ml-py)) = {pinned.group(1)}" in query("--provides")
+
+
+def test_the_daemons_command_finds_the_bundled_nvml_bindings():
+    script = subprocess.run(f"rpm2cpio '{RPM}' | cpio --quiet -i --to-stdout ./usr/bin/gpujobd",
+                            shell=True, capture_output=True, text=True, check=True).stdout
+    assert script.startswith("#!/usr/bin/python3")
+    assert 'sys.path.append("/usr/share/gpujobd")' in script
+    assert "from gpujobd.daemon.main import main" in script
 
 
 def scriptlets() -> dict:

@@ -1,5 +1,5 @@
-"""gpu.nvml_reader: NVML read through a small stateful fake of the pynvml module, the worker thread and
-its hang detection, and the back-off schedule.
+"""adapters.nvml: NVML read through a small stateful fake of the pynvml module; gpu.worker: the worker
+thread and its hang detection, and the back-off schedule.
 
 The fake keeps NVML's state (initialised or not, its devices, the processes on them) and fails any
 call for any device on demand (`fail(function, code, index)`), or blocks it until released (`hang`),
@@ -15,9 +15,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 
+from gpujobd.daemon.adapters import nvml as gpu
+from gpujobd.daemon.adapters.nvml import Nvml
 from gpujobd.daemon.gpu import nvml_cli as gpu_cli
-from gpujobd.daemon.gpu import nvml_reader as gpu
-from gpujobd.daemon.gpu.nvml_reader import Backoff, Done, Nvml, NvmlUnavailable, Worker
+from gpujobd.daemon.gpu.report import NvmlUnavailable
+from gpujobd.daemon.gpu.worker import Backoff, Done, Worker
 
 NAMES = {
     1: "Uninitialized", 3: "Not Supported", 4: "Insufficient Permissions", 9: "Driver Not Loaded",
@@ -219,20 +221,23 @@ def _refusing_import(monkeypatch: pytest.MonkeyPatch, refused: set) -> None:
         return real_import(name, globals_, locals_, fromlist, level)
 
     monkeypatch.setattr(builtins, "__import__", refuse)
-    for module in ("pynvml", "gpujobd._vendor.pynvml"):
-        monkeypatch.delitem(__import__("sys").modules, module, raising=False)
+    monkeypatch.delitem(__import__("sys").modules, "pynvml", raising=False)
 
 
-def test_import_pynvml_falls_back_to_the_bundled_copy(monkeypatch: pytest.MonkeyPatch) -> None:
-    _refusing_import(monkeypatch, {"pynvml"})
+def test_import_pynvml_gives_the_installed_bindings() -> None:
+    pytest.importorskip("pynvml")
     module = gpu.import_pynvml()
-    assert module.__name__ == "gpujobd._vendor.pynvml" and hasattr(module, "nvmlInit")
+    assert module.__name__ == "pynvml" and callable(module.nvmlInit)
 
 
-def test_import_pynvml_turns_an_import_error_into_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
-    _refusing_import(monkeypatch, {"pynvml", "gpujobd._vendor.pynvml"})
-    with pytest.raises(NvmlUnavailable, match="nvidia-ml-py"):
-        gpu.import_pynvml()
+def test_missing_bindings_make_nvml_unavailable_and_say_what_to_install(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _refusing_import(monkeypatch, {"pynvml"})
+    with pytest.raises(NvmlUnavailable) as caught:
+        Nvml().read()
+    reason = str(caught.value)
+    assert "not installed (module pynvml)" in reason
+    assert "python3-pynvml" in reason and "nvidia-ml-py" in reason
 
 
 def test_a_lost_gpu_is_reported_lost_and_the_others_are_fine(nv: FakePynvml) -> None:
@@ -459,7 +464,7 @@ def test_the_command_line_prints_unavailable_without_nvml(monkeypatch: pytest.Mo
 
 
 def test_the_benchmark_times_whole_ticks(nv: FakePynvml) -> None:
-    from gpujobd.daemon.gpu.watcher import bench_tick
+    from gpujobd.daemon.gpu.nvml_cli import bench_tick
 
     for index in range(2):
         for pid in range(100):

@@ -17,19 +17,20 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from gpujobd.daemon.adapters import users
+from gpujobd.daemon.adapters.procfs import ProcFs
 from gpujobd.daemon.gpu import watcher as w
 from gpujobd.daemon.gpu.attribution import (
     Identity,
-    ProcFs,
     ProcInfo,
     attribute,
     parse_cgroup,
     parse_stat,
     unit_of_cgroup,
 )
-from gpujobd.daemon.gpu.nvml_reader import Device, Done, GpuProcess, NvmlReport, NvmlUnavailable
+from gpujobd.daemon.gpu.report import Device, GpuProcess, NvmlReport, NvmlUnavailable
 from gpujobd.daemon.gpu.strays import Verdict, kill_verdict, kill_verified, system_uid_min
 from gpujobd.daemon.gpu.watcher import Watcher
+from gpujobd.daemon.gpu.worker import Done
 from gpujobd.daemon.manager import Manager
 from gpujobd.daemon.store import Store
 from gpujobd.shared.config import Config

@@ -1,7 +1,8 @@
-"""Who owns a GPU process: /proc/<pid> read through an injectable reader, and the owner it makes.
+"""Who owns a GPU process: what /proc/<pid> says, parsed, and the owner it makes. Pure.
 
-The reads (status, stat, cgroup, cmdline) can block on a wedged process, so they run on the GPU
-worker thread only (gpujobd.daemon.gpu.watcher hands them there); classifying what was read is pure.
+The reads themselves (status, stat, cgroup, cmdline) are the adapter's,
+gpujobd.daemon.adapters.procfs.ProcFs: they can block on a wedged process, so they run on the GPU
+worker thread only (gpujobd.daemon.gpu.watcher hands them there).
 
 Attribution: PID -> /proc/<pid>/cgroup, the `0::` line only (other lines are a host's v1
 hierarchies) -> the unit, the last path component ending in .scope or .service -> the job, for
@@ -14,16 +15,14 @@ hierarchies) -> the unit, the last path component ending in .scope or .service -
 - `unknown`: NVML's PID is not a live process of this PID namespace (0, 2**32-1, a PID of another
   namespace, a process that exited between NVML's list and our look): reported, never acted on.
 
-The /proc reader is a seam: `ProcFs(root=...)` or any object with its methods (`ProcPort`).
+The /proc reader is a seam (`ProcPort`): adapters.procfs.ProcFs(root=...) or any object with its
+methods.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import pwd
 from dataclasses import dataclass
-from typing import Callable, Collection, Optional, Protocol, Tuple
+from typing import Collection, Optional, Protocol, Tuple
 
 from gpujobd.shared.model import job_id_from_unit
 
@@ -35,7 +34,7 @@ OWNER_UNKNOWN = "unknown"
 DEFAULT_PID_MAX = 4194304  # the kernel's largest pid_max (PID_MAX_LIMIT on 64-bit)
 
 
-# --- /proc ------------------------------------------------------------------------------------------
+# --- what /proc says, parsed ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -108,85 +107,6 @@ def parse_status_uids(text: str) -> Tuple[int, int]:
             real, effective = line.split()[1:3]
             return int(real), int(effective)
     raise ValueError("no Uid: line")
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-class ProcFs:
-    """The real /proc (or a tree shaped like it, for tests). Used on the worker thread only."""
-
-    def __init__(self, root: str = "/proc", user_name: Callable[[int], str] = _user_name,
-                 clock_ticks: Optional[int] = None):
-        self._root = root.rstrip("/")
-        self._user_name = user_name
-        self._ticks = clock_ticks or os.sysconf("SC_CLK_TCK")
-        self._pid_max: Optional[int] = None
-        self._boot_time: Optional[float] = None
-
-    def _read(self, *parts: object) -> str:
-        with open("/".join([self._root, *map(str, parts)]), "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def pid_max(self) -> int:
-        if self._pid_max is None:
-            try:
-                self._pid_max = int(self._read("sys", "kernel", "pid_max").strip())
-            except (OSError, ValueError):
-                self._pid_max = DEFAULT_PID_MAX
-        return self._pid_max
-
-    def boot_time(self) -> float:
-        if self._boot_time is None:
-            self._boot_time = 0.0
-            try:
-                for line in self._read("stat").splitlines():
-                    if line.startswith("btime "):
-                        self._boot_time = float(line.split()[1])
-            except OSError:
-                pass
-        return self._boot_time
-
-    def identity(self, pid: int) -> Optional[Identity]:
-        """uid, start time and cgroup of the process that has `pid` now; None when there is none."""
-        if not 0 < pid <= self.pid_max():
-            return None
-        try:
-            _, _, _, start = parse_stat(self._read(pid, "stat"))
-            uid, _ = parse_status_uids(self._read(pid, "status"))
-            cgroup = parse_cgroup(self._read(pid, "cgroup"))
-            if parse_stat(self._read(pid, "stat"))[3] != start:
-                return None  # the PID changed hands while we read
-        except (OSError, ValueError, IndexError):
-            return None
-        return Identity(uid=uid, start_ticks=start, cgroup=cgroup)
-
-    def inspect(self, pid: int) -> Optional[ProcInfo]:
-        """The process that has `pid` in this PID namespace now, or None: no such process (never was,
-        or it exited since NVML listed it), or a value that cannot be a PID."""
-        if not 0 < pid <= self.pid_max():
-            return None
-        try:
-            comm, _state, ppid, start = parse_stat(self._read(pid, "stat"))
-            uid, euid = parse_status_uids(self._read(pid, "status"))
-            cgroup = parse_cgroup(self._read(pid, "cgroup"))
-            raw = self._read(pid, "cmdline")
-            if parse_stat(self._read(pid, "stat"))[3] != start:
-                return None  # exited and the PID was reused while we read: judge nothing
-        except (OSError, ValueError, IndexError):
-            return None
-        cmdline = tuple(part for part in raw.split("\0") if part) if raw else ()
-        parent_comm = ""
-        if ppid > 0:
-            with contextlib.suppress(OSError):
-                parent_comm = self._read(ppid, "comm").strip()
-        return ProcInfo(pid=pid, ppid=ppid, uid=uid, euid=euid, user=self._user_name(uid), comm=comm,
-                        cmdline=cmdline, cgroup=cgroup, start_ticks=start,
-                        started_at=self.boot_time() + start / self._ticks, parent_comm=parent_comm)
 
 
 class ProcPort(Protocol):

@@ -1,12 +1,56 @@
-"""`python -m gpujobd.daemon.gpu.nvml_cli`: read the GPUs once through NVML, as the daemon's watcher does, and
-print the reading as JSON; `--bench-tick` times whole watch ticks. A diagnostic command for admins
-and the benchmarks, kept apart from the daemon's NVML module."""
+"""`python -m gpujobd.daemon.gpu.nvml_cli`: read the GPUs once through NVML, as the daemon's watcher
+does, and print the reading as JSON; `--bench-tick` times whole watch ticks (`bench_tick`). A
+diagnostic command for admins and the benchmarks, kept apart from the daemon's own modules: like
+main, it builds the adapters (NVML, /proc) and hands them to the watcher."""
 
 from __future__ import annotations
 
-from typing import List, Optional
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional
 
-from gpujobd.daemon.gpu.nvml_reader import Nvml, NvmlUnavailable, report_to_json
+from gpujobd.daemon.adapters.nvml import Nvml
+from gpujobd.daemon.adapters.procfs import ProcFs
+from gpujobd.daemon.gpu.attribution import ProcPort
+from gpujobd.daemon.gpu.report import NvmlUnavailable, report_to_json
+from gpujobd.daemon.gpu.watcher import NvmlPort, Watcher, collect
+from gpujobd.daemon.gpu.worker import NO_STEPS, Worker
+from gpujobd.shared.config import Config
+
+
+class _NoTimers:
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> Callable[[], None]:
+        return lambda: None
+
+
+def bench_tick(nvml: NvmlPort, repeat: int = 20, procs: Optional[ProcPort] = None) -> Dict[str, Any]:
+    """Time whole ticks on this thread: NVML, /proc and the main loop's part (attribution, strays).
+    Only a figure to print; nothing asserts on it."""
+    procs = procs or ProcFs()
+    watcher = Watcher(Config(), live_jobs=lambda: (), scheduler=_NoTimers(),
+                      worker=Worker(post=lambda f: f()), nvml=nvml, procs=procs,
+                      stop_unit=lambda unit: None, daemon_pid=os.getpid())
+    collect_ms, apply_ms = [], []
+    snapshot = None
+    for _ in range(repeat):
+        started = time.perf_counter()
+        snapshot = collect(nvml, procs, NO_STEPS)
+        middle = time.perf_counter()
+        watcher._apply(snapshot)
+        collect_ms.append((middle - started) * 1000)
+        apply_ms.append((time.perf_counter() - middle) * 1000)
+    assert snapshot is not None
+    total = sorted(c + a for c, a in zip(collect_ms, apply_ms))
+    return {
+        "devices": len(snapshot.report.devices),
+        "processes": sum(len(d.processes) for d in snapshot.report.devices),
+        "ticks": repeat,
+        "tick_ms_median": round(total[len(total) // 2], 3),
+        "tick_ms_min": round(total[0], 3),
+        "tick_ms_max": round(total[-1], 3),
+        "read_ms_median": round(sorted(collect_ms)[len(collect_ms) // 2], 3),
+        "classify_ms_median": round(sorted(apply_ms)[len(apply_ms) // 2], 3),
+    }
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -29,7 +73,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
         print(json.dumps({"available": True, **report_to_json(report)}, indent=2))
         return 0
-    from gpujobd.daemon.gpu.watcher import bench_tick
     from gpujobd.shared.log import configure_logging
 
     configure_logging("console", "error")  # every process is news on the first tick: not the figure

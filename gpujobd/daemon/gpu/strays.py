@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Tuple
 
 from gpujobd.daemon.gpu.attribution import Attribution, Identity, ProcInfo, ProcPort
-from gpujobd.daemon.gpu.nvml_reader import Done, Steps
+from gpujobd.daemon.gpu.worker import Done, Steps
 from gpujobd.shared.config import Config
 from gpujobd.shared.log import get_logger
 from gpujobd.shared.model import job_id_from_unit

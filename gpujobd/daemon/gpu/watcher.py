@@ -1,46 +1,29 @@
 """The GPU watcher: the tick loop that reads the GPUs, and the report of who owns what is on them.
 
-Every gpu.poll_interval_s the watcher hands one task to the worker thread (gpu.nvml_reader.Worker): read
+Every gpu.poll_interval_s the watcher hands one task to the worker thread (gpu.worker.Worker): read
 NVML, then inspect each listed PID in /proc (status, stat, cgroup, cmdline: reads that can block on a
 wedged process, so never on the main loop). The result comes back to the main loop, where the rest is
 pure: attribution (gpu.attribution), stray tracking and the kill policy (gpu.strays), the
 report. A call that does not return in gpu.nvml_call_timeout_s makes the watcher `hung`; NVML that
 cannot be used makes it `unavailable`, retried with back-off. See docs/gpu.md.
 
-The seams are explicit parameters: the NVML reader, the /proc reader (`ProcFs(root=...)` or any
-object with its methods), the worker, the scheduler, the clocks, systemd's stop_unit and the
-callbacks, so tests/unit/test_watcher.py drives all of it without a GPU, a /proc or a thread.
+The seams are explicit parameters: the NVML reader (adapters.nvml.Nvml, or any object with its
+`read`), the /proc reader (adapters.procfs.ProcFs(root=...), or any object with its methods), the
+worker, the scheduler, the clocks, systemd's stop_unit and the callbacks, so
+tests/unit/test_watcher.py drives all of it without a GPU, a /proc or a thread.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Protocol, Tuple
 
-from gpujobd.daemon.gpu.attribution import (
-    OWNER_JOB,
-    OWNER_STRAY,
-    Attribution,
-    ProcFs,
-    ProcInfo,
-    ProcPort,
-    attribute,
-)
-from gpujobd.daemon.gpu.nvml_reader import (
-    Backoff,
-    Device,
-    Done,
-    GpuProcess,
-    Nvml,
-    NvmlReport,
-    NvmlUnavailable,
-    Steps,
-    Worker,
-)
+from gpujobd.daemon.gpu.attribution import OWNER_JOB, OWNER_STRAY, Attribution, ProcInfo, ProcPort, attribute
+from gpujobd.daemon.gpu.report import Device, GpuProcess, NvmlReport, NvmlUnavailable
 from gpujobd.daemon.gpu.strays import DEFAULT_UID_MIN, Seen, Strays, kill_verified, stray_key
+from gpujobd.daemon.gpu.worker import Backoff, Done, Steps, Worker
 from gpujobd.daemon.ports import SchedulerPort
 from gpujobd.shared.config import Config
 from gpujobd.shared.log import get_logger
@@ -93,6 +76,12 @@ def gpu_key(device: Device) -> str:
 # --- the watcher ---------------------------------------------------------------------------------------
 
 
+class NvmlPort(Protocol):
+    """Reads the GPUs (gpujobd.daemon.adapters.nvml.Nvml); raises NvmlUnavailable when it cannot."""
+
+    def read(self, steps: Steps) -> NvmlReport: ...
+
+
 @dataclass(frozen=True)
 class Snapshot:
     report: NvmlReport
@@ -100,7 +89,7 @@ class Snapshot:
     pid_max: int
 
 
-def collect(nvml: Nvml, procs: ProcPort, steps: Steps) -> Snapshot:
+def collect(nvml: NvmlPort, procs: ProcPort, steps: Steps) -> Snapshot:
     """One tick's reading, on the worker thread: NVML, then /proc for every PID it listed."""
     report = nvml.read(steps)
     pid_max = procs.pid_max()
@@ -113,7 +102,7 @@ def collect(nvml: Nvml, procs: ProcPort, steps: Steps) -> Snapshot:
 
 class Watcher:
     def __init__(self, config: Config, *, live_jobs: Callable[[], Collection[int]], scheduler: SchedulerPort,
-                 worker: Worker, nvml: Nvml, procs: ProcPort, stop_unit: Callable[[str], None],
+                 worker: Worker, nvml: NvmlPort, procs: ProcPort, stop_unit: Callable[[str], None],
                  daemon_pid: int, uid_min: int = DEFAULT_UID_MIN,
                  clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
                  on_report: Optional[Callable[[], None]] = None,
@@ -362,42 +351,3 @@ def _device_view(device: Device, processes: List[Dict[str, Any]]) -> Dict[str, A
     view["errors"] = dict(device.errors)
     view["processes"] = processes
     return view
-
-
-# --- the cost of one tick (python -m gpujobd.daemon.gpu.nvml_reader --bench-tick) ---
-
-
-def bench_tick(nvml: Nvml, repeat: int = 20, procs: Optional[ProcPort] = None) -> Dict[str, Any]:
-    """Time whole ticks on this thread: NVML, /proc and the main loop's part (attribution, strays).
-    Only a figure to print; nothing asserts on it."""
-    from gpujobd.daemon.gpu.nvml_reader import NoSteps
-
-    procs = procs or ProcFs()
-
-    class _Now:
-        def call_later(self, seconds: float, callback: Callable[[], None]) -> Callable[[], None]:
-            return lambda: None
-
-    watcher = Watcher(Config(), live_jobs=lambda: (), scheduler=_Now(), worker=Worker(post=lambda f: f()),
-                      nvml=nvml, procs=procs, stop_unit=lambda unit: None, daemon_pid=os.getpid())
-    collect_ms, apply_ms = [], []
-    snapshot = None
-    for _ in range(repeat):
-        started = time.perf_counter()
-        snapshot = collect(nvml, procs, NoSteps())
-        middle = time.perf_counter()
-        watcher._apply(snapshot)
-        collect_ms.append((middle - started) * 1000)
-        apply_ms.append((time.perf_counter() - middle) * 1000)
-    assert snapshot is not None
-    total = sorted(c + a for c, a in zip(collect_ms, apply_ms))
-    return {
-        "devices": len(snapshot.report.devices),
-        "processes": sum(len(d.processes) for d in snapshot.report.devices),
-        "ticks": repeat,
-        "tick_ms_median": round(total[len(total) // 2], 3),
-        "tick_ms_min": round(total[0], 3),
-        "tick_ms_max": round(total[-1], 3),
-        "read_ms_median": round(sorted(collect_ms)[len(collect_ms) // 2], 3),
-        "classify_ms_median": round(sorted(apply_ms)[len(apply_ms) // 2], 3),
-    }

@@ -1,34 +1,32 @@
-"""NVML, read honestly, off the main loop. The only module of gpujobd that imports pynvml.
+"""NVML through pynvml: the only module of gpujobd that imports pynvml (NVIDIA's nvidia-ml-py).
 
-Three pieces, all used by gpujobd.daemon.gpu.watcher (see docs/gpu.md):
-
-- `Nvml` reads the GPUs: initialised once (again only after a failure), it lists every device (index,
-  UUID, name, memory, utilisation) and each device's compute and graphics processes with the GPU
-  memory they use. Every NVML error is handled at the call that raised it: a library or driver that
-  is missing raises `NvmlUnavailable` with NVML's own reason; GPU_IS_LOST marks that one device lost
-  and leaves the others be; NOT_SUPPORTED leaves that one field out; a permission or other error of
-  one call leaves that field out and says why in the device's `errors`.
-- `Worker` is the daemon's one extra thread. It runs one task at a time (an NVML read, /proc
-  inspection, a verified kill) and hands the result to the main loop with `post` (GLib.idle_add in
-  the daemon). Before each call that may block it names the call (`step`): the main loop sees how
-  long the current call has been running, without a lock and without waiting, and reports "nvml call
-  hung" instead of starting a second call while one is stuck in the kernel.
-- `Backoff`: the waits between tries of a failing NVML, doubling from gpu.retry_initial_s to
-  gpu.retry_max_s.
-
-`python -m gpujobd.daemon.gpu.nvml_reader` prints one report as JSON; `--bench-tick` times a whole watch tick.
+`Nvml` reads the GPUs: initialised once (again only after a failure), it lists every device (index,
+UUID, name, memory, utilisation) and each device's compute and graphics processes with the GPU
+memory they use. Every NVML error is handled at the call that raised it: a library or driver that
+is missing raises `NvmlUnavailable` with NVML's own reason (bindings that are not installed too);
+GPU_IS_LOST marks that one device lost and leaves the others be; NOT_SUPPORTED leaves that one field
+out; a permission or other error of one call leaves that field out and says why in the device's
+`errors`. It runs on the GPU worker thread (gpujobd.daemon.gpu.worker), never on the main loop, and
+names each call that may block through `Steps`. See docs/gpu.md.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
-import queue
-import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from gpujobd.daemon.gpu.report import (
+    DEVICE_ERROR,
+    DEVICE_LOST,
+    PROCESS_BOTH,
+    PROCESS_COMPUTE,
+    PROCESS_GRAPHICS,
+    Device,
+    GpuProcess,
+    NvmlReport,
+    NvmlUnavailable,
+)
+from gpujobd.daemon.gpu.worker import NO_STEPS, Steps
 
 # NVML return codes (nvml.h). pynvml defines the same numbers (tests/unit/test_gpu.py checks); they
 # are repeated here so that a daemon without pynvml still names them.
@@ -55,187 +53,17 @@ FATAL_ERRORS = frozenset({ERROR_UNINITIALIZED, ERROR_DRIVER_NOT_LOADED, ERROR_LI
 # Errors that say one device is gone; the other devices are read as usual.
 LOST_ERRORS = frozenset({ERROR_GPU_IS_LOST})
 
-DEVICE_OK = "ok"
-DEVICE_LOST = "lost"  # fell off the bus (GPU_IS_LOST)
-DEVICE_ERROR = "error"  # no handle: nothing but its index is known
-
-PROCESS_COMPUTE = "C"
-PROCESS_GRAPHICS = "G"
-PROCESS_BOTH = "C+G"
-
-
-class NvmlUnavailable(Exception):
-    """NVML cannot be used now; the message is NVML's reason (or why the bindings are missing)."""
-
-
-@dataclass(frozen=True)
-class GpuProcess:
-    """A process NVML lists on a device. `pid` is what NVML said: untrusted (0, 2**32-1, another
-    PID namespace's number and swapped fields have been seen)."""
-
-    pid: int
-    type: str  # C, G or C+G, as nvidia-smi writes it
-    used_memory_bytes: Optional[int] = None  # None: NVML does not know (not available, not supported)
-
-
-@dataclass(frozen=True)
-class Device:
-    index: int
-    state: str = DEVICE_OK
-    uuid: Optional[str] = None
-    name: Optional[str] = None
-    memory_total_bytes: Optional[int] = None
-    memory_used_bytes: Optional[int] = None
-    utilization_gpu_percent: Optional[int] = None
-    utilization_memory_percent: Optional[int] = None
-    processes: Tuple[GpuProcess, ...] = ()
-    errors: Dict[str, str] = field(default_factory=dict)  # field -> NVML's reason it is missing
-
-
-@dataclass(frozen=True)
-class NvmlReport:
-    devices: Tuple[Device, ...]
-    driver_version: Optional[str] = None
-    taken_at: float = 0.0  # wall clock, when the read began
-    duration_s: float = 0.0
-
-    def pids(self) -> List[int]:
-        """Every PID any device lists, once each, in order of first appearance."""
-        seen: Dict[int, None] = {}
-        for device in self.devices:
-            for process in device.processes:
-                seen.setdefault(process.pid, None)
-        return list(seen)
-
-
-# --- the worker thread --------------------------------------------------------------------------------
-
-
-class Steps(Protocol):
-    """Where a task names the call it is about to make, so a hang is seen and named."""
-
-    def step(self, what: str) -> contextlib.AbstractContextManager: ...
-
-
-class NoSteps:
-    """For running a task on the calling thread (the CLI's self-test, the benchmark)."""
-
-    @contextlib.contextmanager
-    def step(self, what: str) -> Iterator[None]:
-        yield
-
-
-NO_STEPS = NoSteps()
-
-
-@dataclass(frozen=True)
-class Done:
-    """What a task gave back: its value, or the exception it raised."""
-
-    value: Any = None
-    error: Optional[BaseException] = None
-
-
-Post = Callable[[Callable[[], None]], None]  # runs a callable on the main loop, from any thread
-
-
-class Worker:
-    """One thread, one task at a time; results go to the main loop through `post`.
-
-    Main-loop side: `submit()`, `busy`, `current()`. Worker side: the task, and `step()` around each
-    call that may block. The only state shared between the two is `_current`, a tuple replaced
-    whole (one atomic store), so neither side ever waits for the other.
-    """
-
-    def __init__(self, post: Post, name: str = "gpujobd-nvml",
-                 monotonic: Callable[[], float] = time.monotonic):
-        self._post = post
-        self._name = name
-        self._monotonic = monotonic
-        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: Optional[threading.Thread] = None
-        self._busy = False  # main loop only
-        self._current: Optional[Tuple[str, float]] = None  # written by the worker only
-
-    # -- main loop -----------------------------------------------------------------------------------
-    @property
-    def busy(self) -> bool:
-        return self._busy
-
-    def submit(self, task: Callable[[Steps], Any], on_done: Callable[[Done], None]) -> bool:
-        """Queue `task` for the thread; False (and nothing queued) while a task is still running:
-        a stuck call must never get a second one beside it."""
-        if self._busy:
-            return False
-        self._busy = True
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-            self._thread.start()
-        self._tasks.put((task, on_done))
-        return True
-
-    def current(self) -> Optional[Tuple[str, float]]:
-        """(what, seconds so far) of the call the thread is in now, or None between calls."""
-        current = self._current
-        if current is None:
-            return None
-        return current[0], max(0.0, self._monotonic() - current[1])
-
-    # -- the thread ----------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def step(self, what: str) -> Iterator[None]:
-        self._current = (what, self._monotonic())
-        try:
-            yield
-        finally:
-            self._current = None
-
-    def _run(self) -> None:
-        while True:
-            task, on_done = self._tasks.get()
-            try:
-                done = Done(value=task(self))
-            except BaseException as err:  # the main loop decides; the thread goes on
-                done = Done(error=err)
-            self._current = None
-            self._post(functools.partial(self._finish, on_done, done))
-
-    def _finish(self, on_done: Callable[[Done], None], done: Done) -> None:
-        self._busy = False
-        on_done(done)
-
-
-class Backoff:
-    """initial, 2*initial, 4*initial, ... up to maximum; reset() after a success."""
-
-    def __init__(self, initial_s: float, maximum_s: float):
-        self.initial_s = initial_s
-        self.maximum_s = maximum_s
-        self.failures = 0
-
-    def next_delay(self) -> float:
-        delay = min(self.maximum_s, self.initial_s * (2 ** min(self.failures, 62)))
-        self.failures += 1
-        return delay
-
-    def reset(self) -> None:
-        self.failures = 0
-
-
-# --- NVML ---------------------------------------------------------------------------------------------
-
 
 def import_pynvml() -> Any:
-    """A system-wide pynvml (newer GPUs may need a newer one) first, else the copy gpujobd ships."""
+    """The pynvml module (PyPI nvidia-ml-py; Debian and Ubuntu python3-pynvml); NvmlUnavailable,
+    naming what to install, when it is missing."""
     try:
         import pynvml
-    except ImportError:
-        try:
-            from gpujobd._vendor import pynvml
-        except ImportError as err:
-            raise NvmlUnavailable(
-                "the NVML Python bindings are not installed (module pynvml, PyPI package "
-                f"nvidia-ml-py), and gpujobd's bundled copy is missing: {err}") from None
+    except ImportError as err:
+        raise NvmlUnavailable(
+            "the NVML Python bindings are not installed (module pynvml): install the package "
+            "python3-pynvml (Debian contrib, Ubuntu multiverse) or the PyPI package nvidia-ml-py "
+            f"where gpujobd's python3 finds it, see docs/install.md ({err})") from None
     return pynvml
 
 
@@ -437,7 +265,3 @@ def _merge_processes(compute: Any, graphics: Any) -> Tuple[GpuProcess, ...]:
             known = [m for m in (earlier.used_memory_bytes, memory) if m is not None]
             merged[pid] = GpuProcess(pid=pid, type=both, used_memory_bytes=max(known) if known else None)
     return tuple(merged.values())
-
-
-def report_to_json(report: NvmlReport) -> Dict[str, Any]:
-    return dataclasses.asdict(report)
