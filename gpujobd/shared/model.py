@@ -59,7 +59,10 @@ class EndReason(str, enum.Enum):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What a user asked for. Validated before a job row exists."""
+    """What a user asked for. Validated before a job row exists.
+
+    Its fields are the submit options declared in gpujobd.shared.spec (defaults included).
+    """
 
     argv: Tuple[str, ...]
     cwd: str
@@ -74,6 +77,9 @@ class JobSpec:
     restart_delay_s: Optional[float] = None
     stop_on_failure: bool = False
     bind_to: Optional[int] = None  # a foreground job whose end stops this one (BindsTo=)
+    # When a stray process holds one of the job's GPUs: off, refuse or wait; None until the manager
+    # fills in the server's gpu.prestart_check. Not stored: it matters only until the job starts.
+    gpu_check: Optional[str] = None
 
 
 @dataclass(frozen=True)
