@@ -346,4 +346,5 @@ def _loop_problems(spec: JobSpec) -> List[str]:
              and option.given(getattr(spec, option.key)) and getattr(spec, option.key) != option.neutral]
     if not given:
         return []
-    return [f"{', '.join(given)} only apply to background loops: set {BY_KEY['background'].label} too"]
+    verb = "apply" if len(given) > 1 else "applies"
+    return [f"{', '.join(given)} only {verb} to background loops: set {BY_KEY['background'].label} too"]
