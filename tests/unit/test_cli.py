@@ -421,6 +421,25 @@ def test_with_background_without_a_name_leaves_the_loop_unnamed(fake):
     assert "max_runs" not in fake.submitted[1]  # the server's default
 
 
+def test_with_background_sends_gpu_check_to_both_jobs_and_the_timeout_to_the_foreground(fake):
+    assert run(fake, "submit", "--gpu-check", "wait", "--timeout", "1h", "--with-background", "./eval.sh",
+               "--", "./train.sh") == 0
+    assert [(sent.get("gpu_check"), sent["timeout_s"]) for sent in fake.submitted] == \
+        [("wait", 3600.0), ("wait", None)]
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--max-runs", "3"], "max_runs (--max-runs) only applies to background loops"),
+    (["--restart-delay", "5", "--stop-on-failure"],
+     "restart_delay_s (--restart-delay), stop_on_failure (--stop-on-failure) only apply to background loops"),
+])
+def test_loop_options_without_background_are_refused_by_the_daemon_as_usage_errors(fake, capsys, argv, named):
+    assert run(fake, "submit", *argv, "--", "true") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert named in line and line.endswith("set background (--background) too")
+    assert len(fake.submitted) == 1 and fake.jobs == {}  # sent once, refused, nothing created
+
+
 def test_with_background_json_prints_both_jobs(fake, capsys):
     assert run(fake, "submit", "--json", "--with-background", "./eval.sh", "--", "./train.sh") == 0
     pair = json.loads(capsys.readouterr().out)
