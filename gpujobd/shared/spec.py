@@ -25,12 +25,11 @@ import difflib
 import math
 import os
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from gpujobd.shared import text
 from gpujobd.shared.errors import InvalidArgument
-from gpujobd.shared.model import JobSpec
 
 if TYPE_CHECKING:
     from gpujobd.shared.config import Config, JobsConfig
@@ -193,6 +192,29 @@ OPTIONS: Tuple[Option, ...] = (
                                                    "anyway (off), refuse (refuse) or wait queued (wait)"),
            rules=(_one_of(GPU_CHECKS),), choices=GPU_CHECKS, server_default="gpu.prestart_check"),
 )
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a user asked for: one field per option of OPTIONS, in its order, with its default (a test
+    keeps the two in step). Validated (`problems`) before a job row exists."""
+
+    argv: Tuple[str, ...]
+    cwd: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    name: str = ""
+    properties: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: Optional[float] = None
+    # Background loops: the command runs up to max_runs times, restart_delay_s apart. None means
+    # "the server's default" until the manager has validated the spec; stored specs are concrete.
+    background: bool = False
+    max_runs: Optional[int] = None
+    restart_delay_s: Optional[float] = None
+    stop_on_failure: bool = False
+    bind_to: Optional[int] = None  # a foreground job whose end stops this one (BindsTo=)
+    # When a stray process holds one of the job's GPUs: off, refuse or wait; None until the manager
+    # fills in the server's gpu.prestart_check. Not stored: it matters only until the job starts.
+    gpu_check: Optional[str] = None
+
 
 BY_KEY: Mapping[str, Option] = {option.key: option for option in OPTIONS}
 SIGNATURES: Mapping[str, str] = {option.key: option.signature for option in OPTIONS}
