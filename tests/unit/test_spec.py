@@ -88,14 +88,14 @@ def test_shared_spec_imports_no_dbus_library_and_nothing_of_gpujobd_outside_shar
 
 
 def test_what_the_client_encodes_the_daemon_decodes_to_the_same_spec() -> None:
-    options = {"cwd": "/srv", "env": {"A": "1"}, "name": "n", "properties": {"MemoryMax": "4G"},
-               "timeout_s": 60, "background": True, "max_runs": 3, "restart_delay_s": 0,
-               "stop_on_failure": True, "bind_to": 0, "gpu_check": "wait"}
-    wire = spec.encode(dict(options, argv=["python", "x.py"]))
+    given = {option.key: GOOD[option.signature] for option in spec.OPTIONS}
+    given.update(timeout_s=60, restart_delay_s=0)  # whole numbers of seconds are seconds too
+    wire = spec.encode(given)
     assert {key: signature for key, (signature, _value) in wire.items()} == dict(api.SPEC_FIELDS)
     decoded = spec.decode({key: value for key, (_signature, value) in wire.items()})
-    assert decoded == JobSpec(argv=("python", "x.py"), **dict(options, timeout_s=60.0, restart_delay_s=0.0))
-    assert isinstance(decoded.timeout_s, float) and isinstance(decoded.restart_delay_s, float)
+    assert decoded == JobSpec(**dict(given, argv=tuple(given["argv"]), timeout_s=60.0, restart_delay_s=0.0))
+    assert all(isinstance(getattr(decoded, option.key), float) for option in spec.OPTIONS
+               if option.signature == "d")
 
 
 def test_options_at_their_default_are_not_sent_and_decode_to_the_default() -> None:
