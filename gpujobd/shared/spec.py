@@ -71,6 +71,7 @@ class Option:
     neutral: Any = None  # ... except this value, which means what no loop does anyway
     server_default: str = ""  # the config key (section.key) that fills an unset value
     choices: Tuple[str, ...] = ()
+    max_items: Optional[int] = None  # most items one call may carry (a list or map), refused at decoding
     pair: str = "both"  # Client.submit_with_background: both, foreground, loop, or fixed (set by it)
 
     @property
@@ -89,8 +90,6 @@ class Option:
 def _command(argv: Tuple[str, ...], _jobs: JobsConfig) -> Optional[str]:
     if not argv or not argv[0]:
         return "is empty: give the program to run and its arguments, e.g. gpujobctl submit -- python train.py"
-    if len(argv) > MAX_ARGV_ITEMS:
-        return f"has {len(argv)} words; at most {MAX_ARGV_ITEMS} are allowed: pass long lists in a file"
     if any("\0" in word for word in argv):
         return "contains a NUL byte: remove it"
     size = sum(len(word.encode("utf-8", "surrogateescape")) + 1 for word in argv)
@@ -111,12 +110,6 @@ def _env_names(env: Mapping[str, str], _jobs: JobsConfig) -> Optional[str]:
         return None
     return (f"has {', '.join(repr(key) for key in bad)}: a name must be non-empty, without '=' or NUL, "
             "and a value without NUL")
-
-
-def _at_most_items(limit: int) -> Rule:
-    def rule(pairs: Mapping[str, str], _jobs: JobsConfig) -> Optional[str]:
-        return f"has {len(pairs)} entries; at most {limit} are allowed" if len(pairs) > limit else None
-    return rule
 
 
 def _name(name: str, _jobs: JobsConfig) -> Optional[str]:
@@ -156,13 +149,13 @@ LOOPS = "background loops"
 
 OPTIONS: Tuple[Option, ...] = (
     Option("argv", "as", Cli((), "the command to run", metavar="-- CMD [ARG...]"), required=True,
-           rules=(_command,), pair="fixed"),
+           rules=(_command,), max_items=MAX_ARGV_ITEMS, pair="fixed"),
     Option("cwd", "s", Cli(("--cwd",), "working directory (default: the current one)", metavar="DIR"),
            required=True, rules=(_absolute,)),
     Option("env", "a{ss}", Cli(("--env",), "set an environment variable for the job (repeatable; the job "
                                            "gets only these, plus LANG)", metavar="NAME=VALUE",
                                parse=text.key_value, repeat=True),
-           default=_NO_PAIRS, rules=(_env_names, _at_most_items(MAX_ENV_ITEMS))),
+           default=_NO_PAIRS, rules=(_env_names,), max_items=MAX_ENV_ITEMS),
     Option("name", "s", Cli(("--name",), "a name to recognise the job by", metavar="NAME"), default="",
            rules=(_name,)),
     Option("properties", "a{ss}", Cli(("--property",), "a resource property of the job's scope, as the "
@@ -297,7 +290,8 @@ def encode(values: Mapping[str, Any]) -> Dict[str, Tuple[str, Any]]:
 def decode(wire: Mapping[str, Any]) -> JobSpec:
     """The daemon's side: the Submit spec's plain values -> a JobSpec (not yet validated).
 
-    Refuses unknown keys, missing required ones and values of the wrong type, every one at once.
+    Refuses unknown keys, missing required ones, values of the wrong type and lists or maps longer
+    than one call may carry (`max_items`), every one at once, before any other work.
     """
     problems = list(filter(None, [unknown_problem(wire, "spec field")]))
     values: Dict[str, Any] = {}
@@ -311,6 +305,9 @@ def decode(wire: Mapping[str, Any]) -> JobSpec:
         problem = wire_problem(option.signature, wire[option.key])
         if problem is not None:
             problems.append(f"spec field {option.key!r}: {problem}")
+        elif option.max_items is not None and len(wire[option.key]) > option.max_items:
+            problems.append(f"{option.label} has {len(wire[option.key])} items; at most {option.max_items} "
+                            "are allowed in one call")
         else:
             values[option.key] = _plain(option.signature, wire[option.key])
     if problems:

@@ -177,13 +177,24 @@ def test_loop_options_need_background(given: Dict[str, Any], refused: List[str])
     assert spec.problems(JobSpec(argv=("x",), cwd="/", background=True, **given), JobsConfig()) == []
 
 
-def test_too_long_a_command_is_refused_by_count_and_by_bytes() -> None:
+@pytest.mark.parametrize(("key", "limit", "value"), [
+    ("argv", spec.MAX_ARGV_ITEMS, lambda n: ["x"] * n),
+    ("env", spec.MAX_ENV_ITEMS, lambda n: {f"V{i}": "1" for i in range(n)}),
+])
+def test_decoding_refuses_more_items_than_one_call_may_carry(key: str, limit: int, value: Any) -> None:
+    wire = {"argv": ["true"], "cwd": "/"}
+    assert len(getattr(spec.decode(dict(wire, **{key: value(limit)})), key)) == limit
+    with pytest.raises(InvalidArgument) as caught:
+        spec.decode(dict(wire, **{key: value(limit + 1)}))
+    assert f"{spec.BY_KEY[key].label} has {limit + 1} items; at most {limit} are allowed" in str(caught.value)
+
+
+def test_too_long_a_command_line_is_refused() -> None:
     jobs = JobsConfig()
-    assert spec.problems(JobSpec(argv=("x",) * spec.MAX_ARGV_ITEMS, cwd="/"), jobs) == []
-    assert "has 4097 words; at most 4096" in spec.problems(
-        JobSpec(argv=("x",) * (spec.MAX_ARGV_ITEMS + 1), cwd="/"), jobs)[0]
-    assert f"at most {spec.MAX_ARG_BYTES} are allowed" in spec.problems(
-        JobSpec(argv=("x" * spec.MAX_ARG_BYTES,), cwd="/"), jobs)[0]
+    assert spec.problems(JobSpec(argv=("x" * (spec.MAX_ARG_BYTES - 1),), cwd="/"), jobs) == []
+    assert spec.problems(JobSpec(argv=("x" * spec.MAX_ARG_BYTES,), cwd="/"), jobs) == [
+        f"argv (the command) is {spec.MAX_ARG_BYTES + 1} bytes long; at most {spec.MAX_ARG_BYTES} are "
+        "allowed: pass long lists in a file"]
 
 
 # --- the derived gpujobctl submit -------------------------------------------------------------------------
