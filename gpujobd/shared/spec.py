@@ -221,24 +221,26 @@ _UINT_MAX = {"u": (1 << 32) - 1, "t": (1 << 64) - 1}
 def wire_problem(signature: str, value: Any) -> Optional[str]:
     """What keeps a value from being sent as `signature` (one of the spec's), or None."""
     if signature == "b":
-        return None if isinstance(value, bool) else "expected True or False (b)"
+        return None if isinstance(value, bool) else f"expected True or False (b), not {_shown(value)}"
     if signature in _UINT_MAX:
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _UINT_MAX[signature]:
             return None
-        return f"expected a whole number from 0 to {_UINT_MAX[signature]} ({signature})"
+        return f"expected a whole number from 0 to {_UINT_MAX[signature]} ({signature}), not {_shown(value)}"
     if signature == "d":
-        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else \
-            "expected a number of seconds (d)"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None
+        return f"expected a number of seconds (d), not {_shown(value)}"
     if signature == "s":
         return _string_problem(value)
     if signature == "as":
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            return "expected a list of strings (as), not a single string" if isinstance(value, str) else \
-                "expected a list of strings (as)"
+        if isinstance(value, str):
+            return f"expected a list of strings (as), not a single string ({_shown(value)})"
+        if not isinstance(value, (list, tuple)):
+            return f"expected a list of strings (as), not {_shown(value)}"
         return next(filter(None, (_string_problem(item) for item in value)), None)
     if signature == "a{ss}":
         if not isinstance(value, Mapping):
-            return "expected a map of strings to strings (a{ss})"
+            return f"expected a map of strings to strings (a{{ss}}), not {_shown(value)}"
         items = (_string_problem(item) for pair in value.items() for item in pair)
         return next(filter(None, items), None)
     raise ValueError(f"no wire check for signature {signature!r}")
@@ -246,14 +248,19 @@ def wire_problem(signature: str, value: Any) -> Optional[str]:
 
 def _string_problem(value: Any) -> Optional[str]:
     if not isinstance(value, str):
-        return f"expected a string (s), not {type(value).__name__}"
+        return f"expected a string (s), not {_shown(value)}"
     if "\0" in value:
-        return "contains a NUL character, which D-Bus cannot carry"
+        return f"{_shown(value)} contains a NUL character, which D-Bus cannot carry"
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        return f"{value!r} is not valid UTF-8: D-Bus carries only UTF-8 strings"
+        return f"{_shown(value)} is not valid UTF-8: D-Bus carries only UTF-8 strings"
     return None
+
+
+def _shown(value: Any, room: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= room else text[:room - 3] + "..."
 
 
 def unknown_problem(keys: Iterable[str], what: str = "option") -> Optional[str]:
@@ -279,7 +286,7 @@ def encode(values: Mapping[str, Any]) -> Dict[str, Tuple[str, Any]]:
             continue
         problem = wire_problem(option.signature, value)
         if problem is not None:
-            problems.append(f"{option.label}: {problem}, not {value!r}")
+            problems.append(f"{option.label}: {problem}")
         else:
             wire[key] = (option.signature, _plain(option.signature, value))
     if problems:
@@ -298,8 +305,7 @@ def decode(wire: Mapping[str, Any]) -> JobSpec:
     for option in OPTIONS:
         if option.key not in wire:
             if option.required:
-                problems.append(f"{option.label} is missing: a job needs argv (the command) and cwd "
-                                "(an absolute directory)")
+                problems.append(f"{option.label} is missing: every job needs it")
             values[option.key] = None if option.default is None else _plain(option.signature, option.default)
             continue
         problem = wire_problem(option.signature, wire[option.key])

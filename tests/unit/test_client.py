@@ -140,7 +140,7 @@ def test_env_is_the_explicit_env_plus_the_callers_lang():
     ("python train.py", {}, r"argv \(the command\): expected a list of strings \(as\), not a single string"),
     (["a\0b"], {}, "NUL"),
     (["\udcff"], {}, "not valid UTF-8"),
-    (["true"], {"env": {"A": 1}}, r"env \(--env\): expected a string \(s\), not int"),
+    (["true"], {"env": {"A": 1}}, r"env \(--env\): expected a string \(s\), not 1"),
     (["true"], {"env": ["A=1"]}, r"env \(--env\): expected a map of strings"),
     (["true"], {"timeout_s": "1h"}, r"timeout_s \(--timeout\): expected a number of seconds \(d\)"),
     (["true"], {"name": 7}, r"name \(--name\): expected a string"),
