@@ -2,8 +2,10 @@
 
 An `Option` says all there is to say about one option: its key (the Python client's keyword, the
 key in the Submit spec's a{sv} and the `JobSpec` field), its D-Bus signature, its default, its rules,
-its CLI flag and help, and its conditions (`loop_only`: only for background loops). Everything else
-is derived from `OPTIONS`:
+its CLI flag and help, and its conditions (`loop_only`: only for background loops; `server_default`:
+the config key that fills it when unset; `pair`: where `submit_with_background` sends it; `max_items`:
+how many items one call may carry). `JobSpec`, the value the daemon works with, is declared here too,
+one field per option. Everything else is derived from `OPTIONS`:
 
 - `gpujobctl submit`'s flags (gpujobd.cli.submit builds them from `Option.cli`);
 - the client's keyword check and a{sv} encoding (`encode`);
