@@ -1,10 +1,14 @@
 """`gpujobctl gpus`: the GPU report as text, like nvidia-smi's process table but with owners; and the
 one-line warning `gpujobctl status` prints while stray processes hold GPUs. Pure formatting of the
-report as the client returns it with raw=True (the wire dict, see api.GPU_REPORT_FIELDS)."""
+report as the client returns it with raw=True (the wire dict, see api.GPU_REPORT_FIELDS), and at the
+end the verb's parser and handler."""
 
 from __future__ import annotations
 
 from typing import Any, List, Mapping, Optional, Sequence
+
+from gpujobd.cli import common
+from gpujobd.shared import api, errors
 
 COMMAND_CHARS = 60
 
@@ -123,3 +127,24 @@ def gpu_memory_line(job: Mapping[str, Any]) -> Optional[str]:
     if not used:
         return None
     return "gpu memory: " + ", ".join(f"{gpu} {size(count)}" for gpu, count in sorted(used.items()))
+
+
+# --- the verb ----------------------------------------------------------------------------------------
+
+
+def add_parser(verbs: Any) -> None:
+    sub = common.add_verb(verbs, "gpus", "show the GPUs, the processes on them and who owns each (job, "
+                          "unit, STRAY)", "Stray processes hold GPU memory outside every job; see gpujobd's "
+                          "docs/gpu.md.")
+    sub.add_argument("--json", action="store_true", help="print the report as JSON")
+    sub.set_defaults(handler=run)
+
+
+def run(args: Any, client: Any) -> int:
+    report = client.gpus(raw=True)
+    if args.json:
+        common.print_json(api.gpu_report_to_json(report))
+    else:
+        for line in format_gpus(report):
+            print(line)
+    return errors.EXIT_OK

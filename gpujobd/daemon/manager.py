@@ -26,7 +26,7 @@ from gpujobd.daemon.ports import (
     UsersPort,
 )
 from gpujobd.daemon.properties import Encoded
-from gpujobd.daemon.validation import validate, with_loop_defaults
+from gpujobd.daemon.validation import validate, with_server_defaults
 from gpujobd.shared import api
 from gpujobd.shared.config import Config
 from gpujobd.shared.errors import InvalidArgument, NotFound, PermissionDenied, Refused
@@ -100,13 +100,13 @@ class Manager:
             f"'{self._config.daemon.admin_group}' may {action} it")
 
     # -- verbs -----------------------------------------------------------------------------------
-    def submit(self, caller: Caller, spec: JobSpec, gpu_check: Optional[str] = None) -> Job:
+    def submit(self, caller: Caller, spec: JobSpec) -> Job:
         if caller.uid == 0:
             raise PermissionDenied("gpujobd never runs a job as root: submit as the user the work "
                                    "belongs to (e.g. runuser -u USER -- gpujobctl submit ...)")
-        spec = with_loop_defaults(spec, self._config.jobs)
+        spec = with_server_defaults(spec, self._config)
         properties = validate(spec, self._config.jobs) + self._binding(caller, spec)
-        check = gpu_check or self._config.gpu.prestart_check
+        check = spec.gpu_check
         blockers = self._gpu_blockers(spec) if check != "off" else []
         if blockers and check == "refuse":
             raise Refused(f"{describe_strays(blockers)}; the job was not created (gpu_check "

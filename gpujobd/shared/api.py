@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
+from gpujobd.shared import spec
 from gpujobd.shared.model import Job, JobState
 
 BUS_NAME = "org.gpujobd1"
@@ -17,10 +18,11 @@ OBJECT_PATH = "/org/gpujobd1"
 INTERFACE = "org.gpujobd1.Manager"
 
 # Limits on what one call may carry; larger input is refused with InvalidArgument before any work.
-MAX_ARGV_ITEMS = 4096
-MAX_ARG_BYTES = 128 * 1024
-MAX_ENV_ITEMS = 1024
-MAX_NAME_LENGTH = 128
+# A submission's limits are declared with its options, in gpujobd.shared.spec.
+MAX_ARGV_ITEMS = spec.MAX_ARGV_ITEMS
+MAX_ARG_BYTES = spec.MAX_ARG_BYTES
+MAX_ENV_ITEMS = spec.MAX_ENV_ITEMS
+MAX_NAME_LENGTH = spec.MAX_NAME_LENGTH
 MAX_LIST_LIMIT = 100_000
 LIST_PAGE_MAX = 1000  # jobs in one List reply; clients page with `after_id` for more
 
@@ -76,24 +78,12 @@ INTROSPECTION_XML = f"""<node>
 STOP_STOPPING = "stopping"
 STOP_ALREADY_ENDED = "already-ended"
 
-# Submit spec keys and their D-Bus types: what a client may send.
-SPEC_FIELDS: Mapping[str, str] = {
-    "argv": "as",
-    "cwd": "s",
-    "env": "a{ss}",
-    "name": "s",
-    "properties": "a{ss}",
-    "timeout_s": "d",
-    "background": "b",
-    "max_runs": "u",  # background loops; default: the server's jobs.default_max_runs
-    "restart_delay_s": "d",  # default: the server's jobs.restart_delay_s
-    "stop_on_failure": "b",
-    "bind_to": "t",  # a running job whose end stops this one
-    "gpu_check": "s",  # one of GPU_CHECKS; default: the server's gpu.prestart_check
-}
+# Submit spec keys and their D-Bus types: what a client may send. Each is declared, with its default,
+# rules and CLI flag, in gpujobd.shared.spec.
+SPEC_FIELDS: Mapping[str, str] = spec.SIGNATURES
 
 # What a job may ask for when a stray GPU process holds one of its GPUs at submit (see docs/gpu.md).
-GPU_CHECKS = ("off", "refuse", "wait")
+GPU_CHECKS = spec.GPU_CHECKS
 
 # Per-run records (the Runs method), newest last.
 RUN_FIELDS: Mapping[str, str] = {

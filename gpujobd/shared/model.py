@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from dataclasses import dataclass, field
-from typing import Mapping, Optional, Tuple
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from gpujobd.shared.spec import JobSpec as JobSpec  # declared with the submit options
 
 UNIT_PREFIX = "gpujob-"
 UNIT_SUFFIX = ".scope"
@@ -55,25 +57,6 @@ class EndReason(str, enum.Enum):
     SETUP_FAILED = "setup-failed"  # dropping privileges or opening the log failed
     START_FAILED = "start-failed"  # the scope never started, or the daemon died before release
     LOST = "lost"  # no record of the end can exist; `detail` says why
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """What a user asked for. Validated before a job row exists."""
-
-    argv: Tuple[str, ...]
-    cwd: str
-    env: Mapping[str, str] = field(default_factory=dict)
-    name: str = ""
-    properties: Mapping[str, str] = field(default_factory=dict)
-    timeout_s: Optional[float] = None
-    # Background loops: the command runs up to max_runs times, restart_delay_s apart. None means
-    # "the server's default" until the manager has validated the spec; stored specs are concrete.
-    background: bool = False
-    max_runs: Optional[int] = None
-    restart_delay_s: Optional[float] = None
-    stop_on_failure: bool = False
-    bind_to: Optional[int] = None  # a foreground job whose end stops this one (BindsTo=)
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
+from gpujobd.cli import common, status
 from gpujobd.cli import main as cli
 from gpujobd.cli import render as cli_format
 from gpujobd.client import Client
-from gpujobd.shared import api, errors
+from gpujobd.shared import api, errors, spec
+from gpujobd.shared import text as text_values
+from gpujobd.shared.config import Config
 from gpujobd.shared.model import JobState
 
 SUCCEEDED = {"state": "succeeded", "reason": "exit-code", "exit_code": 0}
@@ -113,19 +116,20 @@ class FakeClient:
         stop_on_failure, bind_to); checks what gpujobd would check of them."""
         loop = {key: value for key, value in loop.items()
                 if value is not None and value is not False}  # only what the client sends
-        spec = {"argv": list(argv), "cwd": cwd, "env": dict(env or {}), "name": name,
+        sent = {"argv": list(argv), "cwd": cwd, "env": dict(env or {}), "name": name,
                 "properties": dict(properties or {}), "timeout_s": timeout_s, **loop}
-        self.submitted.append(spec)
+        self.submitted.append(sent)
         failure = self.submit_failures.get(len(self.submitted))
         if failure is not None:
             raise failure
-        if not loop.get("background") and any(
-                key in loop for key in ("max_runs", "restart_delay_s", "stop_on_failure")):
-            raise errors.InvalidArgument("--max-runs, ... only apply to background loops: add --background")
+        wire = {key: value for key, value in sent.items() if value is not None}
+        problems = gpujobd_problems(dict(wire, cwd=cwd or "/home/alice"))
+        if problems:
+            raise errors.InvalidArgument("; ".join(problems))
         bound = loop.get("bind_to")
         if bound is not None and self._job(bound)["state"] not in ("starting", "running"):
             raise errors.InvalidArgument(f"--bind-to {bound}: that job is {self.jobs[bound]['state']}")
-        fields = {key: value for key, value in spec.items() if value is not None}
+        fields = {key: value for key, value in sent.items() if value is not None and key != "gpu_check"}
         job_id = self.add_job(script=list(self.next_script), ending=self.next_ending, **fields)
         return self._out(self.jobs[job_id], raw)
 
@@ -182,6 +186,13 @@ class FakeClient:
                 raise errors.GpujobdError(f"timed out after {timeout_s:g}s waiting for job {job_id}")
             self._advance(job_id)
         return self._out(self.jobs[job_id], raw)
+
+
+def gpujobd_problems(wire: Dict[str, Any]) -> List[str]:
+    """What gpujobd, with its default configuration, finds wrong with a spec: the real declaration's
+    decoding, server defaults and rules (not the allowlist of properties)."""
+    config = Config()
+    return spec.problems(spec.with_server_defaults(spec.decode(wire), config), config.jobs)
 
 
 @pytest.fixture
@@ -243,10 +254,6 @@ def test_submit_without_double_dash_takes_the_rest_as_command(fake):
     (["submit", "--background", "--restart-delay", "soon", "--", "true"], "argument --restart-delay"),
     (["submit", "--background", "--restart-delay", "-1", "--", "true"], "argument --restart-delay"),
     (["submit", "--bind-to", "x", "--", "true"], "argument --bind-to: a job id is a whole number"),
-    (["submit", "--max-runs", "3", "--", "true"],
-     "--max-runs only apply to background loops: add --background or --with-background"),
-    (["submit", "--restart-delay", "5", "--stop-on-failure", "--", "true"],
-     "--restart-delay, --stop-on-failure only apply to background loops"),
     (["submit", "--with-background", "", "--", "true"], "argument --with-background: the command is empty"),
     (["submit", "--with-background", "python 'eval.py", "--", "true"], "cannot split"),
     (["submit", "--with-background", "eval", "--background", "--", "true"],
@@ -283,12 +290,12 @@ def test_usage_error_says_where_to_look(fake, capsys):
     ("1h30m", 5400.0), ("1d", 86400.0), ("500ms", 0.5), ("1h 30min", 5400.0),
 ])
 def test_duration(text, seconds):
-    assert cli.duration(text) == seconds
+    assert text_values.duration(text) == seconds
 
 
 @pytest.mark.parametrize("text, seconds", [("0", 0.0), ("0s", 0.0), ("500ms", 0.5), ("1min", 60.0)])
 def test_restart_delay_may_be_zero(text, seconds):
-    assert cli.delay(text) == seconds
+    assert text_values.delay(text) == seconds
 
 
 def test_other_verbs_parse(fake):
@@ -414,6 +421,25 @@ def test_with_background_without_a_name_leaves_the_loop_unnamed(fake):
     assert "max_runs" not in fake.submitted[1]  # the server's default
 
 
+def test_with_background_sends_gpu_check_to_both_jobs_and_the_timeout_to_the_foreground(fake):
+    assert run(fake, "submit", "--gpu-check", "wait", "--timeout", "1h", "--with-background", "./eval.sh",
+               "--", "./train.sh") == 0
+    assert [(sent.get("gpu_check"), sent["timeout_s"]) for sent in fake.submitted] == \
+        [("wait", 3600.0), ("wait", None)]
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--max-runs", "3"], "max_runs (--max-runs) only applies to background loops"),
+    (["--restart-delay", "5", "--stop-on-failure"],
+     "restart_delay_s (--restart-delay), stop_on_failure (--stop-on-failure) only apply to background loops"),
+])
+def test_loop_options_without_background_are_refused_by_the_daemon_as_usage_errors(fake, capsys, argv, named):
+    assert run(fake, "submit", *argv, "--", "true") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert named in line and line.endswith("set background (--background) too")
+    assert len(fake.submitted) == 1 and fake.jobs == {}  # sent once, refused, nothing created
+
+
 def test_with_background_json_prints_both_jobs(fake, capsys):
     assert run(fake, "submit", "--json", "--with-background", "./eval.sh", "--", "./train.sh") == 0
     pair = json.loads(capsys.readouterr().out)
@@ -480,7 +506,7 @@ def test_interrupted_with_background_wait_names_both_jobs(fake, capsys, monkeypa
     def interrupted(chunks):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "write_chunks", interrupted)
+    monkeypatch.setattr(common, "write_chunks", interrupted)
     assert run(fake, "submit", "--wait", "--with-background", "./eval.sh", "--", "./train.sh") == 130
     line = one_error_line(capsys.readouterr().err)
     assert "jobs 1 and 2 keep running" in line and "`gpujobctl stop 1` stops both" in line
@@ -497,7 +523,7 @@ def test_interrupted_with_background_wait_names_both_jobs(fake, capsys, monkeypa
     ({"state": "failed", "exit_code": 0}, 1),  # not succeeded is never 0
 ])
 def test_exit_code_for(job, code):
-    assert cli.exit_code_for(job) == code
+    assert common.exit_code_for(job) == code
 
 
 def test_describe_end():
@@ -683,8 +709,8 @@ def test_logs_broken_pipe_is_quiet(fake, capsys, monkeypatch):
     def broken(chunks):
         raise BrokenPipeError
 
-    monkeypatch.setattr(cli, "write_chunks", broken)
-    assert run(fake, "logs", "5") == cli.EXIT_BROKEN_PIPE
+    monkeypatch.setattr(common, "write_chunks", broken)
+    assert run(fake, "logs", "5") == errors.EXIT_BROKEN_PIPE
     assert capsys.readouterr().err == ""
 
 
@@ -737,8 +763,8 @@ def test_status_lists_the_cgroup_processes(fake, capsys, tmp_path, monkeypatch):
         (proc / str(pid)).mkdir(parents=True)
         (proc / str(pid) / "cmdline").write_bytes(cmdline)
     (proc / "101" / "comm").write_bytes(b"kworker\n")
-    monkeypatch.setattr(cli, "CGROUP_SLICE_DIR", str(tmp_path / "cg"))
-    monkeypatch.setattr(cli, "PROC_DIR", str(proc))
+    monkeypatch.setattr(status, "CGROUP_SLICE_DIR", str(tmp_path / "cg"))
+    monkeypatch.setattr(status, "PROC_DIR", str(proc))
     assert run(fake, "status", "5") == 0
     out = capsys.readouterr().out
     assert "Processes: 100 python train.py\n" in out
@@ -755,9 +781,9 @@ def test_status_finds_the_cgroup_of_a_job_in_another_slice_from_its_supervisor(
     (tmp_path / "proc" / "100").mkdir(parents=True)
     (tmp_path / "proc" / "100" / "cmdline").write_bytes(b"supervisor\0")
     (tmp_path / "proc" / "100" / "cgroup").write_text("0::/gpu.slice/gpu-a.slice/gpujob-5.scope\n")
-    monkeypatch.setattr(cli, "CGROUP_ROOT", str(tmp_path / "cg"))
-    monkeypatch.setattr(cli, "CGROUP_SLICE_DIR", str(tmp_path / "cg" / "gpujob.slice"))
-    monkeypatch.setattr(cli, "PROC_DIR", str(tmp_path / "proc"))
+    monkeypatch.setattr(status, "CGROUP_ROOT", str(tmp_path / "cg"))
+    monkeypatch.setattr(status, "CGROUP_SLICE_DIR", str(tmp_path / "cg" / "gpujob.slice"))
+    monkeypatch.setattr(status, "PROC_DIR", str(tmp_path / "proc"))
     assert run(fake, "status", "5") == 0
     assert "Processes: 100 supervisor\n" in capsys.readouterr().out
 
@@ -1008,7 +1034,7 @@ def test_keyboard_interrupt_during_submit_wait_leaves_the_job_running(fake, caps
     def interrupted(chunks):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "write_chunks", interrupted)
+    monkeypatch.setattr(common, "write_chunks", interrupted)
     assert run(fake, "submit", "--wait", "--", "sleep", "100") == 130
     line = one_error_line(capsys.readouterr().err)
     assert "job 1 keeps running" in line and "gpujobctl stop 1" in line

@@ -121,7 +121,7 @@ def test_spec_has_the_contract_types():
 
 def test_spec_leaves_unset_options_out_and_defaults_cwd():
     spec = client.spec_values(["true"], caller_environ={})
-    assert spec == {"argv": ["true"], "cwd": os.getcwd(), "env": {}}
+    assert spec == {"argv": ["true"], "cwd": os.getcwd()}
 
 
 def test_relative_cwd_is_made_absolute():
@@ -133,68 +133,72 @@ def test_env_is_the_explicit_env_plus_the_callers_lang():
     assert client.spec_values(["true"], env={"A": "1"}, caller_environ=caller)["env"] == \
         {"A": "1", "LANG": "de_DE.UTF-8"}
     assert client.spec_values(["true"], env={"LANG": "C"}, caller_environ=caller)["env"] == {"LANG": "C"}
-    assert client.spec_values(["true"], caller_environ={"HOME": "/root"})["env"] == {}
+    assert "env" not in client.spec_values(["true"], caller_environ={"HOME": "/root"})
 
 
 @pytest.mark.parametrize("argv, options, needle", [
-    ([], {}, "the command is empty"),
-    ([""], {}, "the command is empty"),
-    ("python train.py", {}, "not a single string"),
+    ("python train.py", {}, r"argv \(the command\): expected a list of strings \(as\), not a single string"),
     (["a\0b"], {}, "NUL"),
     (["\udcff"], {}, "not valid UTF-8"),
-    (["true"], {"env": {"A=B": "1"}}, "contains '='"),
-    (["true"], {"env": {"": "1"}}, "empty"),
-    (["true"], {"env": {"A": 1}}, "must be a string"),
-    (["true"], {"name": "x" * (api.MAX_NAME_LENGTH + 1)}, "at most"),
-    (["true"], {"timeout_s": 0}, "positive"),
-    (["true"], {"timeout_s": float("nan")}, "positive"),
-    (["true"], {"timeout_s": "1h"}, "number of seconds"),
-    (["x"] * (api.MAX_ARGV_ITEMS + 1), {}, "at most"),
+    (["true"], {"env": {"A": 1}}, r"env \(--env\): expected a string \(s\), not 1"),
+    (["true"], {"env": ["A=1"]}, r"env \(--env\): expected a map of strings"),
+    (["true"], {"timeout_s": "1h"}, r"timeout_s \(--timeout\): expected a number of seconds \(d\)"),
+    (["true"], {"name": 7}, r"name \(--name\): expected a string"),
+    (["true"], {"gpus": 2}, r"unknown keyword 'gpus'; known: argv, cwd, env"),
+    (["true"], {"timeout": 60}, r"unknown keyword 'timeout' \(did you mean 'timeout_s'\?\)"),
 ])
-def test_bad_submissions_are_invalid_arguments(argv, options, needle):
+def test_what_cannot_be_sent_is_refused_before_any_call(argv, options, needle):
     with pytest.raises(errors.InvalidArgument, match=needle):
         client.spec_values(argv, caller_environ={}, **options)
+
+
+def test_every_value_that_cannot_be_sent_is_named_at_once():
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.spec_values(["true"], caller_environ={}, max_runs=-1, background="yes", bind_to="4")
+    message = str(caught.value)
+    assert "max_runs (--max-runs): expected a whole number from 0 to 4294967295 (u), not -1" in message
+    assert "background (--background): expected True or False (b), not 'yes'" in message
+    assert "bind_to (--bind-to): expected a whole number from 0 to 18446744073709551615 (t)" in message
+
+
+@pytest.mark.parametrize("argv, options", [
+    ([], {}),
+    ([""], {}),
+    (["true"], {"env": {"A=B": "1"}}),
+    (["true"], {"name": "x" * (api.MAX_NAME_LENGTH + 1)}),
+    (["true"], {"timeout_s": 0}),
+    (["true"], {"timeout_s": -5}),
+    (["x"] * (api.MAX_ARGV_ITEMS + 1), {}),
+    (["true"], {"background": True, "max_runs": 0}),
+    (["true"], {"background": True, "restart_delay_s": -1}),
+    (["true"], {"max_runs": 5}),
+    (["true"], {"gpu_check": "later"}),
+])
+def test_what_only_the_daemon_can_judge_is_sent_for_it_to_judge(argv, options):
+    """Validation happens once, in the daemon: the client encodes these values unjudged."""
+    sent = client.spec_values(argv, caller_environ={}, **options)
+    assert sent["argv"] == argv
+    assert all(sent[key] == value for key, value in options.items())
 
 
 def test_spec_with_loop_options_has_the_contract_types():
     spec = client.build_spec(["python", "eval.py"], cwd="/srv", background=True, max_runs=5,
                              restart_delay_s=0, stop_on_failure=True, bind_to=4, caller_environ={})
-    assert set(spec) == {"argv", "cwd", "env", "background", "max_runs", "restart_delay_s",
+    assert set(spec) == {"argv", "cwd", "background", "max_runs", "restart_delay_s",
                          "stop_on_failure", "bind_to"}
     assert all(value.get_type_string() == api.SPEC_FIELDS[key] for key, value in spec.items())
     assert GLib.Variant("a{sv}", spec).unpack() == {
-        "argv": ["python", "eval.py"], "cwd": "/srv", "env": {}, "background": True, "max_runs": 5,
+        "argv": ["python", "eval.py"], "cwd": "/srv", "background": True, "max_runs": 5,
         "restart_delay_s": 0.0, "stop_on_failure": True, "bind_to": 4}
 
 
 def test_spec_sends_only_the_loop_options_that_are_set():
     assert set(client.spec_values(["x"], background=False, stop_on_failure=False, caller_environ={})) == \
-        {"argv", "cwd", "env"}
+        {"argv", "cwd"}
     assert set(client.spec_values(["x"], background=True, caller_environ={})) == \
-        {"argv", "cwd", "env", "background"}  # max_runs and restart_delay_s: the server's defaults
+        {"argv", "cwd", "background"}  # max_runs and restart_delay_s: the server's defaults
     assert client.spec_values(["x"], bind_to=0, caller_environ={})["bind_to"] == 0
     assert client.spec_values(["x"], max_runs=1, caller_environ={})["max_runs"] == 1  # as gpujobd allows
-
-
-@pytest.mark.parametrize("options, needle", [
-    ({"background": True, "max_runs": 0}, "max_runs must be a whole number from 1"),
-    ({"background": True, "max_runs": True}, "max_runs must be a whole number"),
-    ({"background": True, "max_runs": 2.0}, "max_runs must be a whole number"),
-    ({"background": True, "max_runs": 1 << 32}, "max_runs must be a whole number"),
-    ({"background": True, "restart_delay_s": -1}, "0 or more seconds"),
-    ({"background": True, "restart_delay_s": float("inf")}, "0 or more seconds"),
-    ({"background": True, "restart_delay_s": "2s"}, "number of seconds"),
-    ({"background": "yes"}, "background must be True or False"),
-    ({"background": True, "stop_on_failure": 1}, "stop_on_failure must be True or False"),
-    ({"bind_to": -1}, r"bind_to \(a job id\) is a whole number >= 0"),
-    ({"bind_to": "4"}, "bind_to"),
-    ({"max_runs": 5}, "max_runs only apply to background loops: submit with background=True"),
-    ({"restart_delay_s": 1.0, "stop_on_failure": True},
-     "restart_delay_s, stop_on_failure only apply to background loops"),
-])
-def test_bad_loop_options_are_invalid_arguments(options, needle):
-    with pytest.raises(errors.InvalidArgument, match=needle):
-        client.spec_values(["true"], caller_environ={}, **options)
 
 
 def test_filter_sends_only_what_is_given():
@@ -376,9 +380,11 @@ def test_submit_sends_the_loop_options(bus):
     assert (job["background"], job["max_runs"], job["bind_to"], job["runs"]) == (True, 3, 1, 0)
 
 
-def test_bad_loop_options_are_refused_before_any_call(bus):
-    with pytest.raises(errors.InvalidArgument):
-        client.Client(bus=bus).submit(["./eval.sh"], max_runs=3)
+def test_unsendable_options_are_refused_before_any_call(bus):
+    with pytest.raises(errors.InvalidArgument, match="max_runs"):
+        client.Client(bus=bus).submit(["./eval.sh"], background=True, max_runs=-3)
+    with pytest.raises(errors.InvalidArgument, match="unknown keyword 'maxruns'"):
+        client.Client(bus=bus).submit(["./eval.sh"], maxruns=3)
     assert bus.events == []
 
 
@@ -445,9 +451,9 @@ def test_submit_with_background_without_a_name_or_loop_options(bus):
 
 
 def test_submit_with_background_stops_the_foreground_when_the_loop_is_refused(bus):
-    bus.submit_errors[2] = glib_error("GDBus.Error:org.gpujobd1.Error.InvalidArgument: --max-runs 5000: "
-                                      "must be from 1 to this server's limit of 1000")
-    with pytest.raises(errors.InvalidArgument, match="--max-runs 5000") as raised:
+    bus.submit_errors[2] = glib_error("GDBus.Error:org.gpujobd1.Error.InvalidArgument: max_runs (--max-runs) "
+                                      "is 5000: give 1 to this server's limit of 1000 (jobs.max_runs_limit)")
+    with pytest.raises(errors.InvalidArgument, match=r"max_runs \(--max-runs\) is 5000") as raised:
         client.Client(bus=bus).submit_with_background(["./train.sh"], ["./eval.sh"], max_runs=5000)
     assert "failed too" not in str(raised.value)
     assert [event[1:4] for event in bus.events][1:] == [
@@ -480,16 +486,26 @@ def test_submit_with_background_says_when_the_foreground_could_not_be_stopped(bu
 
 
 @pytest.mark.parametrize("background_argv, options, needle", [
-    (["./eval.sh"], {"max_runs": 0}, "max_runs"),
-    (["./eval.sh"], {"restart_delay_s": -1}, "restart delay"),
-    ([], {}, "the command is empty"),
+    (["./eval.sh"], {"max_runs": -1}, "max_runs"),
+    (["./eval.sh"], {"restart_delay_s": "soon"}, "restart_delay_s"),
     ("./eval.sh --all", {}, "not a single string"),
+    (["./eval.sh"], {"bind_to": 3}, "bind_to: set by submit_with_background itself"),
+    (["./eval.sh"], {"background": True}, "background: set by submit_with_background itself"),
+    (["./eval.sh"], {"max_run": 3}, "unknown keyword 'max_run'"),
 ])
-def test_submit_with_background_checks_the_loop_before_submitting_anything(bus, background_argv, options,
-                                                                            needle):
+def test_submit_with_background_refuses_what_cannot_be_sent_before_submitting_anything(
+        bus, background_argv, options, needle):
     with pytest.raises(errors.InvalidArgument, match=needle):
         client.Client(bus=bus).submit_with_background(["./train.sh"], background_argv, **options)
     assert bus.events == []
+
+
+def test_submit_with_background_sends_gpu_check_to_both_jobs(bus):
+    client.Client(bus=bus).submit_with_background(["./train.sh"], ["./eval.sh"], gpu_check="wait",
+                                                  timeout_s=60)
+    foreground, loop = (event[3][0] for event in bus.events)
+    assert foreground["gpu_check"] == loop["gpu_check"] == "wait"
+    assert foreground["timeout_s"] == 60.0 and "timeout_s" not in loop
 
 
 def test_remote_errors_are_raised_as_gpujobd_errors(bus):

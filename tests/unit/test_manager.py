@@ -394,25 +394,25 @@ def assert_final(job: Job, state: JobState, reason: EndReason) -> Outcome:
 
 
 @pytest.mark.parametrize(("fields", "fragment"), [
-    ({"argv": ()}, "the command is empty"),
-    ({"argv": ("",)}, "the command is empty"),
+    ({"argv": ()}, "argv (the command) is empty"),
+    ({"argv": ("",)}, "argv (the command) is empty"),
     ({"argv": ("python", "a\0b")}, "NUL"),
-    ({"argv": ("x" * (api.MAX_ARG_BYTES + 1),)}, f"longer than {api.MAX_ARG_BYTES} bytes"),
-    ({"cwd": "relative/dir"}, "cwd 'relative/dir' must be an absolute path"),
-    ({"cwd": ""}, "must be an absolute path"),
-    ({"cwd": "/srv\0x"}, "must be an absolute path"),
-    ({"env": {"A=B": "1"}}, "--env 'A=B'"),
-    ({"env": {"": "1"}}, "--env ''"),
-    ({"env": {"A": "1\0"}}, "--env 'A'"),
-    ({"env": {f"V{i}": "1" for i in range(api.MAX_ENV_ITEMS + 1)}}, f"more than {api.MAX_ENV_ITEMS}"),
-    ({"name": "n" * (api.MAX_NAME_LENGTH + 1)}, "--name is longer"),
+    ({"argv": ("x" * (api.MAX_ARG_BYTES + 1),)}, f"at most {api.MAX_ARG_BYTES} are allowed"),
+    ({"cwd": "relative/dir"}, "cwd (--cwd) is 'relative/dir': give an absolute path"),
+    ({"cwd": ""}, "give an absolute path"),
+    ({"cwd": "/srv\0x"}, "give an absolute path"),
+    ({"env": {"A=B": "1"}}, "env (--env) has 'A=B'"),
+    ({"env": {"": "1"}}, "env (--env) has ''"),
+    ({"env": {"A": "1\0"}}, "env (--env) has 'A'"),
+    ({"name": "n" * (api.MAX_NAME_LENGTH + 1)}, "name (--name) is 129 characters long"),
     ({"properties": {"MemoryMax": "lots"}}, "--property MemoryMax=lots: expected a size"),
     ({"properties": {"CPUQuota": "150"}}, "--property CPUQuota=150: expected a percentage"),
     ({"properties": {"Bogus": "1"}}, "--property Bogus: not allowed here; allowed: "),
     ({"properties": {"MemoryLow": "1G"}}, "--property MemoryLow: not allowed here"),
-    ({"timeout_s": 0.0}, "--timeout 0.0: must be a positive number of seconds"),
-    ({"timeout_s": -5.0}, "--timeout -5.0: must be a positive"),
-    ({"timeout_s": float("nan")}, "--timeout nan: must be a positive"),
+    ({"timeout_s": 0.0}, "timeout_s (--timeout) is 0.0: give a positive number of seconds"),
+    ({"timeout_s": -5.0}, "timeout_s (--timeout) is -5.0: give a positive"),
+    ({"timeout_s": float("nan")}, "timeout_s (--timeout) is nan: give a positive"),
+    ({"gpu_check": "later"}, "gpu_check (--gpu-check) is 'later': give one of off, refuse, wait"),
 ])
 def test_a_refused_submit_creates_nothing(rig: Rig, fields: Dict[str, Any], fragment: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
@@ -428,7 +428,8 @@ def test_a_timeout_above_the_servers_limit_is_refused(make_rig: MakeRig) -> None
     rig = make_rig(jobs={"max_timeout_s": 3600})
     with pytest.raises(InvalidArgument) as caught:
         rig.submit(timeout_s=3600.5)
-    assert "--timeout 3600.5: above this server's limit of 3600.0 s (jobs.max_timeout_s)" in str(caught.value)
+    assert "timeout_s (--timeout) is 3600.5: above this server's limit of 3600.0 s (jobs.max_timeout_s)" \
+        in str(caught.value)
     assert rig.store.count_jobs() == 0
     assert rig.submit(timeout_s=3600.0).spec.timeout_s == 3600.0
 
@@ -455,7 +456,8 @@ def test_every_problem_is_reported_at_once(rig: Rig) -> None:
         rig.submit(argv=(), cwd="rel", env={"A=B": "x"}, timeout_s=-1.0,
                    properties={"MemoryMax": "lots", "Nope": "1"})
     message = str(caught.value)
-    for fragment in ("the command is empty", "cwd 'rel'", "--env 'A=B'", "--timeout -1.0",
+    for fragment in ("argv (the command) is empty", "cwd (--cwd) is 'rel'", "env (--env) has 'A=B'",
+                     "timeout_s (--timeout) is -1.0",
                      "--property MemoryMax=lots", "--property Nope"):
         assert fragment in message
     assert rig.store.count_jobs() == 0

@@ -845,10 +845,10 @@ def test_refuse_names_the_stray_and_creates_nothing(make_rig: MakeRig, gpus: Fak
 def test_a_jobs_own_check_overrides_the_servers(make_rig: MakeRig, gpus: FakeGpus) -> None:
     rig = make_rig(gpu={"prestart_check": "refuse"})
     gpus.strays = [STRAY]
-    assert rig.manager.submit(OWNER, spec(), gpu_check="off").state is JobState.STARTING
+    assert rig.manager.submit(OWNER, spec(gpu_check="off")).state is JobState.STARTING
     rig2 = make_rig()
     with pytest.raises(Refused):
-        rig2.manager.submit(OWNER, spec(), gpu_check="refuse")
+        rig2.manager.submit(OWNER, spec(gpu_check="refuse"))
 
 
 def test_free_gpus_or_unreadable_ones_start_at_once(make_rig: MakeRig, gpus: FakeGpus) -> None:
@@ -1001,17 +1001,17 @@ def test_a_live_jobs_wire_form_carries_its_gpu_memory() -> None:
 
 
 def test_the_gpu_check_of_a_spec() -> None:
-    from gpujobd.daemon.adapters.dbus_service import decode_gpu_check, decode_spec
     from gpujobd.shared import api, config
+    from gpujobd.shared import spec as options
 
     assert api.GPU_CHECKS == config.PRESTART_CHECKS
-    spec_ = {"argv": ["true"], "cwd": "/", "gpu_check": "wait"}
-    assert decode_gpu_check(spec_) == "wait" and decode_spec(spec_).argv == ("true",)
-    assert decode_gpu_check({"argv": ["true"], "cwd": "/"}) is None
-    with pytest.raises(InvalidArgument, match="'sometimes' is not one of off, refuse, wait"):
-        decode_gpu_check({"gpu_check": "sometimes"})
+    assert options.decode({"argv": ["true"], "cwd": "/", "gpu_check": "wait"}).gpu_check == "wait"
+    assert options.decode({"argv": ["true"], "cwd": "/"}).gpu_check is None
+    sometimes = options.decode({"argv": ["true"], "cwd": "/", "gpu_check": "sometimes"})
+    assert options.problems(sometimes, config.JobsConfig()) == [
+        "gpu_check (--gpu-check) is 'sometimes': give one of off, refuse, wait"]
     with pytest.raises(InvalidArgument, match="'gpu_check': expected a string"):
-        decode_gpu_check({"gpu_check": 1})
+        options.decode({"argv": ["true"], "cwd": "/", "gpu_check": 1})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1124,8 +1124,8 @@ def test_the_client_sends_gpu_check_and_reads_the_report(monkeypatch: pytest.Mon
 
     assert client.spec_values(["true"], cwd="/", gpu_check="wait")["gpu_check"] == "wait"
     assert "gpu_check" not in client.spec_values(["true"], cwd="/")
-    with pytest.raises(InvalidArgument, match="gpu_check must be one of off, refuse, wait"):
-        client.spec_values(["true"], cwd="/", gpu_check="later")
+    with pytest.raises(InvalidArgument, match=r"gpu_check \(--gpu-check\): expected a string"):
+        client.spec_values(["true"], cwd="/", gpu_check=1)
     calls = []
 
     def call(self: Any, method: str, args: Any, reply_type: str) -> GLib.Variant:
@@ -1133,7 +1133,9 @@ def test_the_client_sends_gpu_check_and_reads_the_report(monkeypatch: pytest.Mon
         return GLib.Variant("(a{sv})", ({"state": GLib.Variant("s", "ok"),
                                          "available": GLib.Variant("b", True)},))
 
-    monkeypatch.setattr(client.Client, "_call", call)
+    from gpujobd.client.transport import Transport
+
+    monkeypatch.setattr(Transport, "_call", call)
     report = client.Client().gpus()
     assert calls == [("Gpus", None, "(a{sv})")]
     assert report["state"] == "ok" and report["devices"] == [] and report["updated_at"] is None

@@ -20,10 +20,10 @@ from pydbus.registration import ObjectRegistration, ObjectWrapper
 
 from gpujobd import __version__
 from gpujobd.daemon.manager import Caller, Manager
-from gpujobd.shared import api
+from gpujobd.shared import api, spec
 from gpujobd.shared.errors import GpujobdError, Internal, InvalidArgument, PermissionDenied
 from gpujobd.shared.log import get_logger
-from gpujobd.shared.model import Job, JobSpec, JobState
+from gpujobd.shared.model import Job, JobState
 
 log = get_logger()
 CALLER_CACHE_SIZE = 4096
@@ -133,9 +133,9 @@ class ManagerService:
         return __version__
 
     @on_the_wire
-    def Submit(self, spec: Mapping[str, Any], dbus_context: Any = None) -> Dict[str, GLib.Variant]:
+    def Submit(self, wire: Mapping[str, Any], dbus_context: Any = None) -> Dict[str, GLib.Variant]:
         caller = self._caller(dbus_context)
-        job = self._manager.submit(caller, decode_spec(spec), gpu_check=decode_gpu_check(spec))
+        job = self._manager.submit(caller, spec.decode(wire))
         return self._encode(job, caller)
 
     @on_the_wire
@@ -239,65 +239,6 @@ def variants(wire: Mapping[str, Tuple[str, Any]]) -> Dict[str, GLib.Variant]:
     """{field: (signature, value)} -> {field: GLib.Variant}; records of an aa{sv} field in turn."""
     return {key: GLib.Variant(signature, [variants(item) for item in value] if signature == "aa{sv}"
                               else value) for key, (signature, value) in wire.items()}
-
-
-def decode_gpu_check(spec: Mapping[str, Any]) -> Optional[str]:
-    """The submit spec's gpu_check, or None for the server's gpu.prestart_check."""
-    value = _optional(spec, "gpu_check", str, "a string (s)", None)
-    if value is not None and value not in api.GPU_CHECKS:
-        raise InvalidArgument(f"spec field 'gpu_check': {value!r} is not one of "
-                              f"{', '.join(api.GPU_CHECKS)}")
-    return value
-
-
-def _expect(spec: Mapping[str, Any], key: str, kind: type, what: str) -> Any:
-    value = spec[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind):
-        raise InvalidArgument(f"spec field {key!r}: expected {what}")
-    return value
-
-
-def _optional(spec: Mapping[str, Any], key: str, kind: type, what: str, default: Any) -> Any:
-    if key not in spec:
-        return default
-    value = _expect(spec, key, kind, what)
-    if kind is int and isinstance(value, bool):
-        raise InvalidArgument(f"spec field {key!r}: expected {what}")
-    return value
-
-
-def _string_map(spec: Mapping[str, Any], key: str) -> Dict[str, str]:
-    value = _expect(spec, key, dict, "a map of strings (a{ss})") if key in spec else {}
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise InvalidArgument(f"spec field {key!r}: expected a map of strings (a{{ss}})")
-    return dict(value)
-
-
-def decode_spec(spec: Mapping[str, Any]) -> JobSpec:
-    unknown = api.unknown_keys(spec, api.SPEC_FIELDS)
-    if unknown:
-        raise InvalidArgument(f"unknown spec fields {unknown}; known: {sorted(api.SPEC_FIELDS)}")
-    if "argv" not in spec or "cwd" not in spec:
-        raise InvalidArgument("a job needs 'argv' (the command) and 'cwd' (an absolute directory)")
-    argv = _expect(spec, "argv", list, "a list of strings (as)")
-    if len(argv) > api.MAX_ARGV_ITEMS or not all(isinstance(a, str) for a in argv):
-        raise InvalidArgument(f"spec field 'argv': expected at most {api.MAX_ARGV_ITEMS} strings")
-    timeout = _expect(spec, "timeout_s", float, "seconds (d)") if "timeout_s" in spec else None
-    return JobSpec(
-        background=_optional(spec, "background", bool, "a boolean (b)", False),
-        max_runs=_optional(spec, "max_runs", int, "a count (u)", None),
-        restart_delay_s=_optional(spec, "restart_delay_s", float, "seconds (d)", None),
-        stop_on_failure=_optional(spec, "stop_on_failure", bool, "a boolean (b)", False),
-        bind_to=_optional(spec, "bind_to", int, "a job id (t)", None),
-        argv=tuple(argv),
-        cwd=_expect(spec, "cwd", str, "a string (s)"),
-        env=_string_map(spec, "env"),
-        name=_expect(spec, "name", str, "a string (s)") if "name" in spec else "",
-        properties=_string_map(spec, "properties"),
-        timeout_s=timeout,
-    )
 
 
 def decode_filter(filters: Mapping[str, Any]) -> tuple:

@@ -1,0 +1,263 @@
+"""The Client: gpujobd's methods for Python, on top of the transport (gpujobd.client.transport).
+
+Jobs come back as plain dicts shaped like `api.job_to_json`; with `raw=True` as the wire dicts.
+Every failure is a `errors.GpujobdError`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
+
+from gpujobd.client import outgoing
+from gpujobd.client.transport import DEFAULT_CALL_TIMEOUT_S, Transport
+from gpujobd.shared import api, errors, spec
+from gpujobd.shared.model import JobState
+
+DEFAULT_FOLLOW_POLL_INTERVAL_S = 0.25
+DEFAULT_READ_BYTES = 1 << 20
+# While waiting, the job is re-read this often even without a signal: a safety net for a signal that
+# never arrives (a daemon restart, a bus that dropped it). One Get a minute costs nothing.
+WAIT_RESYNC_INTERVAL_S = 60.0
+
+
+class WaitTimedOut(errors.GpujobdError):
+    """`Client.wait` gave up: the job is still running (exit code 1, like any failed operation)."""
+
+
+def is_final(wire: Mapping[str, Any]) -> bool:
+    """Whether a job (a wire or JSON dict) is in a final state."""
+    return JobState(wire["state"]).is_final
+
+
+def _job(wire: Mapping[str, Any], raw: bool) -> Dict[str, Any]:
+    return dict(wire) if raw else api.job_to_json(wire)
+
+
+def _run(wire: Mapping[str, Any], raw: bool) -> Dict[str, Any]:
+    return dict(wire) if raw else api.run_to_json(wire)
+
+
+class Client:
+    """A connection to gpujobd on the system bus, opened on first use.
+
+    `bus`: None for the system bus (Gio honours DBUS_SYSTEM_BUS_ADDRESS), a Gio.DBusConnection, a
+    pydbus bus (its connection is used) or a bus address string such as "unix:path=/run/x/bus".
+    """
+
+    def __init__(
+        self,
+        bus: Any = None,
+        call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+        follow_poll_interval_s: float = DEFAULT_FOLLOW_POLL_INTERVAL_S,
+    ) -> None:
+        self._transport = Transport(bus, call_timeout_s)
+        self.follow_poll_interval_s = float(follow_poll_interval_s)
+
+    @property
+    def call_timeout_s(self) -> float:
+        return self._transport.call_timeout_s
+
+    @call_timeout_s.setter
+    def call_timeout_s(self, seconds: float) -> None:
+        self._transport.call_timeout_s = float(seconds)
+
+    # -- methods of the contract --
+
+    def submit(self, argv: Sequence[str], *, raw: bool = False, **options: Any) -> Dict[str, Any]:
+        """Submit a job; return it as the daemon recorded it.
+
+        `argv`: the command and its arguments (a list, not a shell string). The options are the
+        keywords below (each declared in gpujobd.shared.spec.OPTIONS, with its type and rules):
+        `cwd`: its working directory (default: the current one). `env`: the job's only environment
+        variables besides the daemon's safe base (PATH, HOME, USER, ...) and your LANG. `name`: a
+        label. `properties`: resource properties of the job's scope the daemon allows (e.g.
+        {"MemoryMax": "8G"}). `timeout_s`: stop the job after this many seconds (it then ends
+        `timed-out`).
+
+        Background loops: `background=True` runs the command again after each run ends, up to
+        `max_runs` times (default: the server's jobs.default_max_runs), `restart_delay_s` apart
+        (default: the server's jobs.restart_delay_s), stopping after the first failed run with
+        `stop_on_failure=True`. Each run sees GPUJOB_RUN (1, 2, ...) and GPUJOB_ID. `bind_to`: the id
+        of a starting or running job of yours; when it ends, systemd stops this job, which then ends
+        `stopped` with reason `bound-job-ended`. `gpu_check` ("off", "refuse", "wait"; default: the
+        server's gpu.prestart_check): what to do when a stray process holds one of the job's GPUs.
+
+        Only the options that are given are sent. Raises InvalidArgument for an unknown keyword or a
+        value that cannot be sent (before any call) and for every problem the daemon finds, all in
+        one message; PermissionDenied, Unavailable, ...
+        """
+        wire = outgoing.spec_wire(argv, **options)
+        (job,) = self._transport.call("Submit", "(a{sv})", (wire,), "(a{sv})")
+        return _job(job, raw)
+
+    def stop(self, job_id: int) -> str:
+        """Ask the daemon to stop a job: api.STOP_STOPPING, or api.STOP_ALREADY_ENDED.
+
+        Stopping is asynchronous (SIGTERM to the job's whole cgroup, SIGKILL after the server's stop
+        timeout): `wait` for the job to see it end `stopped`.
+        """
+        (result,) = self._transport.call("Stop", "(t)", (outgoing.checked_id(job_id),), "(s)")
+        return result
+
+    def get(self, job_id: int, *, raw: bool = False) -> Dict[str, Any]:
+        """One job as the daemon knows it now; NotFound if there is no such job."""
+        (wire,) = self._transport.call("Get", "(t)", (outgoing.checked_id(job_id),), "(a{sv})")
+        return _job(wire, raw)
+
+    def list(
+        self,
+        *,
+        all: bool = False,
+        user: str | None = None,
+        state: str | None = None,
+        limit: int | None = None,
+        raw: bool = False,
+    ) -> List[Dict[str, Any]]:
+        """Jobs the daemon shows: active ones and those ended lately, or every one with all=True.
+
+        `user` and `state` (a JobState value such as "running") filter; `limit` keeps the newest N.
+        """
+        if limit is not None and limit <= api.LIST_PAGE_MAX:
+            query = outgoing.filter_wire(all=all, user=user, state=state, limit=limit)
+            (wires,) = self._transport.call("List", "(a{sv})", (query,), "(aa{sv})")
+            return [_job(wire, raw) for wire in wires]
+        jobs = [job for page in self.pages(all=all, user=user, state=state, raw=raw) for job in page]
+        return jobs[-limit:] if limit else jobs
+
+    def pages(self, *, all: bool = False, user: str | None = None, state: str | None = None,
+              raw: bool = False) -> Iterator[List[Dict[str, Any]]]:
+        """The same jobs as list(), in pages of at most api.LIST_PAGE_MAX, oldest first: a reader
+        that stops early (`gpujobctl list --all | head`) costs the daemon one page, not the history."""
+        after_id = 0
+        while True:
+            query = outgoing.filter_wire(all=all, user=user, state=state, limit=api.LIST_PAGE_MAX,
+                                         after_id=after_id)
+            (wires,) = self._transport.call("List", "(a{sv})", (query,), "(aa{sv})")
+            if wires:
+                yield [_job(wire, raw) for wire in wires]
+            if len(wires) < api.LIST_PAGE_MAX:
+                return
+            after_id = int(wires[-1]["id"])
+
+    def runs(self, job_id: int, limit: int = 0, *, raw: bool = False) -> List[Dict[str, Any]]:
+        """The ended runs of a job, oldest first: the last `limit` of them, or all with limit=0.
+
+        A background loop has one record per ended run; any other job has one once it ended. Each is
+        shaped like `api.run_to_json`: run (1-based), started_at, ended_at (ISO 8601 UTC), exit_code,
+        signal, reason, detail; with raw=True the wire dict (times as float seconds, unset fields
+        left out).
+        """
+        args = (outgoing.checked_id(job_id), outgoing.checked_run_limit(limit))
+        (wires,) = self._transport.call("Runs", "(tu)", args, "(aa{sv})")
+        return [_run(wire, raw) for wire in wires]
+
+    def gpus(self, *, raw: bool = False) -> Dict[str, Any]:
+        """The GPU report: availability (and NVML's reason when unavailable), every GPU with its
+        processes and their owners (job, unit, stray, unknown), and the stray processes; shaped like
+        `api.gpu_report_to_json`, or the wire dict with raw=True. See docs/gpu.md."""
+        (wire,) = self._transport.call("Gpus", None, (), "(a{sv})")
+        return dict(wire) if raw else api.gpu_report_to_json(wire)
+
+    def read_log(
+        self, job_id: int, offset: int = 0, max_bytes: int = DEFAULT_READ_BYTES
+    ) -> Tuple[bytes, int, bool]:
+        """Up to max_bytes of a job's log from offset: (data, next_offset, job_ended)."""
+        outgoing.checked_log_range(offset, max_bytes)
+        return self._transport.read_log(outgoing.checked_id(job_id), offset, max_bytes)
+
+    # -- built on them --
+
+    def logs(self, job_id: int, follow: bool = False, offset: int = 0) -> Iterator[bytes]:
+        """Yield a job's log in chunks, each byte once; with follow, until the job ended and all is read.
+
+        Only what was not read yet is asked for (reads go forward from an offset), so following a
+        long log costs only what is appended. Between reads that find nothing new, it sleeps
+        follow_poll_interval_s.
+        """
+        ended_before = False
+        while True:
+            data, offset, ended = self.read_log(job_id, offset)
+            if data:
+                yield data
+            elif not follow or ended_before:
+                return
+            elif not ended:
+                time.sleep(self.follow_poll_interval_s)
+            # An empty read with job_ended set is confirmed by one more read: bytes written just
+            # before the end are then read even if the daemon looked at the state after the file.
+            ended_before = ended
+
+    def wait(self, job_id: int, timeout_s: float | None = None, *, raw: bool = False) -> Dict[str, Any]:
+        """Block until the job is in a final state and return it; WaitTimedOut after timeout_s.
+
+        Event driven: subscribes to JobChanged (and to the daemon's name changing owner) before the
+        first Get, so an end between the two is not missed.
+        """
+        outgoing.checked_id(job_id)
+        if timeout_s is not None and not timeout_s >= 0:
+            raise errors.InvalidArgument(f"the wait timeout must be >= 0 seconds, not {timeout_s}")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._transport.watch(job_id) as sleep:
+            job = self.get(job_id, raw=True)
+            while not is_final(job):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise WaitTimedOut(f"timed out after {timeout_s:g}s waiting for job {job_id}: it is "
+                                       f"still {job['state']}")
+                sleep(WAIT_RESYNC_INTERVAL_S if remaining is None else min(remaining, WAIT_RESYNC_INTERVAL_S))
+                job = self.get(job_id, raw=True)
+        return _job(job, raw)
+
+    def submit_with_background(
+        self, foreground_argv: Sequence[str], background_argv: Sequence[str], *, raw: bool = False,
+        **options: Any,
+    ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        """The parallel experiment: a foreground job plus a background loop that lives only as long.
+
+        Submits `foreground_argv`, then `background_argv` as a background loop bound to it
+        (background=True, bind_to=the foreground's id, named `name + "-bg"` when a name is given):
+        when the foreground job ends, systemd stops the loop. Returns (foreground, background), as
+        JSON-shaped dicts (the wire dicts with raw=True).
+
+        The options are those of `submit`, each going where its declaration says (`Option.pair`):
+        `cwd`, `env`, `properties`, `name` and `gpu_check` apply to both jobs; `timeout_s` to the
+        foreground only (the loop ends with it); `max_runs`, `restart_delay_s` and `stop_on_failure`
+        to the loop only; `background` and `bind_to` are set here. Both specs are encoded before
+        anything is submitted. If the second submission fails (the daemon refuses it, or Ctrl-C),
+        the foreground job is stopped and the error re-raised, so a call never leaves half a pair
+        running.
+        """
+        foreground, loop = _split_pair(options)
+        outgoing.spec_wire(foreground_argv, **foreground)  # what cannot be sent is refused before
+        outgoing.spec_wire(background_argv, **loop, bind_to=0)  # anything starts
+        first = self.submit(foreground_argv, **foreground, raw=True)
+        try:
+            second = self.submit(background_argv, **loop, bind_to=first["id"], raw=True)
+        except BaseException as error:
+            self._stop_after_failed_pair(first["id"], error)
+            raise
+        return _job(first, raw), _job(second, raw)
+
+    def _stop_after_failed_pair(self, foreground_id: int, error: BaseException) -> None:
+        try:
+            self.stop(foreground_id)
+        except errors.GpujobdError as stop_error:
+            if isinstance(error, errors.GpujobdError):
+                # Say both, keeping the first error's class (and so its exit code).
+                error.args = (f"{error}; stopping the foreground job {foreground_id} failed too "
+                              f"({stop_error}): stop it with `gpujobctl stop {foreground_id}`",)
+
+
+def _split_pair(options: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """submit_with_background's options -> (the foreground's, the loop's)."""
+    unknown = spec.unknown_problem(options, "keyword")
+    fixed = [key for key in options if key in spec.BY_KEY and spec.BY_KEY[key].pair == "fixed"]
+    if unknown or fixed:
+        set_here = f"{', '.join(fixed)}: set by submit_with_background itself" if fixed else ""
+        raise errors.InvalidArgument("; ".join(filter(None, [unknown, set_here])))
+    roles = {key: spec.BY_KEY[key].pair for key in options}
+    foreground = {key: value for key, value in options.items() if roles[key] in ("both", "foreground")}
+    loop = {key: value for key, value in options.items() if roles[key] in ("both", "loop")}
+    loop.update(background=True, name=f"{options['name']}-bg" if options.get("name") else "")
+    return foreground, loop

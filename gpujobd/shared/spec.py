@@ -1,0 +1,377 @@
+"""Every option of a job submission, declared once.
+
+An `Option` says all there is to say about one option: its key (the Python client's keyword, the
+key in the Submit spec's a{sv} and the `JobSpec` field), its D-Bus signature, its default, its rules,
+its CLI flag and help, and its conditions (`loop_only`: only for background loops; `server_default`:
+the config key that fills it when unset; `pair`: where `submit_with_background` sends it; `max_items`:
+how many items one call may carry). `JobSpec`, the value the daemon works with, is declared here too,
+one field per option. Everything else is derived from `OPTIONS`:
+
+- `gpujobctl submit`'s flags (gpujobd.cli.submit builds them from `Option.cli`);
+- the client's keyword check and a{sv} encoding (`encode`);
+- the daemon's decoding of the wire into a `JobSpec` (`decode`), its server defaults
+  (`with_server_defaults`) and its validation (`problems`, run by gpujobd.daemon.validation).
+
+Validation happens once, in the daemon: `problems` reports every problem at once, each naming the
+option and what to do. Both ends check the wire types (`wire_problem`): the client because a value
+that does not fit its signature cannot be sent, the daemon because any program can call it.
+
+Pure data and functions: no D-Bus library here (the client and the service wrap (signature, value)
+pairs into their library's variants), nothing of gpujobd but other shared modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+from gpujobd.shared import text
+from gpujobd.shared.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from gpujobd.shared.config import Config, JobsConfig
+
+# Limits on what one submission may carry.
+MAX_ARGV_ITEMS = 4096
+MAX_ARG_BYTES = 128 * 1024
+MAX_ENV_ITEMS = 1024
+MAX_NAME_LENGTH = 128
+MAX_TIMEOUT_S = 100 * 365 * 24 * 3600.0  # RuntimeMaxSec= is in microseconds, a uint64
+# What a job may ask for when a stray GPU process holds one of its GPUs at submit (see docs/gpu.md).
+GPU_CHECKS = ("off", "refuse", "wait")
+
+Rule = Callable[[Any, "JobsConfig"], Optional[str]]  # (value, the server's jobs section) -> problem
+_NO_PAIRS: Mapping[str, str] = types.MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class Cli:
+    """How `gpujobctl submit` takes an option."""
+
+    flags: Tuple[str, ...]  # () for the positional command after `--`
+    help: str
+    metavar: Optional[str] = None
+    parse: Optional[Callable[[str], Any]] = None  # text -> value (ValueError says what was expected)
+    repeat: bool = False  # a repeatable NAME=VALUE flag that builds a map
+    group: str = ""  # a heading of `gpujobctl submit -h`
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str  # the client's keyword, the wire key and the JobSpec field
+    signature: str  # its D-Bus type on the wire
+    cli: Cli
+    default: Any = None  # when not given; the client sends nothing for it
+    rules: Tuple[Rule, ...] = ()  # run by the daemon on a value that is not None
+    required: bool = False  # on the wire (the client fills cwd in)
+    loop_only: bool = False  # only for background loops ...
+    neutral: Any = None  # ... except this value, which means what no loop does anyway
+    server_default: str = ""  # the config key (section.key) that fills an unset value
+    choices: Tuple[str, ...] = ()
+    max_items: Optional[int] = None  # most items one call may carry (a list or map), refused at decoding
+    pair: str = "both"  # Client.submit_with_background: both, foreground, loop, or fixed (set by it)
+
+    @property
+    def label(self) -> str:
+        """How a message names the option: its keyword and its flag."""
+        return f"{self.key} ({self.cli.flags[0] if self.cli.flags else 'the command'})"
+
+    def given(self, value: Any) -> bool:
+        """Whether a value is worth sending: not None, and not the default of a flag, name or map."""
+        return value is not None and (self.default is None or value != self.default)
+
+
+# --- rules: each returns what is wrong with a value and what to do, or None ---------------------------
+
+
+def _command(argv: Tuple[str, ...], _jobs: JobsConfig) -> Optional[str]:
+    if not argv or not argv[0]:
+        return "is empty: give the program to run and its arguments, e.g. gpujobctl submit -- python train.py"
+    if any("\0" in word for word in argv):
+        return "contains a NUL byte: remove it"
+    size = sum(len(word.encode("utf-8", "surrogateescape")) + 1 for word in argv)
+    if size > MAX_ARG_BYTES:
+        return f"is {size} bytes long; at most {MAX_ARG_BYTES} are allowed: pass long lists in a file"
+    return None
+
+
+def _absolute(path: str, _jobs: JobsConfig) -> Optional[str]:
+    if os.path.isabs(path) and "\0" not in path:
+        return None
+    return f"is {path!r}: give an absolute path"
+
+
+def _env_names(env: Mapping[str, str], _jobs: JobsConfig) -> Optional[str]:
+    bad = [key for key, value in env.items() if not key or "=" in key or "\0" in key + value]
+    if not bad:
+        return None
+    return (f"has {', '.join(repr(key) for key in bad)}: a name must be non-empty, without '=' or NUL, "
+            "and a value without NUL")
+
+
+def _name(name: str, _jobs: JobsConfig) -> Optional[str]:
+    if len(name) <= MAX_NAME_LENGTH:
+        return None
+    return f"is {len(name)} characters long; at most {MAX_NAME_LENGTH} are allowed: shorten it"
+
+
+def _timeout(seconds: float, jobs: JobsConfig) -> Optional[str]:
+    if not (seconds > 0 and math.isfinite(seconds)) or seconds > MAX_TIMEOUT_S:
+        return f"is {seconds}: give a positive number of seconds, at most {MAX_TIMEOUT_S:.0f}"
+    if jobs.max_timeout_s and seconds > jobs.max_timeout_s:
+        return (f"is {seconds}: above this server's limit of {jobs.max_timeout_s} s (jobs.max_timeout_s); "
+                "ask for less")
+    return None
+
+
+def _max_runs(runs: int, jobs: JobsConfig) -> Optional[str]:
+    if 1 <= runs <= jobs.max_runs_limit:
+        return None
+    return f"is {runs}: give 1 to this server's limit of {jobs.max_runs_limit} (jobs.max_runs_limit)"
+
+
+def _not_negative(seconds: float, _jobs: JobsConfig) -> Optional[str]:
+    return None if seconds >= 0 and math.isfinite(seconds) else f"is {seconds}: give 0 or more seconds"
+
+
+def _one_of(choices: Tuple[str, ...]) -> Rule:
+    def rule(value: str, _jobs: JobsConfig) -> Optional[str]:
+        return None if value in choices else f"is {value!r}: give one of {', '.join(choices)}"
+    return rule
+
+
+# --- the options ---------------------------------------------------------------------------------------
+
+LOOPS = "background loops"
+
+OPTIONS: Tuple[Option, ...] = (
+    Option("argv", "as", Cli((), "the command to run", metavar="-- CMD [ARG...]"), required=True,
+           rules=(_command,), max_items=MAX_ARGV_ITEMS, pair="fixed"),
+    Option("cwd", "s", Cli(("--cwd",), "working directory (default: the current one)", metavar="DIR"),
+           required=True, rules=(_absolute,)),
+    Option("env", "a{ss}", Cli(("--env",), "set an environment variable for the job (repeatable; the job "
+                                           "gets only these, plus LANG)", metavar="NAME=VALUE",
+                               parse=text.key_value, repeat=True),
+           default=_NO_PAIRS, rules=(_env_names,), max_items=MAX_ENV_ITEMS),
+    Option("name", "s", Cli(("--name",), "a name to recognise the job by", metavar="NAME"), default="",
+           rules=(_name,)),
+    Option("properties", "a{ss}", Cli(("--property",), "a resource property of the job's scope, as the "
+                                                       "daemon allows (repeatable)", metavar="P=V",
+                                      parse=text.key_value, repeat=True),
+           default=_NO_PAIRS),  # checked against jobs.allowed_properties by gpujobd.daemon.properties
+    Option("timeout_s", "d", Cli(("--timeout",), "stop the job after this long (90, 30s, 10min, 2h, 1h30m)",
+                                 metavar="DURATION", parse=text.duration),
+           rules=(_timeout,), pair="foreground"),
+    Option("background", "b", Cli(("--background",), "run the command again each time it ends, up to "
+                                                      "--max-runs times", group=LOOPS),
+           default=False, pair="fixed"),
+    Option("max_runs", "u", Cli(("--max-runs",), "at most N runs of a background loop", metavar="N",
+                                parse=text.count, group=LOOPS),
+           rules=(_max_runs,), loop_only=True, neutral=1, server_default="jobs.default_max_runs",
+           pair="loop"),
+    Option("restart_delay_s", "d", Cli(("--restart-delay",), "pause between two runs of a background loop",
+                                       metavar="DURATION", parse=text.delay, group=LOOPS),
+           rules=(_not_negative,), loop_only=True, server_default="jobs.restart_delay_s", pair="loop"),
+    Option("stop_on_failure", "b", Cli(("--stop-on-failure",), "end a background loop after its first "
+                                                               "failed run", group=LOOPS),
+           default=False, loop_only=True, pair="loop"),
+    Option("bind_to", "t", Cli(("--bind-to",), "stop this job when job ID (a running job of yours) ends",
+                               metavar="ID", parse=text.job_id, group=LOOPS),
+           pair="fixed"),  # that the job is the caller's and still running: the manager checks
+    Option("gpu_check", "s", Cli(("--gpu-check",), "when a stray process holds one of the job's GPUs: start "
+                                                   "anyway (off), refuse (refuse) or wait queued (wait)"),
+           rules=(_one_of(GPU_CHECKS),), choices=GPU_CHECKS, server_default="gpu.prestart_check"),
+)
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a user asked for: one field per option of OPTIONS, in its order, with its default (a test
+    keeps the two in step). Validated (`problems`) before a job row exists."""
+
+    argv: Tuple[str, ...]
+    cwd: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    name: str = ""
+    properties: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: Optional[float] = None
+    # Background loops: the command runs up to max_runs times, restart_delay_s apart. None means
+    # "the server's default" until the manager has validated the spec; stored specs are concrete.
+    background: bool = False
+    max_runs: Optional[int] = None
+    restart_delay_s: Optional[float] = None
+    stop_on_failure: bool = False
+    bind_to: Optional[int] = None  # a foreground job whose end stops this one (BindsTo=)
+    # When a stray process holds one of the job's GPUs: off, refuse or wait; None until the manager
+    # fills in the server's gpu.prestart_check. Not stored: it matters only until the job starts.
+    gpu_check: Optional[str] = None
+
+
+BY_KEY: Mapping[str, Option] = {option.key: option for option in OPTIONS}
+SIGNATURES: Mapping[str, str] = {option.key: option.signature for option in OPTIONS}
+
+
+# --- the wire: both ends ----------------------------------------------------------------------------------
+
+_UINT_MAX = {"u": (1 << 32) - 1, "t": (1 << 64) - 1}
+
+
+def wire_problem(signature: str, value: Any) -> Optional[str]:
+    """What keeps a value from being sent as `signature` (one of the spec's), or None."""
+    if signature == "b":
+        return None if isinstance(value, bool) else f"expected True or False (b), not {_shown(value)}"
+    if signature in _UINT_MAX:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _UINT_MAX[signature]:
+            return None
+        return f"expected a whole number from 0 to {_UINT_MAX[signature]} ({signature}), not {_shown(value)}"
+    if signature == "d":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None
+        return f"expected a number of seconds (d), not {_shown(value)}"
+    if signature == "s":
+        return _string_problem(value)
+    if signature == "as":
+        if isinstance(value, str):
+            return f"expected a list of strings (as), not a single string ({_shown(value)})"
+        if not isinstance(value, (list, tuple)):
+            return f"expected a list of strings (as), not {_shown(value)}"
+        return next(filter(None, (_string_problem(item) for item in value)), None)
+    if signature == "a{ss}":
+        if not isinstance(value, Mapping):
+            return f"expected a map of strings to strings (a{{ss}}), not {_shown(value)}"
+        items = (_string_problem(item) for pair in value.items() for item in pair)
+        return next(filter(None, items), None)
+    raise ValueError(f"no wire check for signature {signature!r}")
+
+
+def _string_problem(value: Any) -> Optional[str]:
+    if not isinstance(value, str):
+        return f"expected a string (s), not {_shown(value)}"
+    if "\0" in value:
+        return f"{_shown(value)} contains a NUL character, which D-Bus cannot carry"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{_shown(value)} is not valid UTF-8: D-Bus carries only UTF-8 strings"
+    return None
+
+
+def _shown(value: Any, room: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= room else text[:room - 3] + "..."
+
+
+def unknown_problem(keys: Iterable[str], what: str = "option") -> Optional[str]:
+    """Names the keys that are no option (with a guess at what was meant), or None."""
+    unknown = sorted(set(keys) - set(BY_KEY))
+    if not unknown:
+        return None
+    guesses = [f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
+               for key in unknown for close in [difflib.get_close_matches(key, BY_KEY, n=1)]]
+    return f"unknown {what} {', '.join(guesses)}; known: {', '.join(BY_KEY)}"
+
+
+def encode(values: Mapping[str, Any]) -> Dict[str, Tuple[str, Any]]:
+    """The client's side: options by keyword -> {key: (signature, value)}, only those given.
+
+    Refuses unknown keywords and values that cannot be sent, every one at once, as InvalidArgument.
+    """
+    problems = list(filter(None, [unknown_problem(values, "keyword")]))
+    wire: Dict[str, Tuple[str, Any]] = {}
+    for key, value in values.items():
+        option = BY_KEY.get(key)
+        if option is None or not (option.required or option.given(value)):
+            continue
+        problem = wire_problem(option.signature, value)
+        if problem is not None:
+            problems.append(f"{option.label}: {problem}")
+        else:
+            wire[key] = (option.signature, _plain(option.signature, value))
+    if problems:
+        raise InvalidArgument("; ".join(problems))
+    return wire
+
+
+def decode(wire: Mapping[str, Any]) -> JobSpec:
+    """The daemon's side: the Submit spec's plain values -> a JobSpec (not yet validated).
+
+    Refuses unknown keys, missing required ones, values of the wrong type and lists or maps longer
+    than one call may carry (`max_items`), every one at once, before any other work.
+    """
+    problems = list(filter(None, [unknown_problem(wire, "spec field")]))
+    values: Dict[str, Any] = {}
+    for option in OPTIONS:
+        if option.key not in wire:
+            if option.required:
+                problems.append(f"{option.label} is missing: every job needs it")
+            values[option.key] = None if option.default is None else _plain(option.signature, option.default)
+            continue
+        problem = wire_problem(option.signature, wire[option.key])
+        if problem is not None:
+            problems.append(f"spec field {option.key!r}: {problem}")
+        elif option.max_items is not None and len(wire[option.key]) > option.max_items:
+            problems.append(f"{option.label} has {len(wire[option.key])} items; at most {option.max_items} "
+                            "are allowed in one call")
+        else:
+            values[option.key] = _plain(option.signature, wire[option.key])
+    if problems:
+        raise InvalidArgument("; ".join(problems))
+    values["argv"] = tuple(values["argv"])
+    return JobSpec(**values)
+
+
+def _plain(signature: str, value: Any) -> Any:
+    if signature == "d":
+        return float(value)
+    if signature == "as":
+        return list(value)
+    if signature == "a{ss}":
+        return dict(value)
+    return value
+
+
+# --- the daemon's side: defaults and validation ------------------------------------------------------------
+
+
+def applies(option: Option, spec: JobSpec) -> bool:
+    """Whether an option has a meaning for this spec (a loop-only one needs background)."""
+    return spec.background or not option.loop_only
+
+
+def with_server_defaults(spec: JobSpec, config: Config) -> JobSpec:
+    """Unset options with a server default (`server_default`) get the server's value."""
+    filled = {option.key: _config_value(config, option.server_default) for option in OPTIONS
+              if option.server_default and getattr(spec, option.key) is None and applies(option, spec)}
+    return dataclasses.replace(spec, **filled) if filled else spec
+
+
+def _config_value(config: Config, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(config, section), key)
+
+
+def problems(spec: JobSpec, jobs: JobsConfig) -> List[str]:
+    """Every problem of a spec, each naming the option and what to do; [] if none."""
+    found: List[str] = []
+    for option in OPTIONS:
+        value = getattr(spec, option.key)
+        if value is None:
+            continue
+        found += [f"{option.label} {problem}" for rule in option.rules
+                  for problem in [rule(value, jobs)] if problem is not None]
+    return _loop_problems(spec) + found
+
+
+def _loop_problems(spec: JobSpec) -> List[str]:
+    if spec.background:
+        return []
+    given = [option.label for option in OPTIONS if option.loop_only
+             and option.given(getattr(spec, option.key)) and getattr(spec, option.key) != option.neutral]
+    if not given:
+        return []
+    verb = "apply" if len(given) > 1 else "applies"
+    return [f"{', '.join(given)} only {verb} to background loops: set {BY_KEY['background'].label} too"]
