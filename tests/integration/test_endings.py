@@ -140,3 +140,15 @@ def test_the_loop_of_a_stopped_with_background_pair_is_recorded_bound_job_ended(
     assert (record["state"], record["reason"]) == ("stopped", "bound-job-ended"), record
     shown = ctl("alice", "status", str(loop), check=True).stdout
     assert "stopped" in shown and "bound-job-ended" in shown, shown
+
+
+@pytest.mark.parametrize("phase", ["mid-run", "mid-delay"])
+def test_a_loop_stopped_outside_gpujobd_while_its_foreground_runs_on_says_so(ctl, scratch_dir, phase):
+    foreground, loop, _ = _scene(ctl, scratch_dir, "stopped", phase)
+    sh("systemctl", "stop", f"gpujob-{loop}.scope")  # an admin, not BindsTo=: the foreground runs on
+    record = ctl.wait_state("alice", loop, "stopped", "succeeded", "failed", "lost", "timed-out")
+    assert (record["state"], record["reason"]) == ("stopped", "stopped"), record
+    assert "outside gpujobd" in record["detail"], record
+    assert ctl.job("alice", foreground)["state"] == "running"
+    ctl("alice", "stop", str(foreground), check=True)
+    assert ctl.wait_state("alice", foreground, "stopped", "succeeded", "failed")["reason"] == "stopped"
