@@ -19,7 +19,7 @@ import pytest
 from tests.integration.conftest import processes_matching, scope_pids, sh, wait_for
 from tests.integration.test_loops import runs_of
 
-TIMEOUT_S = 3  # the foreground's --timeout in the timed-out rows: long enough to set the scene first
+TIMEOUT_S = 4  # the foreground's --timeout in the timed-out rows: long enough to set the scene first
 SIGTERM = 15
 # What the foreground ends with: (state, reason, exit code) of its record.
 FOREGROUND = {
@@ -28,12 +28,12 @@ FOREGROUND = {
     "failed": ("failed", "exit-code", 3),
     "timed-out": ("timed-out", "timeout", None),
 }
-_markers = itertools.count(4900)
+_markers = itertools.count(5300)  # `sleep 53NN`: no other test sleeps so
 
 
 @pytest.fixture
 def daemon_held_down() -> Iterator[Callable[[], None]]:
-    """A context the test enters to stop gpujobd; it is started again however the test ends."""
+    """Call it to stop gpujobd (a clean stop: no restart); it is started again however the test ends."""
     def hold() -> None:
         sh("systemctl", "stop", "gpujobd")
         assert sh("systemctl", "is-active", "gpujobd", check=False).stdout.strip() == "inactive"
