@@ -217,7 +217,7 @@ def build_exit_record(spec: Spec, runs: list, ended_at: float, leftovers: int | 
                       received_signal: int | None, phase: str | None = None,
                       signal_after_s: float | None = None) -> dict:
     """The job's exit record after at least one run; leftovers None means they could not be counted.
-    `signal_after_s`: seconds from the supervisor's start to the first stop signal (monotonic)."""
+    `phase` and `signal_after_s`: when the first stop signal came (stop_signal_phase, own_age_s)."""
     last = runs[-1]
     detail = last["detail"]
     if leftovers is None:
