@@ -40,8 +40,15 @@ SPEC_KEYS = (
 RUN_KEYS = ("run", "started_at", "ended_at", "exit_code", "signal", "reason", "detail")
 RECORD_KEYS = (
     "job_id", "started_at", "ended_at", "exit_code", "signal", "reason", "detail",
-    "leftover_processes", "runs", "max_runs", "terminated_by_signal",
+    "leftover_processes", "runs", "max_runs", "terminated_by_signal", "stop_signal_phase",
+    "stop_signal_after_s",
 )
+# When the first stop signal came (the record's stop_signal_phase; None when none came): while a run
+# was in progress, between two runs (the loop would have run again), or after the last run had ended
+# by itself (the command was done: the signal ended nothing of it).
+PHASE_RUN = "run"
+PHASE_BETWEEN_RUNS = "between-runs"
+PHASE_AFTER_LAST_RUN = "after-last-run"
 
 EXIT_RECORDED = 0  # the exit record was written, whatever happened to the job
 EXIT_RECORD_FAILED = 1
@@ -210,9 +217,22 @@ def should_run_again(last_run: dict, runs_done: int, max_runs: int, stop_on_fail
     return succeeded or not stop_on_failure
 
 
+def stop_signal_phase(spec: Spec, runs: list, received_signal: int | None,
+                      received_during_run: bool) -> str | None:
+    """When the first stop signal came, told apart for the daemon (see PHASE_*)."""
+    if received_signal is None:
+        return None
+    if received_during_run:
+        return PHASE_RUN
+    would_go_on = should_run_again(runs[-1], len(runs), spec.max_runs, spec.stop_on_failure, None)
+    return PHASE_BETWEEN_RUNS if would_go_on else PHASE_AFTER_LAST_RUN
+
+
 def build_exit_record(spec: Spec, runs: list, ended_at: float, leftovers: int | None,
-                received_signal: int | None) -> dict:
-    """The job's exit record after at least one run; leftovers None means they could not be counted."""
+                      received_signal: int | None, phase: str | None = None,
+                      signal_after_s: float | None = None) -> dict:
+    """The job's exit record after at least one run; leftovers None means they could not be counted.
+    `phase` and `signal_after_s`: when the first stop signal came (stop_signal_phase, own_age_s)."""
     last = runs[-1]
     detail = last["detail"]
     if leftovers is None:
@@ -220,13 +240,16 @@ def build_exit_record(spec: Spec, runs: list, ended_at: float, leftovers: int | 
     return {"job_id": spec.job_id, "started_at": runs[0]["started_at"], "ended_at": ended_at,
             "exit_code": last["exit_code"], "signal": last["signal"], "reason": last["reason"],
             "detail": detail, "leftover_processes": leftovers or 0, "runs": len(runs),
-            "max_runs": spec.max_runs, "terminated_by_signal": received_signal}
+            "max_runs": spec.max_runs, "terminated_by_signal": received_signal,
+            "stop_signal_phase": phase, "stop_signal_after_s": signal_after_s}
 
 
-def build_start_failed_record(spec: Spec, ended_at: float, detail: str, received_signal: int | None) -> dict:
+def build_start_failed_record(spec: Spec, ended_at: float, detail: str, received_signal: int | None,
+                              signal_after_s: float | None = None) -> dict:
     return {"job_id": spec.job_id, "started_at": None, "ended_at": ended_at, "exit_code": None,
             "signal": None, "reason": REASON_START_FAILED, "detail": detail, "leftover_processes": 0,
-            "runs": 0, "max_runs": spec.max_runs, "terminated_by_signal": received_signal}
+            "runs": 0, "max_runs": spec.max_runs, "terminated_by_signal": received_signal,
+            "stop_signal_phase": None, "stop_signal_after_s": signal_after_s}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -326,15 +349,43 @@ class _StoppedBeforeRelease(Exception):
     pass
 
 
+def process_age_s(stat_text: str, now_boottime: float, clock_ticks: int) -> float | None:
+    """Seconds since the process of `stat_text` (/proc/<pid>/stat) started, on CLOCK_BOOTTIME. Its start
+    time is rounded down to a clock tick, so this never under-counts: the supervisor starts before its
+    scope is active, and a stop signal RuntimeMaxSec=T sends always comes at an age of T or more."""
+    fields = stat_text.rpartition(")")[2].split()  # the command name in parentheses may hold spaces
+    try:
+        return round(now_boottime - int(fields[19]) / clock_ticks, 6)
+    except (IndexError, ValueError, ZeroDivisionError):
+        return None
+
+
+def own_age_s() -> float | None:
+    try:
+        with open("/proc/self/stat") as f:
+            text = f.read()
+        return process_age_s(text, time.clock_gettime(time.CLOCK_BOOTTIME), os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError):
+        return None
+
+
 class _Signals:
     def __init__(self) -> None:
         self.received: int | None = None
+        self.received_after_s: float | None = None  # the supervisor's age then (own_age_s)
+        self.received_during_run = False
         self.child: int | None = None
         self.released = False
 
-    def handle(self, signum: int, frame: object) -> None:
+    def note(self, signum: int) -> None:
+        """Remember the first stop signal: which, when, and whether a run was in progress."""
         if self.received is None:
             self.received = signum
+            self.received_after_s = own_age_s()
+            self.received_during_run = self.child is not None
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.note(signum)
         if not self.released:
             raise _StoppedBeforeRelease()
         if self.child is not None:
@@ -365,8 +416,8 @@ def _pause(signals: _Signals, delay_s: float) -> None:
     try:
         if signals.received is None:
             info = signal.sigtimedwait(STOP_SIGNALS, delay_s)
-            if info is not None and signals.received is None:
-                signals.received = info.si_signo
+            if info is not None:
+                signals.note(info.si_signo)
     finally:
         _unblock_stop_signals()
 
@@ -595,17 +646,19 @@ def supervise(gate_fd: int, cgroup_root: str) -> int:
             log(f"received {signal_name(signals.received)} before the job spec; nothing was run")
             return EXIT_NO_SPEC
         return _finish_unreleased(spec, f"received {signal_name(signals.received)} before release; "
-                                        "nothing was run", signals.received)
+                                        "nothing was run", signals)
     if released != RELEASE_LINE:
         what = "closed before release" if released is None else "sent something other than release"
-        return _finish_unreleased(spec, f"the gate {what}; nothing was run", signals.received)
+        return _finish_unreleased(spec, f"the gate {what}; nothing was run", signals)
     _reopen_stdin_as_devnull()
     runs = _run_all(spec, signals)
     if not runs:  # a stop signal came after release but before the first run started
         return _finish_unreleased(spec, f"received {signal_name(signals.received)} before the first run; "
-                                        "nothing was run", signals.received)
+                                        "nothing was run", signals)
     leftovers = own_leftover_processes(cgroup_root)
-    record = build_exit_record(spec, runs, time.time(), leftovers, signals.received)
+    phase = stop_signal_phase(spec, runs, signals.received, signals.received_during_run)
+    record = build_exit_record(spec, runs, time.time(), leftovers, signals.received, phase,
+                               signals.received_after_s)
     return _write_exit_record(spec, record)
 
 
@@ -637,9 +690,10 @@ def _run_all(spec: Spec, signals: _Signals) -> list:
         _pause(signals, spec.restart_delay_s)
 
 
-def _finish_unreleased(spec: Spec, detail: str, received_signal: int | None) -> int:
+def _finish_unreleased(spec: Spec, detail: str, signals: _Signals) -> int:
     log(detail)
-    return _write_exit_record(spec, build_start_failed_record(spec, time.time(), detail, received_signal))
+    return _write_exit_record(spec, build_start_failed_record(spec, time.time(), detail, signals.received,
+                                                              signals.received_after_s))
 
 
 def _write_exit_record(spec: Spec, record: dict) -> int:

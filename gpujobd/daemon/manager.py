@@ -45,6 +45,9 @@ from gpujobd.shared.model import (
 log = get_logger()
 
 ALIVE_UNIT_STATES = frozenset({"active", "activating", "deactivating", "reloading", "refreshing"})
+# A job bound to one in another state is being stopped because that one ends: a stop of the bound-to
+# job is passed on by BindsTo=, and After= stops this one first, while that one is still deactivating.
+NOT_ENDING_UNIT_STATES = ALIVE_UNIT_STATES - {"deactivating"}
 GONE_UNIT_STATES = frozenset({"inactive", "failed"})
 START_JOB_DONE = "done"
 
@@ -387,20 +390,21 @@ class Manager:
         crash, the supervisor's record is the best witness there is."""
         record = self._files.read_exit_record(job.id)
         self._ingest_runs(job.id)
-        outcome = decide_outcome(record, job.stopped_by, scope_result, self._bound_job_ended(job),
-                                 had_timeout=job.spec.timeout_s is not None)
+        outcome = decide_outcome(record, job.stopped_by, scope_result, self._bound_job_ending(job),
+                                 timeout_s=job.spec.timeout_s)
         witnesses = [t for t in (record_float(record, "ended_at"), scope_gone_at) if t is not None]
         ended_at = max(witnesses) if witnesses else self._clock()
         started_at = job.started_at or record_float(record, "started_at")
         self._end(dataclasses.replace(job, started_at=started_at), outcome, ended_at)
 
-    def _bound_job_ended(self, job: Job) -> bool:
+    def _bound_job_ending(self, job: Job) -> bool:
+        """The job this one is bound to has ended or is ending (then systemd stopped this one)."""
         if job.spec.bind_to is None:
             return False
         target = self._store.get(job.spec.bind_to)
-        if target is None or target.state.is_final:
+        if target is None or target.state.is_final or target.state is JobState.STOPPING:
             return True
-        return self._systemd.list_job_units().get(target.unit) not in ALIVE_UNIT_STATES
+        return self._systemd.list_job_units().get(target.unit) not in NOT_ENDING_UNIT_STATES
 
     def _ingest_runs(self, job_id: int) -> int:
         """Record the runs the supervisor appended; idempotent. Returns how many were new."""

@@ -1,10 +1,31 @@
-"""How a job ended: one pure function over what the supervisor recorded and what systemd said."""
+"""How a job ended: one pure function over what the supervisor recorded and what systemd said.
+
+`decide_outcome` is the only place that decides a job's end, live (the scope went while the daemon
+watched) and after a restart (reconcile reads the same exit record and runs file), so both give the
+same answer. The table "How a job can end" in docs/tuning.md lists every path and what it gives;
+tests/unit/test_outcome.py checks each row here, tests/integration/test_endings.py against systemd.
+
+The first question is whether the command ended by itself. The supervisor records the first stop
+signal it got (`terminated_by_signal`), how old it was then (`stop_signal_after_s`) and what was
+going on (`stop_signal_phase`): a run in progress, a pause between runs, or nothing (the last run had
+already ended by itself, so the signal ended nothing of the command). If no signal ended it, its own
+end stands whoever asked to stop it afterwards. Otherwise, whoever stopped the scope decides:
+`gpujobctl stop` (the store's stopped_by), RuntimeMaxSec= (the supervisor's age at the signal reached
+the job's timeout), BindsTo= (the job it is bound to had ended or was ending), or someone else
+(`systemctl stop`, a shutdown). A loop stopped between runs has no command of its own end: its last
+run's exit code stays in its runs and the loop's outcome carries none.
+"""
 
 from __future__ import annotations
 
+import signal
 from typing import Any, Dict, Mapping, Optional
 
 from gpujobd.shared.model import EndReason, Outcome
+from gpujobd.supervisor import PHASE_AFTER_LAST_RUN, PHASE_BETWEEN_RUNS
+
+SCOPE_RESULT_TIMEOUT = "timeout"
+SCOPE_RESULT_OOM_KILL = "oom-kill"
 
 
 def record_float(record: Optional[Mapping[str, Any]], key: str) -> Optional[float]:
@@ -17,33 +38,83 @@ def record_float(record: Optional[Mapping[str, Any]], key: str) -> Optional[floa
 RECORD_REASONS = {reason.value: reason for reason in EndReason}
 
 
-
 def decide_outcome(record: Optional[Mapping[str, Any]], stopped_by: Optional[str],
-                   scope_result: Optional[str], bound_job_ended: bool = False,
-                   had_timeout: bool = True) -> Outcome:
-    """How a job ended, from its supervisor's record, who stopped it, systemd's scope result and
-    whether the job it was bound to has ended."""
-    exit_code = record.get("exit_code") if record else None
-    signal = record.get("signal") if record else None
-    leftovers = int(record.get("leftover_processes") or 0) if record else 0
-    detail = str(record.get("detail") or "") if record else ""
-    common: Dict[str, Any] = {"exit_code": exit_code, "signal": signal, "leftover_processes": leftovers}
-    killed_from_outside = record is None or record.get("terminated_by_signal") is not None
+                   scope_result: Optional[str], bound_job_ending: bool = False,
+                   timeout_s: Optional[float] = None) -> Outcome:
+    """How a job ended, from its supervisor's exit record (None if it left none), who ran
+    `gpujobctl stop` on it, systemd's Result of its scope (None or a default once the scope is
+    unloaded), whether the job it is bound to had ended or was ending, and its --timeout."""
+    if record is not None and ended_by_itself(record):
+        return _own_end(record, scope_result)
     if stopped_by:
-        return Outcome(EndReason.STOPPED, detail=f"stopped by {stopped_by}", **common)
-    # systemd also says "timeout" when stopping took longer than the stop timeout (leftovers that
-    # ignore SIGTERM after the command itself ended): that is not the job's --timeout.
-    if scope_result == "timeout" and had_timeout and killed_from_outside:
-        return Outcome(EndReason.TIMEOUT, detail="the job reached its --timeout (RuntimeMaxSec)",
-                       **common)
-    if bound_job_ended and killed_from_outside:
-        return Outcome(EndReason.BOUND_JOB_ENDED, detail="the job it was bound to ended", **common)
-    if scope_result == "oom-kill":
+        return _stopped(record, EndReason.STOPPED, f"stopped by {stopped_by}")
+    if timeout_s is not None and timed_out(record, scope_result, timeout_s):
+        return _stopped(record, EndReason.TIMEOUT, "the job reached its --timeout (RuntimeMaxSec)")
+    signalled = record is None or record.get("terminated_by_signal") is not None
+    if bound_job_ending and signalled:
+        return _stopped(record, EndReason.BOUND_JOB_ENDED, "the job it was bound to ended")
+    if record is None or scope_result == SCOPE_RESULT_OOM_KILL:  # OOMPolicy=stop stops the scope too
+        return _own_end(record, scope_result)
+    if signalled:
+        return _stopped(record, EndReason.STOPPED, f"stopped outside gpujobd: the supervisor received "
+                        f"{_signal_name(record.get('terminated_by_signal'))} (`systemctl stop`, a kill, "
+                        "or the system shutting down)")
+    return _own_end(record, scope_result)  # nothing of it ran, and no stop signal said why
+
+
+def ended_by_itself(record: Mapping[str, Any]) -> bool:
+    """The command ran and ended with no stop signal (or the signal came after its last run)."""
+    if record.get("reason") == EndReason.START_FAILED.value:
+        return False
+    return record.get("terminated_by_signal") is None \
+        or record.get("stop_signal_phase") == PHASE_AFTER_LAST_RUN
+
+
+def timed_out(record: Optional[Mapping[str, Any]], scope_result: Optional[str], timeout_s: float) -> bool:
+    """RuntimeMaxSec= sent the stop signal. The supervisor starts before its scope is active, so its
+    age at that signal is at least the timeout; a stop earlier than that was someone else's. Without
+    that age (no record), systemd's Result says it, if the scope could still be read: it also says
+    "timeout" when stopping outlasted the stop timeout, which is why the age is asked first."""
+    age = record_float(record, "stop_signal_after_s")
+    if age is not None:
+        return age >= timeout_s
+    return scope_result == SCOPE_RESULT_TIMEOUT
+
+
+def _common(record: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    if not record:
+        return {"exit_code": None, "signal": None, "leftover_processes": 0}
+    return {"exit_code": record.get("exit_code"), "signal": record.get("signal"),
+            "leftover_processes": int(record.get("leftover_processes") or 0)}
+
+
+def _stopped(record: Optional[Mapping[str, Any]], reason: EndReason, detail: str) -> Outcome:
+    """A stop from outside. Stopped in a run, the run's end is the job's (killed by SIGTERM, or the
+    code it exited with on that signal); stopped between runs, the job ended with no command running:
+    the last run's outcome stays in the runs only."""
+    common = _common(record)
+    if record is not None and record.get("stop_signal_phase") == PHASE_BETWEEN_RUNS:
+        detail = f"{detail}, between runs (after run {record.get('runs')}; see its runs)"
+        common.update(exit_code=None, signal=None)
+    return Outcome(reason, detail=detail, **common)
+
+
+def _own_end(record: Optional[Mapping[str, Any]], scope_result: Optional[str]) -> Outcome:
+    common = _common(record)
+    if scope_result == SCOPE_RESULT_OOM_KILL:
         return Outcome(EndReason.OOM_KILL, detail="the kernel's OOM killer acted in the job", **common)
     if record is None:
         return Outcome(EndReason.LOST, detail="the job's scope ended and its supervisor left no exit "
                                               "record (it was killed, or its files were removed)")
     reason = RECORD_REASONS.get(str(record.get("reason")), EndReason.LOST)
+    detail = str(record.get("detail") or "")
     if reason is EndReason.LOST:
         detail = f"unreadable exit record: reason {record.get('reason')!r}"
     return Outcome(reason, detail=detail, **common)
+
+
+def _signal_name(signum: object) -> str:
+    try:
+        return signal.Signals(signum).name  # type: ignore[arg-type]
+    except ValueError:
+        return f"signal {signum!r}"

@@ -20,7 +20,6 @@ import pytest
 
 from gpujobd.daemon.adapters import users
 from gpujobd.daemon.manager import ALIVE_UNIT_STATES, Caller, Manager
-from gpujobd.daemon.outcome import decide_outcome
 from gpujobd.daemon.ports import User
 from gpujobd.daemon.store import Store
 from gpujobd.shared import api
@@ -33,8 +32,6 @@ from gpujobd.shared.model import (
     JobSpec,
     JobState,
     Outcome,
-    final_state_for,
-    transition,
     unit_name,
 )
 
@@ -256,11 +253,16 @@ class FakeFiles:
     def write_record(self, job_id: int, *, started_at: Optional[float] = NOW, ended_at: float = NOW + 60,
                      exit_code: Optional[int] = 0, signal: Optional[int] = None,
                      reason: str = "exit-code", detail: str = "", leftover_processes: int = 0,
-                     terminated_by_signal: Optional[int] = None) -> Dict[str, Any]:
+                     terminated_by_signal: Optional[int] = None,
+                     stop_signal_phase: Optional[str] = None,
+                     stop_signal_after_s: Optional[float] = None) -> Dict[str, Any]:
+        if terminated_by_signal is not None and stop_signal_phase is None:
+            stop_signal_phase = "run"
         record = {"job_id": job_id, "started_at": started_at, "ended_at": ended_at,
                   "exit_code": exit_code, "signal": signal, "reason": reason, "detail": detail,
                   "leftover_processes": leftover_processes, "runs": 1, "max_runs": 1,
-                  "terminated_by_signal": terminated_by_signal}
+                  "terminated_by_signal": terminated_by_signal, "stop_signal_phase": stop_signal_phase,
+                  "stop_signal_after_s": stop_signal_after_s}
         self.records[job_id] = record
         self.runs.setdefault(job_id, []).append(
             {"run": 1, "started_at": started_at, "ended_at": ended_at, "exit_code": exit_code,
@@ -631,7 +633,8 @@ def test_the_owner_stops_a_running_job(rig: Rig) -> None:
 def test_a_stopped_job_keeps_the_exit_code_of_its_record(rig: Rig) -> None:
     job = rig.start()
     rig.manager.stop(OWNER, job.id)
-    rig.files.write_record(job.id, exit_code=143, reason="exit-code")  # its handler exited 128+15
+    # Its handler exited 128+15 on the SIGTERM the supervisor forwarded.
+    rig.files.write_record(job.id, exit_code=143, reason="exit-code", terminated_by_signal=15)
     rig.systemd.scope_ends(job.unit)
     outcome = assert_final(rig.job(job.id), JobState.STOPPED, EndReason.STOPPED)
     assert (outcome.exit_code, outcome.signal) == (143, None)
@@ -855,7 +858,7 @@ def test_every_transition_is_signalled_once_in_order_after_its_commit(rig: Rig) 
     jobs = [rig.start() for _ in range(3)]
     rig.manager.stop(OWNER, jobs[1].id)
     for job in reversed(jobs):
-        rig.files.write_record(job.id, exit_code=0)
+        rig.files.write_record(job.id, exit_code=0, terminated_by_signal=15 if job is jobs[1] else None)
         rig.systemd.scope_ends(job.unit)
     assert rig.changes == [
         (1, JobState.RUNNING, JobState.RUNNING), (2, JobState.RUNNING, JobState.RUNNING),
@@ -1186,95 +1189,81 @@ def test_reconcile_handles_every_kind_of_job_at_once(rig: Rig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# decide_outcome, as a table.
+# A loop bound to a foreground job: what stopped it decides its record.
 
 
-def record(reason: str = "exit-code", exit_code: Optional[int] = 0, signal: Optional[int] = None,
-           detail: str = "", leftover_processes: Optional[int] = 0, **extra: Any) -> Dict[str, Any]:
-    fields = {"job_id": 1, "started_at": NOW, "ended_at": NOW + 1, "reason": reason,
-              "exit_code": exit_code, "signal": signal, "detail": detail,
-              "leftover_processes": leftover_processes}
-    fields.update(extra)
-    return fields
+def _bound_pair(rig: Rig, **foreground_fields: Any) -> Tuple[Job, Job]:
+    foreground = rig.start(**foreground_fields)
+    loop = rig.start(background=True, max_runs=100, restart_delay_s=0.3, bind_to=foreground.id)
+    return foreground, loop
 
 
-SIGNALLED = record("signal", exit_code=None, signal=15, terminated_by_signal=15)
-NO_RECORD_DETAIL = "no exit record"
-
-# (id, record, stopped_by, scope Result) -> (reason, exit code, signal, leftovers, detail fragment, state)
-OUTCOMES = [
-    ("exit-0", record(), None, "success",
-     (EndReason.EXIT_CODE, 0, None, 0, "", JobState.SUCCEEDED)),
-    ("exit-0-no-result", record(), None, None,
-     (EndReason.EXIT_CODE, 0, None, 0, "", JobState.SUCCEEDED)),
-    ("exit-3", record(exit_code=3), None, "success",
-     (EndReason.EXIT_CODE, 3, None, 0, "", JobState.FAILED)),
-    ("exit-137-is-not-sigkill", record(exit_code=137), None, "success",
-     (EndReason.EXIT_CODE, 137, None, 0, "", JobState.FAILED)),
-    ("killed-by-a-signal", record("signal", exit_code=None, signal=9), None, "success",
-     (EndReason.SIGNAL, None, 9, 0, "", JobState.FAILED)),
-    ("leftovers-counted", record(leftover_processes=3), None, "success",
-     (EndReason.EXIT_CODE, 0, None, 3, "", JobState.SUCCEEDED)),
-    ("leftovers-unknown", record(leftover_processes=None, detail="leftover count unavailable"), None,
-     "success", (EndReason.EXIT_CODE, 0, None, 0, "leftover count unavailable", JobState.SUCCEEDED)),
-    ("exec-failed", record("exec-failed", exit_code=127, detail="pyhton: not found"), None, "success",
-     (EndReason.EXEC_FAILED, 127, None, 0, "pyhton: not found", JobState.FAILED)),
-    ("chdir-failed", record("chdir-failed", exit_code=None, detail="/root: Permission denied"), None,
-     "success", (EndReason.CHDIR_FAILED, None, None, 0, "Permission denied", JobState.FAILED)),
-    ("setup-failed", record("setup-failed", exit_code=None), None, "success",
-     (EndReason.SETUP_FAILED, None, None, 0, "", JobState.FAILED)),
-    ("start-failed-record", record("start-failed", exit_code=None, detail="gate closed"), None, None,
-     (EndReason.START_FAILED, None, None, 0, "gate closed", JobState.FAILED)),
-    ("bound-job-ended", record("bound-job-ended", exit_code=None, signal=15), None, "success",
-     (EndReason.BOUND_JOB_ENDED, None, 15, 0, "", JobState.STOPPED)),
-    ("stopped-with-record", SIGNALLED, "alice", "success",
-     (EndReason.STOPPED, None, 15, 0, "stopped by alice", JobState.STOPPED)),
-    ("stopped-exit-code-kept", record(exit_code=143), "alice", "success",
-     (EndReason.STOPPED, 143, None, 0, "stopped by alice", JobState.STOPPED)),
-    ("stopped-without-record", None, "root", None,
-     (EndReason.STOPPED, None, None, 0, "stopped by root", JobState.STOPPED)),
-    ("stop-beats-timeout", SIGNALLED, "alice", "timeout",
-     (EndReason.STOPPED, None, 15, 0, "stopped by alice", JobState.STOPPED)),
-    ("stop-beats-oom", SIGNALLED, "alice", "oom-kill",
-     (EndReason.STOPPED, None, 15, 0, "stopped by alice", JobState.STOPPED)),
-    ("timeout", SIGNALLED, None, "timeout",
-     (EndReason.TIMEOUT, None, 15, 0, "RuntimeMaxSec", JobState.TIMED_OUT)),
-    ("timeout-without-record", None, None, "timeout",
-     (EndReason.TIMEOUT, None, None, 0, "--timeout", JobState.TIMED_OUT)),
-    ("oom-kill", record("signal", exit_code=None, signal=9), None, "oom-kill",
-     (EndReason.OOM_KILL, None, 9, 0, "OOM killer", JobState.FAILED)),
-    ("oom-kill-without-record", None, None, "oom-kill",
-     (EndReason.OOM_KILL, None, None, 0, "OOM killer", JobState.FAILED)),
-    ("no-record", None, None, None,
-     (EndReason.LOST, None, None, 0, NO_RECORD_DETAIL, JobState.LOST)),
-    ("no-record-scope-success", None, None, "success",
-     (EndReason.LOST, None, None, 0, NO_RECORD_DETAIL, JobState.LOST)),
-    ("no-record-scope-resources", None, None, "resources",
-     (EndReason.LOST, None, None, 0, NO_RECORD_DETAIL, JobState.LOST)),
-    ("unknown-reason", record("from-the-future"), None, "success",
-     (EndReason.LOST, 0, None, 0, "unreadable exit record: reason 'from-the-future'", JobState.LOST)),
-    ("missing-reason", {"job_id": 1, "exit_code": 0}, None, "success",
-     (EndReason.LOST, 0, None, 0, "unreadable exit record: reason None", JobState.LOST)),
-    ("empty-record", {}, None, None,
-     (EndReason.LOST, None, None, 0, "unreadable exit record", JobState.LOST)),
-]
+def _loop_stopped_between_runs(rig: Rig, loop: Job) -> None:
+    """systemd stopped the loop's scope during its restart delay, after a run that exited 0."""
+    rig.files.write_record(loop.id, exit_code=0, terminated_by_signal=15,
+                           stop_signal_phase="between-runs")
+    rig.systemd.scope_ends(loop.unit)
 
 
-@pytest.mark.parametrize(("record_", "stopped_by", "scope_result", "expected"),
-                         [row[1:] for row in OUTCOMES], ids=[row[0] for row in OUTCOMES])
-def test_decide_outcome(record_: Optional[Dict[str, Any]], stopped_by: Optional[str],
-                        scope_result: Optional[str], expected: tuple) -> None:
-    reason, exit_code, signal, leftovers, detail, state = expected
-    outcome = decide_outcome(record_, stopped_by, scope_result)
-    assert (outcome.reason, outcome.exit_code, outcome.signal, outcome.leftover_processes) == (
-        reason, exit_code, signal, leftovers)
-    assert detail in outcome.detail
-    assert final_state_for(outcome) is state
-    assert outcome.succeeded is (state is JobState.SUCCEEDED)
-    # Whatever it decides, a running job can end with it.
-    running = Job(id=1, user="u", uid=1, gid=1, spec=JobSpec(argv=("x",), cwd="/"), state=JobState.RUNNING,
-                  created_at=NOW, unit="gpujob-1.scope", started_at=NOW)
-    assert transition(running, state, outcome=outcome, ended_at=NOW + 1).state is state
+def test_a_loop_bound_to_a_stopped_foreground_is_bound_job_ended(rig: Rig) -> None:
+    """Issue 17: After= makes systemd stop the loop first, while the foreground is still deactivating."""
+    foreground, loop = _bound_pair(rig)
+    rig.manager.stop(OWNER, foreground.id)
+    assert rig.systemd.units[foreground.unit] == "deactivating"
+    _loop_stopped_between_runs(rig, loop)
+    outcome = assert_final(rig.job(loop.id), JobState.STOPPED, EndReason.BOUND_JOB_ENDED)
+    assert (outcome.exit_code, outcome.signal) == (None, None)
+    assert "between runs" in outcome.detail
+    assert [run["exit_code"] for run in rig.store.runs(loop.id)] == [0], "the last run stays in its runs"
+    rig.files.write_record(foreground.id, exit_code=None, signal=15, reason="signal", terminated_by_signal=15)
+    rig.systemd.scope_ends(foreground.unit)
+    assert_final(rig.job(foreground.id), JobState.STOPPED, EndReason.STOPPED)
+
+
+@pytest.mark.parametrize("foreground_unit", ["deactivating", "inactive", "failed", None])
+def test_a_loop_stopped_while_its_foreground_ends_is_bound_job_ended(
+        rig: Rig, foreground_unit: Optional[str]) -> None:
+    foreground, loop = _bound_pair(rig)  # the foreground ends by itself or by its timeout
+    if foreground_unit is None:
+        del rig.systemd.units[foreground.unit]
+    else:
+        rig.systemd.units[foreground.unit] = foreground_unit
+    _loop_stopped_between_runs(rig, loop)
+    assert_final(rig.job(loop.id), JobState.STOPPED, EndReason.BOUND_JOB_ENDED)
+
+
+def test_a_bound_loop_stopped_while_its_foreground_runs_on_was_stopped_outside(rig: Rig) -> None:
+    foreground, loop = _bound_pair(rig)
+    _loop_stopped_between_runs(rig, loop)  # `systemctl stop` of the loop's scope alone
+    outcome = assert_final(rig.job(loop.id), JobState.STOPPED, EndReason.STOPPED)
+    assert "outside gpujobd" in outcome.detail and outcome.exit_code is None
+    assert rig.job(foreground.id).state is JobState.RUNNING
+
+
+def test_a_bound_loop_that_ran_to_its_cap_first_keeps_its_own_end(rig: Rig) -> None:
+    foreground, loop = _bound_pair(rig)
+    rig.manager.stop(OWNER, foreground.id)
+    rig.files.write_record(loop.id, exit_code=0)  # its last run ended before the stop came
+    rig.systemd.scope_ends(loop.unit)
+    assert_final(rig.job(loop.id), JobState.SUCCEEDED, EndReason.EXIT_CODE)
+
+
+def test_a_bound_pair_that_ended_while_the_daemon_was_down_is_decided_on_restart(rig: Rig) -> None:
+    foreground, loop = _bound_pair(rig, timeout_s=3600.0)
+    # With no daemon: the foreground reaches its timeout, systemd stops the loop between two runs,
+    # and both scopes are unloaded, their Results gone. Only the supervisors' records remain.
+    rig.files.write_record(foreground.id, exit_code=None, signal=15, reason="signal",
+                           terminated_by_signal=15, stop_signal_after_s=3600.0)
+    rig.files.write_record(loop.id, exit_code=0, terminated_by_signal=15, stop_signal_phase="between-runs")
+    rig.systemd.units.clear()
+    rig.restart().reconcile()
+    assert_final(rig.job(foreground.id), JobState.TIMED_OUT, EndReason.TIMEOUT)
+    outcome = assert_final(rig.job(loop.id), JobState.STOPPED, EndReason.BOUND_JOB_ENDED)
+    assert (outcome.exit_code, outcome.signal) == (None, None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Unit states.
 
 
 def test_alive_and_gone_unit_states_do_not_overlap() -> None:

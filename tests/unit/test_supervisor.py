@@ -174,10 +174,11 @@ def test_exit_record_takes_the_first_start_and_the_last_run(tmp_path: Path) -> N
     spec = supervisor.spec_from_dict(spec_fields(tmp_path, max_runs=3))
     runs = [supervisor.run_record_from_status(1, 10.0, 11.0, 0),
             supervisor.run_record_from_status(2, 12.0, 13.0, signal.SIGTERM)]
-    record = supervisor.build_exit_record(spec, runs, 14.0, 2, signal.SIGTERM)
+    record = supervisor.build_exit_record(spec, runs, 14.0, 2, signal.SIGTERM, "run", 3.5)
     assert record == {"job_id": 7, "started_at": 10.0, "ended_at": 14.0, "exit_code": None, "signal": 15,
                       "reason": "signal", "detail": "killed by SIGTERM", "leftover_processes": 2,
-                      "runs": 2, "max_runs": 3, "terminated_by_signal": 15}
+                      "runs": 2, "max_runs": 3, "terminated_by_signal": 15, "stop_signal_phase": "run",
+                      "stop_signal_after_s": 3.5}
     assert tuple(record) == supervisor.RECORD_KEYS
 
 
@@ -194,7 +195,54 @@ def test_start_failed_record(tmp_path: Path) -> None:
     record = supervisor.build_start_failed_record(spec, 5.0, "the gate closed", None)
     assert record == {"job_id": 7, "started_at": None, "ended_at": 5.0, "exit_code": None, "signal": None,
                       "reason": "start-failed", "detail": "the gate closed", "leftover_processes": 0,
-                      "runs": 0, "max_runs": 2, "terminated_by_signal": None}
+                      "runs": 0, "max_runs": 2, "terminated_by_signal": None, "stop_signal_phase": None,
+                      "stop_signal_after_s": None}
+    assert tuple(record) == supervisor.RECORD_KEYS
+
+
+# (runs done, max runs, last run's exit code, signal, during a run) -> the phase the record names
+@pytest.mark.parametrize(("done", "max_runs", "code", "received", "during_run", "phase"), [
+    (1, 3, 0, None, False, None),
+    (1, 3, 0, signal.SIGTERM, True, "run"),
+    (3, 3, 0, signal.SIGTERM, True, "run"),  # the last run itself was in progress
+    (1, 3, 0, signal.SIGTERM, False, "between-runs"),
+    (1, 3, 1, signal.SIGTERM, False, "between-runs"),  # failed, but no --stop-on-failure: it goes on
+    (3, 3, 0, signal.SIGTERM, False, "after-last-run"),  # the loop was done: the signal ended nothing
+    (1, 1, 0, signal.SIGTERM, False, "after-last-run"),  # a foreground job whose command had exited
+])
+def test_stop_signal_phase(tmp_path: Path, done: int, max_runs: int, code: int, received: Optional[int],
+                           during_run: bool, phase: Optional[str]) -> None:
+    spec = supervisor.spec_from_dict(spec_fields(tmp_path, max_runs=max_runs))
+    runs = [supervisor.run_record_from_status(n, 1.0, 2.0, code << 8) for n in range(1, done + 1)]
+    assert supervisor.stop_signal_phase(spec, runs, received, during_run) == phase
+
+
+def test_stop_signal_phase_after_a_failure_that_stops_the_loop(tmp_path: Path) -> None:
+    spec = supervisor.spec_from_dict(spec_fields(tmp_path, max_runs=3, stop_on_failure=True))
+    runs = [supervisor.run_record_from_status(1, 1.0, 2.0, 1 << 8)]
+    assert supervisor.stop_signal_phase(spec, runs, signal.SIGTERM, False) == "after-last-run"
+
+
+STAT = "4242 (py thon) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 {start} 1000 100 0 0"
+
+
+@pytest.mark.parametrize(("stat", "now", "ticks", "age"), [
+    (STAT.format(start=1000), 12.5, 100, 2.5),  # started at tick 1000 = 10 s after boot
+    (STAT.format(start=1000), 10.0, 100, 0.0),
+    ("4242 (x) S 1", 12.5, 100, None),  # truncated
+    (STAT.format(start="x"), 12.5, 100, None),
+])
+def test_process_age_s(stat: str, now: float, ticks: int, age: Optional[float]) -> None:
+    assert supervisor.process_age_s(stat, now, ticks) == age
+
+
+def test_own_age_is_never_less_than_the_time_since_the_test_started_it() -> None:
+    before = time.monotonic()
+    code = "import time; time.sleep(0.3); from gpujobd import supervisor; print(supervisor.own_age_s())"
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True)
+    took = time.monotonic() - before
+    age = float(done.stdout)
+    assert 0.3 <= age <= took + 0.02  # start times are rounded down to a clock tick (10 ms)
 
 
 def test_cgroup_path_from_proc_ignores_v1_lines() -> None:
@@ -454,12 +502,15 @@ def test_sigterm_is_forwarded_to_the_command_and_ends_the_job(tmp_path: Path) ->
     assert done.record is not None
     assert (done.record["reason"], done.record["signal"], done.record["exit_code"]) == ("signal", 15, None)
     assert (done.record["runs"], done.record["terminated_by_signal"]) == (1, 15)
+    assert done.record["stop_signal_phase"] == "run"
     assert len(done.runs) == 1
 
 
 @needs_root
 def test_sigterm_during_the_restart_delay_ends_the_job(tmp_path: Path) -> None:
+    before = time.monotonic()
     job = Job(tmp_path, argv=["true"], max_runs=3, restart_delay_s=60.0)
+    spawned = time.monotonic()
     job.send_spec()
     job.send(supervisor.RELEASE_LINE)
     wait_until(lambda: len(job.runs()) == 1, "the first run to end")
@@ -470,6 +521,9 @@ def test_sigterm_during_the_restart_delay_ends_the_job(tmp_path: Path) -> None:
     assert done.record is not None
     assert (done.record["reason"], done.record["exit_code"], done.record["runs"]) == ("exit-code", 0, 1)
     assert done.record["terminated_by_signal"] == 15
+    assert done.record["stop_signal_phase"] == "between-runs"
+    # Its age when the signal came: at least since it was spawned, at most until it ended (+1 tick).
+    assert started - spawned <= done.record["stop_signal_after_s"] <= time.monotonic() - before + 0.01
 
 
 @needs_root
