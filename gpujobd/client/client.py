@@ -91,6 +91,11 @@ class Client:
         (job,) = self._transport.call("Submit", "(a{sv})", (wire,), "(a{sv})")
         return _job(job, raw)
 
+    def validate(self, argv: Sequence[str], **options: Any) -> None:
+        """Have the daemon check a job as `submit` would, creating nothing: returns None, or raises
+        what `submit` would raise for it (InvalidArgument with every problem, PermissionDenied, ...)."""
+        self._transport.call("Validate", "(a{sv})", (outgoing.spec_wire(argv, **options),), "()")
+
     def stop(self, job_id: int) -> str:
         """Ask the daemon to stop a job: api.STOP_STOPPING, or api.STOP_ALREADY_ENDED.
 
@@ -224,13 +229,15 @@ class Client:
         `cwd`, `env`, `properties`, `name` and `gpu_check` apply to both jobs; `timeout_s` to the
         foreground only (the loop ends with it); `max_runs`, `restart_delay_s` and `stop_on_failure`
         to the loop only; `background` and `bind_to` are set here. Both specs are encoded before
-        anything is submitted. If the second submission fails (the daemon refuses it, or Ctrl-C),
-        the foreground job is stopped and the error re-raised, so a call never leaves half a pair
-        running.
+        anything is submitted, and the daemon checks the loop's (`validate`) before the foreground
+        starts, so a loop it would refuse never costs a started foreground. If the second submission
+        still fails (Ctrl-C, a race), the foreground job is stopped and the error re-raised, so a
+        call never leaves half a pair running.
         """
         foreground, loop = _split_pair(options)
         outgoing.spec_wire(foreground_argv, **foreground)  # what cannot be sent is refused before
         outgoing.spec_wire(background_argv, **loop, bind_to=0)  # anything starts
+        self.validate(background_argv, **loop)  # the loop as the daemon judges it, bound to nothing yet
         first = self.submit(foreground_argv, **foreground, raw=True)
         try:
             second = self.submit(background_argv, **loop, bind_to=first["id"], raw=True)

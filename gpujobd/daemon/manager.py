@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from gpujobd.daemon.gpu.strays import describe_strays
+from gpujobd.daemon.launch import supervisor_spec
 from gpujobd.daemon.outcome import RECORD_REASONS, decide_outcome, record_float
 from gpujobd.daemon.ports import (
     GatePort,
@@ -103,12 +105,17 @@ class Manager:
             f"'{self._config.daemon.admin_group}' may {action} it")
 
     # -- verbs -----------------------------------------------------------------------------------
-    def submit(self, caller: Caller, spec: JobSpec) -> Job:
+    def validate(self, caller: Caller, spec: JobSpec) -> Tuple[JobSpec, List[Encoded]]:
+        """Every check `submit` makes before it creates anything: the spec with the server's
+        defaults and the scope's properties, or InvalidArgument/PermissionDenied. No side effects."""
         if caller.uid == 0:
             raise PermissionDenied("gpujobd never runs a job as root: submit as the user the work "
                                    "belongs to (e.g. runuser -u USER -- gpujobctl submit ...)")
         spec = with_server_defaults(spec, self._config)
-        properties = validate(spec, self._config.jobs) + self._binding(caller, spec)
+        return spec, validate(spec, self._config.jobs) + self._binding(caller, spec)
+
+    def submit(self, caller: Caller, spec: JobSpec) -> Job:
+        spec, properties = self.validate(caller, spec)
         check = spec.gpu_check
         blockers = self._gpu_blockers(spec) if check != "off" else []
         if blockers and check == "refuse":
@@ -262,33 +269,11 @@ class Manager:
             self._config.daemon.start_timeout_s, lambda: self._start_timed_out(job.id))
 
     def _supervisor_spec(self, job: Job) -> Dict[str, Any]:
-        return {
-            "job_id": job.id,
-            "argv": list(job.spec.argv),
-            "cwd": job.spec.cwd,
-            "env": self._job_environment(job),
-            "uid": job.uid,
-            "gid": job.gid,
-            "user": job.user,
-            "umask": self._config.jobs.umask_int,
-            "exit_record": self._files.record_path(job.id),
-            "runs_file": self._files.runs_path(job.id),
-            "max_runs": job.spec.max_runs or 1,
-            "restart_delay_s": job.spec.restart_delay_s or 0.0,
-            "stop_on_failure": job.spec.stop_on_failure,
-        }
-
-    def _job_environment(self, job: Job) -> Dict[str, str]:
-        """A safe base (never the daemon's environment), then the user's explicit --env."""
         user = self._users.user_by_name(job.user)
         if user is None:
             raise InvalidArgument(f"user {job.user} (uid {job.uid}) has no passwd entry any more: "
                                   "a job runs only as a known user")
-        env = {"PATH": self._config.jobs.default_path, "HOME": user.home, "USER": job.user,
-               "LOGNAME": job.user, "SHELL": user.shell or "/bin/sh"}
-        env.update(job.spec.env)
-        env["GPUJOB_ID"] = str(job.id)
-        return env
+        return supervisor_spec(job, user, self._config.jobs, self._files)
 
     def _scope_started(self, job_id: int, result: str) -> None:
         runtime = self._runtime.get(job_id)
@@ -484,27 +469,3 @@ class Manager:
         self._on_change(job)
         return job
 
-
-def describe_strays(strays: Sequence[Mapping[str, Any]]) -> str:
-    """'GPU 0 is held by a stray process: PID 4242 of bob, `python x.py`, 1.5 GiB, ...'."""
-    parts = []
-    for stray in strays:
-        gpus = ", ".join(str(index) for index in stray.get("gpu_indexes", [])) or "?"
-        command = " ".join(stray.get("command", []))
-        command = command if len(command) <= 120 else command[:117] + "..."
-        where = stray.get("unit") or stray.get("cgroup") or "no unit"
-        parts.append(f"GPU {gpus} is held by a stray process: PID {stray.get('pid')} of "
-                     f"{stray.get('user')}, `{command}`, {_size(stray.get('used_memory_bytes'))} "
-                     f"of GPU memory, in {where}")
-    return "; ".join(parts)
-
-
-def _size(count: Optional[int]) -> str:
-    if not count:
-        return "unknown"
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
-        value /= 1024
-    return f"{value:.1f} GiB"

@@ -32,6 +32,9 @@ INTROSPECTION_XML = f"""<node>
       <arg name="spec" type="a{{sv}}" direction="in"/>
       <arg name="job" type="a{{sv}}" direction="out"/>
     </method>
+    <method name="Validate">
+      <arg name="spec" type="a{{sv}}" direction="in"/>
+    </method>
     <method name="Stop">
       <arg name="id" type="t" direction="in"/>
       <arg name="result" type="s" direction="out"/>

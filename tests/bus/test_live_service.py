@@ -15,6 +15,7 @@ from gi.repository import Gio, GLib
 from gpujobd.cli import main as cli
 from gpujobd.client import Client
 from gpujobd.shared import api, errors
+from gpujobd.shared.config import Config
 from tests.bus.conftest import LiveService, gpujobctl_as
 
 SNAPSHOT = Path(__file__).resolve().parents[1] / "unit" / "snapshots" / "introspection-v1.xml"
@@ -120,3 +121,23 @@ def test_a_bus_where_gpujobd_is_not_running_exits_5(bus_address: str,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["list"], client_factory=lambda: Client(bus_address, call_timeout_s=5)) == 5
     assert "gpujobd is not running" in capsys.readouterr().err
+
+
+@needs_root
+def test_a_pair_whose_loop_the_daemon_refuses_starts_nothing(live_service: LiveService,
+                                                             bus_address: str) -> None:
+    limit = Config().jobs.max_runs_limit  # the live service runs with the defaults
+    refused = gpujobctl_as(USER, bus_address, "submit", "--cwd", "/", "--max-runs", str(limit + 1),
+                           "--with-background", "sleep 1", "--", "sleep", "60")
+    assert refused.returncode == 2, refused.stderr
+    assert "max_runs (--max-runs)" in refused.stderr and str(limit) in refused.stderr
+    assert Client(bus_address).list(all=True) == []  # the foreground was never started
+
+
+def test_validate_refuses_root_as_submit_would_and_creates_nothing(live_service: LiveService,
+                                                                   bus_address: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the refusal is for root")
+    with pytest.raises(errors.PermissionDenied, match="never runs a job as root"):
+        Client(bus_address).validate(["true"], cwd="/")
+    assert Client(bus_address).list(all=True) == []

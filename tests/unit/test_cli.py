@@ -44,6 +44,8 @@ class FakeClient:
         self.runs_of: Dict[int, List[Dict[str, Any]]] = {}
         self.runs_calls: List[Tuple[int, int]] = []
         self.submit_failures: Dict[int, Exception] = {}  # submission number (1-based) -> raised
+        self.validated: List[Dict[str, Any]] = []
+        self.validate_failures: Dict[int, Exception] = {}  # validation number (1-based) -> raised
 
     # -- test setup --
 
@@ -132,6 +134,17 @@ class FakeClient:
         fields = {key: value for key, value in sent.items() if value is not None and key != "gpu_check"}
         job_id = self.add_job(script=list(self.next_script), ending=self.next_ending, **fields)
         return self._out(self.jobs[job_id], raw)
+
+    def validate(self, argv: List[str], **options: Any) -> None:
+        """What the daemon's Validate does: submit's checks, nothing created, nothing recorded."""
+        self.validated.append({"argv": list(argv), **options})
+        failure = self.validate_failures.get(len(self.validated))
+        if failure is not None:
+            raise failure
+        wire = {key: value for key, value in options.items() if value is not None and value is not False}
+        problems = gpujobd_problems(dict(wire, argv=list(argv), cwd=options.get("cwd") or "/home/alice"))
+        if problems:
+            raise errors.InvalidArgument("; ".join(problems))
 
     submit_with_background = Client.submit_with_background
     _stop_after_failed_pair = Client._stop_after_failed_pair

@@ -241,6 +241,7 @@ class FakeConnection:
         self.raise_on_call: Optional[GLib.Error] = None
         self.submit_errors: Dict[int, GLib.Error] = {}  # Submit call number (1-based) -> raised
         self.stop_error: Optional[GLib.Error] = None
+        self.validate_error: Optional[GLib.Error] = None
         self.runs: Dict[int, List[Dict[str, Any]]] = {}
         self.submits = 0
 
@@ -266,6 +267,11 @@ class FakeConnection:
             job.update(runs=0)
         self.jobs[job["id"]] = job
         return GLib.Variant("(a{sv})", (variant_job(job),))
+
+    def _Validate(self, spec: Dict[str, Any]) -> GLib.Variant:
+        if self.validate_error is not None:
+            raise self.validate_error
+        return GLib.Variant("()", ())
 
     def _Runs(self, job_id: int, limit: int) -> GLib.Variant:
         runs = self.runs.get(job_id, [])
@@ -430,13 +436,15 @@ def test_submit_with_background_submits_the_pair(bus, monkeypatch):
         ["python", "train.py"], ["python", "eval.py"], cwd="/srv", env={"A": "1"}, name="exp1",
         timeout_s=3600, properties={"MemoryMax": "8G"}, max_runs=50, restart_delay_s=0,
         stop_on_failure=True)
-    sent = [event[3][0] for event in bus.events]
-    assert [event[1] for event in bus.events] == ["Submit", "Submit"]
+    checked, *sent = [event[3][0] for event in bus.events]
+    assert [event[1] for event in bus.events] == ["Validate", "Submit", "Submit"]
+    loop = {"argv": ["python", "eval.py"], "cwd": "/srv", "env": {"A": "1"}, "name": "exp1-bg",
+            "properties": {"MemoryMax": "8G"}, "background": True, "max_runs": 50,
+            "restart_delay_s": 0.0, "stop_on_failure": True}
+    assert checked == loop  # the daemon judged the loop before the foreground started
     assert sent[0] == {"argv": ["python", "train.py"], "cwd": "/srv", "env": {"A": "1"}, "name": "exp1",
                        "properties": {"MemoryMax": "8G"}, "timeout_s": 3600.0}
-    assert sent[1] == {"argv": ["python", "eval.py"], "cwd": "/srv", "env": {"A": "1"}, "name": "exp1-bg",
-                       "properties": {"MemoryMax": "8G"}, "background": True, "max_runs": 50,
-                       "restart_delay_s": 0.0, "stop_on_failure": True, "bind_to": 1}
+    assert sent[1] == dict(loop, bind_to=1)
     assert list(foreground) == list(background) == list(api.JSON_FIELDS)
     assert (foreground["id"], background["id"], background["bind_to"]) == (1, 2, 1)
     assert foreground["background"] is None and background["background"] is True
@@ -444,20 +452,29 @@ def test_submit_with_background_submits_the_pair(bus, monkeypatch):
 
 def test_submit_with_background_without_a_name_or_loop_options(bus):
     pair = client.Client(bus=bus).submit_with_background(["./train.sh"], ["./eval.sh"], raw=True)
-    sent = bus.events[1][3][0]
+    sent = bus.events[2][3][0]
     assert "name" not in sent and "max_runs" not in sent and "restart_delay_s" not in sent
     assert (sent["background"], sent["bind_to"]) == (True, 1)
     assert pair[0]["created_at"] == 1700000000.0  # raw: the wire dicts
 
 
-def test_submit_with_background_stops_the_foreground_when_the_loop_is_refused(bus):
-    bus.submit_errors[2] = glib_error("GDBus.Error:org.gpujobd1.Error.InvalidArgument: max_runs (--max-runs) "
-                                      "is 5000: give 1 to this server's limit of 1000 (jobs.max_runs_limit)")
-    with pytest.raises(errors.InvalidArgument, match=r"max_runs \(--max-runs\) is 5000") as raised:
+def test_submit_with_background_starts_nothing_when_the_daemon_refuses_the_loop(bus):
+    bus.validate_error = glib_error("GDBus.Error:org.gpujobd1.Error.InvalidArgument: max_runs (--max-runs) "
+                                    "is 5000: give 1 to this server's limit of 1000 (jobs.max_runs_limit)")
+    with pytest.raises(errors.InvalidArgument, match=r"max_runs \(--max-runs\) is 5000"):
         client.Client(bus=bus).submit_with_background(["./train.sh"], ["./eval.sh"], max_runs=5000)
+    assert [event[1] for event in bus.events] == ["Validate"]  # no foreground was started
+
+
+def test_submit_with_background_stops_the_foreground_when_the_loop_is_refused(bus):
+    # Validate passed, but the loop's Submit is refused (its bound-to job already ended, say).
+    bus.submit_errors[2] = glib_error("GDBus.Error:org.gpujobd1.Error.InvalidArgument: bind_to (--bind-to) "
+                                      "1: that job is succeeded")
+    with pytest.raises(errors.InvalidArgument, match=r"that job is succeeded") as raised:
+        client.Client(bus=bus).submit_with_background(["./train.sh"], ["./eval.sh"])
     assert "failed too" not in str(raised.value)
-    assert [event[1:4] for event in bus.events][1:] == [
-        ("Submit", "(a{sv})", bus.events[1][3]), ("Stop", "(t)", (1,))]
+    assert [event[1:4] for event in bus.events][2:] == [
+        ("Submit", "(a{sv})", bus.events[2][3]), ("Stop", "(t)", (1,))]
 
 
 def test_submit_with_background_stops_the_foreground_when_interrupted(bus, monkeypatch):
@@ -503,7 +520,7 @@ def test_submit_with_background_refuses_what_cannot_be_sent_before_submitting_an
 def test_submit_with_background_sends_gpu_check_to_both_jobs(bus):
     client.Client(bus=bus).submit_with_background(["./train.sh"], ["./eval.sh"], gpu_check="wait",
                                                   timeout_s=60)
-    foreground, loop = (event[3][0] for event in bus.events)
+    foreground, loop = (event[3][0] for event in bus.events if event[1] == "Submit")
     assert foreground["gpu_check"] == loop["gpu_check"] == "wait"
     assert foreground["timeout_s"] == 60.0 and "timeout_s" not in loop
 

@@ -139,6 +139,10 @@ class ManagerService:
         return self._encode(job, caller)
 
     @on_the_wire
+    def Validate(self, wire: Mapping[str, Any], dbus_context: Any = None) -> None:
+        self._manager.validate(self._caller(dbus_context), spec.decode(wire))
+
+    @on_the_wire
     def Stop(self, job_id: int, dbus_context: Any = None) -> str:
         return self._manager.stop(self._caller(dbus_context), job_id)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gpujobd.daemon.gpu.attribution import Attribution, Identity, ProcInfo, ProcPort
 from gpujobd.daemon.gpu.worker import Done, Steps
@@ -361,3 +361,28 @@ def _log_fields(view: Mapping[str, Any]) -> Dict[str, Any]:
             "command": _short(view["command"]), "cgroup": view["cgroup"], "unit": view.get("unit"),
             "gpus": view["gpus"], "used_memory_bytes": view["used_memory_bytes"],
             "age_s": round(view["age_s"], 1), "note": view["note"]}
+
+
+def describe_strays(strays: Sequence[Mapping[str, Any]]) -> str:
+    """'GPU 0 is held by a stray process: PID 4242 of bob, `python x.py`, 1.5 GiB, ...'."""
+    parts = []
+    for stray in strays:
+        gpus = ", ".join(str(index) for index in stray.get("gpu_indexes", [])) or "?"
+        command = " ".join(stray.get("command", []))
+        command = command if len(command) <= 120 else command[:117] + "..."
+        where = stray.get("unit") or stray.get("cgroup") or "no unit"
+        parts.append(f"GPU {gpus} is held by a stray process: PID {stray.get('pid')} of "
+                     f"{stray.get('user')}, `{command}`, {_size(stray.get('used_memory_bytes'))} "
+                     f"of GPU memory, in {where}")
+    return "; ".join(parts)
+
+
+def _size(count: Optional[int]) -> str:
+    if not count:
+        return "unknown"
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{value:.1f} GiB"
