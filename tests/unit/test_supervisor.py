@@ -238,7 +238,10 @@ def test_process_age_s(stat: str, now: float, ticks: int, age: Optional[float]) 
 
 def test_own_age_is_never_less_than_the_time_since_the_test_started_it() -> None:
     before = time.monotonic()
-    code = "import time; time.sleep(0.3); from gpujobd import supervisor; print(supervisor.own_age_s())"
+    # The supervisor runs by path as `python3 -I`; so does this child (-I ignores PYTHONPATH, and a
+    # package build's tests import gpujobd from a build directory).
+    code = ("import runpy, sys, time; time.sleep(0.3); "
+            f"print(runpy.run_path({supervisor.__file__!r})['own_age_s']())")
     done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True)
     took = time.monotonic() - before
     age = float(done.stdout)
