@@ -121,7 +121,7 @@ def _gpujobd_get(client: Any, job_id: int) -> Any:
 def _systemd_get(client: Any) -> Any:
     from gi.repository import Gio, GLib
 
-    connection = client._conn()  # the same connection the gpujobd client uses
+    connection = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)  # one warm system-bus connection, as the client's
     args = GLib.Variant("(ss)", ("org.freedesktop.systemd1.Manager", "Version"))
     reply = GLib.VariantType.new("(v)")
 

@@ -34,7 +34,8 @@ class EndWatcher:
         self.GLib = GLib
         self.ended: Dict[int, float] = {}
         self.states: Dict[int, str] = {}
-        self._con = client._conn()
+        # A connection of its own: the observer must not depend on how the client talks to the bus.
+        self._con = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
         self._sub = self._con.signal_subscribe("org.gpujobd1", "org.gpujobd1.Manager", "JobChanged",
                                                "/org/gpujobd1", None, Gio.DBusSignalFlags.NONE,
                                                self._changed)
