@@ -128,12 +128,22 @@ def test_relative_cwd_is_made_absolute():
     assert client.spec_values(["true"], cwd="sub", caller_environ={})["cwd"] == os.path.abspath("sub")
 
 
-def test_env_is_the_explicit_env_plus_the_callers_lang():
+def test_env_is_the_callers_environment_less_its_session_with_the_explicit_env_over_it():
+    caller = {"LANG": "de_DE.UTF-8", "HOME": "/home/a", "PATH": "/venv/bin:/bin", "VIRTUAL_ENV": "/venv",
+              "DISPLAY": ":0", "SSH_AUTH_SOCK": "/tmp/agent", "TERM": "xterm", "GPUJOB_ID": "7",
+              "USER": "a", "A": "0"}
+    sent = client.spec_values(["true"], env={"A": "1"}, caller_environ=caller)["env"]
+    assert sent == {"LANG": "de_DE.UTF-8", "HOME": "/home/a", "PATH": "/venv/bin:/bin",
+                    "VIRTUAL_ENV": "/venv", "A": "1"}
+
+
+def test_env_clear_sends_only_the_explicit_env_plus_the_callers_lang():
     caller = {"LANG": "de_DE.UTF-8", "HOME": "/root", "PATH": "/bin"}
-    assert client.spec_values(["true"], env={"A": "1"}, caller_environ=caller)["env"] == \
+    assert client.spec_values(["true"], env={"A": "1"}, env_clear=True, caller_environ=caller)["env"] == \
         {"A": "1", "LANG": "de_DE.UTF-8"}
-    assert client.spec_values(["true"], env={"LANG": "C"}, caller_environ=caller)["env"] == {"LANG": "C"}
-    assert "env" not in client.spec_values(["true"], caller_environ={"HOME": "/root"})
+    assert client.spec_values(["true"], env={"LANG": "C"}, env_clear=True,
+                              caller_environ=caller)["env"] == {"LANG": "C"}
+    assert "env" not in client.spec_values(["true"], env_clear=True, caller_environ={"HOME": "/root"})
 
 
 @pytest.mark.parametrize("argv, options, needle", [
@@ -334,7 +344,7 @@ def bus() -> FakeConnection:
 
 
 def test_submit_sends_the_spec_and_returns_json_shaped_jobs(bus, monkeypatch):
-    monkeypatch.setenv("LANG", "C.UTF-8")
+    monkeypatch.setattr(os, "environ", {"LANG": "C.UTF-8", "DISPLAY": ":0"})
     gpujobd = client.Client(bus=bus, call_timeout_s=7)
     job = gpujobd.submit(["python", "-c", "1"], cwd="/srv", env={"A": "1"}, timeout_s=5)
     _, method, signature, (spec,), timeout_ms = bus.events[0]
@@ -431,7 +441,7 @@ def test_bad_runs_limits_are_refused_before_any_call(bus, limit):
 
 
 def test_submit_with_background_submits_the_pair(bus, monkeypatch):
-    monkeypatch.delenv("LANG", raising=False)
+    monkeypatch.setattr(os, "environ", {})
     foreground, background = client.Client(bus=bus).submit_with_background(
         ["python", "train.py"], ["python", "eval.py"], cwd="/srv", env={"A": "1"}, name="exp1",
         timeout_s=3600, properties={"MemoryMax": "8G"}, max_runs=50, restart_delay_s=0,
