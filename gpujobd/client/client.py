@@ -51,8 +51,12 @@ class Client:
         bus: Any = None,
         call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
         follow_poll_interval_s: float = DEFAULT_FOLLOW_POLL_INTERVAL_S,
+        *,
+        transport: Any = None,
     ) -> None:
-        self._transport = Transport(bus, call_timeout_s)
+        # `transport`: another object with Transport's methods (a test's fake); `bus` is then unused.
+        self._transport = Transport(bus, call_timeout_s) if transport is None else transport
+        self._transport.call_timeout_s = float(call_timeout_s)
         self.follow_poll_interval_s = float(follow_poll_interval_s)
 
     @property

@@ -203,6 +203,7 @@ def test_install_enables_and_starts_the_service():
     # no copy of them is shipped: without them the daemon runs and its GPU watcher says what to install.
     assert "python3-pynvml" in sh("dpkg-deb", "-f", str(deb), "Recommends").stdout
     depends = sh("dpkg-deb", "-f", str(deb), "Depends").stdout
+    assert "python3-jeepney" in depends, depends  # the client's D-Bus library (docs/client.md)
     assert "pynvml" not in depends and "nvidia-ml-py" not in depends, depends
     assert not [f for f in sh("dpkg", "-L", "gpujobd").stdout.split() if f.endswith("pynvml.py")]
     if sh("/usr/bin/python3", "-c", "import pynvml", check=False).returncode != 0:
