@@ -70,8 +70,8 @@ def test_the_configuration_is_noreplace_and_the_unit_points_at_usr_bin():
 
 def test_requires_are_distribution_packages_and_pynvml_is_bundled():
     requires = query("-R")
-    for name in ("python3-gobject", "python3-jeepney", "python3-pydbus", "python3-pystemd", "python3-structlog", "dbus",
-                 "systemd"):
+    for name in ("python3-gobject", "python3-jeepney", "python3-pydbus", "python3-pystemd",
+                 "python3-structlog", "dbus", "systemd"):
         assert re.search(rf"^{name}\b", requires, re.M), f"no Requires: {name}"
     assert "nvidia-ml-py" not in requires  # no repository has it: it is bundled
     pin = (CHECKOUT / "packaging" / "nvidia-ml-py.txt").read_text()
