@@ -127,6 +127,8 @@ install:
 		chmod 0755 $(DESTDIR)$(BINDIR)/$$name; \
 	done
 	install -d $(DESTDIR)$(SITEDIR) && echo "$(LIBDIR)" > $(DESTDIR)$(SITEDIR)/gpujobd.pth
+	install -D -m 0644 packaging/completion/gpujobctl.bash $(DESTDIR)$(BASHCOMPDIR)/gpujobctl
+	install -D -m 0644 packaging/completion/_gpujobctl $(DESTDIR)$(ZSHCOMPDIR)/_gpujobctl
 	sed 's|@BINDIR@|$(BINDIR)|g' units/gpujobd.service > $(DESTDIR)$(UNITDIR)/gpujobd.service
 	install -m 0644 units/gpujob.slice $(DESTDIR)$(UNITDIR)/gpujob.slice
 	install -m 0644 units/org.gpujobd1.conf $(DESTDIR)$(DBUSPOLICYDIR)/org.gpujobd1.conf

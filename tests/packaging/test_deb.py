@@ -199,6 +199,10 @@ def test_install_enables_and_starts_the_service():
     sh("gpujobd", "--check-config")
     sh("man", "-w", "gpujobd")
     sh("man", "-w", "gpujobctl")
+    assert Path("/usr/share/bash-completion/completions/gpujobctl").is_file()
+    assert Path("/usr/share/zsh/vendor-completions/_gpujobctl").is_file()
+    # The client is importable by the system's python3 (docs/client.md).
+    sh("/usr/bin/python3", "-c", "import gpujobd.client")
     # The NVML bindings are recommended (python3-pynvml, in contrib), never a hard dependency, and
     # no copy of them is shipped: without them the daemon runs and its GPU watcher says what to install.
     assert "python3-pynvml" in sh("dpkg-deb", "-f", str(deb), "Recommends").stdout

@@ -39,7 +39,8 @@ def test_it_lists_the_expected_files():
                  "/usr/lib/systemd/system/gpujobd.service", "/usr/lib/systemd/system/gpujob.slice",
                  "/usr/share/dbus-1/system.d/org.gpujobd1.conf", "/etc/gpujobd/gpujobd.toml",
                  "/usr/share/man/man8/gpujobd.8.gz", "/usr/share/man/man1/gpujobctl.1.gz",
-                 "/var/lib/gpujobd", "/var/log/gpujobd"):
+                 "/var/lib/gpujobd", "/var/log/gpujobd", "/usr/share/bash-completion/completions/gpujobctl",
+                 "/usr/share/zsh/site-functions/_gpujobctl"):
         assert path in listed, f"{path} is not in {RPM.name}"
     sitelib = {m.group(1) for m in (re.match(r"(/usr/lib/python3\.\d+/site-packages)/gpujobd/", f)
                                      for f in listed) if m}
