@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _MAIN_EPILOG = """\
 examples:
-  gpujobctl submit --name train -- python train.py --epochs 10
+  gpujobctl submit --name train -- python3 train.py --epochs 10
   gpujobctl list
   gpujobctl logs -f 42
   gpujobctl stop 42

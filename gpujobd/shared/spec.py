@@ -95,7 +95,8 @@ class Option:
 
 def _command(argv: Tuple[str, ...], _jobs: JobsConfig) -> Optional[str]:
     if not argv or not argv[0]:
-        return "is empty: give the program to run and its arguments, e.g. gpujobctl submit -- python train.py"
+        return ("is empty: give the program to run and its arguments, e.g. "
+                "gpujobctl submit -- python3 train.py")
     if any("\0" in word for word in argv):
         return "contains a NUL byte: remove it"
     size = sum(len(word.encode("utf-8", "surrogateescape")) + 1 for word in argv)

@@ -104,5 +104,5 @@ def command(text: str) -> List[str]:
         raise ValueError(f"cannot split {text!r} into words: {error}") from None
     if not words:
         raise ValueError("the command is empty: give it as one quoted string, e.g. "
-                         "'python eval.py --every 60'")
+                         "'python3 eval.py --every 60'")
     return words
