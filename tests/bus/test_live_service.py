@@ -156,7 +156,7 @@ def test_one_client_serves_threads_calling_at_once(live_service: LiveService, bu
                 with pytest.raises(errors.NotFound, match=f"no job {900 + n}"):
                     client.get(900 + n)
                 answers.append(client.list(all=True))
-        except BaseException as error:  # noqa: BLE001 - reported below, with the thread's number
+        except BaseException as error:  # reported below, with the thread's number
             failures.append((n, error))
 
     threads = [threading.Thread(target=ask, args=(n,)) for n in range(4)]
