@@ -238,7 +238,11 @@ def test_process_age_s(stat: str, now: float, ticks: int, age: Optional[float]) 
 
 def test_own_age_is_never_less_than_the_time_since_the_test_started_it() -> None:
     before = time.monotonic()
-    code = "import time; time.sleep(0.3); from gpujobd import supervisor; print(supervisor.own_age_s())"
+    # -I drops the current directory from sys.path: name the directory the package is imported from
+    # (a package build runs this from a tree where gpujobd is not installed).
+    root = str(Path(supervisor.__file__).resolve().parents[1])
+    code = (f"import sys, time; sys.path.insert(0, {root!r}); time.sleep(0.3); "
+            "from gpujobd import supervisor; print(supervisor.own_age_s())")
     done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True)
     took = time.monotonic() - before
     age = float(done.stdout)
