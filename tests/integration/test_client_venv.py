@@ -49,3 +49,10 @@ def test_the_client_installed_with_pip_in_a_fresh_venv_submits_waits_and_reads_a
     assert cli.returncode == 0, cli.stderr
     assert "from the venv's gpujobctl" in cli.stdout
     sh("rm", "-rf", venv)
+
+
+def test_after_make_install_the_system_python3_imports_the_client(ctl):
+    probe = "import gpujobd.client, jeepney; print(gpujobd.client.__file__)"
+    done = _as_alice("/usr/bin/python3", "-c", probe)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("/usr/local/lib/gpujobd/gpujobd/client/")  # through gpujobd.pth
