@@ -11,10 +11,14 @@ LIBDIR = $(PREFIX)/lib/gpujobd
 BINDIR = $(PREFIX)/bin
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 DBUSPOLICYDIR ?= $(SYSCONFDIR)/dbus-1/system.d
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR ?= $(PREFIX)/share/zsh/site-functions
+# The system Python's site directory for PREFIX (Debian: /usr/local/lib/python3.X/dist-packages).
+SITEDIR ?= $(shell $(PYTHON) -c 'import sys, sysconfig; print(next((p for p in sys.path if p.startswith("$(PREFIX)/lib/python") and p.endswith("-packages")), sysconfig.get_path("purelib", vars={"base": "$(PREFIX)"})))')
 VENV = .venv
 SANDBOX = $(PYTHON) tests/sandbox/sandbox.py
 APT_PACKAGES = systemd dbus util-linux passwd procps python3 python3-venv python3-gi \
-	python3-pydbus python3-pystemd python3-structlog
+	python3-pydbus python3-pystemd python3-structlog python3-jeepney
 
 .PHONY: deps venv wheels test unit bus integration integration-host demo install uninstall lint \
 	lint-style lint-imports lint-types clean
@@ -68,10 +72,13 @@ demo: venv wheels
 # `make install` runs where PyPI and git may be out of reach (inside the test sandbox, whose
 # checkout has no git metadata), so it only installs what `make wheels` prepared in build/wheels/:
 # gpujobd's wheel, built from a copy of the working tree, and NVIDIA's nvidia-ml-py (module
-# pynvml), pinned and hash-checked (packaging/nvidia-ml-py.txt). Both go into LIBDIR, the private
-# directory the gpujobd and gpujobctl wrappers put first on sys.path.
+# pynvml), pinned and hash-checked (packaging/nvidia-ml-py.txt). gpujobd goes into LIBDIR, which a
+# gpujobd.pth in the system Python's site directory for PREFIX puts on every script's sys.path
+# (`import gpujobd.client` works in the system python3); nvidia-ml-py into LIBDIR/private, which
+# only the daemon's wrapper adds. The wrappers put LIBDIR first on sys.path.
 PKG_VERSION := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
 WHEELS = build/wheels
+CLIENT_WHEELS = $(WHEELS)/client
 WHEEL_SRC = build/wheel-src/gpujobd-$(PKG_VERSION)
 GPUJOBD_WHEEL = $(WHEELS)/gpujobd-$(PKG_VERSION)-py3-none-any.whl
 NVML_PY_PIN = packaging/nvidia-ml-py.txt
@@ -80,11 +87,19 @@ NVML_PY_SHA256 := $(shell sed -n 's/^nvidia-ml-py==.*--hash=sha256:\([0-9a-f]*\)
 NVML_PY_WHEEL = $(WHEELS)/nvidia_ml_py-$(NVML_PY_VERSION)-py3-none-any.whl
 PIP = $(VENV)/bin/pip --disable-pip-version-check --no-input
 
-wheels: venv $(NVML_PY_WHEEL)
+wheels: venv $(NVML_PY_WHEEL) $(CLIENT_WHEELS)/.stamp
 	$(call export_tree,$(WHEEL_SRC))
 	rm -f $(WHEELS)/gpujobd-*.whl
 	$(PIP) wheel -q --no-deps -w $(WHEELS) $(WHEEL_SRC)
 	@test -f $(GPUJOBD_WHEEL) || { echo "make wheels: pip built no $(GPUJOBD_WHEEL)" >&2; exit 1; }
+
+# The client's own dependency (jeepney), pinned, for tests that pip-install the client into a fresh
+# virtualenv inside the sandbox, which has no network (tests/integration/test_client_venv.py).
+$(CLIENT_WHEELS)/.stamp: packaging/client-wheels.txt | venv
+	mkdir -p $(CLIENT_WHEELS)
+	$(PIP) download -q --no-deps --only-binary=:all: --require-hashes -r packaging/client-wheels.txt \
+		-d $(CLIENT_WHEELS)
+	touch $@
 
 $(NVML_PY_WHEEL): $(NVML_PY_PIN) | venv
 	mkdir -p $(WHEELS)
@@ -101,14 +116,19 @@ install:
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DBUSPOLICYDIR) $(DESTDIR)$(SYSCONFDIR)/gpujobd
 	rm -rf $(DESTDIR)$(LIBDIR)
 	$(PIP) install -q --no-deps --no-index --no-compile --no-cache-dir --root-user-action=ignore \
-		--target $(DESTDIR)$(LIBDIR) $(GPUJOBD_WHEEL) $(NVML_PY_WHEEL)
-	rm -rf $(DESTDIR)$(LIBDIR)/bin  # the wheels' console scripts: the wrappers below replace them
-	for tool in gpujobd:gpujobd.daemon.main gpujobctl:gpujobd.cli.main; do \
-		name=$${tool%%:*}; module=$${tool#*:}; \
-		printf '#!%s -I\nimport sys\nsys.path.insert(0, "%s")\nfrom %s import main\nsys.exit(main())\n' \
-			"$(PYTHON)" "$(LIBDIR)" "$$module" > $(DESTDIR)$(BINDIR)/$$name; \
+		--target $(DESTDIR)$(LIBDIR) $(GPUJOBD_WHEEL)
+	$(PIP) install -q --no-deps --no-index --no-compile --no-cache-dir --root-user-action=ignore \
+		--target $(DESTDIR)$(LIBDIR)/private $(NVML_PY_WHEEL)
+	rm -rf $(DESTDIR)$(LIBDIR)/bin $(DESTDIR)$(LIBDIR)/private/bin  # the wrappers below replace them
+	for tool in gpujobd:gpujobd.daemon.main:$(LIBDIR)/private gpujobctl:gpujobd.cli.main:; do \
+		name=$${tool%%:*}; rest=$${tool#*:}; module=$${rest%%:*}; private=$${rest#*:}; \
+		printf '#!%s -I\nimport sys\nsys.path[:0] = [p for p in ("%s", "%s") if p]\nfrom %s import main\nsys.exit(main())\n' \
+			"$(PYTHON)" "$(LIBDIR)" "$$private" "$$module" > $(DESTDIR)$(BINDIR)/$$name; \
 		chmod 0755 $(DESTDIR)$(BINDIR)/$$name; \
 	done
+	install -d $(DESTDIR)$(SITEDIR) && echo "$(LIBDIR)" > $(DESTDIR)$(SITEDIR)/gpujobd.pth
+	install -D -m 0644 packaging/completion/gpujobctl.bash $(DESTDIR)$(BASHCOMPDIR)/gpujobctl
+	install -D -m 0644 packaging/completion/_gpujobctl $(DESTDIR)$(ZSHCOMPDIR)/_gpujobctl
 	sed 's|@BINDIR@|$(BINDIR)|g' units/gpujobd.service > $(DESTDIR)$(UNITDIR)/gpujobd.service
 	install -m 0644 units/gpujob.slice $(DESTDIR)$(UNITDIR)/gpujob.slice
 	install -m 0644 units/org.gpujobd1.conf $(DESTDIR)$(DBUSPOLICYDIR)/org.gpujobd1.conf
@@ -119,7 +139,8 @@ install:
 uninstall:
 	rm -rf $(DESTDIR)$(LIBDIR) $(DESTDIR)$(BINDIR)/gpujobd $(DESTDIR)$(BINDIR)/gpujobctl \
 		$(DESTDIR)$(UNITDIR)/gpujobd.service $(DESTDIR)$(UNITDIR)/gpujob.slice \
-		$(DESTDIR)$(DBUSPOLICYDIR)/org.gpujobd1.conf
+		$(DESTDIR)$(DBUSPOLICYDIR)/org.gpujobd1.conf $(DESTDIR)$(SITEDIR)/gpujobd.pth \
+		$(DESTDIR)$(BASHCOMPDIR)/gpujobctl $(DESTDIR)$(ZSHCOMPDIR)/_gpujobctl
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

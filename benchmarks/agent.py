@@ -119,16 +119,17 @@ def _gpujobd_get(client: Any, job_id: int) -> Any:
 
 
 def _systemd_get(client: Any) -> Any:
-    from gi.repository import Gio, GLib
+    from jeepney import DBusAddress, new_method_call
 
-    connection = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)  # one warm system-bus connection, as the client's
-    args = GLib.Variant("(ss)", ("org.freedesktop.systemd1.Manager", "Version"))
-    reply = GLib.VariantType.new("(v)")
+    # A connection opened the way the gpujobd client opens its own (jeepney, blocking): the baseline
+    # is the same library's round trip to systemd.
+    connection = client._transport._open("the systemd baseline")
+    address = DBusAddress("/org/freedesktop/systemd1", bus_name="org.freedesktop.systemd1",
+                          interface="org.freedesktop.DBus.Properties")
 
     def call() -> None:
-        connection.call_sync("org.freedesktop.systemd1", "/org/freedesktop/systemd1",
-                             "org.freedesktop.DBus.Properties", "Get", args, reply,
-                             Gio.DBusCallFlags.NONE, 120_000, None)
+        message = new_method_call(address, "Get", "ss", ("org.freedesktop.systemd1.Manager", "Version"))
+        connection.send_and_get_reply(message, timeout=120)
     return call
 
 

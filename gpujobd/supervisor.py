@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from errno import EACCES, ENOENT
 
 SUPERVISOR_MODULE = "gpujobd.supervisor"
 RELEASE_LINE = b"release\n"
@@ -503,7 +504,16 @@ def _enter_cwd(cwd: str) -> None:
     try:
         os.chdir(cwd)
     except OSError as exc:
-        raise _ChildFailure("chdir", exc.errno or 0, f"{cwd}: {exc.strerror}") from None
+        raise _ChildFailure("chdir", exc.errno or 0, chdir_failure_message(cwd, exc.strerror or "")) from None
+
+
+def chdir_failure_message(cwd: str, strerror: str) -> str:
+    """Why the job's directory could not be entered, with a hint when a `~` was never expanded."""
+    message = f"{cwd}: {strerror}"
+    if "~" in cwd:
+        message += ("; the path holds a literal '~': the shell expands ~ only at the start of a word "
+                    "(not after --cwd=), so write --cwd ~/dir or --cwd=$HOME/dir")
+    return message
 
 
 def _close_fds_except(keep: int) -> None:
@@ -541,7 +551,21 @@ def _exec(argv: list, env: dict) -> None:
     try:
         os.execvpe(argv[0], argv, env)
     except OSError as exc:
-        raise _ChildFailure("exec", exc.errno or 0, f"{argv[0]}: {exc.strerror}") from None
+        message = exec_failure_message(argv[0], exc.errno or 0, exc.strerror or "", env.get("PATH", ""))
+        raise _ChildFailure("exec", exc.errno or 0, message) from None
+
+
+def exec_failure_message(program: str, errno: int, strerror: str, path: str) -> str:
+    """Why the command could not be run: for a name searched in PATH, which PATH, and a hint for
+    `python` (Debian and Ubuntu have only python3, unless a virtualenv is active)."""
+    message = f"{program}: {strerror}"
+    if "/" in program or errno not in (ENOENT, EACCES):
+        return message
+    message += f" (searched PATH={path})"
+    if program == "python":
+        message += ("; this system may have no `python`: run python3, or submit from an activated "
+                    "virtualenv (the job inherits its PATH)")
+    return message
 
 
 def run_once(spec: Spec, run: int, signals: _Signals) -> dict | None:

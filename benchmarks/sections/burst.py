@@ -26,36 +26,45 @@ FINAL = {"succeeded", "failed", "stopped", "timed-out", "lost", "start-failed"}
 
 
 class EndWatcher:
-    """When each job reached a final state, from JobChanged, stamped as the signal is dispatched."""
+    """When each job reached a final state, from JobChanged, stamped as the signal is received (on a
+    jeepney connection of its own, opened as the client opens one)."""
 
     def __init__(self, client: Any) -> None:
-        from gi.repository import Gio, GLib
+        from collections import deque
 
-        self.GLib = GLib
+        from jeepney import MatchRule
+        from jeepney.bus_messages import message_bus
+
         self.ended: Dict[int, float] = {}
         self.states: Dict[int, str] = {}
-        # A connection of its own: the observer must not depend on how the client talks to the bus.
-        self._con = Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
-        self._sub = self._con.signal_subscribe("org.gpujobd1", "org.gpujobd1.Manager", "JobChanged",
-                                               "/org/gpujobd1", None, Gio.DBusSignalFlags.NONE,
-                                               self._changed)
-
-    def _changed(self, *args: Any) -> None:
-        job_id, state = args[-1].unpack()
-        if state in FINAL and job_id not in self.ended:
-            self.ended[job_id] = time.time()
-            self.states[job_id] = state
+        self._con = client._transport._open("watching JobChanged")
+        rule = MatchRule(type="signal", interface="org.gpujobd1.Manager", member="JobChanged",
+                         path="/org/gpujobd1")
+        self._queue: Any = deque()
+        self._filter = self._con.filter(rule, queue=self._queue)
+        self._filter.__enter__()
+        self._con.send_and_get_reply(message_bus.AddMatch(rule), timeout=30)
 
     def pump(self, seconds: float) -> None:
-        """Dispatch signals for up to `seconds`."""
-        context = self.GLib.MainContext.default()
+        """Receive signals for up to `seconds`."""
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if not context.iteration(False):
-                time.sleep(0.001)
+        while True:
+            while self._queue:
+                job_id, state = self._queue.popleft().body[:2]
+                if state in FINAL and job_id not in self.ended:
+                    self.ended[job_id] = time.time()
+                    self.states[job_id] = state
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                self._con.recv_messages(timeout=remaining)
+            except TimeoutError:
+                return
 
     def close(self) -> None:
-        self._con.signal_unsubscribe(self._sub)
+        self._filter.__exit__(None, None, None)
+        self._con.close()
 
 
 def run(bed: Testbed, p: Params) -> List[Row]:

@@ -66,7 +66,7 @@ def cli_modules(bed: Testbed) -> List[str]:
     ran = run_timed([SYSTEM_PYTHON, "-I", "-c", _PROBE.format(lib=str(LIBDIR))], bed.user)
     bed.client().wait(int(ran.stdout.split()[0]))
     names = json.loads(ran.stderr.strip().splitlines()[-1])
-    check(isinstance(names, list) and any(n.startswith("gi") for n in names),
+    check(isinstance(names, list) and any(n.startswith("jeepney") for n in names),
           f"unexpected module list from the probe: {ran.stderr[-300:]}")
     return [name for name in names if _importable(name)]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 from typing import Any, Callable, Dict, Iterable, Mapping
 
@@ -42,6 +43,12 @@ def print_error(message: str) -> None:
     with contextlib.suppress(OSError, ValueError):
         sys.stdout.flush()  # what was printed before comes first when both go to one place
     print(f"{PROG}: {' '.join(message.splitlines())}", file=sys.stderr)
+
+
+def about_job(job_id: int, message: str) -> str:
+    """A message prefixed with "job N: " unless it already names job N ("there is no job 999", not
+    "job 999: there is no job 999")."""
+    return message if re.search(rf"\bjob {job_id}\b", message) else f"job {job_id}: {message}"
 
 
 def print_json(value: Any) -> None:

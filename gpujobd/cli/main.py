@@ -13,17 +13,19 @@ client is imported only when a verb runs, so `-h` and usage errors answer fast.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import sys
 from typing import Any, Callable, Dict, NoReturn, Sequence
 
 from gpujobd import __version__
-from gpujobd.cli import gpus, listing, logs, status, stop, submit, wait
+from gpujobd.cli import completion, gpus, listing, logs, status, stop, submit, wait
 from gpujobd.cli.common import EXIT_INTERRUPTED, PROG, print_error
 from gpujobd.shared import errors
 
 DEBUG_ENV = "GPUJOBCTL_DEBUG"  # set to show a traceback for an unexpected error
-VERBS = (submit, stop, status, listing, logs, wait, gpus)  # each has add_parser(verbs)
+VERBS = (submit, stop, status, listing, logs, wait, gpus, completion)  # each has add_parser(verbs)
 
 ClientFactory = Callable[[], Any]
 
@@ -99,8 +101,28 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line, `gpujobctl: ...`, and exit 2."""
 
     def error(self, message: str) -> NoReturn:
-        print_error(f"{message}; see `{self.prog} -h`")
+        print_error(f"{_unknown_verb(message) or message}; see `{self.prog} -h`")
         raise SystemExit(errors.EXIT_USAGE)
+
+
+# Verbs of other tools (Slurm, pueue, task-spooler, docker) that users type, and ours for them.
+_OTHER_TOOLS_VERBS = {"cancel": "stop", "kill": "stop", "scancel": "stop", "rm": "stop", "remove": "stop",
+                      "ls": "list", "ps": "list", "queue": "list", "squeue": "list", "show": "status",
+                      "info": "status", "log": "logs", "tail": "logs", "run": "submit", "add": "submit",
+                      "sbatch": "submit", "start": "submit"}
+_INVALID_VERB = re.compile(r"argument VERB: invalid choice: '([^']*)' \(choose from (.*)\)")
+
+
+def _unknown_verb(message: str) -> str:
+    """argparse's "invalid choice" for a verb, said plainly with a guess from typos and other tools'
+    verbs: "unknown verb 'sumbit': did you mean `submit`? (verbs: submit, stop, ...)"; "" otherwise."""
+    found = _INVALID_VERB.search(message)
+    if found is None:
+        return ""
+    typed, verbs = found.group(1), [verb.strip(" '") for verb in found.group(2).split(",")]
+    guess = _OTHER_TOOLS_VERBS.get(typed) or next(iter(difflib.get_close_matches(typed, verbs, n=1)), None)
+    hint = f": did you mean `{guess}`?" if guess else ""
+    return f"unknown verb {typed!r}{hint} (verbs: {', '.join(verbs)})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _MAIN_EPILOG = """\
 examples:
-  gpujobctl submit --name train -- python train.py --epochs 10
+  gpujobctl submit --name train -- python3 train.py --epochs 10
   gpujobctl list
   gpujobctl logs -f 42
   gpujobctl stop 42

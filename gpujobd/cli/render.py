@@ -186,10 +186,11 @@ def _status_fields(job: Mapping[str, Any], now: float, processes: Sequence[Tuple
     add("User", _user_text(job))
     add("Command", command_text(job.get("argv", [])))
     add("Cwd", printable(job.get("cwd", "")))
-    add("Environment", _pairs_text(job.get("env")))
+    add("Environment", _pairs_lines(job.get("env")))
     add("Properties", _pairs_text(job.get("properties")))
-    if job.get("started_at") is None and job.get("created_at") is not None:
-        add("Created", format_moment(job["created_at"], now))
+    add("GPUs", None if gpus_column(job) == "-" else gpus_column(job))
+    if job.get("created_at") is not None:
+        add("Submitted", format_moment(job["created_at"], now))
     if job.get("started_at") is not None:
         add("Started", format_moment(job["started_at"], now))
     if job.get("ended_at") is not None:
@@ -260,6 +261,13 @@ def _pairs_text(pairs: Mapping[str, str] | None) -> str | None:
     if not pairs:
         return None
     return printable(" ".join(shlex.quote(f"{key}={value}") for key, value in sorted(pairs.items())))
+
+
+def _pairs_lines(pairs: Mapping[str, str] | None) -> str | None:
+    """One NAME=VALUE per line (an inherited environment is long), aligned under the first."""
+    if not pairs:
+        return None
+    return "\n".join(printable(shlex.quote(f"{key}={value}")) for key, value in sorted(pairs.items()))
 
 
 def _processes_text(processes: Sequence[Tuple[int, str]]) -> str | None:
@@ -348,22 +356,36 @@ def _log_line_text(line: bytes) -> str:
 
 # --- list --------------------------------------------------------------------------------------------
 
-_COLUMNS = ("ID", "USER", "STATE", "EXIT", "ELAPSED", "NAME", "COMMAND")
+_COLUMNS = ("ID", "USER", "STATE", "EXIT", "SUBMIT", "START", "ELAPSED", "GPUS", "NAME", "COMMAND")
+_STATE_COLUMN = 2
+# SGR colours of a state on a terminal: what runs green, what waits yellow, what failed red.
+_STATE_COLOURS = {"running": "32", "starting": "33", "queued": "33", "stopping": "33", "succeeded": "",
+                  "failed": "31", "lost": "31", "timed-out": "35", "stopped": "35"}
 
 
-def format_table(jobs: Sequence[Mapping[str, Any]], now: float, width: int | None = None) -> List[str]:
-    """The `list` table; COMMAND is cut to `width` columns in all (None: not cut).
+def format_table(jobs: Sequence[Mapping[str, Any]], now: float, width: int | None = None,
+                 colour: bool = False) -> List[str]:
+    """The `list` table; COMMAND is cut to `width` columns in all (None: not cut); with `colour`, the
+    STATE cell in the state's colour (a terminal's, never a pipe's: `list` decides).
 
     A background loop's STATE is followed by its runs ended of its maximum: "running 3/5".
     """
     rows = [_COLUMNS] + [_table_row(job, now) for job in jobs]
     widths = [max(len(row[column]) for row in rows) for column in range(len(_COLUMNS) - 1)]
     lines = []
-    for row in rows:
+    for index, row in enumerate(rows):
         cells = [row[0].rjust(widths[0])] + [cell.ljust(w) for cell, w in zip(row[1:-1], widths[1:])]
+        prefix_width = sum(len(cell) + 2 for cell in cells)
+        if colour and index:
+            cells[_STATE_COLUMN] = _coloured(cells[_STATE_COLUMN], str(jobs[index - 1].get("state", "")))
         prefix = "  ".join(cells) + "  "
-        lines.append(prefix + _cut(row[-1], None if width is None else width - len(prefix)))
+        lines.append(prefix + _cut(row[-1], None if width is None else width - prefix_width))
     return lines
+
+
+def _coloured(cell: str, state: str) -> str:
+    code = _STATE_COLOURS.get(state, "")
+    return f"\033[{code}m{cell}\033[0m" if code else cell
 
 
 def _table_row(job: Mapping[str, Any], now: float) -> Tuple[str, ...]:
@@ -373,10 +395,32 @@ def _table_row(job: Mapping[str, Any], now: float) -> Tuple[str, ...]:
         printable(job.get("user", "") or "-"),
         state_column(job),
         exit_column(job),
+        format_clock(job.get("created_at"), now),
+        format_clock(job.get("started_at"), now),
         "-" if elapsed is None else format_duration(elapsed),
+        gpus_column(job),
         printable(job.get("name") or "-"),
         command_text(job.get("argv", [])),
     )
+
+
+def format_clock(timestamp: float | None, now: float) -> str:
+    """A table's time, 5 characters: HH:MM today, MM-DD on another day (local time); "-" when unset.
+    `status` and `--json` give the full times."""
+    if timestamp is None:
+        return "-"
+    same_day = time.localtime(timestamp)[:3] == time.localtime(now)[:3]
+    return time.strftime("%H:%M" if same_day else "%m-%d", time.localtime(timestamp))
+
+
+def gpus_column(job: Mapping[str, Any]) -> str:
+    """The GPUs allocated to the job (indexes, comma-separated), or "-" when none."""
+    gpus = job.get("gpus")
+    if gpus is None or gpus == "" or gpus == []:
+        return "-"
+    if isinstance(gpus, (list, tuple)):
+        return printable(",".join(str(gpu) for gpu in gpus))
+    return printable(str(gpus))
 
 
 def _cut(text: str, room: int | None) -> str:

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace, client: Any) -> int:
         except errors.Unavailable:
             raise  # the next ids would fail the same way
         except errors.GpujobdError as error:
-            common.print_error(f"job {one_id}: {error}")
+            common.print_error(common.about_job(one_id, str(error)))
             first_error = first_error or error.exit_code
     return first_error
 

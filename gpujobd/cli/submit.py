@@ -170,7 +170,7 @@ def submitted_command(command: Sequence[str]) -> List[str]:
         words = words[1:]
     if not words:
         raise errors.InvalidArgument(f"no command given: put it after `--`, e.g. "
-                                     f"`{PROG} submit -- python train.py`")
+                                     f"`{PROG} submit -- python3 train.py`")
     return words
 
 
@@ -181,14 +181,14 @@ def _epilog() -> str:
 
 _EPILOG = """\
 examples:
-  gpujobctl submit -- python train.py --lr 0.1         # prints the job id
+  gpujobctl submit -- python3 train.py --lr 0.1         # prints the job id
   id=$(gpujobctl submit --name sweep-3 -- ./run.sh 3)
-  gpujobctl submit --env CUDA_VISIBLE_DEVICES=0 --timeout 2h -- python train.py
+  gpujobctl submit --env CUDA_VISIBLE_DEVICES=0 --timeout 2h -- python3 train.py
   gpujobctl submit --wait -- make test                 # log to stdout, exit with the job's code
   gpujobctl submit --json -- sleep 60 | jq .unit
-  gpujobctl submit --background --max-runs 5 --restart-delay 30s -- python eval.py
+  gpujobctl submit --background --max-runs 5 --restart-delay 30s -- python3 eval.py
   gpujobctl submit --background --bind-to 42 -- ./watch_gpu.sh   # stopped when job 42 ends
-  gpujobctl submit --name exp1 --with-background 'python eval.py --latest' -- python train.py
+  gpujobctl submit --name exp1 --with-background 'python3 eval.py --latest' -- python3 train.py
       # prints "FOREGROUND BACKGROUND": the eval loop runs until train.py ends
 
 Put the command after `--`. The job's environment is what --env gives, plus your LANG.

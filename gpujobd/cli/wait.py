@@ -52,7 +52,7 @@ def _wait_one(client: Any, one_id: int, deadline: float | None, ended: List[Job]
     except errors.Unavailable:
         raise
     except errors.GpujobdError as error:
-        common.print_error(f"job {one_id}: {error}")
+        common.print_error(common.about_job(one_id, str(error)))
         return error.exit_code
     ended.append(job)
     if not quiet:

@@ -32,7 +32,7 @@ from gpujobd.client.client import (
     is_final,
 )
 from gpujobd.client.outgoing import spec_values, spec_wire
-from gpujobd.client.transport import DEFAULT_CALL_TIMEOUT_S, build_filter, build_spec, error_from_glib
+from gpujobd.client.transport import DEFAULT_CALL_TIMEOUT_S, build_filter, build_spec, error_from_dbus
 
 __all__ = [
     "DEFAULT_CALL_TIMEOUT_S",
@@ -43,7 +43,7 @@ __all__ = [
     "WaitTimedOut",
     "build_filter",
     "build_spec",
-    "error_from_glib",
+    "error_from_dbus",
     "is_final",
     "spec_values",
     "spec_wire",

@@ -41,8 +41,9 @@ def _run(wire: Mapping[str, Any], raw: bool) -> Dict[str, Any]:
 class Client:
     """A connection to gpujobd on the system bus, opened on first use.
 
-    `bus`: None for the system bus (Gio honours DBUS_SYSTEM_BUS_ADDRESS), a Gio.DBusConnection, a
-    pydbus bus (its connection is used) or a bus address string such as "unix:path=/run/x/bus".
+    `bus`: None for the system bus (DBUS_SYSTEM_BUS_ADDRESS is honoured) or a bus address string such
+    as "unix:path=/run/x/bus". One Client may be shared by threads: its calls take turns on one
+    connection, and each `wait` listens on one of its own.
     """
 
     def __init__(
@@ -50,8 +51,12 @@ class Client:
         bus: Any = None,
         call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
         follow_poll_interval_s: float = DEFAULT_FOLLOW_POLL_INTERVAL_S,
+        *,
+        transport: Any = None,
     ) -> None:
-        self._transport = Transport(bus, call_timeout_s)
+        # `transport`: another object with Transport's methods (a test's fake); `bus` is then unused.
+        self._transport = Transport(bus, call_timeout_s) if transport is None else transport
+        self._transport.call_timeout_s = float(call_timeout_s)
         self.follow_poll_interval_s = float(follow_poll_interval_s)
 
     @property
@@ -69,8 +74,10 @@ class Client:
 
         `argv`: the command and its arguments (a list, not a shell string). The options are the
         keywords below (each declared in gpujobd.shared.spec.OPTIONS, with its type and rules):
-        `cwd`: its working directory (default: the current one). `env`: the job's only environment
-        variables besides the daemon's safe base (PATH, HOME, USER, ...) and your LANG. `name`: a
+        `cwd`: its working directory (default: the current one). `env`: variables set for the job,
+        over your own environment, which the job inherits less its session variables (DISPLAY,
+        SSH_AUTH_SOCK, ...: gpujobd.shared.environment); `env_clear=True`: the job gets only the
+        daemon's safe base (PATH, HOME, USER, ...), your LANG and `env`. `name`: a
         label. `properties`: resource properties of the job's scope the daemon allows (e.g.
         {"MemoryMax": "8G"}). `timeout_s`: stop the job after this many seconds (it then ends
         `timed-out`).

@@ -2,7 +2,7 @@
 
 The submit options are declared in gpujobd.shared.spec, which checks the keywords and encodes the
 values; the daemon validates them. Only what the caller alone knows is settled here: the working
-directory a relative (or no) `cwd` means, and the caller's LANG.
+directory a relative (or no) `cwd` means, and the caller's environment (or, with `env_clear`, its LANG).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Mapping, Sequence, Tuple
 
-from gpujobd.shared import api, errors, spec
+from gpujobd.shared import api, environment, errors, spec
 from gpujobd.shared.model import JobState
 
 MAX_UINT32 = (1 << 32) - 1
@@ -26,12 +26,14 @@ def spec_wire(argv: Sequence[str], *, caller_environ: Mapping[str, str] | None =
     cannot be sent.
 
     `cwd` is made absolute against the caller's working directory (default: that directory). `env`
-    sent is the explicit env plus LANG from the caller's environment when set and not given. Only the
-    options that are given are sent: an absent one means its default, or the server's.
+    sent is the caller's environment less its session variables (`environment.inherited`), with the
+    explicit env over it; with `env_clear`, the explicit env plus the caller's LANG when set and not
+    given. Only the options that are given are sent: an absent one means its default, or the server's.
     """
     values = dict(options, argv=argv)
     values["cwd"] = _resolved_cwd(options.get("cwd"))
-    values["env"] = _with_lang(options.get("env"), os.environ if caller_environ is None else caller_environ)
+    caller = os.environ if caller_environ is None else caller_environ
+    values["env"] = _job_env(options.get("env"), caller, bool(options.get("env_clear")))
     return spec.encode(values)
 
 
@@ -52,13 +54,15 @@ def _resolved_cwd(cwd: Any) -> Any:
     return os.path.abspath(cwd) if isinstance(cwd, str) and "\0" not in cwd else cwd
 
 
-def _with_lang(env: Any, caller_environ: Mapping[str, str]) -> Any:
+def _job_env(env: Any, caller_environ: Mapping[str, str], env_clear: bool) -> Any:
     if env is not None and not isinstance(env, Mapping):
         return env  # spec.encode says what is wrong with it
-    pairs = dict(env or {})
-    if "LANG" not in pairs and caller_environ.get("LANG"):
-        pairs["LANG"] = caller_environ["LANG"]
-    return pairs
+    if env_clear:
+        pairs = dict(env or {})
+        if "LANG" not in pairs and caller_environ.get("LANG"):
+            pairs["LANG"] = caller_environ["LANG"]
+        return pairs
+    return {**environment.inherited(caller_environ), **(env or {})}
 
 
 def filter_wire(

@@ -1,18 +1,28 @@
-"""The client's D-Bus transport: the one module of the client that imports a D-Bus library (Gio).
+"""The client's D-Bus transport: the one module of the client that imports a D-Bus library (jeepney).
 
-Calls go straight through Gio's `call_sync` with the contract's known signatures: no introspection
-round trip per connection, and every call has a timeout. A D-Bus or Gio failure becomes the
-`errors.GpujobdError` it means (`error_from_glib`). What is sent is built elsewhere as plain values
-and {key: (signature, value)} dicts; they become GLib.Variant values only here.
+jeepney is pure Python (no compiled part, no system library), so the client and `gpujobctl` install
+with pip into any virtualenv or conda env; docs/client.md says why it and not the daemon's Gio.
+Calls are blocking, with the contract's known signatures and a timeout each. What is sent is built
+elsewhere as plain values and {key: (signature, value)} dicts, which is how jeepney writes a{sv}
+already; replies come back with their variants unwrapped into plain values (`plain`). A D-Bus or
+socket failure becomes the `errors.GpujobdError` it means (`error_from_dbus`, `error_from_os`).
+
+One connection carries the calls, behind a lock, so that one Client may serve several threads (an
+Optuna study with n_jobs > 1). Each `watch` opens a connection of its own for its signals.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
-from gi.repository import Gio, GLib
+from jeepney import DBusAddress, HeaderFields, MatchRule, Message, MessageType, new_method_call
+from jeepney.bus_messages import message_bus
+from jeepney.io.blocking import DBusConnection, open_dbus_connection
+from jeepney.low_level import Array, DictEntry, Struct, Variant, parse_signature
 
 from gpujobd.client import outgoing
 from gpujobd.shared import api, errors
@@ -22,7 +32,6 @@ DEFAULT_CALL_TIMEOUT_S = 30.0
 
 _DBUS = "org.freedesktop.DBus"
 _DBUS_ERROR = _DBUS + ".Error."
-_REMOTE_ERROR = re.compile(r"\AGDBus\.Error:([^\s:]+):\s?(.*)\Z", re.DOTALL)
 _UNAVAILABLE_ERRORS = frozenset(
     _DBUS_ERROR + name
     for name in ("ServiceUnknown", "NameHasNoOwner", "Disconnected", "NoServer", "SpawnChildExited",
@@ -36,11 +45,9 @@ _INVALID_ERRORS = frozenset(_DBUS_ERROR + name for name in ("InvalidArgs", "Inva
 _MISMATCH_ERRORS = frozenset(
     _DBUS_ERROR + name for name in ("UnknownMethod", "UnknownObject", "UnknownInterface")
 )
-# Local (not remote) errors that mean the bus cannot be reached: no socket, refused, closed, ...
-_UNREACHABLE_IO_ERRORS = ("NOT_FOUND", "CONNECTION_REFUSED", "CLOSED", "BROKEN_PIPE", "CONNECTION_CLOSED",
-                          "NOT_CONNECTED", "HOST_UNREACHABLE", "NETWORK_UNREACHABLE", "PERMISSION_DENIED")
 _HINT = "check `systemctl status gpujobd`"
 _FINAL_STATE_NAMES = frozenset(state.value for state in FINAL_STATES)
+_SERVICE = DBusAddress(api.OBJECT_PATH, bus_name=api.BUS_NAME, interface=api.INTERFACE)
 
 Wire = Mapping[str, Tuple[str, Any]]  # {key: (D-Bus signature, plain value)}
 
@@ -48,23 +55,9 @@ Wire = Mapping[str, Tuple[str, Any]]  # {key: (D-Bus signature, plain value)}
 # --- error mapping -----------------------------------------------------------------------------------
 
 
-def error_from_glib(error: Any, what: str, timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> errors.GpujobdError:
-    """A GLib.Error raised by a D-Bus call (or by connecting) -> the GpujobdError it means.
-
-    `what` names the operation for the message ("Submit", "connecting to the system bus").
-    """
-    message = str(getattr(error, "message", None) or error)
-    remote = _REMOTE_ERROR.match(message)
-    if remote is not None:
-        return _error_from_remote(remote.group(1), remote.group(2), what, timeout_s)
-    if _is_io_error(error, ("TIMED_OUT",)):
-        return _timed_out(what, timeout_s)
-    if _is_io_error(error, _UNREACHABLE_IO_ERRORS):
-        return _unavailable(message)
-    return errors.GpujobdError(f"{what} failed: {message}")
-
-
-def _error_from_remote(name: str, text: str, what: str, timeout_s: float) -> errors.GpujobdError:
+def error_from_dbus(name: str, text: str, what: str,
+                    timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> errors.GpujobdError:
+    """A D-Bus error reply (its name and message) to the call `what` -> the GpujobdError it means."""
     if name.startswith(errors.ERROR_PREFIX):
         return errors.from_dbus_name(name, text)
     if name in _UNAVAILABLE_ERRORS:
@@ -86,12 +79,12 @@ def _error_from_remote(name: str, text: str, what: str, timeout_s: float) -> err
     return errors.GpujobdError(f"{what} failed: {name}: {text}")
 
 
-def _is_io_error(error: Any, code_names: Tuple[str, ...]) -> bool:
-    matches = getattr(error, "matches", None)
-    if matches is None:
-        return False
-    codes = (getattr(Gio.IOErrorEnum, name, None) for name in code_names)
-    return any(code is not None and matches(Gio.io_error_quark(), code) for code in codes)
+def error_from_os(error: BaseException, what: str,
+                  timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> errors.GpujobdError:
+    """A socket-level failure (no bus socket, refused, closed, timed out) -> the GpujobdError."""
+    if isinstance(error, TimeoutError):
+        return _timed_out(what, timeout_s)
+    return _unavailable(f"{what}: {error}")
 
 
 def _unavailable(detail: str) -> errors.Unavailable:
@@ -108,157 +101,179 @@ def _timed_out(what: str, timeout_s: float, detail: str = "") -> errors.Unavaila
     )
 
 
-# --- what is sent, as GLib.Variant values ------------------------------------------------------------
+# --- what is sent and what comes back ------------------------------------------------------------------
 
 
-def to_variants(wire: Wire) -> Dict[str, GLib.Variant]:
-    """{key: (signature, value)} -> {key: GLib.Variant}: an a{sv} ready to send."""
-    return {key: GLib.Variant(signature, value) for key, (signature, value) in wire.items()}
+def build_spec(argv: Sequence[str], **options: Any) -> Dict[str, Tuple[str, Any]]:
+    """The Submit spec as jeepney sends an a{sv}: {key: (signature, value)} (`outgoing.spec_wire`)."""
+    return dict(outgoing.spec_wire(argv, **options))
 
 
-def build_spec(argv: Sequence[str], **options: Any) -> Dict[str, GLib.Variant]:
-    """The Submit spec as an a{sv} dict of GLib.Variant values (see `outgoing.spec_wire`)."""
-    return to_variants(outgoing.spec_wire(argv, **options))
+def build_filter(**query: Any) -> Dict[str, Tuple[str, Any]]:
+    """The List filter as an a{sv}, with only the keys that are given (`outgoing.filter_wire`)."""
+    return dict(outgoing.filter_wire(**query))
 
 
-def build_filter(**query: Any) -> Dict[str, GLib.Variant]:
-    """The List filter as an a{sv} dict, with only the keys that are given (`outgoing.filter_wire`)."""
-    return to_variants(outgoing.filter_wire(**query))
+def plain(value: Any, signature: str) -> Any:
+    """A value jeepney parsed as `signature`, with every variant unwrapped: a{sv} -> {key: value}."""
+    return _plain(value, parse_signature(list(signature)))
+
+
+def _plain(value: Any, kind: Any) -> Any:
+    if isinstance(kind, Variant):
+        inner_signature, inner = value
+        return plain(inner, inner_signature)
+    if isinstance(kind, Array):
+        element = kind.elt_type
+        if isinstance(element, DictEntry):
+            return {key: _plain(item, element.fields[1]) for key, item in value.items()}
+        return value if isinstance(value, bytes) else [_plain(item, element) for item in value]
+    if isinstance(kind, Struct):
+        return tuple(_plain(item, field) for item, field in zip(value, kind.fields))
+    return value
 
 
 # --- the connection ----------------------------------------------------------------------------------
 
 
 class Transport:
-    """A Gio connection to the bus, opened on first use, and the calls gpujobd's contract has.
+    """A jeepney connection to the bus, opened on first use, and the calls gpujobd's contract has.
 
-    `bus`: None for the system bus (Gio honours DBUS_SYSTEM_BUS_ADDRESS), a Gio.DBusConnection, a
-    pydbus bus (its connection is used) or a bus address string such as "unix:path=/run/x/bus".
+    `bus`: None for the system bus (DBUS_SYSTEM_BUS_ADDRESS is honoured) or a bus address string such
+    as "unix:path=/run/x/bus".
     """
 
-    def __init__(self, bus: Any = None, call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> None:
+    def __init__(self, bus: Optional[str] = None, call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> None:
+        if bus is not None and not isinstance(bus, str):
+            raise errors.InvalidArgument(f"bus: give None (the system bus) or a D-Bus address such as "
+                                         f"'unix:path=/run/dbus/system_bus_socket', not {type(bus).__name__}")
         self._bus = bus
-        self._connection: Gio.DBusConnection | None = None
+        self._connection: Optional[DBusConnection] = None
+        self._lock = threading.Lock()
         self.call_timeout_s = float(call_timeout_s)
 
-    def call(self, method: str, signature: str | None, args: Tuple[Any, ...], reply_type: str) -> Any:
-        """Call a method of the contract; its reply unpacked into plain values (a tuple).
+    def call(self, method: str, signature: Optional[str], args: Tuple[Any, ...], reply_type: str) -> Any:
+        """Call a method of the contract; its reply as plain values (a tuple).
 
         An `a{sv}` argument is given as {key: (signature, value)}."""
-        return self._call(method, self._arguments(signature, args), reply_type).unpack()
+        reply = self._call(method, signature, args)
+        return plain(tuple(reply.body), reply_type)
 
     def read_log(self, job_id: int, offset: int, max_bytes: int) -> Tuple[bytes, int, bool]:
-        """ReadLog, with its bytes taken as one buffer (not unpacked byte by byte)."""
-        reply = self._call("ReadLog", GLib.Variant("(ttu)", (job_id, offset, max_bytes)), "(aytb)")
-        data = reply.get_child_value(0).get_data_as_bytes().get_data() or b""
-        return bytes(data), reply.get_child_value(1).get_uint64(), reply.get_child_value(2).get_boolean()
+        """ReadLog: (data, next_offset, job_ended); jeepney reads an `ay` as one bytes value."""
+        data, next_offset, ended = self._call("ReadLog", "ttu", (job_id, offset, max_bytes)).body
+        return bytes(data), int(next_offset), bool(ended)
 
     @contextlib.contextmanager
     def watch(self, job_id: int) -> Iterator[Callable[[float], None]]:
-        """Subscribe to what may end a wait for the job; yields `sleep(seconds)`, which returns at
-        a wakeup or after `seconds`. The subscriptions live on a private main context."""
-        connection = self._conn()
-        context = GLib.MainContext.new()
-        context.push_thread_default()
+        """Subscribe to what may end a wait for the job; yields `sleep(seconds)`, which returns at a
+        wakeup or after `seconds`. The subscriptions live on a connection of their own, whose AddMatch
+        calls are answered before this yields: a signal sent after that is never missed."""
+        connection = self._open("subscribing to JobChanged")
         try:
-            with _Wakeups(connection, job_id) as wakeups:
-                yield lambda seconds: wakeups.wait(context, seconds)
+            with _Wakeups(connection, job_id, self.call_timeout_s) as wakeups:
+                yield wakeups.sleep
         finally:
-            context.pop_thread_default()
+            connection.close()
 
-    @staticmethod
-    def _arguments(signature: str | None, args: Tuple[Any, ...]) -> GLib.Variant | None:
-        if signature is None:
-            return None
-        if signature == "(a{sv})":
-            args = (to_variants(args[0]),)
-        return GLib.Variant(signature, args)
+    def close(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
 
-    def _conn(self) -> Gio.DBusConnection:
-        if self._connection is None:
-            self._connection = self._open()
-        return self._connection
-
-    def _open(self) -> Gio.DBusConnection:
-        bus = self._bus
+    def _open(self, what: str) -> DBusConnection:
         try:
-            if bus is None:
-                return Gio.bus_get_sync(Gio.BusType.SYSTEM, None)
-            if isinstance(bus, str):
-                flags = (Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
-                         | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION)
-                return Gio.DBusConnection.new_for_address_sync(bus, flags, None, None)
-        except GLib.Error as error:
-            raise error_from_glib(error, "connecting to the system bus", self.call_timeout_s) from None
-        return getattr(bus, "con", bus)  # a pydbus bus wraps its Gio.DBusConnection as .con
+            # It says Hello to the bus itself (jeepney's DBusConnection does, on creation).
+            return open_dbus_connection(bus=self._bus or "SYSTEM", auth_timeout=self.call_timeout_s)
+        except (OSError, TimeoutError, ValueError, KeyError) as error:
+            raise error_from_os(error, f"connecting to the bus ({what})", self.call_timeout_s) from None
 
-    def _call(self, method: str, args: GLib.Variant | None, reply_type: str) -> GLib.Variant:
-        connection = self._conn()
-        try:
-            return connection.call_sync(
-                api.BUS_NAME, api.OBJECT_PATH, api.INTERFACE, method, args,
-                GLib.VariantType.new(reply_type), Gio.DBusCallFlags.NONE,
-                int(self.call_timeout_s * 1000), None,
-            )
-        except GLib.Error as error:
-            raise error_from_glib(error, method, self.call_timeout_s) from None
+    def _call(self, method: str, signature: Optional[str], args: Tuple[Any, ...]) -> Message:
+        message = new_method_call(_SERVICE, method, signature.strip("()") if signature else None,
+                                  args if signature else ())
+        with self._lock:
+            if self._connection is None:
+                self._connection = self._open(method)
+            try:
+                reply = self._connection.send_and_get_reply(message, timeout=self.call_timeout_s)
+            except (OSError, TimeoutError) as error:
+                self._drop_connection()
+                raise error_from_os(error, method, self.call_timeout_s) from None
+        return _checked_reply(reply, method, self.call_timeout_s)
+
+    def _drop_connection(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(OSError):
+                self._connection.close()
+            self._connection = None
+
+
+def _checked_reply(reply: Message, what: str, timeout_s: float) -> Message:
+    if reply.header.message_type != MessageType.error:
+        return reply
+    name = str(reply.header.fields.get(HeaderFields.error_name, ""))
+    text = str(reply.body[0]) if reply.body and isinstance(reply.body[0], str) else ""
+    raise error_from_dbus(name, text, what, timeout_s)
 
 
 class _Wakeups:
     """Signal subscriptions that wake `Client.wait`: the job's JobChanged to a final state, and the
     daemon's bus name changing owner (a restart: the job may have been settled meanwhile)."""
 
-    def __init__(self, connection: Gio.DBusConnection, job_id: int) -> None:
+    def __init__(self, connection: DBusConnection, job_id: int, timeout_s: float) -> None:
         self._connection = connection
         self._job_id = job_id
-        self._subscriptions: List[int] = []
-        self._woken = False
+        self._timeout_s = timeout_s
+        self._queue: deque[Message] = deque()
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> _Wakeups:
-        self._subscribe(api.BUS_NAME, api.INTERFACE, "JobChanged", api.OBJECT_PATH, None,
-                        self._on_job_changed)
-        self._subscribe(_DBUS, _DBUS, "NameOwnerChanged", "/org/freedesktop/DBus", api.BUS_NAME,
-                        self._on_owner_changed)
+        job_changed = MatchRule(type="signal", interface=api.INTERFACE, member="JobChanged",
+                                path=api.OBJECT_PATH)
+        owner = MatchRule(type="signal", sender=_DBUS, interface=_DBUS, member="NameOwnerChanged",
+                          path="/org/freedesktop/DBus")
+        owner.add_arg_condition(0, api.BUS_NAME)
+        for rule in (job_changed, owner):
+            # The bus filters by rule; the connection sorts what arrives into this one queue.
+            self._stack.enter_context(self._connection.filter(rule, queue=self._queue))
+        bus_side = MatchRule(type="signal", sender=api.BUS_NAME, interface=api.INTERFACE,
+                             member="JobChanged", path=api.OBJECT_PATH)
+        for rule in (bus_side, owner):
+            reply = self._connection.send_and_get_reply(message_bus.AddMatch(rule), timeout=self._timeout_s)
+            _checked_reply(reply, "AddMatch", self._timeout_s)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for subscription in self._subscriptions:
-            self._connection.signal_unsubscribe(subscription)
-        self._subscriptions.clear()
+        self._stack.close()
 
-    def wait(self, context: GLib.MainContext, seconds: float) -> None:
-        """Run the context until a wakeup or `seconds` pass."""
-        if self._woken:
-            self._woken = False
-            return
-        timer = GLib.timeout_source_new(max(1, int(seconds * 1000)))
-        timer.set_callback(self._on_timer)
-        timer.attach(context)
-        try:
-            while not self._woken:
-                context.iteration(True)
-        finally:
-            timer.destroy()
-        self._woken = False
+    def sleep(self, seconds: float) -> None:
+        """Return at the first wakeup, or after `seconds`."""
+        deadline = time.monotonic() + max(0.0, seconds)
+        while True:
+            while self._queue:
+                if self._wakes(self._queue.popleft()):
+                    return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                self._connection.recv_messages(timeout=remaining)
+            except TimeoutError:
+                return
+            except OSError as error:
+                raise error_from_os(error, "waiting for JobChanged", self._timeout_s) from None
 
-    def _subscribe(self, sender: str, interface: str, member: str, path: str, arg0: str | None,
-                   callback: Callable[..., None]) -> None:
-        self._subscriptions.append(self._connection.signal_subscribe(
-            sender, interface, member, path, arg0, Gio.DBusSignalFlags.NONE, callback
-        ))
+    def _wakes(self, message: Message) -> bool:
+        return wakes(str(message.header.fields.get(HeaderFields.member, "")), tuple(message.body),
+                     self._job_id)
 
-    def _on_job_changed(self, _conn: Any, _sender: str, _path: str, _iface: str, _member: str,
-                        params: GLib.Variant) -> None:
-        job_id, state = params.unpack()
-        if job_id == self._job_id and state in _FINAL_STATE_NAMES:
-            self._woken = True
 
-    def _on_owner_changed(self, _conn: Any, _sender: str, _path: str, _iface: str, _member: str,
-                          params: GLib.Variant) -> None:
-        _name, _old, new = params.unpack()
-        if new:
-            self._woken = True
-
-    def _on_timer(self, *_args: object) -> bool:
-        self._woken = True
-        return GLib.SOURCE_REMOVE
+def wakes(member: str, body: Tuple[Any, ...], job_id: int) -> bool:
+    """Whether a signal ends a sleep of `Client.wait` for the job: its JobChanged to a final state,
+    or the daemon's name getting a new owner (a restart: the job may have been settled meanwhile)."""
+    if member == "JobChanged":
+        return bool(body[0] == job_id and body[1] in _FINAL_STATE_NAMES)
+    if member == "NameOwnerChanged":
+        return bool(body[2])
+    return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, Protocol
 
 from gpujobd.daemon.ports import User
+from gpujobd.shared import environment
 from gpujobd.shared.config import JobsConfig
 from gpujobd.shared.model import Job
 
@@ -35,9 +36,24 @@ def supervisor_spec(job: Job, user: User, jobs: JobsConfig, paths: JobPaths) -> 
 
 
 def job_environment(job: Job, user: User, jobs: JobsConfig) -> Dict[str, str]:
-    """A safe base (never the daemon's environment), then the user's explicit --env, then GPUJOB_ID."""
-    env = {"PATH": jobs.default_path, "HOME": user.home, "USER": job.user, "LOGNAME": job.user,
-           "SHELL": user.shell or "/bin/sh"}
+    """The job's environment: a safe base (never the daemon's environment), then what the user sent
+    (their captured environment and --env; applied by the supervisor only after dropping
+    privileges), then gpujobd's own variables, which always win (`with_own_variables`)."""
+    env = {"PATH": jobs.default_path, "HOME": user.home, "SHELL": user.shell or "/bin/sh"}
     env.update(job.spec.env)
-    env["GPUJOB_ID"] = str(job.id)
-    return env
+    env.setdefault(environment.PYTHON_UNBUFFERED, "1")  # `--env PYTHONUNBUFFERED=` turns it off
+    return with_own_variables(env, own_variables(job))
+
+
+def own_variables(job: Job) -> Dict[str, str]:
+    """What gpujobd itself sets in every job: its id and its owner's names (CUDA_VISIBLE_DEVICES too
+    once GPUs are allocated to the job; GPUJOB_RUN is the supervisor's, per run)."""
+    return {"GPUJOB_ID": str(job.id), "USER": job.user, "LOGNAME": job.user}
+
+
+def with_own_variables(env: Dict[str, str], own: Dict[str, str]) -> Dict[str, str]:
+    """The one rule: gpujobd's own variables always win over the user's. Any other GPUJOB_* the user
+    sent (a job submitted from inside a job carries its parent's) is dropped."""
+    kept = {name: value for name, value in env.items() if not environment.is_own_variable(name)}
+    kept.update(own)
+    return kept

@@ -257,8 +257,8 @@ class Store:
 
         Default view (include_ended false): every job in a non-final state plus the jobs that ended at
         or after `ended_since` (none when it is None); served from the state and ended_at indexes.
-        include_ended: every job; without after_id, the newest `limit` ones. after_id pages forward:
-        the first `limit` jobs with a larger id, in either view.
+        include_ended: every job. Without after_id, the newest `limit` ones of either view; after_id
+        pages forward: the first `limit` jobs with a larger id, in either view.
         """
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
@@ -269,7 +269,8 @@ class Store:
             sql, params = _all_view(filters, params, after_id, limit)
         else:
             sql, params = _default_view(filters, params, ended_since, after_id, limit)
-        return [self._decode(row) for row in self._query("listing jobs", sql, params)]
+        jobs = [self._decode(row) for row in self._query("listing jobs", sql, params)]
+        return jobs if include_ended or after_id is not None else jobs[::-1]
 
     def active_jobs(self) -> List[Job]:
         """Every job in queued/starting/running/stopping, by id: what the crash reconcile examines."""
@@ -438,5 +439,7 @@ def _default_view(filters: List[str], params: List[Any], ended_since: Optional[f
     if ended_since is not None:
         candidates += f" UNION ALL SELECT id FROM jobs WHERE ended_at >= ?{after}"
         candidate_params += [ended_since, *after_params]
-    sql = f"{_SELECT_JOBS} WHERE id IN ({candidates}){_and(filters)} ORDER BY id LIMIT ?"
+    # Without after_id, the newest `limit` (newest first: list_jobs turns them around).
+    order = "id" if after_id is not None else "id DESC"
+    sql = f"{_SELECT_JOBS} WHERE id IN ({candidates}){_and(filters)} ORDER BY {order} LIMIT ?"
     return sql, [*candidate_params, *params, limit]

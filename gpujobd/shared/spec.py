@@ -30,7 +30,7 @@ import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from gpujobd.shared import text
+from gpujobd.shared import environment, text
 from gpujobd.shared.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 MAX_ARGV_ITEMS = 4096
 MAX_ARG_BYTES = 128 * 1024
 MAX_ENV_ITEMS = 1024
+# An environment is sent whole with each submit; execve takes at most ~2 MiB of argv + environment
+# (a quarter of the stack limit), and a D-Bus message 128 MiB. 256 KiB holds a conda environment many
+# times over (a typical one is 3 to 20 KiB) and keeps a submit's message small (docs/environment.md).
+MAX_ENV_BYTES = 256 * 1024
 MAX_NAME_LENGTH = 128
 MAX_TIMEOUT_S = 100 * 365 * 24 * 3600.0  # RuntimeMaxSec= is in microseconds, a uint64
 # What a job may ask for when a stray GPU process holds one of its GPUs at submit (see docs/gpu.md).
@@ -91,7 +95,8 @@ class Option:
 
 def _command(argv: Tuple[str, ...], _jobs: JobsConfig) -> Optional[str]:
     if not argv or not argv[0]:
-        return "is empty: give the program to run and its arguments, e.g. gpujobctl submit -- python train.py"
+        return ("is empty: give the program to run and its arguments, e.g. "
+                "gpujobctl submit -- python3 train.py")
     if any("\0" in word for word in argv):
         return "contains a NUL byte: remove it"
     size = sum(len(word.encode("utf-8", "surrogateescape")) + 1 for word in argv)
@@ -108,10 +113,15 @@ def _absolute(path: str, _jobs: JobsConfig) -> Optional[str]:
 
 def _env_names(env: Mapping[str, str], _jobs: JobsConfig) -> Optional[str]:
     bad = [key for key, value in env.items() if not key or "=" in key or "\0" in key + value]
-    if not bad:
-        return None
-    return (f"has {', '.join(repr(key) for key in bad)}: a name must be non-empty, without '=' or NUL, "
-            "and a value without NUL")
+    if bad:
+        return (f"has {', '.join(repr(key) for key in bad)}: a name must be non-empty, without '=' or NUL, "
+                "and a value without NUL")
+    size = environment.size_bytes(env)
+    if size > MAX_ENV_BYTES:
+        biggest = sorted(env, key=lambda key: -len(env[key]))[:3]
+        return (f"is {size} bytes; at most {MAX_ENV_BYTES} are allowed (largest: {', '.join(biggest)}): "
+                "unset what the job does not need, or submit with --env-clear and the --env it needs")
+    return None
 
 
 def _name(name: str, _jobs: JobsConfig) -> Optional[str]:
@@ -155,9 +165,15 @@ OPTIONS: Tuple[Option, ...] = (
     Option("cwd", "s", Cli(("--cwd",), "working directory (default: the current one)", metavar="DIR"),
            required=True, rules=(_absolute,)),
     Option("env", "a{ss}", Cli(("--env",), "set an environment variable for the job (repeatable; the job "
-                                           "gets only these, plus LANG)", metavar="NAME=VALUE",
+                                           "gets the submitter's environment, less session variables, "
+                                           "plus these)", metavar="NAME=VALUE",
                                parse=text.key_value, repeat=True),
            default=_NO_PAIRS, rules=(_env_names,), max_items=MAX_ENV_ITEMS),
+    # The client's to act on: with it, `env` holds only the explicit --env (and LANG), not the
+    # submitter's environment. Sent so that a job's record says which it was.
+    Option("env_clear", "b", Cli(("--env-clear",), "do not pass the submitter's environment: the job gets "
+                                                   "only a safe base (PATH, HOME, SHELL, ...) plus --env"),
+           default=False),
     Option("name", "s", Cli(("--name",), "a name to recognise the job by", metavar="NAME"), default="",
            rules=(_name,)),
     Option("properties", "a{ss}", Cli(("--property",), "a resource property of the job's scope, as the "
@@ -196,6 +212,7 @@ class JobSpec:
     argv: Tuple[str, ...]
     cwd: str
     env: Mapping[str, str] = field(default_factory=dict)
+    env_clear: bool = False
     name: str = ""
     properties: Mapping[str, str] = field(default_factory=dict)
     timeout_s: Optional[float] = None

@@ -13,6 +13,9 @@ from typing import List, Tuple
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|min|sec|s|m|h|d)?", re.IGNORECASE)
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+# Slurm's time formats with a colon or a day: MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS. (A bare
+# number stays seconds here, as everywhere in gpujobd, where Slurm would read minutes.)
+_SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+(?:\.\d*)?))?")
 
 
 def job_id(text: str) -> int:
@@ -29,8 +32,16 @@ def count(text: str) -> int:
     return int(text)
 
 
+def line_count(text: str) -> int:
+    """A whole number >= 0 (0 lines is a valid tail: `logs -f -n 0`)."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"expected a whole number of lines, not {text!r}")
+    return int(text)
+
+
 def duration(text: str) -> float:
-    """Seconds from "90", "1.5", "30s", "10min", "2h", "1h30m"; must be > 0."""
+    """Seconds from "90", "1.5", "30s", "10min", "2h", "1h30m", or Slurm's "1:30:00", "2-00:00:00";
+    must be > 0."""
     return _duration(text, allow_zero=False)
 
 
@@ -41,6 +52,8 @@ def delay(text: str) -> float:
 
 def _duration(text: str, allow_zero: bool) -> float:
     stripped = text.strip()
+    if ":" in stripped or re.match(r"\d+-", stripped):
+        return _slurm_duration(text, allow_zero)
     pos, total = 0, 0.0
     while pos < len(stripped):
         part = _DURATION_PART.match(stripped, pos)
@@ -53,6 +66,25 @@ def _duration(text: str, allow_zero: bool) -> float:
     if not stripped or pos != len(stripped) or total < 0 or (total == 0 and not allow_zero):
         examples = "0, 500ms, 2s or 1min" if allow_zero else "90, 30s, 10min, 2h or 1h30m"
         raise ValueError(f"expected a duration such as {examples}, got {text!r}")
+    return total
+
+
+def _slurm_duration(text: str, allow_zero: bool) -> float:
+    """Slurm's [D-]HH:MM:SS family: MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+    match = _SLURM_TIME.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"expected a time such as 90s, 1:30:00 (HH:MM:SS) or 2-12:00:00 (D-HH:MM:SS), "
+                         f"got {text!r}")
+    days, first, second, third = match.groups()
+    if days is not None:  # D-HH[:MM[:SS]]
+        parts = [float(days) * 24 + float(first), float(second or 0), float(third or 0)]
+    elif third is not None:  # HH:MM:SS
+        parts = [float(first), float(second), float(third)]
+    else:  # MM:SS
+        parts = [0.0, float(first), float(second or 0)]
+    total = parts[0] * 3600 + parts[1] * 60 + parts[2]
+    if total == 0 and not allow_zero:
+        raise ValueError(f"expected a duration above 0, got {text!r}")
     return total
 
 
@@ -72,5 +104,5 @@ def command(text: str) -> List[str]:
         raise ValueError(f"cannot split {text!r} into words: {error}") from None
     if not words:
         raise ValueError("the command is empty: give it as one quoted string, e.g. "
-                         "'python eval.py --every 60'")
+                         "'python3 eval.py --every 60'")
     return words

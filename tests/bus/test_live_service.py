@@ -141,3 +141,28 @@ def test_validate_refuses_root_as_submit_would_and_creates_nothing(live_service:
     with pytest.raises(errors.PermissionDenied, match="never runs a job as root"):
         Client(bus_address).validate(["true"], cwd="/")
     assert Client(bus_address).list(all=True) == []
+
+
+def test_one_client_serves_threads_calling_at_once(live_service: LiveService, bus_address: str) -> None:
+    import threading
+
+    client = Client(bus_address, call_timeout_s=10)
+    answers: list = []
+    failures: list = []
+
+    def ask(n: int) -> None:
+        try:
+            for _ in range(30):
+                with pytest.raises(errors.NotFound, match=f"no job {900 + n}"):
+                    client.get(900 + n)
+                answers.append(client.list(all=True))
+        except BaseException as error:  # reported below, with the thread's number
+            failures.append((n, error))
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert len(answers) == 120 and all(isinstance(answer, list) for answer in answers)

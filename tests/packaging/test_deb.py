@@ -199,10 +199,15 @@ def test_install_enables_and_starts_the_service():
     sh("gpujobd", "--check-config")
     sh("man", "-w", "gpujobd")
     sh("man", "-w", "gpujobctl")
+    assert Path("/usr/share/bash-completion/completions/gpujobctl").is_file()
+    assert Path("/usr/share/zsh/vendor-completions/_gpujobctl").is_file()
+    # The client is importable by the system's python3 (docs/client.md).
+    sh("/usr/bin/python3", "-c", "import gpujobd.client")
     # The NVML bindings are recommended (python3-pynvml, in contrib), never a hard dependency, and
     # no copy of them is shipped: without them the daemon runs and its GPU watcher says what to install.
     assert "python3-pynvml" in sh("dpkg-deb", "-f", str(deb), "Recommends").stdout
     depends = sh("dpkg-deb", "-f", str(deb), "Depends").stdout
+    assert "python3-jeepney" in depends, depends  # the client's D-Bus library (docs/client.md)
     assert "pynvml" not in depends and "nvidia-ml-py" not in depends, depends
     assert not [f for f in sh("dpkg", "-L", "gpujobd").stdout.split() if f.endswith("pynvml.py")]
     if sh("/usr/bin/python3", "-c", "import pynvml", check=False).returncode != 0:

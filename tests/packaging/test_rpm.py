@@ -39,7 +39,8 @@ def test_it_lists_the_expected_files():
                  "/usr/lib/systemd/system/gpujobd.service", "/usr/lib/systemd/system/gpujob.slice",
                  "/usr/share/dbus-1/system.d/org.gpujobd1.conf", "/etc/gpujobd/gpujobd.toml",
                  "/usr/share/man/man8/gpujobd.8.gz", "/usr/share/man/man1/gpujobctl.1.gz",
-                 "/var/lib/gpujobd", "/var/log/gpujobd"):
+                 "/var/lib/gpujobd", "/var/log/gpujobd", "/usr/share/bash-completion/completions/gpujobctl",
+                 "/usr/share/zsh/site-functions/_gpujobctl"):
         assert path in listed, f"{path} is not in {RPM.name}"
     sitelib = {m.group(1) for m in (re.match(r"(/usr/lib/python3\.\d+/site-packages)/gpujobd/", f)
                                      for f in listed) if m}
@@ -70,8 +71,8 @@ def test_the_configuration_is_noreplace_and_the_unit_points_at_usr_bin():
 
 def test_requires_are_distribution_packages_and_pynvml_is_bundled():
     requires = query("-R")
-    for name in ("python3-gobject", "python3-pydbus", "python3-pystemd", "python3-structlog", "dbus",
-                 "systemd"):
+    for name in ("python3-gobject", "python3-jeepney", "python3-pydbus", "python3-pystemd",
+                 "python3-structlog", "dbus", "systemd"):
         assert re.search(rf"^{name}\b", requires, re.M), f"no Requires: {name}"
     assert "nvidia-ml-py" not in requires  # no repository has it: it is bundled
     pin = (CHECKOUT / "packaging" / "nvidia-ml-py.txt").read_text()

@@ -165,7 +165,7 @@ class FakeClient:
         self.list_calls.append({"all": all, "user": user, "state": state, "limit": limit})
         jobs = [job for job in self.jobs.values()
                 if (user is None or job["user"] == user) and (state is None or job["state"] == state)]
-        return [self._out(job, raw) for job in jobs[:limit]]
+        return [self._out(job, raw) for job in (jobs[-limit:] if limit else jobs)]  # the newest, oldest first
 
     page_size = 2  # small pages, so that paging is exercised
 
@@ -282,7 +282,10 @@ def test_submit_without_double_dash_takes_the_rest_as_command(fake):
     (["logs"], "required"),
     (["wait", "--timeout", "-3", "1"], "wait"),
     ([], "required: VERB"),
-    (["frobnicate"], "invalid choice"),
+    (["frobnicate"], "unknown verb 'frobnicate' (verbs: submit, stop,"),
+    (["sumbit"], "unknown verb 'sumbit': did you mean `submit`?"),
+    (["log", "3"], "did you mean `logs`?"),
+    (["cancel", "3"], "did you mean `stop`?"),
 ])
 def test_usage_errors_exit_2_with_one_line(fake, capsys, argv, needle):
     assert run(fake, *argv) == 2
@@ -582,7 +585,7 @@ def test_stop_tries_every_id_and_fails_if_any_failed(fake, capsys):
     captured = capsys.readouterr()
     assert captured.out.splitlines() == ["job 5: stopping", "job 6: already ended (succeeded)",
                                          "job 8: stopping"]
-    assert one_error_line(captured.err) == "gpujobctl: job 7: no job 7: see `gpujobctl list --all`"
+    assert one_error_line(captured.err) == "gpujobctl: no job 7: see `gpujobctl list --all`"  # the id once
     assert fake.jobs[5]["state"] == fake.jobs[8]["state"] == "stopped"
 
 
@@ -619,11 +622,13 @@ def test_list_table(fake, capsys):
     _list_fixture(fake)
     assert run(fake, "list") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["ID", "USER", "STATE", "EXIT", "ELAPSED", "NAME", "COMMAND"]
-    assert lines[1].split() == [
-        "3", "alice", "running", "-", "2min", "5s", "train", "python", "train.py", "--lr", "0.1"]
-    assert lines[2].split() == ["4", "bob", "failed", "3", "5.0s", "-", "./run.sh", "'a", "b'"]
-    assert lines[3].split()[:6] == ["12", "alice", "failed", "sig", "9", "42s"]
+    assert lines[0].split() == ["ID", "USER", "STATE", "EXIT", "SUBMIT", "START", "ELAPSED", "GPUS", "NAME",
+                                "COMMAND"]
+    first, second = lines[1].split(), lines[2].split()  # SUBMIT and START: 5 characters each
+    assert first[:4] + first[6:] == ["3", "alice", "running", "-", "2min", "5s", "-", "train", "python",
+                                     "train.py", "--lr", "0.1"]
+    assert second[:4] + second[6:] == ["4", "bob", "failed", "3", "5.0s", "-", "-", "./run.sh", "'a", "b'"]
+    assert lines[3].split()[:5] == ["12", "alice", "failed", "sig", "9"] and "  42s  " in lines[3]
     assert "\x1b" not in lines[4] and "evil\\x1b[2Jname" in lines[4]
     assert lines[0].index("STATE") == lines[1].index("running") == lines[2].index("failed")
     assert fake.list_calls == [{"all": False, "user": None, "state": None, "limit": None}]
@@ -664,22 +669,34 @@ def test_list_shows_a_loops_runs_in_the_state_column(fake, capsys):
     assert lines[0].index("EXIT") == lines[1].index("-") == lines[2].index("1  ")
 
 
-def test_list_with_loops_fits_80_columns():
+def test_list_with_loops_fits_100_columns():
     now = time.time()
     jobs = [{"id": 1234, "user": "alice", "state": "timed-out", "background": True, "max_runs": 100,
              "runs": 99, "signal": 15, "started_at": now - 90000, "name": "sweep-12-bg",
              "argv": ["python", "-m", "experiments.eval", "--checkpoint", "/data/run-42/latest.pt"]}]
-    lines = cli_format.format_table(jobs, now, width=80)
-    assert all(len(line) <= 80 for line in lines)
+    lines = cli_format.format_table(jobs, now, width=100)
+    assert all(len(line) <= 100 for line in lines)
     assert "timed-out 99/100" in lines[1]
-    assert lines[1].endswith(("python -m experime…", "python -m experime~"))
+    assert lines[1].endswith(("python -m experim…", "python -m experim~"))
+
+
+def test_list_shows_submit_and_start_times_gpus_and_colours_the_state_only_when_asked():
+    now = time.mktime((2026, 12, 6, 15, 0, 0, 0, 0, -1))
+    job = {"id": 7, "user": "alice", "state": "running", "created_at": now - 3600 * 30,
+           "started_at": now - 60, "gpus": [0, 2], "argv": ["python3", "train.py"]}
+    header, row = cli_format.format_table([job], now)
+    assert [row[header.index(column):].split()[0] for column in ("SUBMIT", "START", "GPUS")] == \
+        ["12-05", "14:59", "0,2"]
+    assert "\033[" not in row
+    coloured = cli_format.format_table([job], now, colour=True)[1]
+    assert "\033[32mrunning" in coloured and coloured.replace("\033[32m", "").replace("\033[0m", "") == row
 
 
 def test_table_cuts_the_command_to_the_width():
     job = {"id": 1, "user": "alice", "state": "running", "argv": ["python"] + ["x" * 10] * 20,
            "started_at": time.time()}
-    lines = cli_format.format_table([job], time.time(), width=60)
-    assert all(len(line) <= 60 for line in lines)
+    lines = cli_format.format_table([job], time.time(), width=80)
+    assert all(len(line) <= 80 for line in lines)
     assert lines[1].endswith(("…", "~"))
     assert len(cli_format.format_table([job], time.time(), width=None)[1]) > 200
     narrow = cli_format.format_table([dict(job, argv=["x"])], time.time(), width=20)
@@ -991,7 +1008,7 @@ def test_wait_unknown_id_counts_as_a_failure_but_the_rest_are_waited_for(fake, c
     fake.add_job(id=1, ending={"state": "failed", "reason": "exit-code", "exit_code": 5})
     assert run(fake, "wait", "9", "1") == 3  # no such job 9, the first failure
     captured = capsys.readouterr()
-    assert "job 9: no job 9" in one_error_line(captured.err)
+    assert one_error_line(captured.err).startswith("gpujobctl: no job 9: ")  # the id once
     assert fake.jobs[1]["state"] == "failed"
 
 
@@ -1057,3 +1074,60 @@ def test_default_factory_builds_a_real_client_without_connecting():
     client = cli.default_client_factory()
     assert isinstance(client, Client)
     assert client.call_timeout_s > 0 and client.follow_poll_interval_s > 0
+
+
+def test_list_limit_prints_the_newest_first(fake, capsys):
+    _list_fixture(fake)
+    assert run(fake, "list", "--limit", "3") == 0
+    ids = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert ids == ["13", "12", "4"]
+
+
+def test_list_me_asks_for_the_callers_own_jobs(fake, capsys):
+    import os
+    import pwd
+
+    _list_fixture(fake)
+    assert run(fake, "list", "--me") == 0
+    assert fake.list_calls[-1]["user"] == pwd.getpwuid(os.getuid()).pw_name
+
+
+def test_list_colours_only_a_terminal_without_no_color(monkeypatch):
+    from gpujobd.cli import listing
+
+    monkeypatch.setattr(listing.sys.stdout, "isatty", lambda: True)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    assert listing.use_colour()
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not listing.use_colour()
+    monkeypatch.delenv("NO_COLOR")
+    monkeypatch.setattr(listing.sys.stdout, "isatty", lambda: False)
+    assert not listing.use_colour()
+
+
+def test_logs_n_prints_the_last_lines_and_follows_from_there(fake, capsys):
+    fake.add_job(id=3, state="succeeded", log=b"one\ntwo\nthree\nfour\n")
+    assert run(fake, "logs", "-n", "2", "3") == 0
+    assert capsys.readouterr().out == "three\nfour\n"
+    assert run(fake, "logs", "-n", "0", "3") == 0
+    assert capsys.readouterr().out == ""
+    fake.add_job(id=4, log=b"a\nb\nc\n", script=[b"d\n"])
+    assert run(fake, "logs", "-f", "-n", "1", "4") == 0
+    assert capsys.readouterr().out == "c\nd\n"  # the last line, then what came after it, once
+
+
+@pytest.mark.parametrize("text, seconds", [("1:00:00", 3600.0), ("2-00:00:00", 172800.0), ("1-12", 129600.0),
+                                           ("05:30", 330.0), ("1-00:30", 88200.0), ("90", 90.0)])
+def test_slurm_durations_are_accepted(text, seconds):
+    from gpujobd.shared import text as parse
+
+    assert parse.duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["1:2:3:4", "a:b", "0:00:00", "-1:00"])
+def test_bad_slurm_durations_say_what_is_expected(bad):
+    from gpujobd.shared import text as parse
+
+    with pytest.raises(ValueError, match="expected"):
+        parse.duration(bad)

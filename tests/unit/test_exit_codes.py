@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple, Type
 
 import pytest
-from gi.repository import GLib
 
 from gpujobd import client
 from gpujobd.cli import main as cli
@@ -95,9 +94,7 @@ def test_each_verb_exits_with_the_code_of_the_error(capsys: pytest.CaptureFixtur
 
 @pytest.mark.parametrize("cls", [c for c in errors.ERROR_CLASSES], ids=lambda cls: cls.__name__)
 def test_a_dbus_error_comes_back_as_its_class_and_exits_with_its_code(cls: Type[errors.GpujobdError]) -> None:
-    wire = GLib.Error.new_literal(GLib.quark_from_string("g-dbus-error-quark"),
-                                  f"GDBus.Error:{cls.dbus_name()}: no job 7", 0)
-    error = client.error_from_glib(wire, "Get")
+    error = client.error_from_dbus(cls.dbus_name(), "no job 7", "Get")
     assert type(error) is cls and str(error) == "no job 7"
     assert run(("status", "7"), Failing(error)) == EXPECTED[cls]
 
@@ -105,9 +102,8 @@ def test_a_dbus_error_comes_back_as_its_class_and_exits_with_its_code(cls: Type[
 @pytest.mark.parametrize("name", ["org.freedesktop.DBus.Error.ServiceUnknown",
                                   "org.freedesktop.DBus.Error.NameHasNoOwner"])
 def test_a_daemon_that_owns_no_name_exits_5(name: str) -> None:
-    wire = GLib.Error.new_literal(GLib.quark_from_string("g-dbus-error-quark"),
-                                  f"GDBus.Error:{name}: The name org.gpujobd1 is not owned", 0)
-    assert run(("list",), Failing(client.error_from_glib(wire, "List"))) == 5
+    error = client.error_from_dbus(name, "The name org.gpujobd1 is not owned", "List")
+    assert run(("list",), Failing(error)) == 5
 
 
 def test_a_missing_bus_socket_exits_5(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -495,15 +495,24 @@ def test_submit_hands_systemd_the_supervisor_and_the_encoded_properties(rig: Rig
 
 def test_the_supervisor_spec_has_a_safe_environment(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GPUJOBD_TEST_DAEMON_SECRET", "hunter2")
-    job = rig.submit(env={"PATH": "/opt/bin", "GPUJOB_ID": "999", "FOO": "bar"})
+    job = rig.submit(env={"PATH": "/opt/bin", "GPUJOB_ID": "999", "GPUJOB_PARENT": "1", "USER": "root",
+                          "FOO": "bar"})
     sent = rig.spawner.specs[job.id]
     assert sent["env"] == {"PATH": "/opt/bin", "HOME": NOBODY.pw_dir, "USER": "nobody", "LOGNAME": "nobody",
-                           "SHELL": NOBODY.pw_shell, "FOO": "bar", "GPUJOB_ID": str(job.id)}
+                           "SHELL": NOBODY.pw_shell, "FOO": "bar", "GPUJOB_ID": str(job.id),
+                           "PYTHONUNBUFFERED": "1"}
     assert (sent["uid"], sent["gid"], sent["user"]) == (OWNER.uid, OWNER.gid, "nobody")
     assert sent["argv"] == ["python", "train.py"] and sent["cwd"] == "/srv/work"
     assert sent["umask"] == 0o022 and sent["max_runs"] == 1
     assert sent["exit_record"] == rig.files.record_path(job.id)
     assert sent["runs_file"] == rig.files.runs_path(job.id)
+
+
+def test_python_output_is_unbuffered_unless_the_user_says_otherwise(rig: Rig) -> None:
+    unbuffered = rig.submit(env={})
+    assert rig.spawner.specs[unbuffered.id]["env"]["PYTHONUNBUFFERED"] == "1"
+    buffered = rig.submit(env={"PYTHONUNBUFFERED": ""})
+    assert rig.spawner.specs[buffered.id]["env"]["PYTHONUNBUFFERED"] == ""
 
 
 def test_the_default_path_is_given_when_the_user_sets_none(make_rig: MakeRig) -> None:

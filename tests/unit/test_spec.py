@@ -142,7 +142,7 @@ def test_every_broken_rule_is_reported_at_once_naming_the_option_and_what_to_do(
                      background=True, max_runs=51, restart_delay_s=-1.0, gpu_check="later")
     assert spec.problems(broken, jobs) == [
         "argv (the command) is empty: give the program to run and its arguments, e.g. gpujobctl submit "
-        "-- python train.py",
+        "-- python3 train.py",
         "cwd (--cwd) is 'rel': give an absolute path",
         "env (--env) has 'A=B': a name must be non-empty, without '=' or NUL, and a value without NUL",
         "name (--name) is 200 characters long; at most 128 are allowed: shorten it",

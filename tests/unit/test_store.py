@@ -289,7 +289,7 @@ def test_default_view_is_active_plus_recently_ended(db: Store, mixed: List[Job])
     assert ids(default_view(db)) == [2, 3, 4, 5, 6]
     assert default_view(db)[1] == mixed[2]
     assert ids(default_view(db, ended_since=None)) == [2, 4, 5]
-    assert ids(default_view(db, limit=2)) == [2, 3]
+    assert ids(default_view(db, limit=2)) == [5, 6]  # the newest two (`list --limit 2`), oldest first
     assert ids(default_view(db, after_id=3, limit=2)) == [4, 5]
 
 

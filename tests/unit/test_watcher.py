@@ -1118,8 +1118,6 @@ def test_status_shows_a_jobs_gpu_memory() -> None:
 
 
 def test_the_client_sends_gpu_check_and_reads_the_report(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gi.repository import GLib
-
     from gpujobd import client
 
     assert client.spec_values(["true"], cwd="/", gpu_check="wait")["gpu_check"] == "wait"
@@ -1128,15 +1126,17 @@ def test_the_client_sends_gpu_check_and_reads_the_report(monkeypatch: pytest.Mon
         client.spec_values(["true"], cwd="/", gpu_check=1)
     calls = []
 
-    def call(self: Any, method: str, args: Any, reply_type: str) -> GLib.Variant:
-        calls.append((method, args, reply_type))
-        return GLib.Variant("(a{sv})", ({"state": GLib.Variant("s", "ok"),
-                                         "available": GLib.Variant("b", True)},))
+    class Reply:
+        body = ({"state": ("s", "ok"), "available": ("b", True)},)
+
+    def call(self: Any, method: str, signature: Any, args: Any) -> Reply:
+        calls.append((method, signature, args))
+        return Reply()
 
     from gpujobd.client.transport import Transport
 
     monkeypatch.setattr(Transport, "_call", call)
     report = client.Client().gpus()
-    assert calls == [("Gpus", None, "(a{sv})")]
+    assert calls == [("Gpus", None, ())]
     assert report["state"] == "ok" and report["devices"] == [] and report["updated_at"] is None
     assert client.Client().gpus(raw=True) == {"state": "ok", "available": True}
