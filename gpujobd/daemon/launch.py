@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Protocol
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence
 
 from gpujobd.daemon.ports import User
-from gpujobd.shared.config import JobsConfig
+from gpujobd.daemon.properties import Encoded
+from gpujobd.shared.config import JobsConfig, SchedulerConfig
 from gpujobd.shared.model import Job
 
 
@@ -15,13 +16,14 @@ class JobPaths(Protocol):
     def runs_path(self, job_id: int) -> str: ...
 
 
-def supervisor_spec(job: Job, user: User, jobs: JobsConfig, paths: JobPaths) -> Dict[str, Any]:
+def supervisor_spec(job: Job, user: User, jobs: JobsConfig, paths: JobPaths,
+                    scheduler: Optional[SchedulerConfig] = None) -> Dict[str, Any]:
     """The one JSON line the gated supervisor reads (gpujobd/supervisor.py documents each key)."""
     return {
         "job_id": job.id,
         "argv": list(job.spec.argv),
         "cwd": job.spec.cwd,
-        "env": job_environment(job, user, jobs),
+        "env": job_environment(job, user, jobs, scheduler),
         "uid": job.uid,
         "gid": job.gid,
         "user": job.user,
@@ -34,10 +36,39 @@ def supervisor_spec(job: Job, user: User, jobs: JobsConfig, paths: JobPaths) -> 
     }
 
 
-def job_environment(job: Job, user: User, jobs: JobsConfig) -> Dict[str, str]:
-    """A safe base (never the daemon's environment), then the user's explicit --env, then GPUJOB_ID."""
+def job_environment(job: Job, user: User, jobs: JobsConfig,
+                    scheduler: Optional[SchedulerConfig] = None) -> Dict[str, str]:
+    """A safe base (never the daemon's environment), then the user's explicit --env, then what the
+    daemon decides and the user cannot override: GPUJOB_ID, the array's ids, the GPUs."""
     env = {"PATH": jobs.default_path, "HOME": user.home, "USER": job.user, "LOGNAME": job.user,
            "SHELL": user.shell or "/bin/sh"}
     env.update(job.spec.env)
     env["GPUJOB_ID"] = str(job.id)
+    if job.array_id is not None and job.array_index is not None:
+        env["GPUJOB_ARRAY_ID"] = str(job.array_id)
+        env["GPUJOB_ARRAY_INDEX"] = str(job.array_index)
+    env.update(gpu_environment(job, scheduler))
     return env
+
+
+def gpu_environment(job: Job, scheduler: Optional[SchedulerConfig]) -> Dict[str, str]:
+    """CUDA_VISIBLE_DEVICES: the allocated GPUs' UUIDs (docs/gpu.md says why UUIDs), empty for a
+    job without GPUs unless jobs_without_gpus is unrestricted (then the user's own value stays)."""
+    if not job.gpus and (scheduler is None or scheduler.jobs_without_gpus == "unrestricted"):
+        return {}
+    return {"CUDA_VISIBLE_DEVICES": ",".join(job.gpus), "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "GPUJOB_GPUS": ",".join(job.gpus)}
+
+
+def device_properties(gpus: Sequence[str], minors: Mapping[str, Optional[int]],
+                      scheduler: SchedulerConfig) -> List[Encoded]:
+    """The scope's device cgroup: DevicePolicy=closed (the standard pseudo devices only) plus the
+    job's own /dev/nvidiaN by NVML minor number and, with GPUs, the control devices CUDA opens.
+    None for a job without GPUs when such jobs are unrestricted, or when isolation is off."""
+    if not scheduler.isolate_devices or (not gpus and scheduler.jobs_without_gpus == "unrestricted"):
+        return []
+    allow = [(f"/dev/nvidia{minor}", "rw") for minor in (minors.get(uuid) for uuid in gpus)
+             if minor is not None]
+    if gpus:
+        allow += [(device, "rw") for device in scheduler.control_devices]
+    return [("DevicePolicy", "s", "closed"), ("DeviceAllow", "a(ss)", allow)]

@@ -12,10 +12,12 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
+from gpujobd.daemon.admission import resubmitted_spec, scheduling_problems, to_resubmit
+from gpujobd.daemon.dispatcher import Dispatcher
 from gpujobd.daemon.gpu.strays import describe_strays
-from gpujobd.daemon.launch import supervisor_spec
+from gpujobd.daemon.launch import device_properties, supervisor_spec
 from gpujobd.daemon.outcome import RECORD_REASONS, decide_outcome, record_float
 from gpujobd.daemon.ports import (
     GatePort,
@@ -29,9 +31,9 @@ from gpujobd.daemon.ports import (
 )
 from gpujobd.daemon.properties import Encoded
 from gpujobd.daemon.validation import validate, with_server_defaults
-from gpujobd.shared import api
+from gpujobd.shared import api, text
 from gpujobd.shared.config import Config
-from gpujobd.shared.errors import InvalidArgument, NotFound, PermissionDenied, Refused
+from gpujobd.shared.errors import GpujobdError, InvalidArgument, NotFound, PermissionDenied, Refused
 from gpujobd.shared.log import get_logger
 from gpujobd.shared.model import (
     EndReason,
@@ -69,7 +71,6 @@ class _Runtime:
     gate: Optional[GatePort] = None
     scope_result: Optional[str] = None
     cancel_start_timer: Optional[Callable[[], None]] = None  # also the wait of a queued job
-    queued: Optional[Tuple[Caller, List[Encoded]]] = None  # waiting for its GPUs: who, and what to start
 
 
 class Manager:
@@ -87,6 +88,9 @@ class Manager:
         self._on_change = on_change
         self._clock = clock
         self._runtime: Dict[int, _Runtime] = {}
+        self._stray_waits: Set[int] = set()  # queued jobs that wait for strays to leave (gpu_check wait)
+        self.queue = Dispatcher(config, store, gpus, scheduler.call_later, clock)
+        self.queue.actions = self
 
     # -- callers -------------------------------------------------------------------------------
     def caller_from_uid(self, uid: int) -> Caller:
@@ -112,28 +116,79 @@ class Manager:
             raise PermissionDenied("gpujobd never runs a job as root: submit as the user the work "
                                    "belongs to (e.g. runuser -u USER -- gpujobctl submit ...)")
         spec = with_server_defaults(spec, self._config)
-        return spec, validate(spec, self._config.jobs) + self._binding(caller, spec)
+        properties = validate(spec, self._config.jobs)
+        problems = scheduling_problems(spec, caller.is_admin, self._store.get, self.queue.gpu_count(),
+                                       self._config.daemon.admin_group)
+        if problems:
+            raise InvalidArgument("; ".join(problems))
+        self._check_binding(caller, spec)
+        return spec, properties
 
     def submit(self, caller: Caller, spec: JobSpec) -> Job:
-        spec, properties = self.validate(caller, spec)
-        check = spec.gpu_check
-        blockers = self._gpu_blockers(spec) if check != "off" else []
-        if blockers and check == "refuse":
+        return self.submit_all(caller, spec)[0]
+
+    def submit_all(self, caller: Caller, spec: JobSpec) -> List[Job]:
+        """Queue the job (an array: one job per index); the queue starts what can start at once."""
+        spec, _properties = self.validate(caller, spec)
+        blockers = self._gpu_blockers(spec) if spec.gpu_check != "off" and not spec.gpus else []
+        if blockers and spec.gpu_check == "refuse":
             raise Refused(f"{describe_strays(blockers)}; the job was not created (gpu_check "
                           "refuse). `gpujobctl gpus` shows the GPUs; submit with gpu_check wait "
                           "to wait for them")
-        job = self._store.create(caller.user, caller.uid, caller.gid, spec, self._clock(),
-                                 state=JobState.QUEUED if blockers else JobState.STARTING)
-        log.info("job.submitted", job_id=job.id, user=caller.user, unit=job.unit, argv0=spec.argv[0])
-        if blockers:
-            self._wait_for_gpus(job, caller, properties, blockers)
+        now = self._clock()
+        if spec.array:
+            jobs = self._store.create_array(caller.user, caller.uid, caller.gid, spec, now,
+                                            text.array(spec.array)[0])
         else:
-            self._start_or_abort(job, caller, properties)
-        return self._job(job.id)
+            jobs = [self._store.create(caller.user, caller.uid, caller.gid, spec, now, state=JobState.QUEUED)]
+        for job in jobs:
+            log.info("job.submitted", job_id=job.id, user=caller.user, unit=job.unit, argv0=spec.argv[0],
+                     gpus=spec.gpus, array_id=job.array_id)
+            if blockers:
+                self._wait_for_strays(job)
+            self.queue.queued(job)
+        self.queue.replan()
+        return [self._job(job.id) for job in jobs]
 
-    def _start_or_abort(self, job: Job, caller: Caller, properties: Sequence[Encoded]) -> None:
+    # -- the queue's actions (gpujobd.daemon.dispatcher) -----------------------------------------
+    def start_queued(self, job_id: int, gpus: Tuple[str, ...]) -> None:
+        job = self._store.get(job_id)
+        if job is None or job.state is not JobState.QUEUED:
+            return
+        runtime = self._runtime.setdefault(job_id, _Runtime())
+        if runtime.cancel_start_timer is not None:  # its wait for strays is over
+            runtime.cancel_start_timer()
+            runtime.cancel_start_timer = None
+        self._stray_waits.discard(job_id)
+        job = self._commit(transition(job, JobState.STARTING, gpus=tuple(gpus)))
+        self.queue.started(job)
+        log.info("job.dequeued", job_id=job_id, gpus=list(gpus),
+                 waited_s=round(self._clock() - job.created_at, 3))
         try:
-            self._start(job, caller, properties)
+            properties = (validate(job.spec, self._config.jobs) + self._bind_properties(job.spec)
+                          + device_properties(gpus, self.queue.gpu_minors(), self._config.scheduler))
+        except GpujobdError as err:
+            self._abort_start(job_id, f"the job cannot start any more: {err}")
+            return
+        self._start_or_abort(job, properties)
+
+    def fail_dependency(self, job_id: int, detail: str) -> None:
+        job = self._store.get(job_id)
+        if job is not None and job.state is JobState.QUEUED:
+            self._end(job, Outcome(EndReason.DEPENDENCY_FAILED, detail=f"{detail}; it never ran"),
+                      self._clock())
+
+    def stray_blocker(self, job_id: int) -> Optional[str]:
+        """With gpu_check wait, a job without --gpus waits while a stray holds the GPUs it uses."""
+        if job_id not in self._stray_waits:
+            return None
+        job = self._store.get(job_id)
+        blockers = self._gpu_blockers(job.spec) if job is not None else []
+        return f"strays to leave its GPUs: {describe_strays(blockers)}" if blockers else None
+
+    def _start_or_abort(self, job: Job, properties: Sequence[Encoded]) -> None:
+        try:
+            self._start(job, properties)
         except Exception as err:  # the job exists: it must end recorded, never half-started
             log.error("job.start_failed", job_id=job.id, error=str(err))
             self._runtime.setdefault(job.id, _Runtime())
@@ -150,54 +205,48 @@ class Manager:
             return []
         return found
 
-    def _wait_for_gpus(self, job: Job, caller: Caller, properties: Sequence[Encoded],
-                       blockers: List[Dict[str, Any]]) -> None:
+    def _wait_for_strays(self, job: Job) -> None:
         runtime = self._runtime.setdefault(job.id, _Runtime())
-        runtime.queued = (caller, list(properties))
+        self._stray_waits.add(job.id)
         wait_s = self._config.gpu.prestart_wait_s
         runtime.cancel_start_timer = self._scheduler.call_later(wait_s, lambda: self._gpu_wait_over(job.id))
-        log.info("job.waiting_for_gpus", job_id=job.id, wait_s=wait_s, strays=describe_strays(blockers))
+        log.info("job.waiting_for_gpus", job_id=job.id, wait_s=wait_s)
 
     def gpus_changed(self) -> None:
-        """The watcher has read the GPUs again: start the queued jobs whose GPUs are free now."""
-        for job_id in [job_id for job_id, runtime in self._runtime.items() if runtime.queued is not None]:
-            job = self._store.get(job_id)
-            if job is not None and job.state is JobState.QUEUED and not self._gpu_blockers(job.spec):
-                self._release_queued(job)
+        """The watcher has read the GPUs again: GPUs may be free, strays gone."""
+        self.queue.gpus_read()
 
     def _gpu_wait_over(self, job_id: int) -> None:
-        runtime = self._runtime.get(job_id)
         job = self._store.get(job_id)
-        if runtime is None or runtime.queued is None or job is None or job.state is not JobState.QUEUED:
+        if job is None or job.state is not JobState.QUEUED or job_id not in self._stray_waits:
             return
-        runtime.cancel_start_timer = None
+        self._stray_waits.discard(job_id)
         blockers = self._gpu_blockers(job.spec)
         if not blockers:
-            self._release_queued(job)
+            self.queue.replan()
             return
         self._end(job, Outcome(EndReason.START_FAILED, detail=(
             f"waited {self._config.gpu.prestart_wait_s:g} s (gpu.prestart_wait_s) for its GPUs: "
             f"{describe_strays(blockers)}")), self._clock())
-
-    def _release_queued(self, job: Job) -> None:
-        runtime = self._runtime[job.id]
-        assert runtime.queued is not None
-        caller, properties = runtime.queued
-        runtime.queued = None
-        if runtime.cancel_start_timer is not None:
-            runtime.cancel_start_timer()
-            runtime.cancel_start_timer = None
-        job = self._commit(transition(job, JobState.STARTING))
-        log.info("job.gpus_free", job_id=job.id, waited_s=round(self._clock() - job.created_at, 1))
-        self._start_or_abort(job, caller, properties)
 
     def live_job_ids(self) -> List[int]:
         """The jobs that are not final: whose scopes' processes are theirs (the GPU watcher asks)."""
         return [job.id for job in self._store.active_jobs()]
 
     def stop(self, caller: Caller, job_id: int) -> str:
+        """Stop a job; an array's id (its first task's, as with Slurm's scancel) stops every task."""
         job = self._job(job_id)
+        if job.array_id == job.id:
+            tasks = self._store.array_tasks(job_id)
+            for task in tasks:
+                self._authorize(caller, task, "stop")
+            results = [self._stop_one(caller, task) for task in tasks]
+            return api.STOP_STOPPING if api.STOP_STOPPING in results else api.STOP_ALREADY_ENDED
         self._authorize(caller, job, "stop")
+        return self._stop_one(caller, job)
+
+    def _stop_one(self, caller: Caller, job: Job) -> str:
+        job_id = job.id
         if job.state.is_final:
             return api.STOP_ALREADY_ENDED
         if job.state is JobState.QUEUED:  # nothing runs yet: it ends here
@@ -205,9 +254,10 @@ class Manager:
             if runtime is not None and runtime.cancel_start_timer is not None:
                 runtime.cancel_start_timer()
             log.info("job.stopping", job_id=job_id, by=caller.user, unit=job.unit)
+            wait = self.queue.wait_of(job_id)
             self._end(dataclasses.replace(job, stopped_by=caller.user), Outcome(
-                EndReason.STOPPED, detail=f"stopped by {caller.user} while it waited for its GPUs"),
-                self._clock())
+                EndReason.STOPPED, detail=f"stopped by {caller.user} while it was queued"
+                + (f", waiting for {wait.waiting_for}" if wait is not None else "")), self._clock())
             return api.STOP_STOPPING
         if job.state is not JobState.STOPPING:
             job = self._commit(transition(job, JobState.STOPPING, stopped_by=caller.user))
@@ -220,6 +270,35 @@ class Manager:
 
     def get(self, job_id: int) -> Job:
         return self._job(job_id)
+
+    def resubmit(self, caller: Caller, job_id: int, with_dependents: bool) -> List[Job]:
+        """The same spec as a new job; with_dependents, also the jobs that depended on it and did not
+        succeed, wired to the new ids (dependencies that succeeded count as met)."""
+        job = self._job(job_id)
+        self._authorize(caller, job, "resubmit")
+        if not job.state.is_final:
+            raise InvalidArgument(f"job {job_id} is {job.state.value}: only a job that ended can be "
+                                  f"resubmitted (`gpujobctl stop {job_id}` first, or wait for it)")
+        new_ids: Dict[int, int] = {}
+        created: List[Job] = []
+        for old in to_resubmit(job, with_dependents, self._store.dependents,
+                               lambda other: caller.is_admin or caller.uid == other.uid):
+            new = self._store.create(old.user, old.uid, old.gid, resubmitted_spec(old, new_ids),
+                                     self._clock(), state=JobState.QUEUED, resubmit_of=old.id)
+            new_ids[old.id] = new.id
+            created.append(new)
+            self.queue.queued(new)
+            log.info("job.resubmitted", job_id=new.id, resubmit_of=old.id, by=caller.user)
+        self.queue.replan()
+        return [self._job(new.id) for new in created]
+
+    def set_draining(self, caller: Caller, draining: bool) -> None:
+        """Drain: start nothing new (running jobs go on, queued ones wait); undrain: start again."""
+        if not caller.is_admin:
+            raise PermissionDenied(f"only root or a member of group '{self._config.daemon.admin_group}' "
+                                   f"may {'drain' if draining else 'undrain'} the server")
+        log.info("queue.draining" if draining else "queue.undrained", by=caller.user)
+        self.queue.set_draining(draining)
 
     def list(self, *, include_ended: bool, user: Optional[str], state: Optional[JobState],
              limit: int, after_id: Optional[int] = None) -> List[Job]:
@@ -240,22 +319,28 @@ class Manager:
         return self._files.log_path(job_id)
 
     # -- starting --------------------------------------------------------------------------------
-    def _binding(self, caller: Caller, spec: JobSpec) -> List[Encoded]:
+    def _check_binding(self, caller: Caller, spec: JobSpec) -> None:
+        if spec.bind_to is None:
+            return
+        target = self._store.get(spec.bind_to)
+        if target is not None and not (caller.is_admin or caller.uid == target.uid):
+            raise PermissionDenied(f"--bind-to {spec.bind_to}: that job belongs to {target.user}; "
+                                   "bind only to your own jobs")
+        self._bind_properties(spec)
+
+    def _bind_properties(self, spec: JobSpec) -> List[Encoded]:
         """BindsTo= + After= the foreground job's scope: systemd stops this job when that one ends."""
         if spec.bind_to is None:
             return []
         target = self._store.get(spec.bind_to)
         if target is None:
             raise InvalidArgument(f"--bind-to {spec.bind_to}: there is no such job")
-        if not (caller.is_admin or caller.uid == target.uid):
-            raise PermissionDenied(f"--bind-to {spec.bind_to}: that job belongs to {target.user}; "
-                                   "bind only to your own jobs")
         if target.state not in (JobState.STARTING, JobState.RUNNING):
             raise InvalidArgument(f"--bind-to {spec.bind_to}: that job is {target.state.value}; "
                                   "a job can only be bound to one that is starting or running")
         return [("BindsTo", "as", [target.unit]), ("After", "as", [target.unit])]
 
-    def _start(self, job: Job, caller: Caller, properties: Sequence[Encoded]) -> None:
+    def _start(self, job: Job, properties: Sequence[Encoded]) -> None:
         log_fd = self._files.create_log(job.id, job.uid, job.gid)
         try:
             gate = self._spawn(self._supervisor_spec(job), log_fd)
@@ -273,7 +358,7 @@ class Manager:
         if user is None:
             raise InvalidArgument(f"user {job.user} (uid {job.uid}) has no passwd entry any more: "
                                   "a job runs only as a known user")
-        return supervisor_spec(job, user, self._config.jobs, self._files)
+        return supervisor_spec(job, user, self._config.jobs, self._files, self._config.scheduler)
 
     def _scope_started(self, job_id: int, result: str) -> None:
         runtime = self._runtime.get(job_id)
@@ -413,6 +498,8 @@ class Manager:
         ended = self._commit(transition(job, final_state_for(outcome), outcome=outcome,
                                         ended_at=ended_at, pid=None))
         self._files.discard_records(job.id)
+        self._stray_waits.discard(job.id)
+        self.queue.ended(ended)
         log.info("job.finished", job_id=job.id, unit=job.unit, state=ended.state.value,
                  reason=outcome.reason.value, exit_code=outcome.exit_code, signal=outcome.signal,
                  leftover_processes=outcome.leftover_processes)
@@ -423,6 +510,7 @@ class Manager:
         systemd's list of job units and the supervisors' exit records."""
         units = self._systemd.list_job_units()
         active = self._store.active_jobs()
+        self.queue.load(active)
         for job in active:
             self._reconcile_job(job, units.get(job.unit))
         known = {job.unit for job in active}
@@ -435,13 +523,15 @@ class Manager:
             if recorded is None or recorded.state.is_final:
                 self._files.discard_records(job_id)
         log.info("reconcile.done", active_jobs=len(self._runtime), units=len(units))
+        self.queue.replan()
 
     def _reconcile_job(self, job: Job, unit_state: Optional[str]) -> None:
-        self._runtime[job.id] = _Runtime()
-        if job.state is JobState.QUEUED:  # its wait for GPUs belonged to the daemon that stopped
-            self._end(job, Outcome(EndReason.START_FAILED, detail="gpujobd stopped while the job waited "
-                                   "for its GPUs; nothing of it ran: submit it again"), self._clock())
+        if job.state is JobState.QUEUED:  # it waits again, in its place (the queue was loaded)
+            log.info("reconcile.queued", job_id=job.id)
+            if job.spec.gpu_check == "wait" and not job.spec.gpus:
+                self._wait_for_strays(job)
             return
+        self._runtime[job.id] = _Runtime()
         if unit_state in ALIVE_UNIT_STATES:
             log.info("reconcile.reattached", job_id=job.id, unit=job.unit, active_state=unit_state)
             self._ingest_runs(job.id)  # runs of a loop that ended while the daemon was down

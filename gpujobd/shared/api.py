@@ -252,6 +252,7 @@ GPU_DEVICE_FIELDS: Mapping[str, str] = {
     "index": "u",
     "uuid": "s",
     "name": "s",
+    "minor": "u",  # the N of /dev/nvidiaN
     "state": "s",  # ok, lost (fell off the bus), error (no handle)
     "memory_total_bytes": "t",
     "memory_used_bytes": "t",

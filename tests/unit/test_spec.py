@@ -19,8 +19,10 @@ from gpujobd.shared.errors import InvalidArgument
 from gpujobd.shared.model import JobSpec
 
 # A value of the right wire type, and one of a wrong type, for each signature the spec uses.
-GOOD = {"as": ["python", "x.py"], "s": "/srv", "a{ss}": {"A": "1"}, "d": 2.5, "b": True, "u": 3, "t": 4}
-WRONG = {"as": "python x.py", "s": 7, "a{ss}": ["A=1"], "d": "60", "b": "yes", "u": -1, "t": True}
+GOOD = {"as": ["python", "x.py"], "s": "/srv", "a{ss}": {"A": "1"}, "d": 2.5, "b": True, "u": 3, "t": 4,
+        "i": -3, "at": [1, 2]}
+WRONG = {"as": "python x.py", "s": 7, "a{ss}": ["A=1"], "d": "60", "b": "yes", "u": -1, "t": True,
+         "i": 1 << 40, "at": "12"}
 
 
 def jobspec_fields() -> Dict[str, dataclasses.Field]:
@@ -93,7 +95,9 @@ def test_what_the_client_encodes_the_daemon_decodes_to_the_same_spec() -> None:
     wire = spec.encode(given)
     assert {key: signature for key, (signature, _value) in wire.items()} == dict(api.SPEC_FIELDS)
     decoded = spec.decode({key: value for key, (_signature, value) in wire.items()})
-    assert decoded == JobSpec(**dict(given, argv=tuple(given["argv"]), timeout_s=60.0, restart_delay_s=0.0))
+    id_lists = {option.key: tuple(given[option.key]) for option in spec.OPTIONS if option.signature == "at"}
+    assert decoded == JobSpec(**dict(given, argv=tuple(given["argv"]), timeout_s=60.0, restart_delay_s=0.0,
+                                     **id_lists))
     assert all(isinstance(getattr(decoded, option.key), float) for option in spec.OPTIONS
                if option.signature == "d")
 

@@ -779,9 +779,18 @@ class FakeGpus:
         self.strays: Optional[List[Dict[str, Any]]] = []
         self.asked: List[Optional[str]] = []
 
+        self.reason = ""
+        self.refreshed = 0
+
     def blocking_strays(self, cuda_visible_devices: Optional[str]) -> Optional[List[Dict[str, Any]]]:
         self.asked.append(cuda_visible_devices)
         return None if self.strays is None else list(self.strays)
+
+    def inventory(self) -> Optional[Tuple[float, List[Dict[str, Any]]]]:
+        return None if self.strays is None else (0.0, [])
+
+    def refresh(self) -> None:
+        self.refreshed += 1
 
 
 STRAY = {"pid": 4242, "user": "bob", "command": ["python", "leftover.py"], "gpu_indexes": [0],
@@ -811,7 +820,7 @@ def make_rig(tmp_path: Path, gpus: FakeGpus) -> Iterator[MakeRig]:
     def make(**sections: Dict[str, Any]) -> Rig:
         store = Store(tmp_path / f"state-{len(opened)}.sqlite3")
         journal = tm.Journal(store)
-        rig = tm.Rig(config=config_from_mapping(sections) if sections else Config(), store=store,
+        rig = tm.Rig(config=config_from_mapping({**tm.LEGACY, **sections}), store=store,
                      journal=journal, clock=tm.FakeClock(), systemd=tm.FakeSystemd(journal),
                      files=tm.FakeFiles(journal), spawner=tm.FakeSpawner(journal),
                      scheduler=tm.FakeScheduler())
@@ -903,15 +912,20 @@ def test_stopping_a_queued_job_ends_it_at_once(make_rig: MakeRig, gpus: FakeGpus
     assert rig.job(job.id).state is JobState.STOPPED and rig.spawner.gates == {}
 
 
-def test_a_job_queued_when_the_daemon_stopped_fails_at_reconcile(make_rig: MakeRig,
-                                                                 gpus: FakeGpus) -> None:
+def test_a_job_queued_when_the_daemon_stopped_waits_again_after_reconcile(make_rig: MakeRig,
+                                                                        gpus: FakeGpus) -> None:
     rig = make_rig(gpu={"prestart_check": "wait"})
     gpus.strays = [STRAY]
     job = rig.submit()
-    rig.restart().reconcile()
-    ended = rig.job(job.id)
-    assert ended.state is JobState.FAILED and ended.outcome is not None
-    assert "waited for its GPUs" in ended.outcome.detail
+    manager = rig.restart()
+    with_gpus(rig, gpus)
+    rig.manager.reconcile()
+    assert manager is not rig.manager
+    waiting = rig.job(job.id)
+    assert waiting.state is JobState.QUEUED and job.id not in rig.spawner.gates
+    gpus.strays = []
+    rig.manager.gpus_changed()
+    assert rig.job(job.id).state is JobState.STARTING
 
 
 def test_live_job_ids_are_the_non_final_jobs(make_rig: MakeRig) -> None:

@@ -323,6 +323,24 @@ class Watcher:
         chosen = {device["index"] for device in self._devices if device_selected(device, visible)}
         return self._strays.on_gpus(chosen)
 
+    def refresh(self) -> None:
+        """Read the GPUs now rather than at the next poll (a job ended: are its GPUs free?)."""
+        if self.state == STATE_OK and not self._worker.busy:
+            self._schedule(0.0)
+
+    def inventory(self) -> Optional[Tuple[float, List[Dict[str, Any]]]]:
+        """(when the latest good reading was taken, its GPUs as uuid, index, minor, usable and the
+        PIDs of stray processes); None when the GPUs cannot be read now."""
+        if not self.available or self._report is None:
+            return None
+        gpus = [{"uuid": device.get("uuid") or f"index:{device['index']}", "index": device["index"],
+                 "minor": device.get("minor"),
+                 "usable": device.get("state") == "ok" and bool(device.get("uuid")),
+                 "stray_pids": tuple(process["pid"] for process in device["processes"]
+                                     if process.get("owner") == OWNER_STRAY)}
+                for device in self._devices]
+        return self._report.taken_at, gpus
+
     def strays_count(self) -> int:
         return len(self._strays)
 
