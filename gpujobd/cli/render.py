@@ -13,7 +13,7 @@ import re
 import shlex
 import sys
 import time
-from typing import Any, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from gpujobd.shared.model import JobState
 
@@ -87,9 +87,19 @@ def exit_column(job: Mapping[str, Any]) -> str:
 def state_column(job: Mapping[str, Any]) -> str:
     """The state, and for a background loop the runs ended so far of its maximum: "running 3/5"."""
     state = job.get("state", "?")
+    if job.get("position") is not None:
+        return f"{state} #{job['position']}"
     if not job.get("background"):
         return state
     return f"{state} {job.get('runs') or 0}/{job.get('max_runs') or '?'}"
+
+
+def gpus_column(job: Mapping[str, Any]) -> str:
+    held = job.get("gpus") or []
+    if held:
+        return str(len(held))
+    requested = job.get("gpus_requested") or 0
+    return f"({requested})" if requested and job.get("state") == "queued" else "-"
 
 
 def runtime_s(job: Mapping[str, Any], now: float) -> float | None:
@@ -205,6 +215,7 @@ def _status_fields(job: Mapping[str, Any], now: float, processes: Sequence[Tuple
             add("Stop on failure", "yes")
         add("Last runs", format_runs(runs))
     add("Bound to", None if job.get("bind_to") is None else f"job {job['bind_to']}")
+    _add_scheduling(job, add)
     add("Exit", job.get("exit_code"))
     add("Signal", None if job.get("signal") is None else signal_text(job["signal"]))
     add("Reason", job.get("reason"))
@@ -216,6 +227,24 @@ def _status_fields(job: Mapping[str, Any], now: float, processes: Sequence[Tuple
     add("Processes", _processes_text(processes))
     add("Log", job.get("log_path"))
     return fields
+
+
+def _add_scheduling(job: Mapping[str, Any], add: Callable[[str, Any], None]) -> None:
+    if job.get("gpus"):
+        add("GPUs", ", ".join(job["gpus"]))
+    elif job.get("gpus_requested"):
+        add("GPUs", f"{job['gpus_requested']} asked for")
+    if job.get("position") is not None:
+        add("Queued", f"#{job['position']}, waiting for {job.get('waiting_for') or '?'}")
+    if job.get("priority"):
+        add("Priority", job["priority"])
+    if job.get("after"):
+        add("After", ", ".join(str(i) for i in job["after"]) + " (to succeed)")
+    if job.get("after_any"):
+        add("After any", ", ".join(str(i) for i in job["after_any"]) + " (to end)")
+    if job.get("array_id") is not None:
+        add("Array", f"{job['array_id']} index {job.get('array_index')} ({job.get('array') or ''})")
+    add("Resubmit of", None if job.get("resubmit_of") is None else f"job {job['resubmit_of']}")
 
 
 def _timeout_text(job: Mapping[str, Any], now: float) -> str | None:
@@ -348,13 +377,14 @@ def _log_line_text(line: bytes) -> str:
 
 # --- list --------------------------------------------------------------------------------------------
 
-_COLUMNS = ("ID", "USER", "STATE", "EXIT", "ELAPSED", "NAME", "COMMAND")
+_COLUMNS = ("ID", "USER", "STATE", "GPUS", "EXIT", "ELAPSED", "NAME", "COMMAND")
 
 
 def format_table(jobs: Sequence[Mapping[str, Any]], now: float, width: int | None = None) -> List[str]:
     """The `list` table; COMMAND is cut to `width` columns in all (None: not cut).
 
-    A background loop's STATE is followed by its runs ended of its maximum: "running 3/5".
+    A background loop's STATE is followed by its runs ended of its maximum: "running 3/5"; a queued
+    job's by its position in the queue: "queued #2". GPUS: how many it holds, or asks for "(2)".
     """
     rows = [_COLUMNS] + [_table_row(job, now) for job in jobs]
     widths = [max(len(row[column]) for row in rows) for column in range(len(_COLUMNS) - 1)]
@@ -372,6 +402,7 @@ def _table_row(job: Mapping[str, Any], now: float) -> Tuple[str, ...]:
         str(job["id"]),
         printable(job.get("user", "") or "-"),
         state_column(job),
+        gpus_column(job),
         exit_column(job),
         "-" if elapsed is None else format_duration(elapsed),
         printable(job.get("name") or "-"),

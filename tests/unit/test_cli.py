@@ -160,6 +160,12 @@ class FakeClient:
     def get(self, job_id: int, *, raw: bool = False) -> Dict[str, Any]:
         return self._out(self._job(job_id), raw)
 
+    def tasks(self, job_id: int, *, raw: bool = False) -> List[Dict[str, Any]]:
+        first = self._job(job_id)
+        if first.get("array_id") != job_id:
+            return [self._out(first, raw)]
+        return [self._out(job, raw) for job in self.jobs.values() if job.get("array_id") == job_id]
+
     def list(self, *, all: bool = False, user: Optional[str] = None, state: Optional[str] = None,
              limit: Optional[int] = None, raw: bool = False) -> List[Dict[str, Any]]:
         self.list_calls.append({"all": all, "user": user, "state": state, "limit": limit})
@@ -619,11 +625,11 @@ def test_list_table(fake, capsys):
     _list_fixture(fake)
     assert run(fake, "list") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["ID", "USER", "STATE", "EXIT", "ELAPSED", "NAME", "COMMAND"]
+    assert lines[0].split() == ["ID", "USER", "STATE", "GPUS", "EXIT", "ELAPSED", "NAME", "COMMAND"]
     assert lines[1].split() == [
-        "3", "alice", "running", "-", "2min", "5s", "train", "python", "train.py", "--lr", "0.1"]
-    assert lines[2].split() == ["4", "bob", "failed", "3", "5.0s", "-", "./run.sh", "'a", "b'"]
-    assert lines[3].split()[:6] == ["12", "alice", "failed", "sig", "9", "42s"]
+        "3", "alice", "running", "-", "-", "2min", "5s", "train", "python", "train.py", "--lr", "0.1"]
+    assert lines[2].split() == ["4", "bob", "failed", "-", "3", "5.0s", "-", "./run.sh", "'a", "b'"]
+    assert lines[3].split()[:7] == ["12", "alice", "failed", "-", "sig", "9", "42s"]
     assert "\x1b" not in lines[4] and "evil\\x1b[2Jname" in lines[4]
     assert lines[0].index("STATE") == lines[1].index("running") == lines[2].index("failed")
     assert fake.list_calls == [{"all": False, "user": None, "state": None, "limit": None}]
@@ -661,7 +667,7 @@ def test_list_shows_a_loops_runs_in_the_state_column(fake, capsys):
     lines = capsys.readouterr().out.splitlines()
     column = lines[0].index("STATE")
     assert [line[column:].split("  ")[0] for line in lines[1:]] == ["running 3/5", "failed 2/5", "running"]
-    assert lines[0].index("EXIT") == lines[1].index("-") == lines[2].index("1  ")
+    assert lines[0].index("GPUS") == lines[1].index("-") and lines[0].index("EXIT") == lines[2].index("1  ")
 
 
 def test_list_with_loops_fits_80_columns():
@@ -672,7 +678,7 @@ def test_list_with_loops_fits_80_columns():
     lines = cli_format.format_table(jobs, now, width=80)
     assert all(len(line) <= 80 for line in lines)
     assert "timed-out 99/100" in lines[1]
-    assert lines[1].endswith(("python -m experime…", "python -m experime~"))
+    assert lines[1].endswith(("python -m ex…", "python -m ex~"))
 
 
 def test_table_cuts_the_command_to_the_width():
