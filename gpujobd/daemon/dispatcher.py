@@ -15,6 +15,7 @@ was down are not (those GPUs are free as soon as NVML shows no process of a dead
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from gpujobd.daemon import scheduler as sched
@@ -92,6 +93,7 @@ class Dispatcher:
         self._clock = clock
         self.actions: Optional[Actions] = None
         self._waiting: Dict[int, Job] = {}
+        self._views: Dict[int, sched.Waiting] = {}  # a queued job does not change: built once
         self._holders: Dict[int, sched.Holder] = {}
         self._releasing: Dict[str, Tuple[int, float]] = {}  # uuid -> (the ended job, when it ended)
         self._array_last_start: Dict[int, float] = {}
@@ -110,25 +112,29 @@ class Dispatcher:
         now = self._clock()
         for job in jobs:
             if job.state is JobState.QUEUED:
-                self._waiting[job.id] = job
+                self.queued(job)
             elif not job.state.is_final:
                 self._holders[job.id] = holder_of(job, now)
 
     def queued(self, job: Job) -> None:
         self._waiting[job.id] = job
+        self._views[job.id] = waiting_of(job)
+
+    def _forget(self, job_id: int) -> None:
+        self._waiting.pop(job_id, None)
+        self._views.pop(job_id, None)
+        self._waits.pop(job_id, None)
 
     def started(self, job: Job) -> None:
         """The job left the queue (queued -> starting) with its GPUs."""
-        self._waiting.pop(job.id, None)
-        self._waits.pop(job.id, None)
+        self._forget(job.id)
         self._holders[job.id] = holder_of(job, self._clock())
         if job.array_id is not None:
             self._array_last_start[job.array_id] = self._clock()
 
     def ended(self, job: Job) -> None:
         """A job reached a final state: its GPUs are released once NVML shows none of its processes."""
-        self._waiting.pop(job.id, None)
-        self._waits.pop(job.id, None)
+        self._forget(job.id)
         holder = self._holders.pop(job.id, None)
         self._ended[job.id] = job.state is JobState.SUCCEEDED
         gpus = holder.gpus if holder is not None else ()
@@ -210,7 +216,7 @@ class Dispatcher:
         if self.actions is None:
             return
         for fail in plan.fails:
-            self._waiting.pop(fail.job_id, None)
+            self._forget(fail.job_id)
             self.actions.fail_dependency(fail.job_id, fail.detail)
         for start in plan.starts:
             if start.job_id in self._waiting:
@@ -228,9 +234,11 @@ class Dispatcher:
             gpu_note=note)
 
     def _waiting_view(self) -> List[sched.Waiting]:
-        blocker = self.actions.stray_blocker if self.actions is not None else None
-        return [waiting_of(job, blocker(job.id) if blocker is not None else None)
-                for job in self._waiting.values()]
+        if self.actions is None:
+            return list(self._views.values())
+        blocker = self.actions.stray_blocker
+        return [view if blocked is None else dataclasses.replace(view, blocked=blocked)
+                for view in self._views.values() for blocked in [blocker(view.job_id)]]
 
     def _gpu_view(self) -> Tuple[Tuple[sched.Gpu, ...], str]:
         if not self._watching or self._gpus is None:
