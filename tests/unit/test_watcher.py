@@ -563,6 +563,35 @@ def test_a_tick_attributes_every_process_and_reports_the_stray(rigw: Rigw) -> No
     assert rigw.loop.pending() == [5.0], "the next tick, at gpu.poll_interval_s"
 
 
+def test_inventory_lists_each_gpu_with_its_strays_for_the_queue(rigw: Rigw) -> None:
+    populate(rigw)
+    assert rigw.watcher.inventory() is None, "nothing read yet"
+    rigw.start()
+    reading = rigw.watcher.inventory()
+    assert reading is not None
+    taken_at, gpus = reading
+    assert taken_at == rigw.watcher.report()["updated_at"]
+    assert [(gpu["uuid"], gpu["index"], gpu["usable"], gpu["stray_pids"]) for gpu in gpus] == [
+        (UUID0, 0, True, (300,)), (UUID1, 1, True, (300,))]
+
+
+def test_refresh_reads_now_or_right_after_the_reading_under_way(rigw: Rigw) -> None:
+    rigw.start()
+    assert rigw.loop.pending() == [5.0]
+    rigw.watcher.refresh()
+    assert rigw.loop.pending() == [0.0], "a job ended: read the GPUs now, not at the next poll"
+    rigw.loop.run()
+    assert rigw.worker.tasks == 2 and rigw.loop.pending() == [5.0]
+    rigw.worker.hold = True
+    rigw.loop.run(5.0)
+    assert rigw.worker.busy
+    rigw.watcher.refresh()
+    rigw.worker.release()
+    rigw.loop.run()
+    assert rigw.worker.tasks == 4, "the reading under way began before the end: one more at once"
+    assert rigw.loop.pending() == [5.0]
+
+
 def test_a_live_job_without_gpu_processes_uses_no_memory(rigw: Rigw) -> None:
     watcher = rigw.start()
     assert watcher.job_gpu_memory(7) == {}
