@@ -11,16 +11,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
-from gpujobd.daemon.admission import resubmitted_spec, scheduling_problems, to_resubmit
+from gpujobd.daemon.admission import scheduling_problems
 from gpujobd.daemon.dispatcher import Dispatcher
 from gpujobd.daemon.gpu.strays import describe_strays
-from gpujobd.daemon.launch import device_properties, supervisor_spec
+from gpujobd.daemon.launch import supervisor_spec
 from gpujobd.daemon.outcome import RECORD_REASONS, decide_outcome, record_float
 from gpujobd.daemon.ports import (
-    GatePort,
     GpuPort,
     JobFilesPort,
     SchedulerPort,
@@ -30,10 +28,12 @@ from gpujobd.daemon.ports import (
     UsersPort,
 )
 from gpujobd.daemon.properties import Encoded
+from gpujobd.daemon.queueing import Caller as Caller  # re-exported: the service and tests use it
+from gpujobd.daemon.queueing import Queueing, Runtime
 from gpujobd.daemon.validation import validate, with_server_defaults
 from gpujobd.shared import api, text
 from gpujobd.shared.config import Config
-from gpujobd.shared.errors import GpujobdError, InvalidArgument, NotFound, PermissionDenied, Refused
+from gpujobd.shared.errors import InvalidArgument, NotFound, PermissionDenied, Refused
 from gpujobd.shared.log import get_logger
 from gpujobd.shared.model import (
     EndReason,
@@ -56,24 +56,7 @@ GONE_UNIT_STATES = frozenset({"inactive", "failed"})
 START_JOB_DONE = "done"
 
 
-@dataclass(frozen=True)
-class Caller:
-    uid: int
-    user: str
-    gid: int
-    is_admin: bool
-
-
-@dataclass
-class _Runtime:
-    """What the daemon knows of an active job beyond its row; rebuilt by reconcile after a crash."""
-
-    gate: Optional[GatePort] = None
-    scope_result: Optional[str] = None
-    cancel_start_timer: Optional[Callable[[], None]] = None  # also the wait of a queued job
-
-
-class Manager:
+class Manager(Queueing):
     def __init__(self, config: Config, store: StorePort, systemd: SystemdPort, files: JobFilesPort,
                  spawn: Spawn, scheduler: SchedulerPort, on_change: Callable[[Job], None], *,
                  users: UsersPort, clock: Callable[[], float] = time.time, gpus: Optional[GpuPort] = None):
@@ -87,7 +70,7 @@ class Manager:
         self._scheduler = scheduler
         self._on_change = on_change
         self._clock = clock
-        self._runtime: Dict[int, _Runtime] = {}
+        self._runtime: Dict[int, Runtime] = {}
         self._stray_waits: Set[int] = set()  # queued jobs that wait for strays to leave (gpu_check wait)
         self.queue = Dispatcher(config, store, gpus, scheduler.call_later, clock)
         self.queue.actions = self
@@ -150,84 +133,13 @@ class Manager:
         self.queue.replan()
         return [self._job(job.id) for job in jobs]
 
-    # -- the queue's actions (gpujobd.daemon.dispatcher) -----------------------------------------
-    def start_queued(self, job_id: int, gpus: Tuple[str, ...]) -> None:
-        job = self._store.get(job_id)
-        if job is None or job.state is not JobState.QUEUED:
-            return
-        runtime = self._runtime.setdefault(job_id, _Runtime())
-        if runtime.cancel_start_timer is not None:  # its wait for strays is over
-            runtime.cancel_start_timer()
-            runtime.cancel_start_timer = None
-        self._stray_waits.discard(job_id)
-        job = self._commit(transition(job, JobState.STARTING, gpus=tuple(gpus)))
-        self.queue.started(job)
-        log.info("job.dequeued", job_id=job_id, gpus=list(gpus),
-                 waited_s=round(self._clock() - job.created_at, 3))
-        try:
-            properties = (validate(job.spec, self._config.jobs) + self._bind_properties(job.spec)
-                          + device_properties(gpus, self.queue.gpu_minors(), self._config.scheduler))
-        except GpujobdError as err:
-            self._abort_start(job_id, f"the job cannot start any more: {err}")
-            return
-        self._start_or_abort(job, properties)
-
-    def fail_dependency(self, job_id: int, detail: str) -> None:
-        job = self._store.get(job_id)
-        if job is not None and job.state is JobState.QUEUED:
-            self._end(job, Outcome(EndReason.DEPENDENCY_FAILED, detail=f"{detail}; it never ran"),
-                      self._clock())
-
-    def stray_blocker(self, job_id: int) -> Optional[str]:
-        """With gpu_check wait, a job without --gpus waits while a stray holds the GPUs it uses."""
-        if job_id not in self._stray_waits:
-            return None
-        job = self._store.get(job_id)
-        blockers = self._gpu_blockers(job.spec) if job is not None else []
-        return f"strays to leave its GPUs: {describe_strays(blockers)}" if blockers else None
-
     def _start_or_abort(self, job: Job, properties: Sequence[Encoded]) -> None:
         try:
             self._start(job, properties)
         except Exception as err:  # the job exists: it must end recorded, never half-started
             log.error("job.start_failed", job_id=job.id, error=str(err))
-            self._runtime.setdefault(job.id, _Runtime())
+            self._runtime.setdefault(job.id, Runtime())
             self._abort_start(job.id, f"could not start the job's scope: {err}")
-
-    # -- waiting for GPUs that a stray holds (gpu_check wait) -------------------------------------
-    def _gpu_blockers(self, spec: JobSpec) -> List[Dict[str, Any]]:
-        """The strays on the GPUs the job will use; none when the GPUs cannot be read now."""
-        if self._gpus is None:
-            return []
-        found = self._gpus.blocking_strays(spec.env.get("CUDA_VISIBLE_DEVICES"))
-        if found is None:
-            log.warning("job.gpu_check_skipped", reason="the GPUs cannot be read now; see gpujobctl gpus")
-            return []
-        return found
-
-    def _wait_for_strays(self, job: Job) -> None:
-        runtime = self._runtime.setdefault(job.id, _Runtime())
-        self._stray_waits.add(job.id)
-        wait_s = self._config.gpu.prestart_wait_s
-        runtime.cancel_start_timer = self._scheduler.call_later(wait_s, lambda: self._gpu_wait_over(job.id))
-        log.info("job.waiting_for_gpus", job_id=job.id, wait_s=wait_s)
-
-    def gpus_changed(self) -> None:
-        """The watcher has read the GPUs again: GPUs may be free, strays gone."""
-        self.queue.gpus_read()
-
-    def _gpu_wait_over(self, job_id: int) -> None:
-        job = self._store.get(job_id)
-        if job is None or job.state is not JobState.QUEUED or job_id not in self._stray_waits:
-            return
-        self._stray_waits.discard(job_id)
-        blockers = self._gpu_blockers(job.spec)
-        if not blockers:
-            self.queue.replan()
-            return
-        self._end(job, Outcome(EndReason.START_FAILED, detail=(
-            f"waited {self._config.gpu.prestart_wait_s:g} s (gpu.prestart_wait_s) for its GPUs: "
-            f"{describe_strays(blockers)}")), self._clock())
 
     def live_job_ids(self) -> List[int]:
         """The jobs that are not final: whose scopes' processes are theirs (the GPU watcher asks)."""
@@ -270,35 +182,6 @@ class Manager:
 
     def get(self, job_id: int) -> Job:
         return self._job(job_id)
-
-    def resubmit(self, caller: Caller, job_id: int, with_dependents: bool) -> List[Job]:
-        """The same spec as a new job; with_dependents, also the jobs that depended on it and did not
-        succeed, wired to the new ids (dependencies that succeeded count as met)."""
-        job = self._job(job_id)
-        self._authorize(caller, job, "resubmit")
-        if not job.state.is_final:
-            raise InvalidArgument(f"job {job_id} is {job.state.value}: only a job that ended can be "
-                                  f"resubmitted (`gpujobctl stop {job_id}` first, or wait for it)")
-        new_ids: Dict[int, int] = {}
-        created: List[Job] = []
-        for old in to_resubmit(job, with_dependents, self._store.dependents,
-                               lambda other: caller.is_admin or caller.uid == other.uid):
-            new = self._store.create(old.user, old.uid, old.gid, resubmitted_spec(old, new_ids),
-                                     self._clock(), state=JobState.QUEUED, resubmit_of=old.id)
-            new_ids[old.id] = new.id
-            created.append(new)
-            self.queue.queued(new)
-            log.info("job.resubmitted", job_id=new.id, resubmit_of=old.id, by=caller.user)
-        self.queue.replan()
-        return [self._job(new.id) for new in created]
-
-    def set_draining(self, caller: Caller, draining: bool) -> None:
-        """Drain: start nothing new (running jobs go on, queued ones wait); undrain: start again."""
-        if not caller.is_admin:
-            raise PermissionDenied(f"only root or a member of group '{self._config.daemon.admin_group}' "
-                                   f"may {'drain' if draining else 'undrain'} the server")
-        log.info("queue.draining" if draining else "queue.undrained", by=caller.user)
-        self.queue.set_draining(draining)
 
     def list(self, *, include_ended: bool, user: Optional[str], state: Optional[JobState],
              limit: int, after_id: Optional[int] = None) -> List[Job]:
@@ -346,7 +229,7 @@ class Manager:
             gate = self._spawn(self._supervisor_spec(job), log_fd)
         finally:
             os.close(log_fd)
-        runtime = self._runtime.setdefault(job.id, _Runtime())
+        runtime = self._runtime.setdefault(job.id, Runtime())
         runtime.gate = gate
         self._systemd.start_scope(job, gate.pid, properties,
                                   lambda result: self._scope_started(job.id, result))
@@ -389,7 +272,7 @@ class Manager:
                                   f"{self._config.daemon.start_timeout_s} s (daemon.start_timeout_s)")
 
     def _abort_start(self, job_id: int, detail: str) -> None:
-        runtime = self._runtime.pop(job_id, _Runtime())
+        runtime = self._runtime.pop(job_id, Runtime())
         if runtime.gate is not None:
             runtime.gate.abort()
         if runtime.cancel_start_timer is not None:
@@ -531,7 +414,7 @@ class Manager:
             if job.spec.gpu_check == "wait" and not job.spec.gpus:
                 self._wait_for_strays(job)
             return
-        self._runtime[job.id] = _Runtime()
+        self._runtime[job.id] = Runtime()
         if unit_state in ALIVE_UNIT_STATES:
             log.info("reconcile.reattached", job_id=job.id, unit=job.unit, active_state=unit_state)
             self._ingest_runs(job.id)  # runs of a loop that ended while the daemon was down
