@@ -25,7 +25,7 @@ from benchmarks.params import FULL, QUICK, Params
 from benchmarks.stats import Row
 from benchmarks.testbed import CHECKOUT, HOST_ENV, Testbed, machine, where
 
-SECTIONS = ("submit", "burst", "stop", "logs", "daemon", "history", "gpu")
+SECTIONS = ("submit", "burst", "stop", "logs", "daemon", "history", "gpu", "queue")
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMA = 1
 

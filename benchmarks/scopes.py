@@ -79,6 +79,9 @@ class _Gio:
 
     def close(self) -> None:
         self.con.signal_unsubscribe(self.sub)
+        # The system bus connection is this process's shared one: a later _Gio (another section's)
+        # subscribes again, which systemd refuses while this subscription stands.
+        self._call("Unsubscribe", None, None)
 
 
 def start_latency(runs: int, warmup: int) -> Tuple[Dist, Dist]:

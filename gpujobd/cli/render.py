@@ -13,7 +13,7 @@ import re
 import shlex
 import sys
 import time
-from typing import Any, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from gpujobd.shared.model import JobState
 
@@ -87,9 +87,19 @@ def exit_column(job: Mapping[str, Any]) -> str:
 def state_column(job: Mapping[str, Any]) -> str:
     """The state, and for a background loop the runs ended so far of its maximum: "running 3/5"."""
     state = job.get("state", "?")
+    if job.get("position") is not None:
+        return f"{state} #{job['position']}"
     if not job.get("background"):
         return state
     return f"{state} {job.get('runs') or 0}/{job.get('max_runs') or '?'}"
+
+
+def gpus_column(job: Mapping[str, Any]) -> str:
+    held = job.get("gpus") or []
+    if held:
+        return str(len(held))
+    requested = job.get("gpus_requested") or 0
+    return f"({requested})" if requested and job.get("state") == "queued" else "-"
 
 
 def runtime_s(job: Mapping[str, Any], now: float) -> float | None:
@@ -206,6 +216,7 @@ def _status_fields(job: Mapping[str, Any], now: float, processes: Sequence[Tuple
             add("Stop on failure", "yes")
         add("Last runs", format_runs(runs))
     add("Bound to", None if job.get("bind_to") is None else f"job {job['bind_to']}")
+    _add_scheduling(job, add)
     add("Exit", job.get("exit_code"))
     add("Signal", None if job.get("signal") is None else signal_text(job["signal"]))
     add("Reason", job.get("reason"))
@@ -217,6 +228,24 @@ def _status_fields(job: Mapping[str, Any], now: float, processes: Sequence[Tuple
     add("Processes", _processes_text(processes))
     add("Log", job.get("log_path"))
     return fields
+
+
+def _add_scheduling(job: Mapping[str, Any], add: Callable[[str, Any], None]) -> None:
+    if job.get("gpus"):
+        add("GPUs", ", ".join(job["gpus"]))
+    elif job.get("gpus_requested"):
+        add("GPUs", f"{job['gpus_requested']} asked for")
+    if job.get("position") is not None:
+        add("Queued", f"#{job['position']}, waiting for {job.get('waiting_for') or '?'}")
+    if job.get("priority"):
+        add("Priority", job["priority"])
+    if job.get("after"):
+        add("After", ", ".join(str(i) for i in job["after"]) + " (to succeed)")
+    if job.get("after_any"):
+        add("After any", ", ".join(str(i) for i in job["after_any"]) + " (to end)")
+    if job.get("array_id") is not None:
+        add("Array", f"{job['array_id']} index {job.get('array_index')} ({job.get('array') or ''})")
+    add("Resubmit of", None if job.get("resubmit_of") is None else f"job {job['resubmit_of']}")
 
 
 def _timeout_text(job: Mapping[str, Any], now: float) -> str | None:
@@ -368,7 +397,8 @@ def format_table(jobs: Sequence[Mapping[str, Any]], now: float, width: int | Non
     """The `list` table; COMMAND is cut to `width` columns in all (None: not cut); with `colour`, the
     STATE cell in the state's colour (a terminal's, never a pipe's: `list` decides).
 
-    A background loop's STATE is followed by its runs ended of its maximum: "running 3/5".
+    A background loop's STATE is followed by its runs ended of its maximum: "running 3/5"; a queued
+    job's by its position in the queue: "queued #2". GPUS: how many it holds, or asks for "(2)".
     """
     rows = [_COLUMNS] + [_table_row(job, now) for job in jobs]
     widths = [max(len(row[column]) for row in rows) for column in range(len(_COLUMNS) - 1)]
@@ -411,16 +441,6 @@ def format_clock(timestamp: float | None, now: float) -> str:
         return "-"
     same_day = time.localtime(timestamp)[:3] == time.localtime(now)[:3]
     return time.strftime("%H:%M" if same_day else "%m-%d", time.localtime(timestamp))
-
-
-def gpus_column(job: Mapping[str, Any]) -> str:
-    """The GPUs allocated to the job (indexes, comma-separated), or "-" when none."""
-    gpus = job.get("gpus")
-    if gpus is None or gpus == "" or gpus == []:
-        return "-"
-    if isinstance(gpus, (list, tuple)):
-        return printable(",".join(str(gpu) for gpu in gpus))
-    return printable(str(gpus))
 
 
 def _cut(text: str, room: int | None) -> str:

@@ -12,6 +12,7 @@ _EPILOG = """\
 examples:
   gpujobctl stop 42
   gpujobctl stop 42 43 44
+  gpujobctl stop 50          # an array's id (its first task's): every task, as with scancel
 
 Every id is tried; exits with the code of the first that could not be stopped (3 no such job,
 4 not yours, ...)."""

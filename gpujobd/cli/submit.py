@@ -112,6 +112,8 @@ def run(args: argparse.Namespace, client: Any) -> int:
     options = given_options(args)
     if args.with_background is not None:
         return _submit_pair(args, client, command, options)
+    if options.get("array"):
+        return _submit_array(args, client, command, options)
     job = client.submit(command, **options, raw=True)
     if not args.wait:
         if args.json:
@@ -126,6 +128,27 @@ def run(args: argparse.Namespace, client: Any) -> int:
     if args.json:
         print_json(api.job_to_json(final))
     return common.exit_code_for(final)
+
+
+def _submit_array(args: argparse.Namespace, client: Any, command: List[str], options: Dict[str, Any]) -> int:
+    """submit --array: one job per index; their ids one per line (--json: a list); with --wait, wait
+    for every task and exit with the code of the first that failed."""
+    tasks = client.submit_all(command, **options, raw=True)
+    if args.wait:
+        try:
+            tasks = [client.wait(task["id"], raw=True) for task in tasks]
+        except KeyboardInterrupt:
+            print_error(f"interrupted: array {tasks[0]['array_id']} goes on; "
+                        f"`{PROG} stop {tasks[0]['array_id']}` stops it")
+            return common.EXIT_INTERRUPTED
+    if args.json:
+        print_json([api.job_to_json(task) for task in tasks])
+    else:
+        for task in tasks:
+            print(task["id"])
+    if not args.wait:
+        return errors.EXIT_OK
+    return next((code for code in map(common.exit_code_for, tasks) if code != errors.EXIT_OK), errors.EXIT_OK)
 
 
 def _submit_pair(args: argparse.Namespace, client: Any, command: List[str], options: Dict[str, Any]) -> int:
@@ -188,6 +211,9 @@ examples:
   gpujobctl submit --json -- sleep 60 | jq .unit
   gpujobctl submit --background --max-runs 5 --restart-delay 30s -- python3 eval.py
   gpujobctl submit --background --bind-to 42 -- ./watch_gpu.sh   # stopped when job 42 ends
+  gpujobctl submit --gpus 2 -- python3 train.py             # waits queued for 2 free GPUs
+  gpujobctl submit --after 41 -- python3 eval.py          # once job 41 succeeded
+  gpujobctl submit --array 0-19%4 --gpus 1 -- ./shard.sh # 20 tasks, 4 at once; GPUJOB_ARRAY_INDEX
   gpujobctl submit --name exp1 --with-background 'python3 eval.py --latest' -- python3 train.py
       # prints "FOREGROUND BACKGROUND": the eval loop runs until train.py ends
 

@@ -16,6 +16,7 @@ examples:
   gpujobctl wait 42
   gpujobctl wait 42 43 44 && echo all succeeded
   gpujobctl wait --timeout 1h 42
+  gpujobctl wait 50          # an array's id (its first task's): every task
 
 Exits 0 if every job succeeded, else with the code of the first failed job in argument order
 (signal N gives 128+N, a failure without an exit code gives 1); an id that cannot be waited for counts
@@ -36,13 +37,26 @@ def run(args: argparse.Namespace, client: Any) -> int:
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     first_failure = None
     ended: List[Job] = []
-    for one_id in args.ids:
+    for one_id in _expanded(client, args.ids):
         code = _wait_one(client, one_id, deadline, ended, quiet=args.json)
         if first_failure is None and code != errors.EXIT_OK:
             first_failure = code
     if args.json:
         common.print_json([api.job_to_json(job) for job in ended])
     return errors.EXIT_OK if first_failure is None else first_failure
+
+
+def _expanded(client: Any, ids: List[int]) -> List[int]:
+    """Each id, an array's id as its tasks' ids; an id that cannot be read stays (its error shows)."""
+    out: List[int] = []
+    for one_id in ids:
+        try:
+            out += [int(task["id"]) for task in client.tasks(one_id, raw=True)]
+        except errors.Unavailable:
+            raise
+        except errors.GpujobdError:
+            out.append(one_id)
+    return out
 
 
 def _wait_one(client: Any, one_id: int, deadline: float | None, ended: List[Job], quiet: bool) -> int:

@@ -98,6 +98,50 @@ class Client:
         (job,) = self._transport.call("Submit", "(a{sv})", (wire,), "(a{sv})")
         return _job(job, raw)
 
+    def submit_all(self, argv: Sequence[str], *, raw: bool = False, **options: Any) -> List[Dict[str, Any]]:
+        """Like `submit`, returning every job it created: one per index with `array` (Slurm's syntax,
+        "0-19%4": at most 4 at once; `stagger_s` spaces their starts), else the one job.
+
+        Scheduling options (any submit): `gpus` (N whole GPUs for the job alone), `priority` (higher
+        first; above 0 for admins only), `after` / `after_any` (job ids: start once they succeeded /
+        ended; a failed `after` ends the job `failed`, reason `dependency-failed`)."""
+        wire = outgoing.spec_wire(argv, **options)
+        (jobs,) = self._transport.call("SubmitAll", "(a{sv})", (wire,), "(aa{sv})")
+        return [_job(job, raw) for job in jobs]
+
+    def resubmit(self, job_id: int, with_dependents: bool = False, *,
+                 raw: bool = False) -> List[Dict[str, Any]]:
+        """Submit an ended job's spec again as a new job (its `resubmit_of` says which); with
+        with_dependents, also the jobs that depended on it and did not succeed, wired to the new ids
+        (dependencies that succeeded count as met). Returns the new jobs, the resubmitted one first."""
+        args = (outgoing.checked_id(job_id), bool(with_dependents))
+        (jobs,) = self._transport.call("Resubmit", "(tb)", args, "(aa{sv})")
+        return [_job(job, raw) for job in jobs]
+
+    def drain(self) -> None:
+        """Admins: start no new job (running ones go on, queued ones wait) until `undrain`."""
+        self._transport.call("Drain", None, (), "()")
+
+    def undrain(self) -> None:
+        self._transport.call("Undrain", None, (), "()")
+
+    def tasks(self, job_id: int, *, raw: bool = False) -> List[Dict[str, Any]]:
+        """An array's tasks when job_id is an array's id (its first task's, as with Slurm), else
+        [the job]. An array's tasks are created in one transaction, so their ids are consecutive."""
+        first = self.get(job_id, raw=True)
+        if first.get("array_id") != first["id"]:
+            return [_job(first, raw)]
+        found = [first]
+        while True:
+            try:
+                task = self.get(int(found[-1]["id"]) + 1, raw=True)
+            except errors.NotFound:
+                break
+            if task.get("array_id") != first["id"]:
+                break
+            found.append(task)
+        return [_job(task, raw) for task in found]
+
     def validate(self, argv: Sequence[str], **options: Any) -> None:
         """Have the daemon check a job as `submit` would, creating nothing: returns None, or raises
         what `submit` would raise for it (InvalidArgument with every problem, PermissionDenied, ...)."""

@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
+from gpujobd.daemon.admission import scheduling_problems
+from gpujobd.daemon.dispatcher import Dispatcher
 from gpujobd.daemon.gpu.strays import describe_strays
 from gpujobd.daemon.launch import supervisor_spec
 from gpujobd.daemon.outcome import RECORD_REASONS, decide_outcome, record_float
 from gpujobd.daemon.ports import (
-    GatePort,
     GpuPort,
     JobFilesPort,
     SchedulerPort,
@@ -28,8 +28,10 @@ from gpujobd.daemon.ports import (
     UsersPort,
 )
 from gpujobd.daemon.properties import Encoded
+from gpujobd.daemon.queueing import Caller as Caller  # re-exported: the service and tests use it
+from gpujobd.daemon.queueing import Queueing, Runtime
 from gpujobd.daemon.validation import validate, with_server_defaults
-from gpujobd.shared import api
+from gpujobd.shared import api, text
 from gpujobd.shared.config import Config
 from gpujobd.shared.errors import InvalidArgument, NotFound, PermissionDenied, Refused
 from gpujobd.shared.log import get_logger
@@ -54,25 +56,7 @@ GONE_UNIT_STATES = frozenset({"inactive", "failed"})
 START_JOB_DONE = "done"
 
 
-@dataclass(frozen=True)
-class Caller:
-    uid: int
-    user: str
-    gid: int
-    is_admin: bool
-
-
-@dataclass
-class _Runtime:
-    """What the daemon knows of an active job beyond its row; rebuilt by reconcile after a crash."""
-
-    gate: Optional[GatePort] = None
-    scope_result: Optional[str] = None
-    cancel_start_timer: Optional[Callable[[], None]] = None  # also the wait of a queued job
-    queued: Optional[Tuple[Caller, List[Encoded]]] = None  # waiting for its GPUs: who, and what to start
-
-
-class Manager:
+class Manager(Queueing):
     def __init__(self, config: Config, store: StorePort, systemd: SystemdPort, files: JobFilesPort,
                  spawn: Spawn, scheduler: SchedulerPort, on_change: Callable[[Job], None], *,
                  users: UsersPort, clock: Callable[[], float] = time.time, gpus: Optional[GpuPort] = None):
@@ -86,7 +70,10 @@ class Manager:
         self._scheduler = scheduler
         self._on_change = on_change
         self._clock = clock
-        self._runtime: Dict[int, _Runtime] = {}
+        self._runtime: Dict[int, Runtime] = {}
+        self._stray_waits: Set[int] = set()  # queued jobs that wait for strays to leave (gpu_check wait)
+        self.queue = Dispatcher(config, store, gpus, scheduler.call_later, clock)
+        self.queue.actions = self
 
     # -- callers -------------------------------------------------------------------------------
     def caller_from_uid(self, uid: int) -> Caller:
@@ -112,92 +99,66 @@ class Manager:
             raise PermissionDenied("gpujobd never runs a job as root: submit as the user the work "
                                    "belongs to (e.g. runuser -u USER -- gpujobctl submit ...)")
         spec = with_server_defaults(spec, self._config)
-        return spec, validate(spec, self._config.jobs) + self._binding(caller, spec)
+        properties = validate(spec, self._config.jobs)
+        problems = scheduling_problems(spec, caller.is_admin, self._store.get, self.queue.gpu_count(),
+                                       self._config.daemon.admin_group)
+        if problems:
+            raise InvalidArgument("; ".join(problems))
+        self._check_binding(caller, spec)
+        return spec, properties
 
     def submit(self, caller: Caller, spec: JobSpec) -> Job:
-        spec, properties = self.validate(caller, spec)
-        check = spec.gpu_check
-        blockers = self._gpu_blockers(spec) if check != "off" else []
-        if blockers and check == "refuse":
+        return self.submit_all(caller, spec)[0]
+
+    def submit_all(self, caller: Caller, spec: JobSpec) -> List[Job]:
+        """Queue the job (an array: one job per index); the queue starts what can start at once."""
+        spec, _properties = self.validate(caller, spec)
+        blockers = self._gpu_blockers(spec) if spec.gpu_check != "off" and not spec.gpus else []
+        if blockers and spec.gpu_check == "refuse":
             raise Refused(f"{describe_strays(blockers)}; the job was not created (gpu_check "
                           "refuse). `gpujobctl gpus` shows the GPUs; submit with gpu_check wait "
                           "to wait for them")
-        job = self._store.create(caller.user, caller.uid, caller.gid, spec, self._clock(),
-                                 state=JobState.QUEUED if blockers else JobState.STARTING)
-        log.info("job.submitted", job_id=job.id, user=caller.user, unit=job.unit, argv0=spec.argv[0])
-        if blockers:
-            self._wait_for_gpus(job, caller, properties, blockers)
+        now = self._clock()
+        if spec.array:
+            jobs = self._store.create_array(caller.user, caller.uid, caller.gid, spec, now,
+                                            text.array(spec.array)[0])
         else:
-            self._start_or_abort(job, caller, properties)
-        return self._job(job.id)
+            jobs = [self._store.create(caller.user, caller.uid, caller.gid, spec, now, state=JobState.QUEUED)]
+        for job in jobs:
+            log.info("job.submitted", job_id=job.id, user=caller.user, unit=job.unit, argv0=spec.argv[0],
+                     gpus=spec.gpus, array_id=job.array_id)
+            if blockers:
+                self._wait_for_strays(job)
+            self.queue.queued(job)
+        self.queue.replan()
+        return [self._job(job.id) for job in jobs]
 
-    def _start_or_abort(self, job: Job, caller: Caller, properties: Sequence[Encoded]) -> None:
+    def _start_or_abort(self, job: Job, properties: Sequence[Encoded]) -> None:
         try:
-            self._start(job, caller, properties)
+            self._start(job, properties)
         except Exception as err:  # the job exists: it must end recorded, never half-started
             log.error("job.start_failed", job_id=job.id, error=str(err))
-            self._runtime.setdefault(job.id, _Runtime())
+            self._runtime.setdefault(job.id, Runtime())
             self._abort_start(job.id, f"could not start the job's scope: {err}")
-
-    # -- waiting for GPUs that a stray holds (gpu_check wait) -------------------------------------
-    def _gpu_blockers(self, spec: JobSpec) -> List[Dict[str, Any]]:
-        """The strays on the GPUs the job will use; none when the GPUs cannot be read now."""
-        if self._gpus is None:
-            return []
-        found = self._gpus.blocking_strays(spec.env.get("CUDA_VISIBLE_DEVICES"))
-        if found is None:
-            log.warning("job.gpu_check_skipped", reason="the GPUs cannot be read now; see gpujobctl gpus")
-            return []
-        return found
-
-    def _wait_for_gpus(self, job: Job, caller: Caller, properties: Sequence[Encoded],
-                       blockers: List[Dict[str, Any]]) -> None:
-        runtime = self._runtime.setdefault(job.id, _Runtime())
-        runtime.queued = (caller, list(properties))
-        wait_s = self._config.gpu.prestart_wait_s
-        runtime.cancel_start_timer = self._scheduler.call_later(wait_s, lambda: self._gpu_wait_over(job.id))
-        log.info("job.waiting_for_gpus", job_id=job.id, wait_s=wait_s, strays=describe_strays(blockers))
-
-    def gpus_changed(self) -> None:
-        """The watcher has read the GPUs again: start the queued jobs whose GPUs are free now."""
-        for job_id in [job_id for job_id, runtime in self._runtime.items() if runtime.queued is not None]:
-            job = self._store.get(job_id)
-            if job is not None and job.state is JobState.QUEUED and not self._gpu_blockers(job.spec):
-                self._release_queued(job)
-
-    def _gpu_wait_over(self, job_id: int) -> None:
-        runtime = self._runtime.get(job_id)
-        job = self._store.get(job_id)
-        if runtime is None or runtime.queued is None or job is None or job.state is not JobState.QUEUED:
-            return
-        runtime.cancel_start_timer = None
-        blockers = self._gpu_blockers(job.spec)
-        if not blockers:
-            self._release_queued(job)
-            return
-        self._end(job, Outcome(EndReason.START_FAILED, detail=(
-            f"waited {self._config.gpu.prestart_wait_s:g} s (gpu.prestart_wait_s) for its GPUs: "
-            f"{describe_strays(blockers)}")), self._clock())
-
-    def _release_queued(self, job: Job) -> None:
-        runtime = self._runtime[job.id]
-        assert runtime.queued is not None
-        caller, properties = runtime.queued
-        runtime.queued = None
-        if runtime.cancel_start_timer is not None:
-            runtime.cancel_start_timer()
-            runtime.cancel_start_timer = None
-        job = self._commit(transition(job, JobState.STARTING))
-        log.info("job.gpus_free", job_id=job.id, waited_s=round(self._clock() - job.created_at, 1))
-        self._start_or_abort(job, caller, properties)
 
     def live_job_ids(self) -> List[int]:
         """The jobs that are not final: whose scopes' processes are theirs (the GPU watcher asks)."""
         return [job.id for job in self._store.active_jobs()]
 
     def stop(self, caller: Caller, job_id: int) -> str:
+        """Stop a job; an array's id (its first task's, as with Slurm's scancel) stops every task."""
         job = self._job(job_id)
+        if job.array_id == job.id:
+            tasks = self._store.array_tasks(job_id)
+            for task in tasks:
+                self._authorize(caller, task, "stop")
+            results = [self._stop_one(caller, task) for task in tasks]
+            return api.STOP_STOPPING if api.STOP_STOPPING in results else api.STOP_ALREADY_ENDED
         self._authorize(caller, job, "stop")
+        return self._stop_one(caller, job)
+
+    def _stop_one(self, caller: Caller, job: Job) -> str:
+        job_id = job.id
         if job.state.is_final:
             return api.STOP_ALREADY_ENDED
         if job.state is JobState.QUEUED:  # nothing runs yet: it ends here
@@ -205,9 +166,10 @@ class Manager:
             if runtime is not None and runtime.cancel_start_timer is not None:
                 runtime.cancel_start_timer()
             log.info("job.stopping", job_id=job_id, by=caller.user, unit=job.unit)
+            wait = self.queue.wait_of(job_id)
             self._end(dataclasses.replace(job, stopped_by=caller.user), Outcome(
-                EndReason.STOPPED, detail=f"stopped by {caller.user} while it waited for its GPUs"),
-                self._clock())
+                EndReason.STOPPED, detail=f"stopped by {caller.user} while it was queued"
+                + (f", waiting for {wait.waiting_for}" if wait is not None else "")), self._clock())
             return api.STOP_STOPPING
         if job.state is not JobState.STOPPING:
             job = self._commit(transition(job, JobState.STOPPING, stopped_by=caller.user))
@@ -240,28 +202,34 @@ class Manager:
         return self._files.log_path(job_id)
 
     # -- starting --------------------------------------------------------------------------------
-    def _binding(self, caller: Caller, spec: JobSpec) -> List[Encoded]:
+    def _check_binding(self, caller: Caller, spec: JobSpec) -> None:
+        if spec.bind_to is None:
+            return
+        target = self._store.get(spec.bind_to)
+        if target is not None and not (caller.is_admin or caller.uid == target.uid):
+            raise PermissionDenied(f"--bind-to {spec.bind_to}: that job belongs to {target.user}; "
+                                   "bind only to your own jobs")
+        self._bind_properties(spec)
+
+    def _bind_properties(self, spec: JobSpec) -> List[Encoded]:
         """BindsTo= + After= the foreground job's scope: systemd stops this job when that one ends."""
         if spec.bind_to is None:
             return []
         target = self._store.get(spec.bind_to)
         if target is None:
             raise InvalidArgument(f"--bind-to {spec.bind_to}: there is no such job")
-        if not (caller.is_admin or caller.uid == target.uid):
-            raise PermissionDenied(f"--bind-to {spec.bind_to}: that job belongs to {target.user}; "
-                                   "bind only to your own jobs")
         if target.state not in (JobState.STARTING, JobState.RUNNING):
             raise InvalidArgument(f"--bind-to {spec.bind_to}: that job is {target.state.value}; "
                                   "a job can only be bound to one that is starting or running")
         return [("BindsTo", "as", [target.unit]), ("After", "as", [target.unit])]
 
-    def _start(self, job: Job, caller: Caller, properties: Sequence[Encoded]) -> None:
+    def _start(self, job: Job, properties: Sequence[Encoded]) -> None:
         log_fd = self._files.create_log(job.id, job.uid, job.gid)
         try:
             gate = self._spawn(self._supervisor_spec(job), log_fd)
         finally:
             os.close(log_fd)
-        runtime = self._runtime.setdefault(job.id, _Runtime())
+        runtime = self._runtime.setdefault(job.id, Runtime())
         runtime.gate = gate
         self._systemd.start_scope(job, gate.pid, properties,
                                   lambda result: self._scope_started(job.id, result))
@@ -273,7 +241,7 @@ class Manager:
         if user is None:
             raise InvalidArgument(f"user {job.user} (uid {job.uid}) has no passwd entry any more: "
                                   "a job runs only as a known user")
-        return supervisor_spec(job, user, self._config.jobs, self._files)
+        return supervisor_spec(job, user, self._config.jobs, self._files, self._config.scheduler)
 
     def _scope_started(self, job_id: int, result: str) -> None:
         runtime = self._runtime.get(job_id)
@@ -304,7 +272,7 @@ class Manager:
                                   f"{self._config.daemon.start_timeout_s} s (daemon.start_timeout_s)")
 
     def _abort_start(self, job_id: int, detail: str) -> None:
-        runtime = self._runtime.pop(job_id, _Runtime())
+        runtime = self._runtime.pop(job_id, Runtime())
         if runtime.gate is not None:
             runtime.gate.abort()
         if runtime.cancel_start_timer is not None:
@@ -413,6 +381,8 @@ class Manager:
         ended = self._commit(transition(job, final_state_for(outcome), outcome=outcome,
                                         ended_at=ended_at, pid=None))
         self._files.discard_records(job.id)
+        self._stray_waits.discard(job.id)
+        self.queue.ended(ended)
         log.info("job.finished", job_id=job.id, unit=job.unit, state=ended.state.value,
                  reason=outcome.reason.value, exit_code=outcome.exit_code, signal=outcome.signal,
                  leftover_processes=outcome.leftover_processes)
@@ -423,6 +393,7 @@ class Manager:
         systemd's list of job units and the supervisors' exit records."""
         units = self._systemd.list_job_units()
         active = self._store.active_jobs()
+        self.queue.load(active)
         for job in active:
             self._reconcile_job(job, units.get(job.unit))
         known = {job.unit for job in active}
@@ -435,13 +406,15 @@ class Manager:
             if recorded is None or recorded.state.is_final:
                 self._files.discard_records(job_id)
         log.info("reconcile.done", active_jobs=len(self._runtime), units=len(units))
+        self.queue.replan()
 
     def _reconcile_job(self, job: Job, unit_state: Optional[str]) -> None:
-        self._runtime[job.id] = _Runtime()
-        if job.state is JobState.QUEUED:  # its wait for GPUs belonged to the daemon that stopped
-            self._end(job, Outcome(EndReason.START_FAILED, detail="gpujobd stopped while the job waited "
-                                   "for its GPUs; nothing of it ran: submit it again"), self._clock())
+        if job.state is JobState.QUEUED:  # it waits again, in its place (the queue was loaded)
+            log.info("reconcile.queued", job_id=job.id)
+            if job.spec.gpu_check == "wait" and not job.spec.gpus:
+                self._wait_for_strays(job)
             return
+        self._runtime[job.id] = Runtime()
         if unit_state in ALIVE_UNIT_STATES:
             log.info("reconcile.reattached", job_id=job.id, unit=job.unit, active_state=unit_state)
             self._ingest_runs(job.id)  # runs of a loop that ended while the daemon was down

@@ -51,7 +51,18 @@ class JobFilesPort(Protocol):
 
 class StorePort(Protocol):
     def create(self, user: str, uid: int, gid: int, spec: JobSpec, created_at: float,
-               state: JobState = ...) -> Job: ...
+               state: JobState = ..., resubmit_of: Optional[int] = None) -> Job: ...
+
+    def create_array(self, user: str, uid: int, gid: int, spec: JobSpec, created_at: float,
+                     indices: Sequence[int]) -> List[Job]: ...
+
+    def array_tasks(self, array_id: int) -> List[Job]: ...
+
+    def dependents(self, job_id: int) -> List[Job]: ...
+
+    def setting(self, key: str) -> Optional[str]: ...
+
+    def set_setting(self, key: str, value: str) -> None: ...
 
     def save(self, job: Job) -> None: ...
 
@@ -75,7 +86,13 @@ class SchedulerPort(Protocol):
 class GpuPort(Protocol):
     """The GPU watcher, for the check before a job starts (gpujobd.daemon.gpu.watcher.Watcher)."""
 
+    reason: str  # why the GPUs cannot be read now ("" when they can)
+
     def blocking_strays(self, cuda_visible_devices: Optional[str]) -> Optional[List[Dict[str, Any]]]: ...
+
+    def inventory(self) -> Optional[Tuple[float, List[Dict[str, Any]]]]: ...  # gpu.watcher.Watcher.inventory
+
+    def refresh(self) -> None: ...  # read the GPUs now
 
 
 @dataclass(frozen=True)

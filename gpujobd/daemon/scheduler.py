@@ -33,6 +33,7 @@ class Gpu:
     uuid: str
     index: int
     usable: bool = True  # NVML reads it (not lost, no error)
+    minor: Optional[int] = None  # /dev/nvidiaN, for the device cgroup
     stray_pids: Tuple[int, ...] = ()  # processes on it that belong to no live job
 
 
@@ -62,6 +63,7 @@ class Waiting:
     array_limit: int = 0  # at most this many of the array's tasks at once; 0: no limit
     stagger_s: float = 0.0  # at least this long between two starts of the array's tasks
     timeout_s: Optional[float] = None
+    blocked: Optional[str] = None  # another reason it cannot start now (a stray on the GPUs it uses)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class Snapshot:
     releasing: Mapping[str, int] = field(default_factory=dict)  # GPU uuid -> the ended job on it
     array_last_start: Mapping[int, float] = field(default_factory=dict)
     limits: Limits = Limits()
+    gpu_note: str = ""  # why the GPUs are not known now, for the sentences of jobs that need some
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,8 @@ def gpu_wait_sentence(need: int, snapshot: Snapshot, free: int) -> str:
     unusable = sum(1 for gpu in snapshot.gpus if not gpu.usable)
     if unusable:
         parts.append(f"{unusable} unusable")
+    if snapshot.gpu_note:
+        parts.append(snapshot.gpu_note)
     return f"{need} GPU{'s' if need != 1 else ''} ({'; '.join(parts)})"
 
 
@@ -204,6 +209,8 @@ class _Pass:
         limits = self.snapshot.limits
         if limits.draining:
             return "the server to be undrained (an admin stopped new starts)"
+        if job.blocked:
+            return job.blocked
         if limits.max_jobs_per_user and self.user_jobs.get(job.user, 0) >= limits.max_jobs_per_user:
             return f"{job.user}'s job cap ({limits.max_jobs_per_user})"
         if limits.max_gpus_per_user and job.gpus and \

@@ -16,6 +16,7 @@ often link an old SQLite.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sqlite3
@@ -39,7 +40,8 @@ _JOB_COLUMNS: Tuple[str, ...] = (
     "user", "uid", "gid", "name", "argv", "cwd", "env", "properties", "timeout_s", "state", "unit",
     "pid", "created_at", "started_at", "ended_at", "reason", "exit_code", "signal", "detail",
     "leftover_processes", "stopped_by", "background", "max_runs", "restart_delay_s",
-    "stop_on_failure", "bind_to",
+    "stop_on_failure", "bind_to", "gpus_requested", "priority", "after_ok", "after_any", "array_spec",
+    "stagger_s", "array_id", "array_index", "gpus", "resubmit_of", "gpu_check",
 )
 # runs_done is counted, not stored: one primary-key range lookup in runs per job read.
 _SELECT_JOBS = (
@@ -225,18 +227,61 @@ class Store:
     # -- jobs --------------------------------------------------------------------------------------
 
     def create(self, user: str, uid: int, gid: int, spec: JobSpec, created_at: float,
-               state: JobState = JobState.STARTING) -> Job:
+               state: JobState = JobState.STARTING, resubmit_of: Optional[int] = None) -> Job:
         """Insert a new job; its id (never reused) and unit name are set in the same transaction."""
         if state not in (JobState.QUEUED, JobState.STARTING):
             raise ValueError(f"a new job starts queued or starting, not {state.value}")
-        draft = Job(id=0, user=user, uid=uid, gid=gid, spec=spec, state=state, created_at=created_at)
+        draft = Job(id=0, user=user, uid=uid, gid=gid, spec=spec, state=state, created_at=created_at,
+                    resubmit_of=resubmit_of)
         with self._transaction("creating a job") as conn:
-            job_id = conn.execute(_INSERT_JOB, _job_values(draft)).lastrowid
-            assert job_id is not None
-            unit = unit_name(job_id)
-            conn.execute("UPDATE jobs SET unit = ? WHERE id = ?", (unit, job_id))
-        return Job(id=job_id, user=user, uid=uid, gid=gid, spec=spec, state=state,
-                   created_at=created_at, unit=unit)
+            return self._insert(conn, draft)
+
+    def create_array(self, user: str, uid: int, gid: int, spec: JobSpec, created_at: float,
+                     indices: Sequence[int]) -> List[Job]:
+        """Insert one queued job per index in one transaction; the array's id is its first task's."""
+        if not indices:
+            raise ValueError("an array has at least one index")
+        jobs: List[Job] = []
+        with self._transaction("creating an array of jobs") as conn:
+            for index in indices:
+                draft = Job(id=0, user=user, uid=uid, gid=gid, spec=spec, state=JobState.QUEUED,
+                            created_at=created_at, array_index=index,
+                            array_id=jobs[0].id if jobs else None)
+                job = self._insert(conn, draft)
+                if not jobs:
+                    conn.execute("UPDATE jobs SET array_id = ? WHERE id = ?", (job.id, job.id))
+                    job = dataclasses.replace(job, array_id=job.id)
+                jobs.append(job)
+        return jobs
+
+    def _insert(self, conn: sqlite3.Connection, draft: Job) -> Job:
+        job_id = conn.execute(_INSERT_JOB, _job_values(draft)).lastrowid
+        assert job_id is not None
+        unit = unit_name(job_id)
+        conn.execute("UPDATE jobs SET unit = ? WHERE id = ?", (unit, job_id))
+        return dataclasses.replace(draft, id=job_id, unit=unit)
+
+    def array_tasks(self, array_id: int) -> List[Job]:
+        """The tasks of an array by id; [] when there is no such array."""
+        return [self._decode(row) for row in self._query(
+            f"reading array {array_id}", f"{_SELECT_JOBS} WHERE array_id = ? ORDER BY id", (array_id,))]
+
+    def dependents(self, job_id: int) -> List[Job]:
+        """Jobs whose --after or --after-any names this job (a scan: resubmit is rare)."""
+        pattern = f"%{job_id}%"
+        rows = self._query(f"finding the dependents of job {job_id}",
+                           f"{_SELECT_JOBS} WHERE after_ok LIKE ? OR after_any LIKE ? ORDER BY id",
+                           (pattern, pattern))
+        jobs = [self._decode(row) for row in rows]
+        return [job for job in jobs if job_id in job.spec.after or job_id in job.spec.after_any]
+
+    def setting(self, key: str) -> Optional[str]:
+        rows = self._query(f"reading setting {key}", "SELECT value FROM settings WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self._transaction(f"writing setting {key}") as conn:
+            conn.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
 
     def save(self, job: Job) -> None:
         """Write every field of an existing job. NotFound if there is no such row."""
@@ -323,6 +368,13 @@ class Store:
             restart_delay_s=row["restart_delay_s"],
             stop_on_failure=bool(row["stop_on_failure"]),
             bind_to=row["bind_to"],
+            gpus=row["gpus_requested"],
+            priority=row["priority"],
+            after=tuple(self._json(row, "after_ok", list)),
+            after_any=tuple(self._json(row, "after_any", list)),
+            array=row["array_spec"],
+            stagger_s=row["stagger_s"],
+            gpu_check=row["gpu_check"],
         )
         return Job(
             id=job_id, user=row["user"], uid=row["uid"], gid=row["gid"], spec=spec,
@@ -330,7 +382,8 @@ class Store:
             created_at=row["created_at"], unit=row["unit"], pid=row["pid"],
             started_at=row["started_at"], ended_at=row["ended_at"],
             outcome=self._decode_outcome(row), stopped_by=row["stopped_by"],
-            runs_done=row["runs_done"],
+            runs_done=row["runs_done"], gpus=tuple(self._json(row, "gpus", list)),
+            array_id=row["array_id"], array_index=row["array_index"], resubmit_of=row["resubmit_of"],
         )
 
     def _decode_outcome(self, row: sqlite3.Row) -> Optional[Outcome]:
@@ -390,7 +443,10 @@ def _job_values(job: Job) -> Tuple[Any, ...]:
         outcome.detail if outcome else None,
         outcome.leftover_processes if outcome else None,
         job.stopped_by, int(job.spec.background), job.spec.max_runs or 1, job.spec.restart_delay_s,
-        int(job.spec.stop_on_failure), job.spec.bind_to,
+        int(job.spec.stop_on_failure), job.spec.bind_to, job.spec.gpus, job.spec.priority,
+        _to_json(list(job.spec.after)), _to_json(list(job.spec.after_any)), job.spec.array,
+        job.spec.stagger_s, job.array_id, job.array_index, _to_json(list(job.gpus)), job.resubmit_of,
+        job.spec.gpu_check,
     )
 
 

@@ -84,6 +84,30 @@ def _migrate_to_v2(conn: Connection) -> None:
     conn.execute("ALTER TABLE jobs ADD COLUMN background INTEGER NOT NULL DEFAULT 0")
 
 
+_V3_COLUMNS = (
+    "gpus_requested INTEGER NOT NULL DEFAULT 0",  # --gpus N
+    "priority INTEGER NOT NULL DEFAULT 0",
+    "after_ok TEXT NOT NULL DEFAULT '[]'",  # JSON array of job ids (--after)
+    "after_any TEXT NOT NULL DEFAULT '[]'",  # JSON array of job ids (--after-any)
+    "array_spec TEXT NOT NULL DEFAULT ''",  # --array as given (its %K is the array's limit)
+    "stagger_s REAL",
+    "array_id INTEGER",  # the first task's id; NULL: not in an array
+    "array_index INTEGER",
+    "gpus TEXT NOT NULL DEFAULT '[]'",  # JSON array of the allocated GPUs' UUIDs
+    "resubmit_of INTEGER",  # the job this one is a resubmission of
+    "gpu_check TEXT",  # off, refuse or wait: a queued job waits for strays again after a restart
+)
+
+
+def _migrate_to_v3(conn: Connection) -> None:
+    """Scheduling: requested and allocated GPUs, priority, dependencies, arrays, resubmissions, and
+    the daemon's settings that must survive it (drain)."""
+    for column in _V3_COLUMNS:
+        conn.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
+    conn.execute("CREATE INDEX jobs_array_id ON jobs (array_id)")
+    conn.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
 # Append only. Index i migrates version i -> i + 1; each runs in one transaction.
-MIGRATIONS: List[Callable[[Connection], None]] = [_migrate_to_v1, _migrate_to_v2]
+MIGRATIONS: List[Callable[[Connection], None]] = [_migrate_to_v1, _migrate_to_v2, _migrate_to_v3]
 SCHEMA_VERSION = len(MIGRATIONS)

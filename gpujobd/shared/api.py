@@ -60,6 +60,19 @@ INTROSPECTION_XML = f"""<node>
       <arg name="next_offset" type="t" direction="out"/>
       <arg name="job_ended" type="b" direction="out"/>
     </method>
+    <method name="SubmitAll">
+      <arg name="spec" type="a{{sv}}" direction="in"/>
+      <arg name="jobs" type="aa{{sv}}" direction="out"/>
+    </method>
+    <method name="Resubmit">
+      <arg name="id" type="t" direction="in"/>
+      <arg name="with_dependents" type="b" direction="in"/>
+      <arg name="jobs" type="aa{{sv}}" direction="out"/>
+    </method>
+    <method name="Drain">
+    </method>
+    <method name="Undrain">
+    </method>
     <method name="Gpus">
       <arg name="report" type="a{{sv}}" direction="out"/>
     </method>
@@ -141,11 +154,23 @@ JOB_FIELDS: Mapping[str, str] = {
     "stop_on_failure": "b",
     "bind_to": "t",
     "gpu_memory_bytes": "a{st}",  # live jobs: GPU memory per GPU UUID (`index:N` without one)
+    "gpus": "as",  # the allocated GPUs' UUIDs: empty while queued or when none were asked for
+    "gpus_requested": "u",  # --gpus N
+    "priority": "i",
+    "after": "at",
+    "after_any": "at",
+    "waiting_for": "s",  # queued jobs: what it waits for, one sentence
+    "position": "u",  # queued jobs: 1 = the next to start
+    "array_id": "t",
+    "array_index": "u",
+    "array": "s",
+    "stagger_s": "d",
+    "resubmit_of": "t",
 }
 
 
-def encode_job(job: Job, log_path: str = "",
-               gpu_memory: Optional[Mapping[str, int]] = None) -> Dict[str, Tuple[str, Any]]:
+def encode_job(job: Job, log_path: str = "", gpu_memory: Optional[Mapping[str, int]] = None,
+               wait: Optional[Tuple[str, int]] = None) -> Dict[str, Tuple[str, Any]]:
     """Job -> {field: (dbus signature, value)}, leaving unset optional fields out."""
     values: Dict[str, Any] = {
         "id": job.id,
@@ -174,6 +199,18 @@ def encode_job(job: Job, log_path: str = "",
         "stop_on_failure": job.spec.stop_on_failure,
         "bind_to": job.spec.bind_to,
         "gpu_memory_bytes": dict(gpu_memory) if gpu_memory is not None else None,
+        "gpus": list(job.gpus),
+        "gpus_requested": job.spec.gpus,
+        "priority": job.spec.priority,
+        "after": list(job.spec.after),
+        "after_any": list(job.spec.after_any),
+        "waiting_for": wait[0] if wait is not None else None,
+        "position": wait[1] if wait is not None else None,
+        "array_id": job.array_id,
+        "array_index": job.array_index,
+        "array": job.spec.array or None,
+        "stagger_s": job.spec.stagger_s,
+        "resubmit_of": job.resubmit_of,
     }
     if job.outcome is not None:
         values.update(
@@ -198,7 +235,9 @@ JSON_FIELDS: Tuple[str, ...] = (
     "id", "name", "user", "state", "unit", "argv", "cwd", "exit_code", "signal", "reason", "detail",
     "created_at", "started_at", "ended_at", "elapsed_s", "timeout_s", "leftover_processes",
     "stopped_by", "pid", "env", "properties", "log_path", "timeout_fraction", "background", "runs",
-    "max_runs", "restart_delay_s", "stop_on_failure", "bind_to", "gpu_memory_bytes",
+    "max_runs", "restart_delay_s", "stop_on_failure", "bind_to", "gpu_memory_bytes", "gpus",
+    "gpus_requested", "priority", "after", "after_any", "waiting_for", "position", "array_id",
+    "array_index", "array", "stagger_s", "resubmit_of",
 )
 
 
@@ -252,6 +291,7 @@ GPU_DEVICE_FIELDS: Mapping[str, str] = {
     "index": "u",
     "uuid": "s",
     "name": "s",
+    "minor": "u",  # the N of /dev/nvidiaN
     "state": "s",  # ok, lost (fell off the bus), error (no handle)
     "memory_total_bytes": "t",
     "memory_used_bytes": "t",

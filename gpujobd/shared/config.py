@@ -204,6 +204,47 @@ class GpuConfig:
         return self.stray_policy == "kill"
 
 
+JOBS_WITHOUT_GPUS = ("none", "unrestricted")
+# What CUDA opens besides the GPUs' own /dev/nvidiaN (docs/gpu.md): the control device, unified
+# memory and its tools, modesetting, and the MIG capability devices (a major of their own).
+CONTROL_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset",
+                   "char-nvidia-caps")
+
+
+def _is_device(value: str) -> bool:
+    return re.fullmatch(r"/dev/[^\s]+|(char|block)-[A-Za-z0-9_.*-]+", value) is not None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_gpus_per_user: int = field(default=0, metadata=spec(
+        "GPUs one user's running jobs may hold at once (0: unlimited); their other jobs wait queued.",
+        minimum=0,
+    ))
+    max_jobs_per_user: int = field(default=0, metadata=spec(
+        "Jobs of one user that may run at once, with GPUs or without (0: unlimited).", minimum=0,
+    ))
+    gpu_release_timeout_s: float = field(default=30.0, metadata=spec(
+        "After a job ends, how long its GPUs wait for NVML to show none of its processes on them "
+        "before they return to the pool anyway (a process still there is a stray, as always).",
+        minimum=0,
+    ))
+    jobs_without_gpus: str = field(default="none", metadata=spec(
+        "A job submitted without --gpus: sees no GPU (none: CUDA_VISIBLE_DEVICES is empty and the "
+        "device cgroup lets it open no /dev/nvidiaN), or whatever it likes (unrestricted: neither is "
+        "set, so it can open GPUs that other jobs hold).", choices=JOBS_WITHOUT_GPUS,
+    ))
+    isolate_devices: bool = field(default=True, metadata=spec(
+        "Give every job's scope a device cgroup (DevicePolicy=closed): the standard pseudo devices, "
+        "its own GPUs' /dev/nvidiaN and control_devices; false trusts CUDA_VISIBLE_DEVICES alone.",
+    ))
+    control_devices: Tuple[str, ...] = field(default=CONTROL_DEVICES, metadata=spec(
+        "Devices a job with GPUs may also open (read-write): paths, or char-GROUP / block-GROUP as "
+        "in /proc/devices. Add e.g. /dev/infiniband/uverbs0 for GPUDirect RDMA.",
+        check=_is_device, expect="a list of devices", item_expect="a /dev path or char-GROUP",
+    ))
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     follow_poll_interval_s: float = field(default=0.25, metadata=spec(
@@ -219,6 +260,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
 
 

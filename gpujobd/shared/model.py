@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
 
 from gpujobd.shared.spec import JobSpec as JobSpec  # declared with the submit options
 
@@ -56,6 +56,7 @@ class EndReason(str, enum.Enum):
     CHDIR_FAILED = "chdir-failed"  # the user cannot enter the working directory
     SETUP_FAILED = "setup-failed"  # dropping privileges or opening the log failed
     START_FAILED = "start-failed"  # the scope never started, or the daemon died before release
+    DEPENDENCY_FAILED = "dependency-failed"  # a job it had to wait for (--after) did not succeed
     LOST = "lost"  # no record of the end can exist; `detail` says why
 
 
@@ -90,6 +91,10 @@ class Job:
     outcome: Optional[Outcome] = None
     stopped_by: Optional[str] = None
     runs_done: int = 0  # runs of the command that have ended (background loops count each)
+    gpus: Tuple[str, ...] = ()  # the allocated GPUs' UUIDs, from queued -> starting until the end
+    array_id: Optional[int] = None  # the array's id (its first task's id); None: not in an array
+    array_index: Optional[int] = None
+    resubmit_of: Optional[int] = None  # the job this one is a resubmission of
 
     @property
     def elapsed_s(self) -> Optional[float]:

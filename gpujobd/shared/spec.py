@@ -149,6 +149,34 @@ def _not_negative(seconds: float, _jobs: JobsConfig) -> Optional[str]:
     return None if seconds >= 0 and math.isfinite(seconds) else f"is {seconds}: give 0 or more seconds"
 
 
+MAX_GPUS_PER_JOB = 64
+MAX_PRIORITY = 1_000_000
+
+
+def _gpus(count: int, _jobs: JobsConfig) -> Optional[str]:
+    return None if count <= MAX_GPUS_PER_JOB else f"is {count}: at most {MAX_GPUS_PER_JOB} GPUs per job"
+
+
+def _priority(value: int, _jobs: JobsConfig) -> Optional[str]:
+    if -MAX_PRIORITY <= value <= MAX_PRIORITY:
+        return None
+    return f"is {value}: give a number from {-MAX_PRIORITY} to {MAX_PRIORITY}"
+
+
+def _dependencies(ids: Tuple[int, ...], _jobs: JobsConfig) -> Optional[str]:
+    return None if all(ids) else "contains 0, which is no job id: give the ids `gpujobctl list` shows"
+
+
+def _array(value: str, _jobs: JobsConfig) -> Optional[str]:
+    if not value:
+        return None
+    try:
+        text.array(value)
+    except ValueError as err:
+        return f"is not an array: {err}"
+    return None
+
+
 def _one_of(choices: Tuple[str, ...]) -> Rule:
     def rule(value: str, _jobs: JobsConfig) -> Optional[str]:
         return None if value in choices else f"is {value!r}: give one of {', '.join(choices)}"
@@ -158,6 +186,9 @@ def _one_of(choices: Tuple[str, ...]) -> Rule:
 # --- the options ---------------------------------------------------------------------------------------
 
 LOOPS = "background loops"
+SCHEDULING = "scheduling"
+MAX_DEPENDENCIES = 1000
+_NO_IDS: Tuple[int, ...] = ()
 
 OPTIONS: Tuple[Option, ...] = (
     Option("argv", "as", Cli((), "the command to run", metavar="-- CMD [ARG...]"), required=True,
@@ -202,6 +233,29 @@ OPTIONS: Tuple[Option, ...] = (
     Option("gpu_check", "s", Cli(("--gpu-check",), "when a stray process holds one of the job's GPUs: start "
                                                    "anyway (off), refuse (refuse) or wait queued (wait)"),
            rules=(_one_of(GPU_CHECKS),), choices=GPU_CHECKS, server_default="gpu.prestart_check"),
+    Option("gpus", "u", Cli(("--gpus",), "N whole GPUs for the job alone (it waits queued until they are "
+                                         "free; CUDA_VISIBLE_DEVICES and the device cgroup show it only "
+                                         "those)", metavar="N", parse=text.whole, group=SCHEDULING),
+           default=0, rules=(_gpus,)),
+    Option("priority", "i", Cli(("--priority",), "higher starts first (default 0; only an admin may go "
+                                                 "above 0)", metavar="INT", parse=text.integer,
+                                group=SCHEDULING),
+           default=0, rules=(_priority,)),
+    Option("after", "at", Cli(("--after",), "start once all these jobs succeeded; if one ends otherwise, "
+                                            "this one fails (dependency-failed) without running",
+                              metavar="ID[,ID...]", parse=text.job_ids, group=SCHEDULING),
+           default=(), rules=(_dependencies,), max_items=MAX_DEPENDENCIES, pair="fixed"),
+    Option("after_any", "at", Cli(("--after-any",), "start once all these jobs ended, however they ended",
+                                  metavar="ID[,ID...]", parse=text.job_ids, group=SCHEDULING),
+           default=(), rules=(_dependencies,), max_items=MAX_DEPENDENCIES, pair="fixed"),
+    Option("array", "s", Cli(("--array",), "one job per index, Slurm's syntax: 0-19, 1,3,5 or 0-15:4, "
+                                           "with %%K for at most K at once (0-19%%4)", metavar="SPEC",
+                             group=SCHEDULING),
+           default="", rules=(_array,), pair="fixed"),
+    Option("stagger_s", "d", Cli(("--stagger",), "at least this long between two starts of an array's "
+                                                 "tasks", metavar="DURATION", parse=text.delay,
+                                 group=SCHEDULING),
+           rules=(_not_negative,), pair="fixed"),
 )
 
 @dataclass(frozen=True)
@@ -224,8 +278,15 @@ class JobSpec:
     stop_on_failure: bool = False
     bind_to: Optional[int] = None  # a foreground job whose end stops this one (BindsTo=)
     # When a stray process holds one of the job's GPUs: off, refuse or wait; None until the manager
-    # fills in the server's gpu.prestart_check. Not stored: it matters only until the job starts.
+    # fills in the server's gpu.prestart_check. Stored: a job queued across a restart waits again.
     gpu_check: Optional[str] = None
+    # Scheduling (gpujobd.daemon.scheduler): whole GPUs, priority, dependencies, an array and its stagger.
+    gpus: int = 0
+    priority: int = 0
+    after: Tuple[int, ...] = ()
+    after_any: Tuple[int, ...] = ()
+    array: str = ""  # Slurm's syntax; each task of an array stores it (its %K is the array's limit)
+    stagger_s: Optional[float] = None
 
 
 BY_KEY: Mapping[str, Option] = {option.key: option for option in OPTIONS}
@@ -235,6 +296,7 @@ SIGNATURES: Mapping[str, str] = {option.key: option.signature for option in OPTI
 # --- the wire: both ends ----------------------------------------------------------------------------------
 
 _UINT_MAX = {"u": (1 << 32) - 1, "t": (1 << 64) - 1}
+_INT32 = (-(1 << 31), (1 << 31) - 1)
 
 
 def wire_problem(signature: str, value: Any) -> Optional[str]:
@@ -245,6 +307,14 @@ def wire_problem(signature: str, value: Any) -> Optional[str]:
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _UINT_MAX[signature]:
             return None
         return f"expected a whole number from 0 to {_UINT_MAX[signature]} ({signature}), not {_shown(value)}"
+    if signature == "i":
+        if isinstance(value, int) and not isinstance(value, bool) and _INT32[0] <= value <= _INT32[1]:
+            return None
+        return f"expected a whole number from {_INT32[0]} to {_INT32[1]} (i), not {_shown(value)}"
+    if signature == "at":
+        if not isinstance(value, (list, tuple)):
+            return f"expected a list of job ids (at), not {_shown(value)}"
+        return next(filter(None, (wire_problem("t", item) for item in value)), None)
     if signature == "d":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return None
@@ -346,6 +416,8 @@ def _plain(signature: str, value: Any) -> Any:
         return float(value)
     if signature == "as":
         return list(value)
+    if signature == "at":
+        return tuple(int(item) for item in value)
     if signature == "a{ss}":
         return dict(value)
     return value
@@ -384,6 +456,14 @@ def problems(spec: JobSpec, jobs: JobsConfig) -> List[str]:
 
 
 def _loop_problems(spec: JobSpec) -> List[str]:
+    found = []
+    if spec.stagger_s and not spec.array:
+        found.append(f"{BY_KEY['stagger_s'].label} spaces the starts of an array's tasks: give "
+                     f"{BY_KEY['array'].label} too")
+    return found + _background_problems(spec)
+
+
+def _background_problems(spec: JobSpec) -> List[str]:
     if spec.background:
         return []
     given = [option.label for option in OPTIONS if option.loop_only

@@ -106,3 +106,60 @@ def command(text: str) -> List[str]:
         raise ValueError("the command is empty: give it as one quoted string, e.g. "
                          "'python3 eval.py --every 60'")
     return words
+
+
+def whole(text: str) -> int:
+    """A whole number >= 0."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"expected a whole number (0 or more), not {text!r}")
+    return int(text)
+
+
+def integer(text: str) -> int:
+    """A whole number, possibly negative (a priority)."""
+    body = text[1:] if text[:1] in "+-" else text
+    if not (body.isascii() and body.isdigit()):
+        raise ValueError(f"expected a whole number such as 5 or -3, not {text!r}")
+    return int(text)
+
+
+def job_ids(text: str) -> Tuple[int, ...]:
+    """ID[,ID...]: job ids, in the order given, each once."""
+    words = [word.strip() for word in text.split(",")]
+    if not words or not all(words):
+        raise ValueError(f"expected job ids separated by commas (12,15), not {text!r}")
+    seen: List[int] = []
+    for word in words:
+        number = job_id(word)
+        if number not in seen:
+            seen.append(number)
+    return tuple(seen)
+
+
+MAX_ARRAY_TASKS = 10_000
+_RANGE = re.compile(r"(\d+)(?:-(\d+)(?::(\d+))?)?")
+
+
+def array(text: str) -> Tuple[Tuple[int, ...], int]:
+    """Slurm's --array: "0-19", "1,3,5", "0-15:4" (a step), each with an optional "%K" (at most K
+    tasks at once) -> (the indices in order, each once; K or 0 for no limit)."""
+    body, percent, limit_text = text.strip().partition("%")
+    limit = 0
+    if percent:
+        if not (limit_text.isascii() and limit_text.isdigit()) or int(limit_text) == 0:
+            raise ValueError(f"in --array {text!r}, %K needs a whole number > 0 after '%'")
+        limit = int(limit_text)
+    indices: List[int] = []
+    for part in body.split(","):
+        found = _RANGE.fullmatch(part.strip())
+        if found is None:
+            raise ValueError(f"expected an array such as 0-19, 1,3,5 or 0-19%4, not {text!r}")
+        first, last, step = int(found.group(1)), found.group(2), int(found.group(3) or 1)
+        end = int(last) if last is not None else first
+        if end < first or step == 0:
+            raise ValueError(f"in --array {text!r}, {part.strip()!r} is an empty range: "
+                             "write A-B with A <= B")
+        indices.extend(range(first, end + 1, step))
+        if len(indices) > MAX_ARRAY_TASKS:
+            raise ValueError(f"--array {text!r} has more than {MAX_ARRAY_TASKS} tasks: split it")
+    return tuple(dict.fromkeys(indices)), limit

@@ -5,7 +5,7 @@ _gpujobctl() {
         [[ ${COMP_WORDS[i]} == -* ]] || { verb=${COMP_WORDS[i]}; break; }
     done
     if [[ -z $verb ]]; then
-        COMPREPLY=($(compgen -W 'submit stop status list logs wait gpus completion --help --version' -- "$cur"))
+        COMPREPLY=($(compgen -W 'submit stop status list logs wait gpus resubmit drain undrain completion --help --version' -- "$cur"))
         return
     fi
     for ((i = i + 1; i < COMP_CWORD; i++)); do
@@ -17,13 +17,16 @@ _gpujobctl() {
         submit:--cwd) COMPREPLY=($(compgen -d -- "$cur")); return ;;
     esac
     case $verb in
-        submit) flags='-h --help --cwd --env --env-clear --name --property --timeout --background --max-runs --restart-delay --stop-on-failure --bind-to --gpu-check --with-background --wait --json' ;;
+        submit) flags='-h --help --cwd --env --env-clear --name --property --timeout --background --max-runs --restart-delay --stop-on-failure --bind-to --gpu-check --gpus --priority --after --after-any --array --stagger --with-background --wait --json' ;;
         stop) flags='-h --help' ;;
         status) flags='-h --help --json' ;;
         list) flags='-h --help --all --user --me --state --limit --json' ;;
         logs) flags='-h --help -f --follow -n --lines' ;;
         wait) flags='-h --help --timeout --json' ;;
         gpus) flags='-h --help --json' ;;
+        resubmit) flags='-h --help --with-dependents --json' ;;
+        drain) flags='-h --help' ;;
+        undrain) flags='-h --help' ;;
         completion) flags='-h --help' ;;
     esac
     [[ $cur == -* ]] && COMPREPLY=($(compgen -W "$flags" -- "$cur"))

@@ -57,7 +57,8 @@ def _args(element: ET.Element) -> list:
 
 
 # The members of the interface. Adding one is a deliberate change: update this and the snapshot.
-METHODS = ("Submit", "Validate", "Stop", "Get", "List", "Runs", "ReadLog", "Gpus")
+METHODS = ("Submit", "Validate", "Stop", "Get", "List", "Runs", "ReadLog", "Gpus", "SubmitAll", "Resubmit",
+           "Drain", "Undrain")
 SIGNALS = ("JobChanged", "StrayFound", "StrayCleared")
 
 # What clients of version 1 call: these may never change (a new member or field may be added).
@@ -345,9 +346,9 @@ def test_an_integer_timeout_is_taken_as_seconds() -> None:
 
 def test_decode_spec_refuses_unknown_keys_naming_them() -> None:
     with pytest.raises(InvalidArgument) as caught:
-        decode_spec({"argv": ["true"], "cwd": "/", "gpus": 2, "priority": "high"})
+        decode_spec({"argv": ["true"], "cwd": "/", "gpu_count": 2, "urgency": "high"})
     message = str(caught.value)
-    assert "'gpus'" in message and "'priority'" in message
+    assert "'gpu_count'" in message and "'urgency'" in message
     assert "known:" in message and "timeout_s" in message
 
 

@@ -160,6 +160,12 @@ class FakeClient:
     def get(self, job_id: int, *, raw: bool = False) -> Dict[str, Any]:
         return self._out(self._job(job_id), raw)
 
+    def tasks(self, job_id: int, *, raw: bool = False) -> List[Dict[str, Any]]:
+        first = self._job(job_id)
+        if first.get("array_id") != job_id:
+            return [self._out(first, raw)]
+        return [self._out(job, raw) for job in self.jobs.values() if job.get("array_id") == job_id]
+
     def list(self, *, all: bool = False, user: Optional[str] = None, state: Optional[str] = None,
              limit: Optional[int] = None, raw: bool = False) -> List[Dict[str, Any]]:
         self.list_calls.append({"all": all, "user": user, "state": state, "limit": limit})
@@ -666,7 +672,7 @@ def test_list_shows_a_loops_runs_in_the_state_column(fake, capsys):
     lines = capsys.readouterr().out.splitlines()
     column = lines[0].index("STATE")
     assert [line[column:].split("  ")[0] for line in lines[1:]] == ["running 3/5", "failed 2/5", "running"]
-    assert lines[0].index("EXIT") == lines[1].index("-") == lines[2].index("1  ")
+    assert lines[0].index("EXIT") == lines[1].index("-") and lines[0].index("EXIT") == lines[2].index("1  ")
 
 
 def test_list_with_loops_fits_100_columns():
@@ -683,10 +689,10 @@ def test_list_with_loops_fits_100_columns():
 def test_list_shows_submit_and_start_times_gpus_and_colours_the_state_only_when_asked():
     now = time.mktime((2026, 12, 6, 15, 0, 0, 0, 0, -1))
     job = {"id": 7, "user": "alice", "state": "running", "created_at": now - 3600 * 30,
-           "started_at": now - 60, "gpus": [0, 2], "argv": ["python3", "train.py"]}
+           "started_at": now - 60, "gpus": ["GPU-a", "GPU-c"], "argv": ["python3", "train.py"]}
     header, row = cli_format.format_table([job], now)
     assert [row[header.index(column):].split()[0] for column in ("SUBMIT", "START", "GPUS")] == \
-        ["12-05", "14:59", "0,2"]
+        ["12-05", "14:59", "2"]  # how many it holds (status names them)
     assert "\033[" not in row
     coloured = cli_format.format_table([job], now, colour=True)[1]
     assert "\033[32mrunning" in coloured and coloured.replace("\033[32m", "").replace("\033[0m", "") == row

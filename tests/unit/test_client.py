@@ -151,7 +151,7 @@ def test_env_clear_sends_only_the_explicit_env_plus_the_callers_lang():
     (["true"], {"env": ["A=1"]}, r"env \(--env\): expected a map of strings"),
     (["true"], {"timeout_s": "1h"}, r"timeout_s \(--timeout\): expected a number of seconds \(d\)"),
     (["true"], {"name": 7}, r"name \(--name\): expected a string"),
-    (["true"], {"gpus": 2}, r"unknown keyword 'gpus'; known: argv, cwd, env"),
+    (["true"], {"gpu_count": 2}, r"unknown keyword 'gpu_count'; known: argv, cwd, env"),
     (["true"], {"timeout": 60}, r"unknown keyword 'timeout' \(did you mean 'timeout_s'\?\)"),
 ])
 def test_what_cannot_be_sent_is_refused_before_any_call(argv, options, needle):

@@ -122,6 +122,9 @@ def test_stop_and_wait_exit_with_the_first_error_after_trying_every_id(
         def wait(self, job_id: int, timeout_s: Any = None, raw: bool = False) -> Dict[str, Any]:
             raise {1: errors.NotFound("no job 1"), 2: errors.PermissionDenied("job 2 is bob's")}[job_id]
 
+        def tasks(self, job_id: int, raw: bool = False) -> List[Dict[str, Any]]:
+            return [self.wait(job_id)]
+
     assert run(("stop", "2", "1"), Mixed()) == 3
     assert run(("wait", "1", "2"), Mixed()) == 3
     assert run(("wait", "2", "1"), Mixed()) == 4

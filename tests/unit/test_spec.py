@@ -13,14 +13,16 @@ import pytest
 from gpujobd.cli import main as cli
 from gpujobd.cli import submit as cli_submit
 from gpujobd.client import spec_values
-from gpujobd.shared import api, spec
+from gpujobd.shared import api, spec, text
 from gpujobd.shared.config import Config, JobsConfig
 from gpujobd.shared.errors import InvalidArgument
 from gpujobd.shared.model import JobSpec
 
 # A value of the right wire type, and one of a wrong type, for each signature the spec uses.
-GOOD = {"as": ["python", "x.py"], "s": "/srv", "a{ss}": {"A": "1"}, "d": 2.5, "b": True, "u": 3, "t": 4}
-WRONG = {"as": "python x.py", "s": 7, "a{ss}": ["A=1"], "d": "60", "b": "yes", "u": -1, "t": True}
+GOOD = {"as": ["python", "x.py"], "s": "/srv", "a{ss}": {"A": "1"}, "d": 2.5, "b": True, "u": 3, "t": 4,
+        "i": -3, "at": [1, 2]}
+WRONG = {"as": "python x.py", "s": 7, "a{ss}": ["A=1"], "d": "60", "b": "yes", "u": -1, "t": True,
+         "i": 1 << 40, "at": "12"}
 
 
 def jobspec_fields() -> Dict[str, dataclasses.Field]:
@@ -93,7 +95,9 @@ def test_what_the_client_encodes_the_daemon_decodes_to_the_same_spec() -> None:
     wire = spec.encode(given)
     assert {key: signature for key, (signature, _value) in wire.items()} == dict(api.SPEC_FIELDS)
     decoded = spec.decode({key: value for key, (_signature, value) in wire.items()})
-    assert decoded == JobSpec(**dict(given, argv=tuple(given["argv"]), timeout_s=60.0, restart_delay_s=0.0))
+    id_lists = {option.key: tuple(given[option.key]) for option in spec.OPTIONS if option.signature == "at"}
+    assert decoded == JobSpec(**dict(given, argv=tuple(given["argv"]), timeout_s=60.0, restart_delay_s=0.0,
+                                     **id_lists))
     assert all(isinstance(getattr(decoded, option.key), float) for option in spec.OPTIONS
                if option.signature == "d")
 
@@ -243,3 +247,38 @@ def test_what_the_cli_sends_the_client_encodes_unchanged() -> None:
     values = spec_values(cli_submit.submitted_command(args.argv), caller_environ={},
                          **cli_submit.given_options(args))
     assert values == dict(ACCEPTED_BEFORE[1][1], argv=["python", "-c", "--name"])
+
+
+# --- scheduling options' text forms ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("given,expected", [
+    ("0-3", ((0, 1, 2, 3), 0)),
+    ("0-19%4", (tuple(range(20)), 4)),
+    ("1,3,5%2", ((1, 3, 5), 2)),
+    ("0-10:5", ((0, 5, 10), 0)),
+    ("7", ((7,), 0)),
+    ("1-3,2-4", ((1, 2, 3, 4), 0)),
+])
+def test_arrays_read_as_slurm_writes_them(given: str, expected: Any) -> None:
+    assert text.array(given) == expected
+
+
+@pytest.mark.parametrize("given", ["", "3-1", "a-b", "0-3%0", "0-3%", "1,,2", "0-3:0", "0-20000"])
+def test_bad_arrays_say_what_is_expected(given: str) -> None:
+    with pytest.raises(ValueError):
+        text.array(given)
+
+
+def test_job_id_lists_and_priorities() -> None:
+    assert text.job_ids("12,15,12") == (12, 15)
+    assert text.integer("-3") == -3 and text.integer("+2") == 2
+    for bad in ("", "1,", "x"):
+        with pytest.raises(ValueError):
+            text.job_ids(bad)
+
+
+def test_stagger_needs_an_array() -> None:
+    found = spec.problems(JobSpec(argv=("x",), cwd="/", stagger_s=1.0), JobsConfig())
+    assert found == ["stagger_s (--stagger) spaces the starts of an array's tasks: give array (--array) too"]
+    assert spec.problems(JobSpec(argv=("x",), cwd="/", array="0-3", stagger_s=1.0), JobsConfig()) == []

@@ -463,3 +463,49 @@ def test_fixture_script_refuses_to_overwrite(tmp_path: Path) -> None:
     assert script.main([str(target), "--force"]) == 0  # type: ignore[attr-defined]
     with Store(target) as regenerated:
         assert {job.id: summary(job) for job in all_view(regenerated)} == FROZEN_V1
+
+
+# --- schema v3: scheduling ------------------------------------------------------------------------
+
+
+def test_frozen_v1_jobs_get_the_scheduling_defaults(frozen_v1: Store) -> None:
+    job = frozen_v1.get(3)
+    assert job is not None
+    assert (job.spec.gpus, job.spec.priority, job.spec.after, job.spec.after_any, job.spec.array) == (
+        0, 0, (), (), "")
+    assert (job.gpus, job.array_id, job.array_index, job.resubmit_of) == ((), None, None, None)
+    assert frozen_v1.setting("draining") is None
+
+
+def test_scheduling_fields_round_trip(db: Store) -> None:
+    asked = spec("python", "train.py", gpus=2, priority=-3, after=(4, 5), after_any=(6,), gpu_check="wait")
+    job = db.create("alice", 1000, 1000, asked, NOW, state=JobState.QUEUED, resubmit_of=9)
+    moved = transition(job, JobState.STARTING, gpus=("GPU-a", "GPU-b"))
+    db.save(moved)
+    assert db.get(job.id) == moved and moved.resubmit_of == 9 and moved.spec.gpu_check == "wait"
+
+
+def test_an_array_is_created_at_once_with_consecutive_ids_and_its_first_tasks_id(db: Store) -> None:
+    start(db)
+    tasks = db.create_array("alice", 1000, 1000, spec("sh", array="1,3,5%2", stagger_s=2.0), NOW, [1, 3, 5])
+    assert [task.id for task in tasks] == [2, 3, 4]
+    assert [(task.array_id, task.array_index, task.state) for task in tasks] == [
+        (2, 1, JobState.QUEUED), (2, 3, JobState.QUEUED), (2, 5, JobState.QUEUED)]
+    assert db.array_tasks(2) == tasks and db.array_tasks(1) == []
+
+
+def test_dependents_are_the_jobs_naming_a_job_exactly(db: Store) -> None:
+    first = start(db)
+    for _ in range(10):
+        start(db)
+    after = db.create("alice", 1000, 1000, spec("x", after=(first.id,)), NOW, state=JobState.QUEUED)
+    any_of = db.create("alice", 1000, 1000, spec("x", after_any=(11, first.id)), NOW, state=JobState.QUEUED)
+    db.create("alice", 1000, 1000, spec("x", after=(11,)), NOW, state=JobState.QUEUED)  # "11" holds "1"
+    assert [job.id for job in db.dependents(first.id)] == [after.id, any_of.id]
+
+
+def test_settings_are_kept(db: Store) -> None:
+    assert db.setting("draining") is None
+    db.set_setting("draining", "1")
+    db.set_setting("draining", "0")
+    assert db.setting("draining") == "0"

@@ -563,6 +563,35 @@ def test_a_tick_attributes_every_process_and_reports_the_stray(rigw: Rigw) -> No
     assert rigw.loop.pending() == [5.0], "the next tick, at gpu.poll_interval_s"
 
 
+def test_inventory_lists_each_gpu_with_its_strays_for_the_queue(rigw: Rigw) -> None:
+    populate(rigw)
+    assert rigw.watcher.inventory() is None, "nothing read yet"
+    rigw.start()
+    reading = rigw.watcher.inventory()
+    assert reading is not None
+    taken_at, gpus = reading
+    assert taken_at == rigw.watcher.report()["updated_at"]
+    assert [(gpu["uuid"], gpu["index"], gpu["usable"], gpu["stray_pids"]) for gpu in gpus] == [
+        (UUID0, 0, True, (300,)), (UUID1, 1, True, (300,))]
+
+
+def test_refresh_reads_now_or_right_after_the_reading_under_way(rigw: Rigw) -> None:
+    rigw.start()
+    assert rigw.loop.pending() == [5.0]
+    rigw.watcher.refresh()
+    assert rigw.loop.pending() == [0.0], "a job ended: read the GPUs now, not at the next poll"
+    rigw.loop.run()
+    assert rigw.worker.tasks == 2 and rigw.loop.pending() == [5.0]
+    rigw.worker.hold = True
+    rigw.loop.run(5.0)
+    assert rigw.worker.busy
+    rigw.watcher.refresh()
+    rigw.worker.release()
+    rigw.loop.run()
+    assert rigw.worker.tasks == 4, "the reading under way began before the end: one more at once"
+    assert rigw.loop.pending() == [5.0]
+
+
 def test_a_live_job_without_gpu_processes_uses_no_memory(rigw: Rigw) -> None:
     watcher = rigw.start()
     assert watcher.job_gpu_memory(7) == {}
@@ -779,9 +808,18 @@ class FakeGpus:
         self.strays: Optional[List[Dict[str, Any]]] = []
         self.asked: List[Optional[str]] = []
 
+        self.reason = ""
+        self.refreshed = 0
+
     def blocking_strays(self, cuda_visible_devices: Optional[str]) -> Optional[List[Dict[str, Any]]]:
         self.asked.append(cuda_visible_devices)
         return None if self.strays is None else list(self.strays)
+
+    def inventory(self) -> Optional[Tuple[float, List[Dict[str, Any]]]]:
+        return None if self.strays is None else (0.0, [])
+
+    def refresh(self) -> None:
+        self.refreshed += 1
 
 
 STRAY = {"pid": 4242, "user": "bob", "command": ["python", "leftover.py"], "gpu_indexes": [0],
@@ -811,7 +849,7 @@ def make_rig(tmp_path: Path, gpus: FakeGpus) -> Iterator[MakeRig]:
     def make(**sections: Dict[str, Any]) -> Rig:
         store = Store(tmp_path / f"state-{len(opened)}.sqlite3")
         journal = tm.Journal(store)
-        rig = tm.Rig(config=config_from_mapping(sections) if sections else Config(), store=store,
+        rig = tm.Rig(config=config_from_mapping({**tm.LEGACY, **sections}), store=store,
                      journal=journal, clock=tm.FakeClock(), systemd=tm.FakeSystemd(journal),
                      files=tm.FakeFiles(journal), spawner=tm.FakeSpawner(journal),
                      scheduler=tm.FakeScheduler())
@@ -903,15 +941,20 @@ def test_stopping_a_queued_job_ends_it_at_once(make_rig: MakeRig, gpus: FakeGpus
     assert rig.job(job.id).state is JobState.STOPPED and rig.spawner.gates == {}
 
 
-def test_a_job_queued_when_the_daemon_stopped_fails_at_reconcile(make_rig: MakeRig,
-                                                                 gpus: FakeGpus) -> None:
+def test_a_job_queued_when_the_daemon_stopped_waits_again_after_reconcile(make_rig: MakeRig,
+                                                                        gpus: FakeGpus) -> None:
     rig = make_rig(gpu={"prestart_check": "wait"})
     gpus.strays = [STRAY]
     job = rig.submit()
-    rig.restart().reconcile()
-    ended = rig.job(job.id)
-    assert ended.state is JobState.FAILED and ended.outcome is not None
-    assert "waited for its GPUs" in ended.outcome.detail
+    manager = rig.restart()
+    with_gpus(rig, gpus)
+    rig.manager.reconcile()
+    assert manager is not rig.manager
+    waiting = rig.job(job.id)
+    assert waiting.state is JobState.QUEUED and job.id not in rig.spawner.gates
+    gpus.strays = []
+    rig.manager.gpus_changed()
+    assert rig.job(job.id).state is JobState.STARTING
 
 
 def test_live_job_ids_are_the_non_final_jobs(make_rig: MakeRig) -> None:

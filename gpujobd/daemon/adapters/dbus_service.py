@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, TypeVar
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, Tuple, TypeVar
 
 from gi.repository import Gio, GLib
 from pydbus.generic import signal
@@ -138,6 +138,26 @@ class ManagerService:
         job = self._manager.submit(caller, spec.decode(wire))
         return self._encode(job, caller)
 
+    @replies_with_variant
+    @on_the_wire
+    def SubmitAll(self, wire: Mapping[str, Any], dbus_context: Any = None) -> GLib.Variant:
+        caller = self._caller(dbus_context)
+        return self._job_list(self._manager.submit_all(caller, spec.decode(wire)), caller)
+
+    @replies_with_variant
+    @on_the_wire
+    def Resubmit(self, job_id: int, with_dependents: bool, dbus_context: Any = None) -> GLib.Variant:
+        caller = self._caller(dbus_context)
+        return self._job_list(self._manager.resubmit(caller, job_id, with_dependents), caller)
+
+    @on_the_wire
+    def Drain(self, dbus_context: Any = None) -> None:
+        self._manager.set_draining(self._caller(dbus_context), True)
+
+    @on_the_wire
+    def Undrain(self, dbus_context: Any = None) -> None:
+        self._manager.set_draining(self._caller(dbus_context), False)
+
     @on_the_wire
     def Validate(self, wire: Mapping[str, Any], dbus_context: Any = None) -> None:
         self._manager.validate(self._caller(dbus_context), spec.decode(wire))
@@ -158,6 +178,9 @@ class ManagerService:
         include_ended, user, state, limit, after_id = decode_filter(filters)
         jobs = self._manager.list(include_ended=include_ended, user=user, state=state, limit=limit,
                                   after_id=after_id)
+        return self._job_list(jobs, caller)
+
+    def _job_list(self, jobs: Sequence[Job], caller: Caller) -> GLib.Variant:
         return GLib.Variant.new_tuple(GLib.Variant.new_array(
             _VARDICT_ENTRY, [_vardict(self._encode(job, caller)) for job in jobs]))
 
@@ -222,7 +245,9 @@ class ManagerService:
     def _encode_wire(self, job: Job, caller: Caller) -> Dict[str, Tuple[str, Any]]:
         gpu_memory = (self._gpus.job_gpu_memory(job.id)
                       if self._gpus is not None and not job.state.is_final else None)
-        wire = api.encode_job(job, log_path=self._manager.log_path(job.id), gpu_memory=gpu_memory)
+        wait = self._manager.queue.wait_of(job.id) if job.state is JobState.QUEUED else None
+        wire = api.encode_job(job, log_path=self._manager.log_path(job.id), gpu_memory=gpu_memory,
+                              wait=(wait.waiting_for, wait.position) if wait is not None else None)
         if not (caller.is_admin or caller.uid == job.uid):
             wire.pop("env", None)  # may hold secrets: its owner and admins only
         return wire

@@ -139,6 +139,9 @@ class Nvml:
         try:
             values["uuid"] = self._field(steps, index, "uuid", errors, self._nv.nvmlDeviceGetUUID, handle)
             values["name"] = self._field(steps, index, "name", errors, self._nv.nvmlDeviceGetName, handle)
+            get_minor = getattr(self._nv, "nvmlDeviceGetMinorNumber", None)  # not on every platform
+            if get_minor is not None:
+                values["minor"] = _int_or_none(self._field(steps, index, "minor", errors, get_minor, handle))
             memory = self._field(steps, index, "memory", errors, self._nv.nvmlDeviceGetMemoryInfo, handle)
             if memory is not None:
                 values["memory_total_bytes"] = _int_or_none(getattr(memory, "total", None))

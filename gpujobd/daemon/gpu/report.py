@@ -37,6 +37,7 @@ class Device:
     state: str = DEVICE_OK
     uuid: Optional[str] = None
     name: Optional[str] = None
+    minor: Optional[int] = None  # the N of /dev/nvidiaN (nvmlDeviceGetMinorNumber)
     memory_total_bytes: Optional[int] = None
     memory_used_bytes: Optional[int] = None
     utilization_gpu_percent: Optional[int] = None

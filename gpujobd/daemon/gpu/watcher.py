@@ -136,6 +136,7 @@ class Watcher:
         self._cancel_watchdog: Optional[Callable[[], None]] = None
         self._next_retry_s: Optional[float] = None
         self.ticks = 0
+        self._refresh_wanted = False  # a reading was asked for while one was under way
 
     # -- the loop ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -209,8 +210,9 @@ class Watcher:
         self.state, self.reason, self._next_retry_s = STATE_OK, "", None
         self._backoff.reset()
         self.ticks += 1
+        again_now, self._refresh_wanted = self._refresh_wanted, False
         self._apply(done.value)
-        self._schedule(self._gpu.poll_interval_s)
+        self._schedule(0.0 if again_now else self._gpu.poll_interval_s)
 
     def _set_unavailable(self, state: str, reason: str) -> None:
         changed = (state, reason) != (self.state, self.reason)
@@ -322,6 +324,28 @@ class Watcher:
         visible = parse_visible_devices(cuda_visible_devices)
         chosen = {device["index"] for device in self._devices if device_selected(device, visible)}
         return self._strays.on_gpus(chosen)
+
+    def refresh(self) -> None:
+        """Read the GPUs now rather than at the next poll (a job ended: are its GPUs free?)."""
+        if self.state != STATE_OK:
+            return
+        if self._worker.busy:  # the reading under way began too early: take another after it
+            self._refresh_wanted = True
+            return
+        self._schedule(0.0)
+
+    def inventory(self) -> Optional[Tuple[float, List[Dict[str, Any]]]]:
+        """(when the latest good reading was taken, its GPUs as uuid, index, minor, usable and the
+        PIDs of stray processes); None when the GPUs cannot be read now."""
+        if not self.available or self._report is None:
+            return None
+        gpus = [{"uuid": device.get("uuid") or f"index:{device['index']}", "index": device["index"],
+                 "minor": device.get("minor"),
+                 "usable": device.get("state") == "ok" and bool(device.get("uuid")),
+                 "stray_pids": tuple(process["pid"] for process in device["processes"]
+                                     if process.get("owner") == OWNER_STRAY)}
+                for device in self._devices]
+        return self._report.taken_at, gpus
 
     def strays_count(self) -> int:
         return len(self._strays)

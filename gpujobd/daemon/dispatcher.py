@@ -1,0 +1,278 @@
+"""The queue's wiring: the scheduler's snapshot kept up to date by events, and its plan applied.
+
+gpujobd.daemon.scheduler decides (pure functions of a Snapshot); this module keeps what a snapshot is
+made of in memory — the queued jobs, the jobs holding GPUs or slots, the GPUs being released, the last
+start of each array — fed by the manager's transitions and the GPU watcher's readings, and plans again
+on every event that can change the answer (a submit, a stop, a job's start or end, a GPU reading, a
+release timeout, drain/undrain, the plan's own `wake_at`). There is no polling interval: a plan runs
+only when something happened, and at most once per change (a plan that starts jobs triggers no second
+plan from inside itself; it loops until the plan is stable).
+
+Everything here is rebuilt from the store after a restart (`load`): the queue is durable because the
+store is; only the stagger's last start and the release of GPUs by jobs that ended while the daemon
+was down are not (those GPUs are free as soon as NVML shows no process of a dead job on them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
+
+from gpujobd.daemon import scheduler as sched
+from gpujobd.shared import text
+from gpujobd.shared.config import Config
+from gpujobd.shared.log import get_logger
+from gpujobd.shared.model import Job, JobState
+
+log = get_logger()
+
+DRAIN_SETTING = "draining"
+
+
+class Inventory(Protocol):
+    """The GPU watcher, as the queue sees it (gpujobd.daemon.gpu.watcher.Watcher)."""
+
+    reason: str
+
+    def inventory(self) -> Optional[Tuple[float, List[Dict[str, Any]]]]: ...
+
+    def refresh(self) -> None: ...
+
+
+class SettingsStore(Protocol):
+    def setting(self, key: str) -> Optional[str]: ...
+
+    def set_setting(self, key: str, value: str) -> None: ...
+
+    def get(self, job_id: int) -> Optional[Job]: ...
+
+
+class Actions(Protocol):
+    """What applying a plan does (the manager)."""
+
+    def start_queued(self, job_id: int, gpus: Tuple[str, ...]) -> None: ...
+
+    def fail_dependency(self, job_id: int, detail: str) -> None: ...
+
+    def stray_blocker(self, job_id: int) -> Optional[str]: ...
+
+
+def array_limit(job: Job) -> int:
+    if not job.spec.array:
+        return 0
+    try:
+        return text.array(job.spec.array)[1]
+    except ValueError:
+        return 0
+
+
+def waiting_of(job: Job, blocked: Optional[str] = None) -> sched.Waiting:
+    return sched.Waiting(
+        job_id=job.id, user=job.user, submitted_at=job.created_at, gpus=job.spec.gpus,
+        priority=job.spec.priority, after_ok=tuple(job.spec.after), after_any=tuple(job.spec.after_any),
+        array_id=job.array_id, array_limit=array_limit(job), stagger_s=job.spec.stagger_s or 0.0,
+        timeout_s=job.spec.timeout_s, blocked=blocked)
+
+
+def holder_of(job: Job, now: float) -> sched.Holder:
+    started = job.started_at if job.started_at is not None else now
+    deadline = started + job.spec.timeout_s if job.spec.timeout_s else sched.INFINITY
+    return sched.Holder(job_id=job.id, user=job.user, gpus=tuple(job.gpus), array_id=job.array_id,
+                        deadline=deadline)
+
+
+class Dispatcher:
+    def __init__(self, config: Config, store: SettingsStore, gpus: Optional[Inventory],
+                 call_later: Callable[[float, Callable[[], None]], Callable[[], None]],
+                 clock: Callable[[], float]) -> None:
+        self._config = config.scheduler
+        self._watching = config.gpu.watch
+        self._store = store
+        self._gpus = gpus
+        self._call_later = call_later
+        self._clock = clock
+        self.actions: Optional[Actions] = None
+        self._waiting: Dict[int, Job] = {}
+        self._views: Dict[int, sched.Waiting] = {}  # a queued job does not change: built once
+        self._holders: Dict[int, sched.Holder] = {}
+        self._releasing: Dict[str, Tuple[int, float]] = {}  # uuid -> (the ended job, when it ended)
+        self._array_last_start: Dict[int, float] = {}
+        self._ended: Dict[int, bool] = {}  # job id -> succeeded (a final state never changes)
+        self._waits: Dict[int, sched.Wait] = {}
+        self._cancel_wake: Optional[Callable[[], None]] = None
+        self._wake_at: Optional[float] = None
+        self._planning = False
+        self._again = False
+        self.draining = store.setting(DRAIN_SETTING) == "1"
+        self.plans = 0
+
+    # -- what the manager tells ------------------------------------------------------------------
+    def load(self, jobs: Iterable[Job]) -> None:
+        """After a (re)start: the store's queued jobs wait again, its active jobs hold their GPUs."""
+        now = self._clock()
+        for job in jobs:
+            if job.state is JobState.QUEUED:
+                self.queued(job)
+            elif not job.state.is_final:
+                self._holders[job.id] = holder_of(job, now)
+
+    def queued(self, job: Job) -> None:
+        self._waiting[job.id] = job
+        self._views[job.id] = waiting_of(job)
+
+    def _forget(self, job_id: int) -> None:
+        self._waiting.pop(job_id, None)
+        self._views.pop(job_id, None)
+        self._waits.pop(job_id, None)
+
+    def started(self, job: Job) -> None:
+        """The job left the queue (queued -> starting) with its GPUs."""
+        self._forget(job.id)
+        self._holders[job.id] = holder_of(job, self._clock())
+        if job.array_id is not None:
+            self._array_last_start[job.array_id] = self._clock()
+
+    def ended(self, job: Job) -> None:
+        """A job reached a final state: its GPUs are released once NVML shows none of its processes."""
+        self._forget(job.id)
+        holder = self._holders.pop(job.id, None)
+        self._ended[job.id] = job.state is JobState.SUCCEEDED
+        gpus = holder.gpus if holder is not None else ()
+        if gpus:
+            self._release_later(job.id, gpus)
+        self.replan()
+
+    def _release_later(self, job_id: int, gpus: Sequence[str]) -> None:
+        now = self._clock()
+        if not self._watching or self._config.gpu_release_timeout_s == 0:
+            return  # nothing can tell when they are free: they are free now
+        for uuid in gpus:
+            self._releasing[uuid] = (job_id, now)
+        self._call_later(self._config.gpu_release_timeout_s, lambda: self._release_timed_out(job_id))
+        if self._gpus is not None:
+            self._gpus.refresh()
+
+    def _release_timed_out(self, job_id: int) -> None:
+        stale = [uuid for uuid, (owner, _) in self._releasing.items() if owner == job_id]
+        if not stale:
+            return
+        for uuid in stale:
+            del self._releasing[uuid]
+        log.warning("queue.gpu_release_timed_out", job_id=job_id, gpus=stale,
+                    timeout_s=self._config.gpu_release_timeout_s)
+        self.replan()
+
+    def gpus_read(self) -> None:
+        """The watcher read the GPUs: a reading taken after a job ended shows whether its processes
+        are gone (any left is a stray now, which keeps the GPU out of the pool)."""
+        reading = self._gpus.inventory() if self._gpus is not None else None
+        if reading is not None:
+            taken_at = reading[0]
+            for uuid in [uuid for uuid, (_, ended_at) in self._releasing.items() if taken_at >= ended_at]:
+                job_id, _ = self._releasing.pop(uuid)
+                log.info("queue.gpu_released", gpu=uuid, job_id=job_id)
+        self.replan()
+
+    def set_draining(self, draining: bool) -> None:
+        self._store.set_setting(DRAIN_SETTING, "1" if draining else "0")
+        self.draining = draining
+        self.replan()
+
+    # -- what the manager asks -------------------------------------------------------------------
+    def wait_of(self, job_id: int) -> Optional[sched.Wait]:
+        return self._waits.get(job_id)
+
+    def gpu_minors(self) -> Dict[str, Optional[int]]:
+        """uuid -> minor number, from the latest reading."""
+        reading = self._gpus.inventory() if self._gpus is not None else None
+        if reading is None:
+            return {}
+        return {gpu["uuid"]: gpu["minor"] if gpu.get("minor") is not None else gpu["index"]
+                for gpu in reading[1]}
+
+    def gpu_count(self) -> Optional[int]:
+        reading = self._gpus.inventory() if self._gpus is not None else None
+        return len(reading[1]) if reading is not None else None
+
+    # -- planning --------------------------------------------------------------------------------
+    def replan(self) -> None:
+        if self._planning:
+            self._again = True
+            return
+        self._planning = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                self._plan_once()
+        finally:
+            self._planning = False
+
+    def _plan_once(self) -> None:
+        self.plans += 1
+        plan = sched.plan(self.snapshot())
+        self._waits = {wait.job_id: wait for wait in plan.waits}
+        self._set_wake(plan.wake_at)
+        if self.actions is None:
+            return
+        for fail in plan.fails:
+            self._forget(fail.job_id)
+            self.actions.fail_dependency(fail.job_id, fail.detail)
+        for start in plan.starts:
+            if start.job_id in self._waiting:
+                self.actions.start_queued(start.job_id, start.gpus)
+
+    def snapshot(self) -> sched.Snapshot:
+        gpus, note = self._gpu_view()
+        return sched.Snapshot(
+            now=self._clock(), gpus=gpus, holders=tuple(self._holders.values()),
+            waiting=tuple(self._waiting_view()), ended=self._ended_view(),
+            releasing={uuid: job_id for uuid, (job_id, _) in self._releasing.items()},
+            array_last_start=dict(self._array_last_start),
+            limits=sched.Limits(self._config.max_gpus_per_user, self._config.max_jobs_per_user,
+                                self.draining),
+            gpu_note=note)
+
+    def _waiting_view(self) -> List[sched.Waiting]:
+        if self.actions is None:
+            return list(self._views.values())
+        blocker = self.actions.stray_blocker
+        return [view if blocked is None else dataclasses.replace(view, blocked=blocked)
+                for view in self._views.values() for blocked in [blocker(view.job_id)]]
+
+    def _gpu_view(self) -> Tuple[Tuple[sched.Gpu, ...], str]:
+        if not self._watching or self._gpus is None:
+            return (), "gpu.watch is off, so no GPU can be handed out"
+        reading = self._gpus.inventory()
+        if reading is None:
+            return (), f"the GPUs cannot be read now: {self._gpus.reason}"
+        return tuple(sched.Gpu(uuid=gpu["uuid"], index=gpu["index"], usable=gpu["usable"],
+                               minor=gpu.get("minor"), stray_pids=tuple(gpu["stray_pids"]))
+                     for gpu in reading[1]), ""
+
+    def _ended_view(self) -> Mapping[int, bool]:
+        for job in self._waiting.values():
+            for dep in (*job.spec.after, *job.spec.after_any):
+                if dep in self._ended or dep in self._waiting or dep in self._holders:
+                    continue
+                found = self._store.get(dep)
+                if found is None:  # pruned: its end is unknown, so it did not succeed
+                    self._ended[dep] = False
+                elif found.state.is_final:
+                    self._ended[dep] = found.state is JobState.SUCCEEDED
+        return self._ended
+
+    def _set_wake(self, wake_at: Optional[float]) -> None:
+        if wake_at == self._wake_at:
+            return
+        if self._cancel_wake is not None:
+            self._cancel_wake()
+            self._cancel_wake = None
+        self._wake_at = wake_at
+        if wake_at is not None:
+            self._cancel_wake = self._call_later(max(0.0, wake_at - self._clock()), self._woken)
+
+    def _woken(self) -> None:
+        self._cancel_wake = None
+        self._wake_at = None
+        self.replan()
