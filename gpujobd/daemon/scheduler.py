@@ -200,6 +200,7 @@ class _Pass:
                 self.array_running[holder.array_id] = self.array_running.get(holder.array_id, 0) + 1
         self.array_started_now: Set[int] = set()
         self.reservation: Optional[Reservation] = None
+        self._sentences: Dict[Tuple[int, int], str] = {}
         self.starts: List[Start] = []
         self.waits: List[Wait] = []
         self.wake_at: Optional[float] = None
@@ -280,10 +281,17 @@ class _Pass:
             return
         if self.reservation is None:
             self.reservation = reservation_for(job, len(self.free), self.snapshot.holders)
-            self.wait(job, gpu_wait_sentence(job.gpus, self.snapshot, len(self.free)))
+            self.wait(job, self._gpu_sentence(job.gpus))
         else:
-            self.wait(job, gpu_wait_sentence(job.gpus, self.snapshot, len(self.free))
-                      + f", behind job {self.reservation.job_id}")
+            self.wait(job, self._gpu_sentence(job.gpus) + f", behind job {self.reservation.job_id}")
+
+    def _gpu_sentence(self, need: int) -> str:
+        """gpu_wait_sentence, once per (need, free GPUs) in a pass: a long queue asks the same."""
+        key = (need, len(self.free))
+        sentence = self._sentences.get(key)
+        if sentence is None:
+            sentence = self._sentences[key] = gpu_wait_sentence(need, self.snapshot, len(self.free))
+        return sentence
 
 
 def queue_order(jobs: Iterable[Waiting], user_gpus: Mapping[str, int]) -> List[Waiting]:

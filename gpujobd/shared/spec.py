@@ -377,7 +377,9 @@ def encode(values: Mapping[str, Any]) -> Dict[str, Tuple[str, Any]]:
         if problem is not None:
             problems.append(f"{option.label}: {problem}")
         else:
-            wire[key] = (option.signature, _plain(option.signature, value))
+            plain = _plain(option.signature, value)
+            # On the wire an array is a list: what every D-Bus library (jeepney included) takes.
+            wire[key] = (option.signature, list(plain) if isinstance(plain, tuple) else plain)
     if problems:
         raise InvalidArgument("; ".join(problems))
     return wire

@@ -637,3 +637,17 @@ def test_unreachable_bus_address_is_unavailable():
     gpujobd = client.Client(bus="unix:path=/nonexistent/gpujobd-test-bus")
     with pytest.raises(errors.Unavailable, match="gpujobd is not running or the system bus is unreachable"):
         gpujobd.get(1)
+
+
+def test_every_option_value_of_a_spec_serialises_with_jeepney() -> None:
+    """Dependencies given as tuples (as the CLI parses them) reach the wire as arrays: jeepney takes
+    only lists for `at` (a tuple once failed with "Not suitable for array")."""
+    from jeepney import new_method_call
+
+    from gpujobd.client import outgoing
+
+    wire = outgoing.spec_wire(["true"], cwd="/", after=(1, 2), after_any=[3], gpus=1, priority=-1,
+                              env={"A": "1"}, properties={"MemoryMax": "1G"})
+    message = new_method_call(transport._SERVICE, "Submit", "a{sv}", (wire,))
+    assert message.serialise(serial=1)  # raises TypeError for a value jeepney cannot put on the wire
+    assert wire["after"] == ("at", [1, 2]) and wire["after_any"] == ("at", [3])
