@@ -73,7 +73,8 @@ def test_the_checkpoint_signal_comes_signal_delay_before_the_timeout() -> None:
 
 
 def test_a_requeue_runs_the_same_command_after_this_job_as_the_same_submitit_job() -> None:
-    record = {"id": 21, "name": "ckpt", "argv": ["/venv/bin/python", "-u", "-m", "submitit.core._submit", "/f"],
+    argv = ["/venv/bin/python", "-u", "-m", "submitit.core._submit", "/f"]
+    record = {"id": 21, "name": "ckpt", "argv": argv,
               "cwd": "/home/alice", "timeout_s": 60, "properties": {}, "priority": 0, "gpus_requested": 1,
               "env": {"PATH": "/venv/bin", "GPUJOB_ID": "21", ids.ENV_JOB_ID: ""}}
     options = environment.requeue_options(record, "17")
@@ -97,3 +98,12 @@ def test_outside_a_job_the_environment_is_not_activated(monkeypatch) -> None:
     monkeypatch.setenv(ids.ENV_JOB_ID, "17")
     env = environment.GpujobdJobEnvironment()
     assert env.activated() and env.job_id == "17" and env.global_rank == 0 and env.num_tasks == 1
+
+
+def test_submitits_own_plugin_checks_pass_for_gpujobd() -> None:
+    # submitit ships these in its wheel (submitit/core/test_plugins.py), parametrized over every
+    # installed plugin; here they are called for gpujobd's parts alone.
+    from submitit.core import test_plugins
+
+    test_plugins.test_env(plugins.get_job_environments()["gpujobd"])
+    test_plugins.test_executors(GpujobdExecutor)
