@@ -116,7 +116,8 @@ def raises(folder):
         raised = None
     except Exception as exc:
         raised = type(exc).__name__
-    return {"exception": type(error).__name__, "text": str(error), "raised": raised, "state": final_state(job)}
+    return {"exception": type(error).__name__, "text": str(error), "raised": raised,
+            "state": final_state(job)}
 
 
 def cancel(folder):
@@ -129,7 +130,8 @@ def cancel(folder):
     pid = int(pid_file.read_text())
     job.cancel()
     error = job.exception()
-    return {"pid": pid, "gpujobd_id": job.gpujobd_id, "state": final_state(job), "exception": type(error).__name__}
+    return {"pid": pid, "gpujobd_id": job.gpujobd_id, "state": final_state(job),
+            "exception": type(error).__name__}
 
 
 def checkpoint(folder):
