@@ -35,6 +35,14 @@ def boom(n):
     raise ValueError(f"boom-{n}")
 
 
+def killed():
+    os.kill(os.getpid(), 9)
+
+
+def plain_sleep(seconds):
+    time.sleep(seconds)
+
+
 def sleeper(pid_file):
     Path(pid_file).write_text(str(os.getpid()))
     time.sleep(600)
@@ -132,6 +140,19 @@ def cancel(folder):
     error = job.exception()
     return {"pid": pid, "gpujobd_id": job.gpujobd_id, "state": final_state(job),
             "exception": type(error).__name__}
+
+
+def endings(folder):
+    executor = submitit.AutoExecutor(folder, cluster="gpujobd")
+    killed_job = executor.submit(killed)
+    executor.update_parameters(timeout_min=1, gpujobd_signal_delay_s=55, name="no-ckpt")
+    timed_job = executor.submit(plain_sleep, 30)  # not Checkpointable: the signal at 5 s ends it
+    seen = {}
+    for what, job in (("killed", killed_job), ("timed", timed_job)):
+        error = job.exception()
+        seen[what] = {"exception": type(error).__name__, "text": str(error), "state": final_state(job),
+                      "gpujobd_id": job.gpujobd_id}
+    return seen
 
 
 def checkpoint(folder):

@@ -72,6 +72,16 @@ def test_an_exception_in_the_function_is_the_jobs_exception(ctl) -> None:
     assert seen["state"] == "FAILED"
 
 
+def test_graded_endings_reach_the_submitter(ctl) -> None:
+    seen = as_alice("endings")
+    killed = seen["killed"]
+    assert alice_job(ctl, killed["gpujobd_id"])["reason"] == "signal"
+    assert killed["exception"] == "JobKilled" and killed["state"] == "FAILED"
+    assert "ended failed, reason signal" in killed["text"]
+    timed = seen["timed"]  # as on Slurm: the signal before the timeout ends a function that cannot resume
+    assert timed["exception"] == "FailedJobError" and "timed-out and not checkpointable" in timed["text"]
+
+
 def test_cancel_leaves_no_process(ctl) -> None:
     seen = as_alice("cancel")
     job = alice_job(ctl, seen["gpujobd_id"])
