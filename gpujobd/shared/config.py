@@ -256,12 +256,29 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
+class SubmititConfig:
+    """The submitit executor's own timings (client side: read by the submitting process)."""
+
+    watcher_max_delay_s: float = field(default=5.0, metadata=spec(
+        "The longest pause between two state reads of a submitit job without a result.", above=0,
+    ))
+    affinity_timeout_s: float = field(default=2.0, metadata=spec(
+        "How long AutoExecutor's question 'does gpujobd run here?' may take.", above=0,
+    ))
+    signal_delay_s: float = field(default=90.0, metadata=spec(
+        "How long before a job's timeout its checkpoint signal comes (submitit's signal_delay_s).",
+        minimum=0,
+    ))
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    submitit: SubmititConfig = field(default_factory=SubmititConfig)
 
 
 SECTIONS: Mapping[str, Type[Any]] = {

@@ -15,13 +15,12 @@ from gpujobd.client import Client
 from gpujobd.shared import errors
 from gpujobd.submitit_plugin import ids
 from gpujobd.submitit_plugin.job import GpujobdJob
+from gpujobd.submitit_plugin.settings import settings
 
-# affinity() asks gpujobd whether it runs; it must answer within this (submitit asks every plugin
-# when AutoExecutor picks a cluster).
-AFFINITY_CALL_TIMEOUT_S = 2.0
-# The checkpoint signal comes this long before the timeout, as Slurm's executor sends USR2 90 s
-# before (its signal_delay_s default).
-DEFAULT_SIGNAL_DELAY_S = 90
+# Timings (gpujobd's configuration, [submitit]): affinity() asks gpujobd whether it runs and must
+# have an answer within affinity_timeout_s (submitit asks every plugin when AutoExecutor picks a
+# cluster); the checkpoint signal comes signal_delay_s before the timeout, as Slurm's executor sends
+# USR2 90 s before (its signal_delay_s default).
 DEFAULT_NAME = "submitit"  # Slurm's executor's default job name
 
 # AutoExecutor's shared parameters, and gpujobd's own (AutoExecutor: prefixed `gpujobd_`).
@@ -59,7 +58,7 @@ class GpujobdExecutor(core.PicklingExecutor):
     def affinity(cls) -> int:
         """2 (a cluster-class executor) where gpujobd answers, -1 where it does not."""
         try:
-            Client(call_timeout_s=AFFINITY_CALL_TIMEOUT_S).list(limit=1)
+            Client(call_timeout_s=settings().affinity_timeout_s).list(limit=1)
         except errors.Unavailable:
             return -1
         except errors.GpujobdError:  # it answered (e.g. refused this caller): it runs here
@@ -132,7 +131,7 @@ class GpujobdExecutor(core.PicklingExecutor):
             "name": str(p.get("name") or DEFAULT_NAME),
             "env": {"SUBMITIT_EXECUTOR": ids.EXECUTOR_NAME, ids.ENV_JOB_ID: "",
                     ids.ENV_TIMEOUT_S: str(timeout_s or ""),
-                    ids.ENV_SIGNAL_DELAY_S: str(p.get("signal_delay_s", DEFAULT_SIGNAL_DELAY_S))},
+                    ids.ENV_SIGNAL_DELAY_S: f'{p.get("signal_delay_s", settings().signal_delay_s):g}'},
         }
         if timeout_s:
             options["timeout_s"] = timeout_s

@@ -16,11 +16,12 @@ from submitit.core.core import R
 from gpujobd.client import Client
 from gpujobd.shared import errors
 from gpujobd.submitit_plugin import ids
+from gpujobd.submitit_plugin.settings import settings
 
 # The longest pause between two state reads of a job without a result yet (submitit's watcher reads
-# at 0, 2, 4, 8 ... seconds after the last submission, then at most this far apart). A gpujobd Get
-# costs about a millisecond, unlike sacct, hence much less than Slurm's 60 s.
-WATCHER_MAX_DELAY_S = 5
+# at 0, 2, 4, 8 ... seconds after the last submission, then at most this far apart): the config's
+# submitit.watcher_max_delay_s. A gpujobd Get costs about a millisecond, unlike sacct, hence much
+# less than Slurm's 60 s.
 LOG_TAIL_LINES = 40
 
 # gpujobd state (and, for `failed`, reason) -> Slurm's state word.
@@ -86,8 +87,10 @@ def _ended_class(record: Mapping[str, Any]) -> Type[JobEnded]:
 class GpujobdInfoWatcher(core.InfoWatcher):
     """Reads the state of every registered, unfinished job from gpujobd, on submitit's schedule."""
 
-    def __init__(self, delay_s: int = WATCHER_MAX_DELAY_S) -> None:
-        super().__init__(delay_s)
+    def __init__(self, delay_s: Optional[float] = None) -> None:
+        if delay_s is None:
+            delay_s = settings().watcher_max_delay_s
+        super().__init__(max(1, round(delay_s)))  # submitit's watcher counts whole seconds
         self._client: Optional[Client] = None
 
     @property
