@@ -141,7 +141,7 @@ class Client:
             (wires,) = self._transport.call("List", "(a{sv})", (query,), "(aa{sv})")
             if wires:
                 yield [_job(wire, raw) for wire in wires]
-            if len(wires) < api.LIST_PAGE_MAX:
+            if not api.page_may_continue(wires):  # a page may also end early by bytes
                 return
             after_id = int(wires[-1]["id"])
 

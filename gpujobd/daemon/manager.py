@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from gpujobd.daemon import admission
 from gpujobd.daemon.gpu.strays import describe_strays
 from gpujobd.daemon.launch import supervisor_spec
 from gpujobd.daemon.outcome import RECORD_REASONS, decide_outcome, record_float
@@ -52,6 +53,7 @@ ALIVE_UNIT_STATES = frozenset({"active", "activating", "deactivating", "reloadin
 NOT_ENDING_UNIT_STATES = ALIVE_UNIT_STATES - {"deactivating"}
 GONE_UNIT_STATES = frozenset({"inactive", "failed"})
 START_JOB_DONE = "done"
+MAX_LOG_OFFSET = 2**63 - 1  # off_t
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,11 @@ class Manager:
             raise PermissionDenied("gpujobd never runs a job as root: submit as the user the work "
                                    "belongs to (e.g. runuser -u USER -- gpujobctl submit ...)")
         spec = with_server_defaults(spec, self._config)
-        return spec, validate(spec, self._config.jobs) + self._binding(caller, spec)
+        properties = validate(spec, self._config.jobs) + self._binding(caller, spec)
+        admission.check_active_jobs(caller.user, self._store.count_active_jobs(caller.uid),
+                                    self._config.limits)
+        admission.check_free_space(self._files.free_space(), self._config.limits)
+        return spec, properties
 
     def submit(self, caller: Caller, spec: JobSpec) -> Job:
         spec, properties = self.validate(caller, spec)
@@ -233,7 +239,10 @@ class Manager:
         self._authorize(caller, job, "read the log of")
         ended = job.state.is_final  # decided before reading, so no byte written before the end is missed
         size = min(max_bytes, self._config.jobs.log_read_max_bytes)
-        data, next_offset = self._files.read_log(job_id, offset, size)
+        if offset > MAX_LOG_OFFSET:
+            raise InvalidArgument(f"log offset {offset} is beyond any file (at most {MAX_LOG_OFFSET}); "
+                                  "give the offset a previous ReadLog returned, or 0")
+        data, next_offset = self._files.read_log(job_id, offset, size, owner_uid=job.uid)
         return data, next_offset, ended
 
     def log_path(self, job_id: int) -> str:
@@ -428,13 +437,25 @@ class Manager:
         known = {job.unit for job in active}
         for unit, state in units.items():
             if unit not in known and state in ALIVE_UNIT_STATES:
-                log.warning("reconcile.stray_job_unit", unit=unit, active_state=state)
-                self._systemd.stop_unit(unit)
+                self._reconcile_unknown_unit(unit, state)
         for job_id in self._files.record_job_ids():
             recorded = self._store.get(job_id)
             if recorded is None or recorded.state.is_final:
                 self._files.discard_records(job_id)
         log.info("reconcile.done", active_jobs=len(self._runtime), units=len(units))
+
+    def _reconcile_unknown_unit(self, unit: str, state: str) -> None:
+        """A live gpujob-*.scope whose job is final is stopped (its end is recorded already). One the
+        store has no row for (a lost database) is someone's running work: it is reported, never
+        stopped, and its id is kept from reuse (docs/admin.md, "Losing the database")."""
+        job_id = job_id_from_unit(unit)
+        if job_id is not None and self._store.get(job_id) is None:
+            log.warning("reconcile.unknown_job_unit", unit=unit, active_state=state,
+                        action="left running; stop it with systemctl stop " + unit)
+            self._store.ensure_ids_above(job_id)
+            return
+        log.warning("reconcile.stray_job_unit", unit=unit, active_state=state)
+        self._systemd.stop_unit(unit)
 
     def _reconcile_job(self, job: Job, unit_state: Optional[str]) -> None:
         self._runtime[job.id] = _Runtime()

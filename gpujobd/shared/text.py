@@ -74,3 +74,20 @@ def command(text: str) -> List[str]:
         raise ValueError("the command is empty: give it as one quoted string, e.g. "
                          "'python eval.py --every 60'")
     return words
+
+
+def escaped(value: str) -> str:
+    """`value` with every control character (C0, DEL, C1; a newline or an ESC too) written as \\xNN
+    and backslashes doubled: safe to show on an admin's terminal or in one log line."""
+    return "".join(_escape_char(char) for char in value)
+
+
+def _escape_char(char: str) -> str:
+    code = ord(char)
+    if char == "\\":
+        return "\\\\"
+    if code < 0x20 or 0x7F <= code < 0xA0:
+        return f"\\x{code:02x}"
+    if code in (0x2028, 0x2029, 0x200E, 0x200F) or 0x202A <= code <= 0x202E or 0x2066 <= code <= 0x2069:
+        return f"\\u{code:04x}"  # line separators and bidirectional overrides reorder what is shown
+    return char

@@ -196,6 +196,7 @@ class FakeFiles:
         self.discarded: List[int] = []
         self.reads: List[Tuple[int, int, int]] = []
         self.during_read: Optional[Callable[[], None]] = None
+        self.free: Dict[str, int] = {"/var/log/gpujobd/jobs": 1 << 40, "/var/lib/gpujobd/exits": 1 << 40}
         self.log_pipes: Dict[int, int] = {}  # job id -> read end of the pipe whose write end was the log fd
 
     def create_log(self, job_id: int, uid: int, gid: int) -> int:
@@ -221,8 +222,11 @@ class FakeFiles:
     def log_path(self, job_id: int) -> str:
         return f"/var/log/gpujobd/jobs/{job_id}.log"
 
-    def read_log(self, job_id: int, offset: int, max_bytes: int) -> Tuple[bytes, int]:
+    def read_log(self, job_id: int, offset: int, max_bytes: int,
+                 owner_uid: Optional[int] = None) -> Tuple[bytes, int]:
         self.reads.append((job_id, offset, max_bytes))
+        if owner_uid is not None and job_id in self.log_owners and self.log_owners[job_id][0] != owner_uid:
+            raise PermissionDenied(f"the log file of job {job_id} is not its user's")
         if self.during_read is not None:
             self.during_read()
         data = bytes(self.logs.get(job_id, b""))[offset:offset + max_bytes]
@@ -230,6 +234,9 @@ class FakeFiles:
 
     def record_path(self, job_id: int) -> str:
         return f"/var/lib/gpujobd/exits/{job_id}.json"
+
+    def free_space(self) -> Dict[str, int]:
+        return dict(self.free)
 
     def runs_path(self, job_id: int) -> str:
         return f"/var/lib/gpujobd/exits/{job_id}.runs"
@@ -1139,7 +1146,7 @@ def test_a_stopping_job_gone_without_a_record_is_stopped(rig: Rig) -> None:
     assert outcome.detail == "stopped by carol"
 
 
-def test_job_units_without_an_active_job_are_stopped(rig: Rig) -> None:
+def test_job_units_of_final_jobs_are_stopped_and_unknown_ones_left_running(rig: Rig) -> None:
     done = rig.start()
     rig.files.write_record(done.id)
     rig.systemd.scope_ends(done.unit)
@@ -1150,9 +1157,10 @@ def test_job_units_without_an_active_job_are_stopped(rig: Rig) -> None:
     live = rig.start()
     rig.restart().reconcile()
 
-    assert sorted(rig.systemd.stop_requests) == sorted([done.unit, "gpujob-99.scope"])
+    assert rig.systemd.stop_requests == [done.unit], "a scope with no row (a lost database) runs on"
     assert rig.job(done.id).state is JobState.SUCCEEDED, "a final job stays as it was"
     assert rig.job(live.id).state is JobState.RUNNING
+    assert rig.submit().id > 99, "the unknown scope's id is never given to a new job"
 
 
 def test_stale_exit_records_are_discarded(rig: Rig) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple, TypeVar
 
 from gi.repository import Gio, GLib
 from pydbus.generic import signal
@@ -158,8 +158,18 @@ class ManagerService:
         include_ended, user, state, limit, after_id = decode_filter(filters)
         jobs = self._manager.list(include_ended=include_ended, user=user, state=state, limit=limit,
                                   after_id=after_id)
-        return GLib.Variant.new_tuple(GLib.Variant.new_array(
-            _VARDICT_ENTRY, [_vardict(self._encode(job, caller)) for job in jobs]))
+        encoded = [self._list_entry(job, caller) for job in jobs]
+        # The newest-N view keeps its newest jobs; a page forward keeps its first ones (the client
+        # goes on after the last id it got).
+        kept = fit_in_reply(encoded, newest=include_ended and after_id is None)
+        return GLib.Variant.new_tuple(GLib.Variant.new_array(_VARDICT_ENTRY, kept))
+
+    def _list_entry(self, job: Job, caller: Caller) -> GLib.Variant:
+        entry = _vardict(self._encode(job, caller))
+        if entry.get_size() <= api.LIST_ENTRY_MAX_BYTES:
+            return entry
+        # A row stored before the size bounds (or under larger ones): shown clipped, never whole.
+        return _vardict(variants(api.clipped_job_wire(self._encode_wire(job, caller))))
 
     @on_the_wire
     # `list`, not `List`: in this class body, List names the method above.
@@ -243,6 +253,20 @@ def variants(wire: Mapping[str, Tuple[str, Any]]) -> Dict[str, GLib.Variant]:
     """{field: (signature, value)} -> {field: GLib.Variant}; records of an aa{sv} field in turn."""
     return {key: GLib.Variant(signature, [variants(item) for item in value] if signature == "aa{sv}"
                               else value) for key, (signature, value) in wire.items()}
+
+
+def fit_in_reply(entries: List[GLib.Variant], *, newest: bool) -> List[GLib.Variant]:
+    """As many entries as fit in api.LIST_REPLY_MAX_BYTES (at least one), so that no List reply can
+    exceed the bus's message limit whatever is stored."""
+    ordered = list(reversed(entries)) if newest else entries
+    kept: List[GLib.Variant] = []
+    size = 0
+    for entry in ordered:
+        size += entry.get_size()
+        if kept and size > api.LIST_REPLY_MAX_BYTES:
+            break
+        kept.append(entry)
+    return list(reversed(kept)) if newest else kept
 
 
 def decode_filter(filters: Mapping[str, Any]) -> tuple:
