@@ -168,3 +168,14 @@ def _spec():  # type: ignore[no-untyped-def]
 
 
 assert EndReason and Outcome  # imported for the readers of this file's cases
+
+
+def test_the_record_says_when_the_log_was_truncated_or_not_written() -> None:
+    from gpujobd.daemon.outcome import decide_outcome
+    base = {"reason": "exit-code", "exit_code": 0, "signal": None, "detail": "exited with code 0",
+            "leftover_processes": 0, "runs": 1, "terminated_by_signal": None}
+    truncated = decide_outcome({**base, "log_truncated": True, "log_bytes": 5000}, None, "success")
+    assert truncated.detail == "exited with code 0; its log was truncated at 5000 bytes (jobs.log_max_bytes)"
+    failed = decide_outcome({**base, "log_error": "No space left on device", "log_bytes": 0}, None, "success")
+    assert "its log could not be written (No space left on device)" in failed.detail
+    assert decide_outcome(base, None, "success").detail == "exited with code 0"
