@@ -18,12 +18,12 @@ import sys
 from typing import Any, Callable, Dict, NoReturn, Sequence
 
 from gpujobd import __version__
-from gpujobd.cli import gpus, listing, logs, status, stop, submit, wait
+from gpujobd.cli import gpus, listing, logs, prune, status, stop, submit, wait
 from gpujobd.cli.common import EXIT_INTERRUPTED, PROG, print_error
 from gpujobd.shared import errors
 
 DEBUG_ENV = "GPUJOBCTL_DEBUG"  # set to show a traceback for an unexpected error
-VERBS = (submit, stop, status, listing, logs, wait, gpus)  # each has add_parser(verbs)
+VERBS = (submit, stop, status, listing, logs, wait, gpus, prune)  # each has add_parser(verbs)
 
 ClientFactory = Callable[[], Any]
 

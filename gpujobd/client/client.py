@@ -96,6 +96,16 @@ class Client:
         what `submit` would raise for it (InvalidArgument with every problem, PermissionDenied, ...)."""
         self._transport.call("Validate", "(a{sv})", (outgoing.spec_wire(argv, **options),), "()")
 
+    def prune(self, older_than_days: int) -> int:
+        """Admins: delete ended jobs (records, runs, logs) that ended more than that many days ago;
+        returns how many. Jobs that have not ended are never pruned."""
+        if isinstance(older_than_days, bool) or not isinstance(older_than_days, int) \
+                or not 0 <= older_than_days < 2**32:
+            raise errors.InvalidArgument(f"older_than_days is {older_than_days!r}: give a whole number "
+                                         "of days from 0")
+        (pruned,) = self._transport.call("Prune", "(u)", (older_than_days,), "(u)")
+        return int(pruned)
+
     def stop(self, job_id: int) -> str:
         """Ask the daemon to stop a job: api.STOP_STOPPING, or api.STOP_ALREADY_ENDED.
 

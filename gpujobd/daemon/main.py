@@ -114,7 +114,8 @@ def run(config: Config) -> int:
             service[0].job_changed(job)
 
     scheduler = _GLibScheduler()
-    job_units = JobUnits(systemd, config.daemon.slice, config.jobs.stop_timeout_s)
+    job_units = JobUnits(systemd, config.daemon.slice, config.jobs.stop_timeout_s,
+                         config.daemon.per_user_slices)
     # The GPU watcher: NVML and /proc are read on its one worker thread, never on this loop.
     watcher = Watcher(config, live_jobs=lambda: manager.live_job_ids(), scheduler=scheduler,
                       worker=Worker(post=glib_post), nvml=Nvml(), procs=ProcFs(),

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from gpujobd.daemon import admission
+from gpujobd.daemon import admission, retention
 from gpujobd.daemon.gpu.strays import describe_strays
 from gpujobd.daemon.launch import supervisor_spec
 from gpujobd.daemon.outcome import RECORD_REASONS, decide_outcome, record_float
@@ -226,6 +226,15 @@ class Manager:
 
     def get(self, job_id: int) -> Job:
         return self._job(job_id)
+
+    def prune(self, caller: Caller, older_than_days: int) -> int:
+        """Admins only: delete ended jobs (rows, runs, logs) older than that; never an active one."""
+        if not caller.is_admin:
+            raise PermissionDenied(f"only root or a member of group '{self._config.daemon.admin_group}' "
+                                   "may prune the job history")
+        pruned = retention.prune(self._store, self._files, self._clock() - older_than_days * retention.DAY_S)
+        log.info("retention.pruned", jobs=pruned, older_than_days=older_than_days, by=caller.user)
+        return pruned
 
     def list(self, *, include_ended: bool, user: Optional[str], state: Optional[JobState],
              limit: int, after_id: Optional[int] = None) -> List[Job]:

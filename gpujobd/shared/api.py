@@ -50,6 +50,10 @@ INTROSPECTION_XML = f"""<node>
       <arg name="id" type="t" direction="in"/>
       <arg name="result" type="s" direction="out"/>
     </method>
+    <method name="Prune">
+      <arg name="older_than_days" type="u" direction="in"/>
+      <arg name="pruned" type="u" direction="out"/>
+    </method>
     <method name="Get">
       <arg name="id" type="t" direction="in"/>
       <arg name="job" type="a{{sv}}" direction="out"/>

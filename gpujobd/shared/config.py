@@ -85,6 +85,10 @@ class DaemonConfig:
         "Slice every job's scope is placed in.",
         check=_is_slice_name, expect='a slice unit name ending in ".slice"',
     ))
+    per_user_slices: bool = field(default=False, metadata=spec(
+        "Put each user's jobs in a sub-slice of the slice, <slice>-u<UID>.slice, so that ceilings set "
+        "on it (a <slice>-.slice.d/ drop-in applies to every user's) bound each user's jobs together.",
+    ))
     log_format: str = field(default="console", metadata=spec(
         "Daemon log format: key=value lines or JSON objects.", choices=LOG_FORMATS,
     ))

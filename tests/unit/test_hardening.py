@@ -179,3 +179,16 @@ def test_the_record_says_when_the_log_was_truncated_or_not_written() -> None:
     failed = decide_outcome({**base, "log_error": "No space left on device", "log_bytes": 0}, None, "success")
     assert "its log could not be written (No space left on device)" in failed.detail
     assert decide_outcome(base, None, "success").detail == "exited with code 0"
+
+
+def test_only_admins_prune_and_never_an_active_job(rig: Rig) -> None:
+    from test_manager import ADMIN
+    done = rig.start()
+    rig.files.write_record(done.id)
+    rig.systemd.scope_ends(done.unit)
+    live = rig.start()
+    with pytest.raises(PermissionDenied, match="may prune"):
+        rig.manager.prune(OWNER, 0)
+    rig.clock.advance(100)  # past the end its record gives (NOW + 60)
+    assert rig.manager.prune(ADMIN, 0) == 1
+    assert rig.store.get(done.id) is None and rig.job(live.id).state is JobState.RUNNING

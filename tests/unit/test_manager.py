@@ -238,6 +238,9 @@ class FakeFiles:
     def free_space(self) -> Dict[str, int]:
         return dict(self.free)
 
+    def remove_log(self, job_id: int) -> bool:
+        return self.logs.pop(job_id, None) is not None
+
     def runs_path(self, job_id: int) -> str:
         return f"/var/lib/gpujobd/exits/{job_id}.runs"
 

@@ -147,6 +147,10 @@ class ManagerService:
         return self._manager.stop(self._caller(dbus_context), job_id)
 
     @on_the_wire
+    def Prune(self, older_than_days: int, dbus_context: Any = None) -> int:
+        return self._manager.prune(self._caller(dbus_context), older_than_days)
+
+    @on_the_wire
     def Get(self, job_id: int, dbus_context: Any = None) -> Dict[str, GLib.Variant]:
         caller = self._caller(dbus_context)
         return self._encode(self._manager.get(job_id), caller)

@@ -182,6 +182,11 @@ def scope_properties(*, pids: Sequence[int], slice_name: str, description: str,
     return props + list(extra)
 
 
+def job_slice(parent: str, uid: int) -> str:
+    """A user's sub-slice: gpujob.slice -> gpujob-u1001.slice (systemd nests it by its name)."""
+    return f"{parent[: -len('.slice')]}-u{uid}.slice"
+
+
 DESCRIPTION_MAX_CHARS = 200
 
 
@@ -212,17 +217,20 @@ def notify_status(status: str) -> None:
 class JobUnits:
     """The manager's view of systemd: one scope per job, named and configured here."""
 
-    def __init__(self, systemd: Systemd, slice_name: str, stop_timeout_s: float):
+    def __init__(self, systemd: Systemd, slice_name: str, stop_timeout_s: float,
+                 per_user_slices: bool = False):
         self._systemd = systemd
         self._slice = slice_name
         self._stop_timeout_s = stop_timeout_s
+        self._per_user = per_user_slices
 
     def start_scope(self, job: Job, pid: int, properties: Sequence[Tuple[str, str, Any]],
                     on_done: JobDone) -> None:
         extra = [(name, GLib.Variant(signature, value)) for name, signature, value in properties]
         description = scope_description(job)
         self._systemd.start_scope(job.unit, scope_properties(
-            pids=[pid], slice_name=self._slice, description=description,
+            pids=[pid], slice_name=job_slice(self._slice, job.uid) if self._per_user else self._slice,
+            description=description,
             stop_timeout_s=self._stop_timeout_s, runtime_max_s=job.spec.timeout_s, extra=extra,
         ), on_done)
 
