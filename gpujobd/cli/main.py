@@ -83,7 +83,8 @@ def _client_settings() -> Dict[str, float]:
                     "settings")
         return {}
     return {"call_timeout_s": settings.call_timeout_s,
-            "follow_poll_interval_s": settings.follow_poll_interval_s}
+            "follow_poll_interval_s": settings.follow_poll_interval_s,
+            "restart_grace_s": settings.restart_grace_s}
 
 
 def _silence_stdout() -> None:

@@ -6,8 +6,9 @@ Every failure is a `errors.GpujobdError`.
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple, TypeVar
 
 from gpujobd.client import outgoing
 from gpujobd.client.transport import DEFAULT_CALL_TIMEOUT_S, Transport
@@ -16,6 +17,8 @@ from gpujobd.shared.model import JobState
 
 DEFAULT_FOLLOW_POLL_INTERVAL_S = 0.25
 DEFAULT_READ_BYTES = 1 << 20
+DEFAULT_RESTART_GRACE_S = 60.0  # config client.restart_grace_s
+T = TypeVar("T")
 # While waiting, the job is re-read this often even without a signal: a safety net for a signal that
 # never arrives (a daemon restart, a bus that dropped it). One Get a minute costs nothing.
 WAIT_RESYNC_INTERVAL_S = 60.0
@@ -50,9 +53,23 @@ class Client:
         bus: Any = None,
         call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
         follow_poll_interval_s: float = DEFAULT_FOLLOW_POLL_INTERVAL_S,
+        restart_grace_s: float = DEFAULT_RESTART_GRACE_S,
     ) -> None:
         self._transport = Transport(bus, call_timeout_s)
         self.follow_poll_interval_s = float(follow_poll_interval_s)
+        self.restart_grace_s = float(restart_grace_s)
+
+    def _riding_out_restarts(self, call: Callable[[], T]) -> T:
+        """`call()`, tried again every follow_poll_interval_s while the daemon is away (Unavailable: a
+        restart, a crash and its automatic restart), for up to restart_grace_s."""
+        deadline = time.monotonic() + self.restart_grace_s
+        while True:
+            try:
+                return call()
+            except errors.Unavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(self.follow_poll_interval_s)
 
     @property
     def call_timeout_s(self) -> float:
@@ -192,7 +209,8 @@ class Client:
         """
         ended_before = False
         while True:
-            data, offset, ended = self.read_log(job_id, offset)
+            read = functools.partial(self.read_log, job_id, offset)
+            data, offset, ended = self._riding_out_restarts(read) if follow else read()
             if data:
                 yield data
             elif not follow or ended_before:
@@ -214,14 +232,14 @@ class Client:
             raise errors.InvalidArgument(f"the wait timeout must be >= 0 seconds, not {timeout_s}")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._transport.watch(job_id) as sleep:
-            job = self.get(job_id, raw=True)
+            job = self._riding_out_restarts(lambda: self.get(job_id, raw=True))
             while not is_final(job):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise WaitTimedOut(f"timed out after {timeout_s:g}s waiting for job {job_id}: it is "
                                        f"still {job['state']}")
                 sleep(WAIT_RESYNC_INTERVAL_S if remaining is None else min(remaining, WAIT_RESYNC_INTERVAL_S))
-                job = self.get(job_id, raw=True)
+                job = self._riding_out_restarts(lambda: self.get(job_id, raw=True))
         return _job(job, raw)
 
     def submit_with_background(

@@ -275,6 +275,10 @@ class ClientConfig:
     call_timeout_s: float = field(default=30.0, metadata=spec(
         "How long gpujobctl waits for the daemon to answer a call.", above=0,
     ))
+    restart_grace_s: float = field(default=60.0, metadata=spec(
+        "How long `gpujobctl logs -f` and `wait` keep trying while the daemon is away (a restart).",
+        minimum=0,
+    ))
 
 
 @dataclass(frozen=True)
