@@ -6,7 +6,7 @@ names the limit and its config key. Pure functions of what the manager read; no 
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Protocol
 
 from gpujobd.shared.config import LimitsConfig
 from gpujobd.shared.errors import Refused
@@ -29,6 +29,25 @@ def check_free_space(free: Mapping[str, int], limits: LimitsConfig) -> None:
     if problem is not None:
         raise Refused(f"{problem}: new jobs are refused until an administrator frees space "
                       "(running jobs go on and their ends are recorded)")
+
+
+RESERVE_RELEASE_BELOW = 1 * MIB  # free bytes on the state filesystem under which the reserve goes
+
+
+class Reserve(Protocol):
+    def keep_reserve(self, size: int) -> bool: ...
+
+    def release_reserve(self) -> bool: ...
+
+
+def guard_reserve(state_free: int, reserve: Reserve, limits: LimitsConfig) -> Optional[str]:
+    """Give the reserve up when the state filesystem is (nearly) full, so that supervisors can write
+    their exit records and the daemon its rows; take it again once there is room. What was done."""
+    if state_free < RESERVE_RELEASE_BELOW:
+        return "released" if reserve.release_reserve() else None
+    if state_free >= limits.min_free_mib * MIB + (limits.db_reserve_mib * MIB):
+        reserve.keep_reserve(limits.db_reserve_mib * MIB)
+    return None
 
 
 def low_space(free: Mapping[str, int], limits: LimitsConfig) -> Optional[str]:

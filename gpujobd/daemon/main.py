@@ -129,6 +129,7 @@ def run(config: Config) -> int:
     _survive_a_lost_database(store, files, config, log)
     manager.reconcile()
     retention.schedule(config, store, files, scheduler, time.time)
+    _guard_the_reserve(config, store, files, scheduler, log)
     service.append(ManagerService(manager, bus.con, gpus=watcher))
     watcher.on_stray_found = service[0].stray_found
     watcher.on_stray_cleared = service[0].stray_cleared
@@ -166,6 +167,18 @@ def _bus_lost(loop: Any, log: Any, lost: List[bool]) -> None:
     log.error("daemon.bus_lost", action="exiting so that systemd restarts gpujobd")
     lost.append(True)
     loop.quit()
+
+
+def _guard_the_reserve(config: Config, store: Any, files: Any, scheduler: Any, log: Any) -> None:
+    from gpujobd.daemon.admission import guard_reserve
+
+    def tick() -> None:
+        free = files.free_space()[str(files.record_dir)]
+        if guard_reserve(free, store, config.limits) == "released":
+            log.warning("disk.reserve_released", path=str(store.reserve_path), free_bytes=free,
+                        reason="the state filesystem is full; its room is for the ends of running jobs")
+        scheduler.call_later(config.limits.disk_check_interval_s, tick)
+    tick()
 
 
 def _survive_a_lost_database(store: Any, files: Any, config: Config, log: Any) -> None:

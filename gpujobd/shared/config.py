@@ -206,6 +206,11 @@ class LimitsConfig:
         "Space (MiB) kept in a ballast file beside the job database, given up when the disk is full "
         "so that the ends of running jobs are still recorded. 0 keeps none.", minimum=0, maximum=1024,
     ))
+    disk_check_interval_s: float = field(default=5.0, metadata=spec(
+        "How often the daemon looks at the state filesystem's free space: below 1 MiB it gives up the "
+        "reserve (room for the exit records and the database), above limits.min_free_mib it takes it "
+        "again.", above=0,
+    ))
 
 
 @dataclass(frozen=True)

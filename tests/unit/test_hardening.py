@@ -192,3 +192,28 @@ def test_only_admins_prune_and_never_an_active_job(rig: Rig) -> None:
     rig.clock.advance(100)  # past the end its record gives (NOW + 60)
     assert rig.manager.prune(ADMIN, 0) == 1
     assert rig.store.get(done.id) is None and rig.job(live.id).state is JobState.RUNNING
+
+
+def test_the_reserve_is_given_up_on_a_full_state_disk_and_taken_again_with_room() -> None:
+    from gpujobd.daemon.admission import MIB, guard_reserve
+    from gpujobd.shared.config import LimitsConfig
+
+    class Ballast:
+        def __init__(self) -> None:
+            self.size = 8 * MIB
+
+        def keep_reserve(self, size: int) -> bool:
+            self.size = size
+            return True
+
+        def release_reserve(self) -> bool:
+            had, self.size = self.size, 0
+            return had > 0
+
+    ballast, limits = Ballast(), LimitsConfig(min_free_mib=256, db_reserve_mib=8)
+    assert guard_reserve(100, ballast, limits) == "released" and ballast.size == 0
+    assert guard_reserve(100, ballast, limits) is None, "released once"
+    guard_reserve(200 * MIB, ballast, limits)
+    assert ballast.size == 0, "not taken again while the disk is below the submit reserve"
+    guard_reserve(300 * MIB, ballast, limits)
+    assert ballast.size == 8 * MIB
