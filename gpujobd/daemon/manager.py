@@ -472,6 +472,12 @@ class Manager:
             self._end(job, Outcome(EndReason.START_FAILED, detail="gpujobd stopped while the job waited "
                                    "for its GPUs; nothing of it ran: submit it again"), self._clock())
             return
+        if job.state is JobState.STARTING:  # only the daemon that died could have released it
+            if unit_state in ALIVE_UNIT_STATES:  # its supervisor exits on the closed gate; and a
+                self._systemd.stop_unit(job.unit)  # scope started after that stays active, empty
+            self._end(job, Outcome(EndReason.START_FAILED, detail="gpujobd stopped before the job's "
+                                   "scope was released; nothing of it ran"), self._clock())
+            return
         if unit_state in ALIVE_UNIT_STATES:
             log.info("reconcile.reattached", job_id=job.id, unit=job.unit, active_state=unit_state)
             self._ingest_runs(job.id)  # runs of a loop that ended while the daemon was down
@@ -479,12 +485,6 @@ class Manager:
                 self._systemd.stop_unit(job.unit)
             return
         result = self._systemd.scope_result(job.unit) if unit_state is not None else None
-        record = self._files.read_exit_record(job.id)
-        if record is None and job.state is JobState.STARTING:
-            self._end(job, Outcome(EndReason.START_FAILED,
-                                   detail="gpujobd stopped before the job's scope was released"),
-                      self._clock())
-            return
         self._finish(job, result)
 
     # -- helpers ---------------------------------------------------------------------------------

@@ -315,7 +315,11 @@ def test_kill9_at_random_points_of_a_burst_loses_nothing(ctl: Ctl, chaos_service
         shutil.rmtree(gate, ignore_errors=True)
     wait_for(lambda: daemon_serving(ctl), "gpujobd serving after the loop")
     acked = {job_id: code for job_id, code in json.loads(out.strip().splitlines()[-1])}
-    jobs = wait_for(lambda: _all_burst_jobs_final(), "every burst job to end", timeout=120)
+    try:
+        jobs = wait_for(lambda: _all_burst_jobs_final(), "every burst job to end", timeout=60)
+    except AssertionError:
+        print(_stuck_burst_jobs())
+        raise
     lost, wrong, nothing_ran = [], [], []
     for job in jobs:
         code = int(job["name"].split("-")[1])
@@ -344,6 +348,22 @@ def _all_burst_jobs_final():
     jobs = [job for job in json.loads(listed) if job.get("name", "").startswith("burst-")]
     final = ("succeeded", "failed", "stopped", "lost")
     return jobs if jobs and all(job["state"] in final for job in jobs) else None
+
+
+def _stuck_burst_jobs() -> str:
+    listed = json.loads(sh("gpujobctl", "list", "--all", "--json").stdout)
+    lines = []
+    for job in listed:
+        if job.get("name", "").startswith("burst-") and job["state"] not in ("succeeded", "failed", "lost"):
+            procs = Path(f"/sys/fs/cgroup/gpujob.slice/{job['unit']}/cgroup.procs")
+            pids = procs.read_text().split() if procs.exists() else []
+            ps = sh("ps", "-o", "pid,stat,wchan:24,args", "-p", ",".join(pids) or "1", check=False).stdout
+            lines.append(f"job {job['id']} {job['state']} pids {pids}\n{ps}")
+            for pid in pids:
+                tasks = Path(f"/proc/{pid}/task")
+                threads = sorted(p.name for p in tasks.iterdir()) if tasks.exists() else []
+                lines.append(f"  {pid} threads: {threads}")
+    return "\n".join(lines)
 
 
 def _wait_back(ctl: Ctl, killed: int, serving: bool = True) -> None:

@@ -1126,18 +1126,16 @@ def test_a_starting_job_gone_without_a_record_failed_to_start(rig: Rig) -> None:
     assert "before the job's scope was released" in outcome.detail
 
 
-def test_a_starting_job_whose_unit_is_alive_ends_from_the_supervisors_record(rig: Rig) -> None:
+def test_a_starting_job_whose_unit_is_alive_is_stopped_and_ends_start_failed(rig: Rig) -> None:
+    # Only the daemon that died could have released it. Its supervisor exits on the closed gate, and a
+    # scope systemd started after that process had gone stays active and empty (seen in the chaos
+    # suite's crash loop): reconcile stops the unit rather than wait for an end that never comes.
     job = rig.submit()
     rig.systemd.units[job.unit] = "active"  # the start job finished as the daemon died
     rig.restart().reconcile()
-    assert rig.job(job.id).state is JobState.STARTING
-    # Its gate closed with the daemon: the supervisor records start-failed and exits, the scope ends.
-    rig.files.write_record(job.id, started_at=None, exit_code=None, reason="start-failed",
-                           detail="the daemon closed the gate without releasing it")
-    rig.manager.on_exit_record(job.id)
-    rig.systemd.scope_ends(job.unit)
+    assert job.unit in rig.systemd.stop_requests
     outcome = assert_final(rig.job(job.id), JobState.FAILED, EndReason.START_FAILED)
-    assert "gate" in outcome.detail
+    assert "nothing of it ran" in outcome.detail
 
 
 def test_a_stopping_job_gone_without_a_record_is_stopped(rig: Rig) -> None:
