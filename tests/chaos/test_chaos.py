@@ -325,6 +325,8 @@ def test_kill9_at_random_points_of_a_burst_loses_nothing(ctl: Ctl, chaos_service
         code = int(job["name"].split("-")[1])
         if job["reason"] == "start-failed":
             nothing_ran.append(job["id"])  # the daemon died before it released the job: nothing ran
+            if job["id"] in acked:
+                FIGURES.job(job["exit_code"] is None and job["runs"] == 0, f"unreleased job {job['id']}")
             continue
         if job["reason"] == "lost":
             lost.append(job["id"])
