@@ -56,6 +56,7 @@ class Figures:
     steady_cases: int = 0  # cases that do not restart the daemon on purpose
     steady_kept_pid: int = 0
     kills: int = 0
+    crash_loop: str = ""  # the crash loop at scale's own figures
 
     def job(self, right: bool, what: str) -> None:
         self.jobs_submitted += 1
@@ -95,6 +96,8 @@ def pytest_terminal_summary(terminalreporter):
         f"{FIGURES.jobs_submitted}, recorded with the right end state {FIGURES.jobs_right}; processes "
         f"left {left}; daemon kept its PID through {FIGURES.steady_kept_pid}/{FIGURES.steady_cases} "
         f"cases that do not restart it, and came back after all {FIGURES.kills} kills")
+    if FIGURES.crash_loop:
+        terminalreporter.write_line(FIGURES.crash_loop)
     for what in FIGURES.wrong[:20]:
         terminalreporter.write_line(f"  wrong: {what}")
 

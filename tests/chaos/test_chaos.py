@@ -336,9 +336,10 @@ def test_kill9_at_random_points_of_a_burst_loses_nothing(ctl: Ctl, chaos_service
             FIGURES.job(job["reason"] != "lost" and job["exit_code"] == code, f"burst job {job['id']}")
     orphans = processes_matching(MARKER)
     active = sh("systemctl", "list-units", "gpujob-*", "--state=active", "--no-legend", "--plain").stdout
-    print(f"crash loop: {FIGURES.kills} kills, {len(jobs)} jobs ({len(acked)} acknowledged), "
-          f"{len(nothing_ran)} released by no daemon (nothing ran), {len(lost)} lost, {len(wrong)} wrong "
-          f"exit codes, {len(orphans)} orphans")
+    FIGURES.crash_loop = (
+        f"crash loop at scale: {kills} kills, {len(jobs)} jobs ({len(acked)} acknowledged), "
+        f"{len(nothing_ran)} released by no daemon (nothing ran), {len(lost)} lost, {len(wrong)} wrong "
+        f"exit codes, {len(orphans)} orphans")
     assert kills >= 50 and len(acked) > kills
     assert (lost, wrong, orphans) == ([], [], [])
     assert set(acked) <= {job["id"] for job in jobs}, "an acknowledged job is missing"
