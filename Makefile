@@ -1,6 +1,6 @@
 # gpujobd — every target does what CI does; see README.md.
 #   make demo      boot the sandbox, install gpujobd, show it at work
-#   make test      lint, unit tests on this host, integration and package tests in the sandbox
+#   make test      lint, unit tests on this host, integration, chaos and package tests in the sandbox
 #   make wheels    build gpujobd's wheel from this checkout and fetch the pinned nvidia-ml-py wheel
 #   make install   install those wheels (DESTDIR, PREFIX honoured; no network, no git needed)
 
@@ -20,7 +20,7 @@ SANDBOX = $(PYTHON) tests/sandbox/sandbox.py
 APT_PACKAGES = systemd dbus util-linux passwd procps python3 python3-venv python3-gi \
 	python3-pydbus python3-pystemd python3-structlog python3-jeepney
 
-.PHONY: deps venv wheels test unit bus integration integration-host demo install uninstall lint \
+.PHONY: deps venv wheels test unit bus integration chaos integration-host demo install uninstall lint \
 	lint-style lint-imports lint-types clean
 
 deps:
@@ -63,7 +63,11 @@ integration-host: venv wheels
 	@test "$$(cat /proc/1/comm)" = systemd || { echo "PID 1 is not systemd here: use make integration"; exit 2; }
 	$(VENV)/bin/python -m pytest -q tests/integration
 
-test: lint unit bus integration package-test bench-check
+# Issue 15's attacks, one case each, and the kill -9 crash loop at scale; prints its seed and figures.
+chaos: venv wheels
+	$(SANDBOX) run -- $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/chaos
+
+test: lint unit bus integration chaos package-test bench-check
 
 demo: venv wheels
 	$(SANDBOX) run -- sh tests/demo.sh

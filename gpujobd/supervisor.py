@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from errno import EACCES, ENOENT
 
@@ -36,14 +37,16 @@ REASON_LOST = "lost"
 
 SPEC_KEYS = (
     "job_id", "argv", "cwd", "env", "uid", "gid", "user", "umask",
-    "exit_record", "runs_file", "max_runs", "restart_delay_s", "stop_on_failure",
+    "exit_record", "runs_file", "max_runs", "restart_delay_s", "stop_on_failure", "log_max_bytes",
 )
+MAX_DELAY_S = 100 * 365 * 24 * 3600  # what the daemon allows (spec.MAX_TIMEOUT_S); sleeps overflow above
 RUN_KEYS = ("run", "started_at", "ended_at", "exit_code", "signal", "reason", "detail")
 RECORD_KEYS = (
     "job_id", "started_at", "ended_at", "exit_code", "signal", "reason", "detail",
     "leftover_processes", "runs", "max_runs", "terminated_by_signal", "stop_signal_phase",
     "stop_signal_after_s",
 )
+LOG_RECORD_KEYS = ("log_bytes", "log_truncated", "log_error")  # after a run: how the log fared
 # When the first stop signal came (the record's stop_signal_phase; None when none came): while a run
 # was in progress, between two runs (the loop would have run again), or after the last run had ended
 # by itself (the command was done: the signal ended nothing of it).
@@ -85,6 +88,7 @@ class Spec:
     max_runs: int
     restart_delay_s: float
     stop_on_failure: bool
+    log_max_bytes: int
 
     def __init__(self, fields: dict) -> None:
         for key in SPEC_KEYS:
@@ -121,6 +125,7 @@ def spec_from_dict(fields: object) -> Spec:
     _check_int(fields, "gid", 0)
     _check_int(fields, "umask", 0, 0o777)
     _check_int(fields, "max_runs", 1)
+    _check_int(fields, "log_max_bytes", 0)
     _check_argv(fields["argv"])
     _check_env(fields["env"])
     _check_text(fields, "user")
@@ -129,8 +134,8 @@ def spec_from_dict(fields: object) -> Spec:
         if not fields[key].startswith("/"):
             raise SpecError(f"job spec: {key} must be an absolute path")
     delay = fields["restart_delay_s"]
-    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay < float("inf"):
-        raise SpecError("job spec: restart_delay_s must be a finite number >= 0")
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= MAX_DELAY_S:
+        raise SpecError(f"job spec: restart_delay_s must be a number from 0 to {MAX_DELAY_S}")
     if not isinstance(fields["stop_on_failure"], bool):
         raise SpecError("job spec: stop_on_failure must be a boolean")
     return Spec(fields)
@@ -340,6 +345,71 @@ def log(message: str) -> None:
     """A diagnostic into the job's log (fd 2); it must never fail the supervisor."""
     with contextlib.suppress(OSError):
         _write_all(2, (LOG_PREFIX + message + "\n").encode("utf-8", "backslashreplace"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The log: the job writes into a pipe; a thread copies it to the log file up to log_max_bytes.
+# (Issue 15: a job can neither fill the disk through its log nor lose the news that its log failed.)
+
+LOG_PUMP_CHUNK = 65536
+LOG_DRAIN_S = 1.0  # after the last run, how long the pump may take to copy what is left in the pipe
+
+
+class _LogPump:
+    """Owns the log file (moved to a high fd, which the job's processes never inherit); fds 1 and 2
+    become a pipe. Past `cap` bytes (0: none) one line says so and the rest is read and dropped, so
+    the job runs on; a write that fails (ENOSPC, EIO) is remembered for the exit record."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.written = 0
+        self.truncated = False
+        self.error: str | None = None
+        self._log_fd = os.dup(1)
+        os.set_inheritable(self._log_fd, False)
+        read_end, write_end = os.pipe()
+        self._read_fd = read_end
+        os.dup2(write_end, 1)
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        self._thread = threading.Thread(target=self._copy, name="log-pump", daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        while True:
+            try:
+                data = os.read(self._read_fd, LOG_PUMP_CHUNK)
+            except InterruptedError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            self._keep(data)
+
+    def _keep(self, data: bytes) -> None:
+        if self.truncated or self.error is not None:
+            return
+        if self.cap and self.written + len(data) > self.cap:
+            data = data[: self.cap - self.written]
+            self.truncated = True
+        try:
+            _write_all(self._log_fd, data)
+            self.written += len(data)
+            if self.truncated:
+                _write_all(self._log_fd, (f"\n{LOG_PREFIX}log truncated at {self.cap} bytes "
+                                          "(jobs.log_max_bytes); the job runs on, its further output "
+                                          "is dropped\n").encode())
+        except OSError as exc:
+            self.error = exc.strerror or str(exc)
+
+    def finish(self) -> dict:
+        """Stop feeding the pipe ourselves, let the pump copy what is left, say how the log fared;
+        our own last words go to the log file directly again."""
+        os.dup2(self._log_fd, 1)
+        os.dup2(self._log_fd, 2)
+        self._thread.join(LOG_DRAIN_S)  # a leftover process may hold the pipe open: never wait on it
+        return {"log_bytes": self.written, "log_truncated": self.truncated, "log_error": self.error}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -675,7 +745,9 @@ def supervise(gate_fd: int, cgroup_root: str) -> int:
         what = "closed before release" if released is None else "sent something other than release"
         return _finish_unreleased(spec, f"the gate {what}; nothing was run", signals)
     _reopen_stdin_as_devnull()
+    pump = _LogPump(spec.log_max_bytes)
     runs = _run_all(spec, signals)
+    log_fate = pump.finish()
     if not runs:  # a stop signal came after release but before the first run started
         return _finish_unreleased(spec, f"received {signal_name(signals.received)} before the first run; "
                                         "nothing was run", signals)
@@ -683,6 +755,7 @@ def supervise(gate_fd: int, cgroup_root: str) -> int:
     phase = stop_signal_phase(spec, runs, signals.received, signals.received_during_run)
     record = build_exit_record(spec, runs, time.time(), leftovers, signals.received, phase,
                                signals.received_after_s)
+    record.update(log_fate)
     return _write_exit_record(spec, record)
 
 

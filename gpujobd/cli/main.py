@@ -20,12 +20,13 @@ import sys
 from typing import Any, Callable, Dict, NoReturn, Sequence
 
 from gpujobd import __version__
-from gpujobd.cli import completion, gpus, listing, logs, queue, status, stop, submit, wait
+from gpujobd.cli import completion, gpus, listing, logs, prune, queue, status, stop, submit, wait
 from gpujobd.cli.common import EXIT_INTERRUPTED, PROG, print_error
 from gpujobd.shared import errors
 
 DEBUG_ENV = "GPUJOBCTL_DEBUG"  # set to show a traceback for an unexpected error
-VERBS = (submit, stop, status, listing, logs, wait, gpus, queue, completion)  # each has add_parser(verbs)
+# Each has add_parser(verbs).
+VERBS = (submit, stop, status, listing, logs, wait, gpus, queue, prune, completion)
 
 ClientFactory = Callable[[], Any]
 
@@ -85,7 +86,8 @@ def _client_settings() -> Dict[str, float]:
                     "settings")
         return {}
     return {"call_timeout_s": settings.call_timeout_s,
-            "follow_poll_interval_s": settings.follow_poll_interval_s}
+            "follow_poll_interval_s": settings.follow_poll_interval_s,
+            "restart_grace_s": settings.restart_grace_s}
 
 
 def _silence_stdout() -> None:

@@ -6,8 +6,9 @@ Every failure is a `errors.GpujobdError`.
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple, TypeVar
 
 from gpujobd.client import outgoing
 from gpujobd.client.transport import DEFAULT_CALL_TIMEOUT_S, Transport
@@ -16,6 +17,8 @@ from gpujobd.shared.model import JobState
 
 DEFAULT_FOLLOW_POLL_INTERVAL_S = 0.25
 DEFAULT_READ_BYTES = 1 << 20
+DEFAULT_RESTART_GRACE_S = 60.0  # config client.restart_grace_s
+T = TypeVar("T")
 # While waiting, the job is re-read this often even without a signal: a safety net for a signal that
 # never arrives (a daemon restart, a bus that dropped it). One Get a minute costs nothing.
 WAIT_RESYNC_INTERVAL_S = 60.0
@@ -51,6 +54,7 @@ class Client:
         bus: Any = None,
         call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
         follow_poll_interval_s: float = DEFAULT_FOLLOW_POLL_INTERVAL_S,
+        restart_grace_s: float = DEFAULT_RESTART_GRACE_S,
         *,
         transport: Any = None,
     ) -> None:
@@ -58,6 +62,19 @@ class Client:
         self._transport = Transport(bus, call_timeout_s) if transport is None else transport
         self._transport.call_timeout_s = float(call_timeout_s)
         self.follow_poll_interval_s = float(follow_poll_interval_s)
+        self.restart_grace_s = float(restart_grace_s)
+
+    def _riding_out_restarts(self, call: Callable[[], T]) -> T:
+        """`call()`, tried again every follow_poll_interval_s while the daemon is away (Unavailable: a
+        restart, a crash and its automatic restart), for up to restart_grace_s."""
+        deadline = time.monotonic() + self.restart_grace_s
+        while True:
+            try:
+                return call()
+            except errors.Unavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(self.follow_poll_interval_s)
 
     @property
     def call_timeout_s(self) -> float:
@@ -106,8 +123,8 @@ class Client:
         first; above 0 for admins only), `after` / `after_any` (job ids: start once they succeeded /
         ended; a failed `after` ends the job `failed`, reason `dependency-failed`)."""
         wire = outgoing.spec_wire(argv, **options)
-        (jobs,) = self._transport.call("SubmitAll", "(a{sv})", (wire,), "(aa{sv})")
-        return [_job(job, raw) for job in jobs]
+        (ids,) = self._transport.call("SubmitAll", "(a{sv})", (wire,), "(at)")
+        return [self.get(job_id, raw=raw) for job_id in ids]
 
     def resubmit(self, job_id: int, with_dependents: bool = False, *,
                  raw: bool = False) -> List[Dict[str, Any]]:
@@ -115,8 +132,8 @@ class Client:
         with_dependents, also the jobs that depended on it and did not succeed, wired to the new ids
         (dependencies that succeeded count as met). Returns the new jobs, the resubmitted one first."""
         args = (outgoing.checked_id(job_id), bool(with_dependents))
-        (jobs,) = self._transport.call("Resubmit", "(tb)", args, "(aa{sv})")
-        return [_job(job, raw) for job in jobs]
+        (ids,) = self._transport.call("Resubmit", "(tb)", args, "(at)")
+        return [self.get(job_id, raw=raw) for job_id in ids]
 
     def drain(self) -> None:
         """Admins: start no new job (running ones go on, queued ones wait) until `undrain`."""
@@ -146,6 +163,16 @@ class Client:
         """Have the daemon check a job as `submit` would, creating nothing: returns None, or raises
         what `submit` would raise for it (InvalidArgument with every problem, PermissionDenied, ...)."""
         self._transport.call("Validate", "(a{sv})", (outgoing.spec_wire(argv, **options),), "()")
+
+    def prune(self, older_than_days: int) -> int:
+        """Admins: delete ended jobs (records, runs, logs) that ended more than that many days ago;
+        returns how many. Jobs that have not ended are never pruned."""
+        if isinstance(older_than_days, bool) or not isinstance(older_than_days, int) \
+                or not 0 <= older_than_days < 2**32:
+            raise errors.InvalidArgument(f"older_than_days is {older_than_days!r}: give a whole number "
+                                         "of days from 0")
+        (pruned,) = self._transport.call("Prune", "(u)", (older_than_days,), "(u)")
+        return int(pruned)
 
     def stop(self, job_id: int) -> str:
         """Ask the daemon to stop a job: api.STOP_STOPPING, or api.STOP_ALREADY_ENDED.
@@ -192,7 +219,7 @@ class Client:
             (wires,) = self._transport.call("List", "(a{sv})", (query,), "(aa{sv})")
             if wires:
                 yield [_job(wire, raw) for wire in wires]
-            if len(wires) < api.LIST_PAGE_MAX:
+            if not api.page_may_continue(wires):  # a page may also end early by bytes
                 return
             after_id = int(wires[-1]["id"])
 
@@ -233,7 +260,8 @@ class Client:
         """
         ended_before = False
         while True:
-            data, offset, ended = self.read_log(job_id, offset)
+            read = functools.partial(self.read_log, job_id, offset)
+            data, offset, ended = self._riding_out_restarts(read) if follow else read()
             if data:
                 yield data
             elif not follow or ended_before:
@@ -255,14 +283,14 @@ class Client:
             raise errors.InvalidArgument(f"the wait timeout must be >= 0 seconds, not {timeout_s}")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._transport.watch(job_id) as sleep:
-            job = self.get(job_id, raw=True)
+            job = self._riding_out_restarts(lambda: self.get(job_id, raw=True))
             while not is_final(job):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise WaitTimedOut(f"timed out after {timeout_s:g}s waiting for job {job_id}: it is "
                                        f"still {job['state']}")
                 sleep(WAIT_RESYNC_INTERVAL_S if remaining is None else min(remaining, WAIT_RESYNC_INTERVAL_S))
-                job = self.get(job_id, raw=True)
+                job = self._riding_out_restarts(lambda: self.get(job_id, raw=True))
         return _job(job, raw)
 
     def submit_with_background(

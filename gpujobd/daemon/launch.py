@@ -34,6 +34,7 @@ def supervisor_spec(job: Job, user: User, jobs: JobsConfig, paths: JobPaths,
         "max_runs": job.spec.max_runs or 1,
         "restart_delay_s": job.spec.restart_delay_s or 0.0,
         "stop_on_failure": job.spec.stop_on_failure,
+        "log_max_bytes": jobs.log_max_bytes,
     }
 
 

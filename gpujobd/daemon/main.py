@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -76,6 +77,7 @@ def run(config: Config) -> int:
     from gi.repository import Gio, GLib
     from pydbus import SystemBus
 
+    from gpujobd.daemon import retention
     from gpujobd.daemon.adapters import users
     from gpujobd.daemon.adapters.dbus_service import ManagerService, publish
     from gpujobd.daemon.adapters.mainloop import glib_post
@@ -112,7 +114,8 @@ def run(config: Config) -> int:
             service[0].job_changed(job)
 
     scheduler = _GLibScheduler()
-    job_units = JobUnits(systemd, config.daemon.slice, config.jobs.stop_timeout_s)
+    job_units = JobUnits(systemd, config.daemon.slice, config.jobs.stop_timeout_s,
+                         config.daemon.per_user_slices)
     # The GPU watcher: NVML and /proc are read on its one worker thread, never on this loop.
     watcher = Watcher(config, live_jobs=lambda: manager.live_job_ids(), scheduler=scheduler,
                       worker=Worker(post=glib_post), nvml=Nvml(), procs=ProcFs(),
@@ -123,7 +126,10 @@ def run(config: Config) -> int:
     systemd.subscribe(manager.on_unit_changed, manager.on_unit_removed)
     monitor = _watch_records(Gio, files.record_dir, {RECORD_SUFFIX: manager.on_exit_record,
                                                      RUNS_SUFFIX: manager.on_runs_file})
+    _survive_a_lost_database(store, files, config, log)
     manager.reconcile()
+    retention.schedule(config, store, files, scheduler, time.time)
+    _guard_the_reserve(config, store, files, scheduler, log)
     service.append(ManagerService(manager, bus.con, gpus=watcher))
     watcher.on_stray_found = service[0].stray_found
     watcher.on_stray_cleared = service[0].stray_cleared
@@ -136,6 +142,9 @@ def run(config: Config) -> int:
         return 1
     for signum in (signal.SIGTERM, signal.SIGINT):
         GLib.unix_signal_add(GLib.PRIORITY_HIGH, signum, _quit(loop, log, signum))
+    lost_bus: List[bool] = []
+    bus.con.set_exit_on_close(False)
+    bus.con.connect("closed", lambda *_args: _bus_lost(loop, log, lost_bus))
     notify_ready(f"serving {api.BUS_NAME}")
     log.info("daemon.ready", version=__version__, bus_name=api.BUS_NAME, pid=os.getpid())
     watcher.start()
@@ -145,8 +154,42 @@ def run(config: Config) -> int:
         monitor.cancel()
         unpublish()
         store.close()
+    if lost_bus:
+        return EXIT_BUS_LOST  # systemd restarts it (Restart=always), and it connects again
     log.info("daemon.stopped", jobs_left_running="all: jobs live in their own scopes")
     return 0
+
+
+EXIT_BUS_LOST = 75  # EX_TEMPFAIL
+
+
+def _bus_lost(loop: Any, log: Any, lost: List[bool]) -> None:
+    log.error("daemon.bus_lost", action="exiting so that systemd restarts gpujobd")
+    lost.append(True)
+    loop.quit()
+
+
+def _guard_the_reserve(config: Config, store: Any, files: Any, scheduler: Any, log: Any) -> None:
+    from gpujobd.daemon.protection import guard_reserve
+
+    def tick() -> None:
+        free = files.free_space()[str(files.record_dir)]
+        if guard_reserve(free, store, config.limits) == "released":
+            log.warning("disk.reserve_released", path=str(store.reserve_path), free_bytes=free,
+                        reason="the state filesystem is full; its room is for the ends of running jobs")
+        scheduler.call_later(config.limits.disk_check_interval_s, tick)
+    tick()
+
+
+def _survive_a_lost_database(store: Any, files: Any, config: Config, log: Any) -> None:
+    """New ids start above every id that has a log or record on disk; the full-disk reserve is kept."""
+    highest = files.highest_job_id()
+    if store.ensure_ids_above(highest):
+        log.warning("daemon.ids_raised", above=highest,
+                    reason="the job database knew fewer jobs than there are files of (was it lost?)")
+    if not store.keep_reserve(config.limits.db_reserve_mib << 20):
+        log.warning("daemon.no_reserve", path=str(store.reserve_path),
+                    reason="could not allocate it; ends may be lost when the disk fills")
 
 
 def _quit(loop: Any, log: Any, signum: int) -> Callable[[], bool]:

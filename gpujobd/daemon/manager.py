@@ -13,6 +13,7 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
+from gpujobd.daemon import protection, retention
 from gpujobd.daemon.admission import scheduling_problems
 from gpujobd.daemon.dispatcher import Dispatcher
 from gpujobd.daemon.gpu.strays import describe_strays
@@ -54,6 +55,7 @@ ALIVE_UNIT_STATES = frozenset({"active", "activating", "deactivating", "reloadin
 NOT_ENDING_UNIT_STATES = ALIVE_UNIT_STATES - {"deactivating"}
 GONE_UNIT_STATES = frozenset({"inactive", "failed"})
 START_JOB_DONE = "done"
+MAX_LOG_OFFSET = 2**63 - 1  # off_t
 
 
 class Manager(Queueing):
@@ -105,6 +107,9 @@ class Manager(Queueing):
         if problems:
             raise InvalidArgument("; ".join(problems))
         self._check_binding(caller, spec)
+        protection.check_active_jobs(caller.user, self._store.count_active_jobs(caller.uid),
+                                     self._config.limits)
+        protection.check_free_space(self._files.free_space(), self._config.limits)
         return spec, properties
 
     def submit(self, caller: Caller, spec: JobSpec) -> Job:
@@ -183,6 +188,15 @@ class Manager(Queueing):
     def get(self, job_id: int) -> Job:
         return self._job(job_id)
 
+    def prune(self, caller: Caller, older_than_days: int) -> int:
+        """Admins only: delete ended jobs (rows, runs, logs) older than that; never an active one."""
+        if not caller.is_admin:
+            raise PermissionDenied(f"only root or a member of group '{self._config.daemon.admin_group}' "
+                                   "may prune the job history")
+        pruned = retention.prune(self._store, self._files, self._clock() - older_than_days * retention.DAY_S)
+        log.info("retention.pruned", jobs=pruned, older_than_days=older_than_days, by=caller.user)
+        return pruned
+
     def list(self, *, include_ended: bool, user: Optional[str], state: Optional[JobState],
              limit: int, after_id: Optional[int] = None) -> List[Job]:
         since = self._clock() - self._config.jobs.recent_window_s
@@ -195,7 +209,10 @@ class Manager(Queueing):
         self._authorize(caller, job, "read the log of")
         ended = job.state.is_final  # decided before reading, so no byte written before the end is missed
         size = min(max_bytes, self._config.jobs.log_read_max_bytes)
-        data, next_offset = self._files.read_log(job_id, offset, size)
+        if offset > MAX_LOG_OFFSET:
+            raise InvalidArgument(f"log offset {offset} is beyond any file (at most {MAX_LOG_OFFSET}); "
+                                  "give the offset a previous ReadLog returned, or 0")
+        data, next_offset = self._files.read_log(job_id, offset, size, owner_uid=job.uid)
         return data, next_offset, ended
 
     def log_path(self, job_id: int) -> str:
@@ -399,14 +416,26 @@ class Manager(Queueing):
         known = {job.unit for job in active}
         for unit, state in units.items():
             if unit not in known and state in ALIVE_UNIT_STATES:
-                log.warning("reconcile.stray_job_unit", unit=unit, active_state=state)
-                self._systemd.stop_unit(unit)
+                self._reconcile_unknown_unit(unit, state)
         for job_id in self._files.record_job_ids():
             recorded = self._store.get(job_id)
             if recorded is None or recorded.state.is_final:
                 self._files.discard_records(job_id)
         log.info("reconcile.done", active_jobs=len(self._runtime), units=len(units))
         self.queue.replan()
+
+    def _reconcile_unknown_unit(self, unit: str, state: str) -> None:
+        """A live gpujob-*.scope whose job is final is stopped (its end is recorded already). One the
+        store has no row for (a lost database) is someone's running work: it is reported, never
+        stopped, and its id is kept from reuse (docs/admin.md, "Losing the database")."""
+        job_id = job_id_from_unit(unit)
+        if job_id is not None and self._store.get(job_id) is None:
+            log.warning("reconcile.unknown_job_unit", unit=unit, active_state=state,
+                        action="left running; stop it with systemctl stop " + unit)
+            self._store.ensure_ids_above(job_id)
+            return
+        log.warning("reconcile.stray_job_unit", unit=unit, active_state=state)
+        self._systemd.stop_unit(unit)
 
     def _reconcile_job(self, job: Job, unit_state: Optional[str]) -> None:
         if job.state is JobState.QUEUED:  # it waits again, in its place (the queue was loaded)
@@ -415,6 +444,12 @@ class Manager(Queueing):
                 self._wait_for_strays(job)
             return
         self._runtime[job.id] = Runtime()
+        if job.state is JobState.STARTING:  # only the daemon that died could have released it
+            if unit_state in ALIVE_UNIT_STATES:  # its supervisor exits on the closed gate; and a
+                self._systemd.stop_unit(job.unit)  # scope started after that stays active, empty
+            self._end(job, Outcome(EndReason.START_FAILED, detail="gpujobd stopped before the job's "
+                                   "scope was released; nothing of it ran"), self._clock())
+            return
         if unit_state in ALIVE_UNIT_STATES:
             log.info("reconcile.reattached", job_id=job.id, unit=job.unit, active_state=unit_state)
             self._ingest_runs(job.id)  # runs of a loop that ended while the daemon was down
@@ -422,12 +457,6 @@ class Manager(Queueing):
                 self._systemd.stop_unit(job.unit)
             return
         result = self._systemd.scope_result(job.unit) if unit_state is not None else None
-        record = self._files.read_exit_record(job.id)
-        if record is None and job.state is JobState.STARTING:
-            self._end(job, Outcome(EndReason.START_FAILED,
-                                   detail="gpujobd stopped before the job's scope was released"),
-                      self._clock())
-            return
         self._finish(job, result)
 
     # -- helpers ---------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ run's exit code stays in its runs and the loop's outcome carries none.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from typing import Any, Dict, Mapping, Optional
 
@@ -43,7 +44,29 @@ def decide_outcome(record: Optional[Mapping[str, Any]], stopped_by: Optional[str
                    timeout_s: Optional[float] = None) -> Outcome:
     """How a job ended, from its supervisor's exit record (None if it left none), who ran
     `gpujobctl stop` on it, systemd's Result of its scope (None or a default once the scope is
-    unloaded), whether the job it is bound to had ended or was ending, and its --timeout."""
+    unloaded), whether the job it is bound to had ended or was ending, and its --timeout. What
+    became of its log (truncated at the cap, or not written) is added to the detail."""
+    outcome = _decide(record, stopped_by, scope_result, bound_job_ending, timeout_s)
+    note = log_note(record)
+    if not note:
+        return outcome
+    return dataclasses.replace(outcome, detail=f"{outcome.detail}; {note}" if outcome.detail else note)
+
+
+def log_note(record: Optional[Mapping[str, Any]]) -> str:
+    """What the supervisor said of the job's log: '' when all of it was written."""
+    if not record:
+        return ""
+    if record.get("log_error"):
+        return (f"its log could not be written ({record['log_error']}) after {record.get('log_bytes')} "
+                "bytes: output was lost")
+    if record.get("log_truncated"):
+        return f"its log was truncated at {record.get('log_bytes')} bytes (jobs.log_max_bytes)"
+    return ""
+
+
+def _decide(record: Optional[Mapping[str, Any]], stopped_by: Optional[str], scope_result: Optional[str],
+            bound_job_ending: bool, timeout_s: Optional[float]) -> Outcome:
     if record is not None and ended_by_itself(record):
         return _own_end(record, scope_result)
     if stopped_by:

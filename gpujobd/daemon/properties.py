@@ -118,3 +118,42 @@ def split_assignment(text: str) -> Tuple[str, str]:
 
 def as_dict(pairs: Iterable[str]) -> Dict[str, str]:
     return dict(split_assignment(p) for p in pairs)
+
+
+# --- the admin's defaults and ceilings (jobs.default_properties, jobs.max_properties) ------------------
+
+# Properties whose value is a ceiling: a larger value (or infinity) lifts it.
+CEILINGS = ("MemoryMax", "MemoryHigh", "MemorySwapMax", "TasksMax", "CPUQuota")
+
+
+def admin_properties(settings: Iterable[str]) -> Dict[str, Encoded]:
+    """The admin's NAME=VALUE list, parsed with the same parsers as a user's (any name of PARSERS)."""
+    given = as_dict(settings)
+    return {name: encoded for name, encoded in zip(given, parse_properties(given, PARSERS))}
+
+
+def with_admin_limits(given: Mapping[str, str], user: List[Encoded], defaults: Iterable[str],
+                      maxima: Iterable[str]) -> List[Encoded]:
+    """The user's properties, the admin's defaults for those not given, and every ceiling enforced:
+    a value above the admin's maximum (infinity included) is refused; a ceiling the job leaves unset
+    is set to the maximum."""
+    chosen: Dict[str, Encoded] = dict(admin_properties(defaults))
+    chosen.update(zip(given, user))
+    problems = []
+    for name, ceiling in admin_properties(maxima).items():
+        if name not in CEILINGS:
+            continue
+        value = chosen.get(name)
+        if value is None:
+            chosen[name] = ceiling
+        elif value[2] > ceiling[2]:
+            problems.append(f"--property {name}={given.get(name, 'the default')}: above this server's "
+                            f"ceiling {name}={_ceiling_text(maxima, name)} (jobs.max_properties); ask "
+                            "for less")
+    if problems:
+        raise InvalidArgument("; ".join(problems))
+    return list(chosen.values())
+
+
+def _ceiling_text(maxima: Iterable[str], name: str) -> str:
+    return as_dict(maxima)[name]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from gpujobd import supervisor
+from gpujobd.shared.errors import PermissionDenied
 
 LOG_SUFFIX = ".log"
 RECORD_SUFFIX = ".json"
@@ -39,6 +40,15 @@ def open_private_dir(path: Path, mode: int = 0o755) -> int:
         os.close(fd)
         raise PermissionError(f"{path} must be owned by uid {os.geteuid()} and writable only by it")
     return fd
+
+
+class LogNotOwned(PermissionDenied):
+    """A job's log file is not its user's (a leftover of a lost database, or tampering)."""
+
+
+def _free_bytes(fd: int) -> int:
+    info = os.fstatvfs(fd)
+    return info.f_bavail * info.f_frsize
 
 
 class JobFiles:
@@ -65,16 +75,25 @@ class JobFiles:
         os.fchown(fd, uid, gid)
         return fd
 
-    def read_log(self, job_id: int, offset: int, max_bytes: int) -> Tuple[bytes, int]:
-        """Bytes from `offset`; only what is asked for is read, however large the file is."""
+    def read_log(self, job_id: int, offset: int, max_bytes: int,
+                 owner_uid: Optional[int] = None) -> Tuple[bytes, int]:
+        """Bytes from `offset`; only what is asked for is read, however large the file is.
+
+        With `owner_uid`, the open file must belong to that user (fstat, after the open: no race): a
+        log left from a lost database, or any file that is not the job's, is never served."""
         try:
             fd = os.open(f"{job_id}{LOG_SUFFIX}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                          dir_fd=self._log_dir_fd)
         except FileNotFoundError:
             return b"", offset
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
                 return b"", offset
+            if owner_uid is not None and info.st_uid != owner_uid:
+                raise LogNotOwned(f"the log file of job {job_id} belongs to uid {info.st_uid}, not to "
+                                  f"the job's user (uid {owner_uid}): it is not served; an admin should "
+                                  f"look at {self.log_path(job_id)}")
             data = os.pread(fd, max_bytes, offset)
         finally:
             os.close(fd)
@@ -82,6 +101,30 @@ class JobFiles:
 
     def record_path(self, job_id: int) -> str:
         return str(self.record_dir / f"{job_id}{RECORD_SUFFIX}")
+
+    def highest_job_id(self) -> int:
+        """The largest job id any log or record on disk has (0 if none): after a lost database, new
+        ids start above it, so no new job meets an old job's files."""
+        ids = [int(stem) for fd in (self._log_dir_fd, self._record_dir_fd) for name in os.listdir(fd)
+               for stem in [name.split(".", 1)[0]] if stem.isdigit() and len(stem) < 19]
+        return max(ids, default=0)
+
+    def free_space(self) -> Dict[str, int]:
+        """Bytes free (to users other than root) on the logs' and the records' filesystems, by directory."""
+        return {str(path): _free_bytes(fd) for path, fd in ((self.log_dir, self._log_dir_fd),
+                                                           (self.record_dir, self._record_dir_fd))}
+
+    def remove_log(self, job_id: int) -> bool:
+        """Delete a job's log (retention); whether there was one."""
+        try:
+            os.unlink(f"{job_id}{LOG_SUFFIX}", dir_fd=self._log_dir_fd)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def log_job_ids(self) -> List[int]:
+        return sorted(int(stem) for name in os.listdir(self._log_dir_fd)
+                      for stem in [name[: -len(LOG_SUFFIX)]] if name.endswith(LOG_SUFFIX) and stem.isdigit())
 
     def runs_path(self, job_id: int) -> str:
         return str(self.record_dir / f"{job_id}{RUNS_SUFFIX}")

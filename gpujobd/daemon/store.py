@@ -72,6 +72,14 @@ _ERROR_ADVICE: Tuple[Tuple[str, str], ...] = (
 )
 
 
+RESERVE_SUFFIX = ".reserve"
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    cause = err.__cause__
+    return isinstance(cause, sqlite3.Error) and "full" in str(cause).lower()
+
+
 def _describe(exc: sqlite3.Error) -> Optional[str]:
     message = str(exc).lower()
     for needle, advice in _ERROR_ADVICE:
@@ -284,11 +292,53 @@ class Store:
             conn.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
 
     def save(self, job: Job) -> None:
-        """Write every field of an existing job. NotFound if there is no such row."""
+        """Write every field of an existing job. NotFound if there is no such row. On a full disk the
+        reserve (keep_reserve) is given up and the write tried again: a job's end is never lost to
+        another job's log having filled the disk."""
+        try:
+            self._save(job)
+        except errors.Unavailable as err:
+            if not (_is_disk_full(err) and self.release_reserve()):
+                raise
+            self._save(job)
+
+    def _save(self, job: Job) -> None:
         with self._transaction(f"saving job {job.id}") as conn:
             updated = conn.execute(_UPDATE_JOB, (*_job_values(job), job.id)).rowcount
             if updated != 1:
                 raise errors.NotFound(f"job {job.id} is not in the job database {self.path}")
+
+    # -- the reserve: space kept for recording ends when the disk fills ----------------------------
+
+    @property
+    def reserve_path(self) -> Path:
+        return self.path.with_name(self.path.name + RESERVE_SUFFIX)
+
+    def keep_reserve(self, size: int) -> bool:
+        """Make sure a file of `size` bytes (allocated, not sparse) sits beside the database; whether
+        it is there now. Called at start and whenever there is room again."""
+        if size <= 0:
+            return True
+        try:
+            fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return False
+        try:
+            if os.fstat(fd).st_size < size:
+                os.posix_fallocate(fd, 0, size)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def release_reserve(self) -> bool:
+        """Give the reserve's space back to the filesystem; whether there was one."""
+        try:
+            os.unlink(self.reserve_path)
+        except FileNotFoundError:
+            return False
+        return True
 
     def get(self, job_id: int) -> Optional[Job]:
         if not 0 < job_id <= MAX_JOB_ID:  # a D-Bus uint64 may not fit an SQLite integer
@@ -322,6 +372,45 @@ class Store:
         sql = f"{_SELECT_JOBS} WHERE state IN ({_NON_FINAL_PLACEHOLDERS}) ORDER BY id"
         return [self._decode(row) for row in self._query("listing active jobs", sql, _NON_FINAL_VALUES)]
 
+    def count_active_jobs(self, uid: int) -> int:
+        """How many jobs of this user are queued, starting, running or stopping."""
+        sql = f"SELECT count(*) FROM jobs WHERE state IN ({_NON_FINAL_PLACEHOLDERS}) AND uid = ?"
+        return int(self._query("counting a user's active jobs", sql, (*_NON_FINAL_VALUES, uid))[0][0])
+
+    def ensure_ids_above(self, job_id: int) -> bool:
+        """Make the next new job's id larger than `job_id` (after a lost database, files of old jobs
+        remain); whether the sequence had to move."""
+        with self._transaction("raising the job id sequence") as conn:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
+            current = max(int(row[0]) if row else 0,
+                          int(conn.execute("SELECT coalesce(max(id), 0) FROM jobs").fetchone()[0]))
+            if current >= job_id:
+                return False
+            if row is None:
+                conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('jobs', ?)", (job_id,))
+            else:
+                conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'jobs'", (job_id,))
+        return True
+
+    def prunable_job_ids(self, ended_before: float, limit: int) -> List[int]:
+        """Ids of final jobs that ended before `ended_before`, oldest first, at most `limit`."""
+        sql = (f"SELECT id FROM jobs WHERE state NOT IN ({_NON_FINAL_PLACEHOLDERS}) AND ended_at < ? "
+               "ORDER BY id LIMIT ?")
+        rows = self._query("finding jobs to prune", sql, (*_NON_FINAL_VALUES, ended_before, limit))
+        return [int(row[0]) for row in rows]
+
+    def delete_jobs(self, job_ids: Sequence[int]) -> int:
+        """Delete final jobs and their runs; a job that is not final is left alone."""
+        marks = ", ".join("?" * len(job_ids))
+        with self._transaction(f"pruning {len(job_ids)} jobs") as conn:
+            final = [int(row[0]) for row in conn.execute(
+                f"SELECT id FROM jobs WHERE id IN ({marks}) AND state NOT IN ({_NON_FINAL_PLACEHOLDERS})",
+                (*job_ids, *_NON_FINAL_VALUES))]
+            final_marks = ", ".join("?" * len(final))
+            conn.execute(f"DELETE FROM runs WHERE job_id IN ({final_marks})", final)
+            conn.execute(f"DELETE FROM jobs WHERE id IN ({final_marks})", final)
+        return len(final)
+
     def count_jobs(self) -> int:
         return int(self._query("counting jobs", "SELECT count(*) FROM jobs")[0][0])
 
@@ -330,7 +419,18 @@ class Store:
     def record_run(self, job_id: int, run: int, started_at: Optional[float], ended_at: Optional[float],
                    exit_code: Optional[int], signal: Optional[int], reason: RunReason,
                    detail: Optional[str]) -> None:
-        """Store one run of a job; a run already stored is left as it is (re-ingesting is harmless)."""
+        """Store one run of a job; a run already stored is left as it is (re-ingesting is harmless).
+        On a full disk, as `save`, the reserve is given up and the write tried again."""
+        try:
+            self._record_run(job_id, run, started_at, ended_at, exit_code, signal, reason, detail)
+        except errors.Unavailable as err:
+            if not (_is_disk_full(err) and self.release_reserve()):
+                raise
+            self._record_run(job_id, run, started_at, ended_at, exit_code, signal, reason, detail)
+
+    def _record_run(self, job_id: int, run: int, started_at: Optional[float], ended_at: Optional[float],
+                    exit_code: Optional[int], signal: Optional[int], reason: RunReason,
+                    detail: Optional[str]) -> None:
         reason_value = EndReason(reason).value if reason is not None else None
         with self._transaction(f"recording run {run} of job {job_id}") as conn:
             if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import List
 
-from gpujobd.daemon.properties import Encoded, parse_properties
+from gpujobd.daemon.properties import Encoded, parse_properties, with_admin_limits
 from gpujobd.shared import spec as options
 from gpujobd.shared.config import Config, JobsConfig
 from gpujobd.shared.errors import InvalidArgument
@@ -21,7 +21,9 @@ def validate(spec: JobSpec, jobs: JobsConfig) -> List[Encoded]:
     """Every problem of a spec at once, as one InvalidArgument; else its encoded properties."""
     problems = options.problems(spec, jobs)
     try:
-        properties = parse_properties(spec.properties, jobs.allowed_properties)
+        properties = with_admin_limits(spec.properties, parse_properties(spec.properties,
+                                                                         jobs.allowed_properties),
+                                       jobs.default_properties, jobs.max_properties)
     except InvalidArgument as err:
         problems.append(str(err))
         properties = []

@@ -8,7 +8,7 @@ turn (signature, value) pairs into their library's variants).
 from __future__ import annotations
 
 import datetime
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 from gpujobd.shared import spec
 from gpujobd.shared.model import Job, JobState
@@ -25,6 +25,17 @@ MAX_ENV_ITEMS = spec.MAX_ENV_ITEMS
 MAX_NAME_LENGTH = spec.MAX_NAME_LENGTH
 MAX_LIST_LIMIT = 100_000
 LIST_PAGE_MAX = 1000  # jobs in one List reply; clients page with `after_id` for more
+# Bytes of one List reply: far below dbus-daemon's message limit (32 MiB by default) whatever is
+# stored; a page ends early when the next job would pass it (a client pages on until a page is empty).
+LIST_REPLY_MAX_BYTES = 8 << 20
+# One job's entry: larger entries (rows stored under larger bounds) are shown clipped.
+LIST_ENTRY_MAX_BYTES = 2 << 20
+CLIPPED_STRING_CHARS = 4096
+# A page cut by bytes weighs more than LIST_REPLY_MAX_BYTES - LIST_ENTRY_MAX_BYTES (6 MiB) on the wire;
+# of that, at most ~2 KiB per entry (2 MiB for a full page) is framing, and a character is at most 4
+# bytes: such a page holds more than 1 MiB of characters. A client reading fewer may stop there.
+LIST_CUT_MIN_CHARS = 1 << 20
+CLIPPED_MARK = "...[clipped]"
 
 INTROSPECTION_XML = f"""<node>
   <interface name="{INTERFACE}">
@@ -38,6 +49,10 @@ INTROSPECTION_XML = f"""<node>
     <method name="Stop">
       <arg name="id" type="t" direction="in"/>
       <arg name="result" type="s" direction="out"/>
+    </method>
+    <method name="Prune">
+      <arg name="older_than_days" type="u" direction="in"/>
+      <arg name="pruned" type="u" direction="out"/>
     </method>
     <method name="Get">
       <arg name="id" type="t" direction="in"/>
@@ -62,12 +77,12 @@ INTROSPECTION_XML = f"""<node>
     </method>
     <method name="SubmitAll">
       <arg name="spec" type="a{{sv}}" direction="in"/>
-      <arg name="jobs" type="aa{{sv}}" direction="out"/>
+      <arg name="ids" type="at" direction="out"/>
     </method>
     <method name="Resubmit">
       <arg name="id" type="t" direction="in"/>
       <arg name="with_dependents" type="b" direction="in"/>
-      <arg name="jobs" type="aa{{sv}}" direction="out"/>
+      <arg name="ids" type="at" direction="out"/>
     </method>
     <method name="Drain">
     </method>
@@ -221,6 +236,41 @@ def encode_job(job: Job, log_path: str = "", gpu_memory: Optional[Mapping[str, i
             leftover_processes=job.outcome.leftover_processes,
         )
     return {key: (JOB_FIELDS[key], value) for key, value in values.items() if value is not None}
+
+
+def page_may_continue(wires: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a List page may have been cut short (by count or by bytes): then the client asks for
+    the next page; otherwise the page was the last one."""
+    if len(wires) >= LIST_PAGE_MAX:
+        return True
+    chars = sum(_chars(value) for wire in wires for value in wire.values())
+    return len(wires) > 0 and chars >= LIST_CUT_MIN_CHARS
+
+
+def _chars(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return sum(_chars(item) for item in value)
+    if isinstance(value, dict):
+        return sum(_chars(key) + _chars(item) for key, item in value.items())
+    return 0
+
+
+def clipped_job_wire(wire: Mapping[str, Tuple[str, Any]]) -> Dict[str, Tuple[str, Any]]:
+    """A job's wire fields with every long string cut to CLIPPED_STRING_CHARS and marked, and lists
+    and maps cut to their first entries: an entry that always fits a reply."""
+    return {key: (signature, _clipped(value)) for key, (signature, value) in wire.items()}
+
+
+def _clipped(value: Any) -> Any:
+    if isinstance(value, str):
+        return value if len(value) <= CLIPPED_STRING_CHARS else value[:CLIPPED_STRING_CHARS] + CLIPPED_MARK
+    if isinstance(value, list):
+        return [_clipped(item) for item in value[:256]]
+    if isinstance(value, dict):
+        return {_clipped(key): _clipped(item) for key, item in list(value.items())[:256]}
+    return value
 
 
 def iso_utc(timestamp: Optional[float]) -> Optional[str]:

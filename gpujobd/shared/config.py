@@ -59,6 +59,7 @@ def _is_umask(value: str) -> bool:
     return re.fullmatch(r"[0-7]{3,4}", value) is not None and int(value, 8) <= 0o777
 
 
+_is_property_setting = _matches(r"[A-Z][A-Za-z0-9]*=[^\x00-\x1f\x7f]+")
 _is_account_name = _matches(r"[A-Za-z_][A-Za-z0-9_.-]*\$?")
 _is_property_name = _matches(r"[A-Z][A-Za-z0-9]*")
 
@@ -83,6 +84,10 @@ class DaemonConfig:
     slice: str = field(default="gpujob.slice", metadata=spec(
         "Slice every job's scope is placed in.",
         check=_is_slice_name, expect='a slice unit name ending in ".slice"',
+    ))
+    per_user_slices: bool = field(default=False, metadata=spec(
+        "Put each user's jobs in a sub-slice of the slice, <slice>-u<UID>.slice, so that ceilings set "
+        "on it (a <slice>-.slice.d/ drop-in applies to every user's) bound each user's jobs together.",
     ))
     log_format: str = field(default="console", metadata=spec(
         "Daemon log format: key=value lines or JSON objects.", choices=LOG_FORMATS,
@@ -145,6 +150,37 @@ class JobsConfig:
     recent_window_s: float = field(default=3600.0, metadata=spec(
         "A list without --all shows active jobs and jobs that ended this recently.", minimum=0,
     ))
+    max_argv_bytes: int = field(default=131072, metadata=spec(
+        "Most bytes a job's command line may have (its words and their NULs).", minimum=1024,
+        maximum=16777216,
+    ))
+    max_cwd_bytes: int = field(default=4096, metadata=spec(
+        "Most bytes a job's working directory may have.", minimum=256, maximum=65536,
+    ))
+    max_env_bytes: int = field(default=262144, metadata=spec(
+        "Most bytes a job's environment may have in all (every NAME=VALUE and its NUL).",
+        minimum=4096, maximum=16777216,
+    ))
+    max_property_bytes: int = field(default=256, metadata=spec(
+        "Most bytes the value of one --property may have.", minimum=16, maximum=65536,
+    ))
+    max_spec_bytes: int = field(default=2097152, metadata=spec(
+        "Most bytes a whole job spec may have (command, directory, environment, name, properties).",
+        minimum=8192, maximum=16777216,
+    ))
+    log_max_bytes: int = field(default=1073741824, metadata=spec(
+        "Most bytes of output one job's log keeps; past it the log says so and the rest is dropped "
+        "(the job runs on). 0 means no cap.", minimum=0,
+    ))
+    default_properties: Tuple[str, ...] = field(default=(), metadata=spec(
+        "Properties every job's scope gets unless the job sets them (NAME=VALUE, e.g. MemoryMax=64G).",
+        check=_is_property_setting, expect="a list of NAME=VALUE", item_expect='"NAME=VALUE"',
+    ))
+    max_properties: Tuple[str, ...] = field(default=(), metadata=spec(
+        "Ceilings of per-job properties (NAME=VALUE): a job asking for more, or for infinity, is "
+        "refused. Only MemoryMax, MemoryHigh, MemorySwapMax, TasksMax and CPUQuota take a ceiling.",
+        check=_is_property_setting, expect="a list of NAME=VALUE", item_expect='"NAME=VALUE"',
+    ))
 
     @property
     def umask_int(self) -> int:
@@ -154,6 +190,38 @@ class JobsConfig:
     def timeout_limit_s(self) -> float | None:
         """The largest --timeout allowed, or None when there is no limit."""
         return self.max_timeout_s or None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_active_jobs_per_user: int = field(default=1000, metadata=spec(
+        "Most jobs one user may have queued, starting, running or stopping at once; a submit beyond "
+        "it is refused (this protects the daemon; 0 means no cap).", minimum=0,
+    ))
+    min_free_mib: int = field(default=256, metadata=spec(
+        "Submits are refused while the log or state filesystem has less free space than this (MiB).",
+        minimum=0,
+    ))
+    db_reserve_mib: int = field(default=8, metadata=spec(
+        "Space (MiB) kept in a ballast file beside the job database, given up when the disk is full "
+        "so that the ends of running jobs are still recorded. 0 keeps none.", minimum=0, maximum=1024,
+    ))
+    disk_check_interval_s: float = field(default=5.0, metadata=spec(
+        "How often the daemon looks at the state filesystem's free space: below 1 MiB it gives up the "
+        "reserve (room for the exit records and the database), above limits.min_free_mib it takes it "
+        "again.", above=0,
+    ))
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    keep_days: int = field(default=0, metadata=spec(
+        "Ended jobs (their records, runs and logs) that ended more than this many days ago are pruned; "
+        "0 keeps them for ever. Jobs that have not ended are never pruned.", minimum=0,
+    ))
+    interval_s: float = field(default=3600.0, metadata=spec(
+        "How often the daemon prunes, when retention.keep_days is set.", minimum=60,
+    ))
 
 
 @dataclass(frozen=True)
@@ -253,6 +321,10 @@ class ClientConfig:
     call_timeout_s: float = field(default=30.0, metadata=spec(
         "How long gpujobctl waits for the daemon to answer a call.", above=0,
     ))
+    restart_grace_s: float = field(default=60.0, metadata=spec(
+        "How long `gpujobctl logs -f` and `wait` keep trying while the daemon is away (a restart).",
+        minimum=0,
+    ))
 
 
 @dataclass(frozen=True)
@@ -275,6 +347,8 @@ class SubmititConfig:
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     client: ClientConfig = field(default_factory=ClientConfig)

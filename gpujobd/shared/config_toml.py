@@ -255,9 +255,42 @@ def load_config(path: str | Path | None = None) -> Config:
     else:
         resolved, explicit = Path(path), True
     data = _read_toml(resolved, explicit)
-    if data is None:
+    drop_ins = drop_in_files(resolved)
+    if data is None and not drop_ins:
         return Config()
-    return config_from_mapping(data, source=str(resolved))
+    merged: Dict[str, Any] = {}
+    sources = [str(resolved)] if data is not None else []
+    _merge(merged, data or {})
+    for path in drop_ins:
+        _merge(merged, _read_toml(path, True) or {})
+        sources.append(str(path))
+    return config_from_mapping(merged, source=" + ".join(sources))
+
+
+DROP_IN_SUFFIX = ".d"
+
+
+def drop_in_files(path: Path) -> List[Path]:
+    """`<path>.d/*.toml`, in lexical order (as systemd orders drop-ins): each one is merged over the
+    main file and the ones before it, key by key, so an admin adds a [gpu] block without editing the
+    shipped file."""
+    directory = path.with_name(path.name + DROP_IN_SUFFIX)
+    try:
+        names = sorted(entry.name for entry in os.scandir(directory)
+                       if entry.name.endswith(".toml") and not entry.name.startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        raise ConfigError(f"{directory}: cannot list the drop-in directory: {exc.strerror or exc}") from None
+    return [directory / name for name in names]
+
+
+def _merge(into: Dict[str, Any], data: Mapping[str, Any]) -> None:
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            into[key] = {**into[key], **value}
+        else:
+            into[key] = dict(value) if isinstance(value, dict) else value
 
 
 # --- writing TOML ------------------------------------------------------------------------------------

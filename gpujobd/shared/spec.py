@@ -39,11 +39,8 @@ if TYPE_CHECKING:
 # Limits on what one submission may carry.
 MAX_ARGV_ITEMS = 4096
 MAX_ARG_BYTES = 128 * 1024
-MAX_ENV_ITEMS = 1024
-# An environment is sent whole with each submit; execve takes at most ~2 MiB of argv + environment
-# (a quarter of the stack limit), and a D-Bus message 128 MiB. 256 KiB holds a conda environment many
-# times over (a typical one is 3 to 20 KiB) and keeps a submit's message small (docs/environment.md).
-MAX_ENV_BYTES = 256 * 1024
+MAX_ENV_ITEMS = 4096
+MAX_PROPERTY_ITEMS = 64
 MAX_NAME_LENGTH = 128
 MAX_TIMEOUT_S = 100 * 365 * 24 * 3600.0  # RuntimeMaxSec= is in microseconds, a uint64
 # What a job may ask for when a stray GPU process holds one of its GPUs at submit (see docs/gpu.md).
@@ -93,35 +90,53 @@ class Option:
 # --- rules: each returns what is wrong with a value and what to do, or None ---------------------------
 
 
-def _command(argv: Tuple[str, ...], _jobs: JobsConfig) -> Optional[str]:
+def _bytes(text_value: str) -> int:
+    return len(text_value.encode("utf-8", "surrogateescape"))
+
+
+def _command(argv: Tuple[str, ...], jobs: JobsConfig) -> Optional[str]:
     if not argv or not argv[0]:
         return ("is empty: give the program to run and its arguments, e.g. "
                 "gpujobctl submit -- python3 train.py")
     if any("\0" in word for word in argv):
         return "contains a NUL byte: remove it"
-    size = sum(len(word.encode("utf-8", "surrogateescape")) + 1 for word in argv)
-    if size > MAX_ARG_BYTES:
-        return f"is {size} bytes long; at most {MAX_ARG_BYTES} are allowed: pass long lists in a file"
+    size = sum(_bytes(word) + 1 for word in argv)
+    if size > jobs.max_argv_bytes:
+        return (f"is {size} bytes long; at most {jobs.max_argv_bytes} are allowed (jobs.max_argv_bytes): "
+                "pass long lists in a file")
     return None
 
 
-def _absolute(path: str, _jobs: JobsConfig) -> Optional[str]:
+def _absolute(path: str, jobs: JobsConfig) -> Optional[str]:
+    if _bytes(path) > jobs.max_cwd_bytes:
+        return (f"is {_bytes(path)} bytes long; at most {jobs.max_cwd_bytes} are allowed "
+                "(jobs.max_cwd_bytes): use a shorter path")
     if os.path.isabs(path) and "\0" not in path:
         return None
-    return f"is {path!r}: give an absolute path"
+    return f"is {_shown(path)}: give an absolute path"
 
 
-def _env_names(env: Mapping[str, str], _jobs: JobsConfig) -> Optional[str]:
+def _env_names(env: Mapping[str, str], jobs: JobsConfig) -> Optional[str]:
     bad = [key for key, value in env.items() if not key or "=" in key or "\0" in key + value]
     if bad:
-        return (f"has {', '.join(repr(key) for key in bad)}: a name must be non-empty, without '=' or NUL, "
-                "and a value without NUL")
+        return (f"has {', '.join(_shown(key, 40) for key in bad[:5])}: a name must be non-empty, without "
+                "'=' or NUL, and a value without NUL")
     size = environment.size_bytes(env)
-    if size > MAX_ENV_BYTES:
+    if size > jobs.max_env_bytes:
         biggest = sorted(env, key=lambda key: -len(env[key]))[:3]
-        return (f"is {size} bytes; at most {MAX_ENV_BYTES} are allowed (largest: {', '.join(biggest)}): "
-                "unset what the job does not need, or submit with --env-clear and the --env it needs")
+        return (f"is {size} bytes in all; at most {jobs.max_env_bytes} are allowed (jobs.max_env_bytes; "
+                f"largest: {', '.join(_shown(key, 40) for key in biggest)}): unset what the job does not "
+                "need, or submit with --env-clear and the --env it needs; pass large values in a file")
     return None
+
+
+def _property_values(properties: Mapping[str, str], jobs: JobsConfig) -> Optional[str]:
+    long = [name for name, value in properties.items()
+            if _bytes(name) > 64 or _bytes(value) > jobs.max_property_bytes]
+    if not long:
+        return None
+    return (f"has {', '.join(_shown(name, 40) for name in long[:5])} longer than a property name (64 bytes) "
+            f"or value ({jobs.max_property_bytes} bytes, jobs.max_property_bytes) may be")
 
 
 def _name(name: str, _jobs: JobsConfig) -> Optional[str]:
@@ -146,7 +161,9 @@ def _max_runs(runs: int, jobs: JobsConfig) -> Optional[str]:
 
 
 def _not_negative(seconds: float, _jobs: JobsConfig) -> Optional[str]:
-    return None if seconds >= 0 and math.isfinite(seconds) else f"is {seconds}: give 0 or more seconds"
+    if 0 <= seconds <= MAX_TIMEOUT_S:
+        return None
+    return f"is {seconds}: give 0 or more seconds, at most {MAX_TIMEOUT_S:.0f}"
 
 
 MAX_GPUS_PER_JOB = 64
@@ -210,7 +227,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("properties", "a{ss}", Cli(("--property",), "a resource property of the job's scope, as the "
                                                        "daemon allows (repeatable)", metavar="P=V",
                                       parse=text.key_value, repeat=True),
-           default=_NO_PAIRS),  # checked against jobs.allowed_properties by gpujobd.daemon.properties
+           default=_NO_PAIRS, rules=(_property_values,), max_items=MAX_PROPERTY_ITEMS),
+    # checked against jobs.allowed_properties and jobs.max_properties by gpujobd.daemon.properties
     Option("timeout_s", "d", Cli(("--timeout",), "stop the job after this long (90, 30s, 10min, 2h, 1h30m)",
                                  metavar="DURATION", parse=text.duration),
            rules=(_timeout,), pair="foreground"),
@@ -454,7 +472,21 @@ def problems(spec: JobSpec, jobs: JobsConfig) -> List[str]:
             continue
         found += [f"{option.label} {problem}" for rule in option.rules
                   for problem in [rule(value, jobs)] if problem is not None]
-    return _loop_problems(spec) + found
+    return _loop_problems(spec) + found + _size_problems(spec, jobs)
+
+
+def spec_bytes(spec: JobSpec) -> int:
+    """What a spec weighs: the bytes of its strings (the fixed-size numbers aside)."""
+    return (sum(_bytes(word) + 1 for word in spec.argv) + _bytes(spec.cwd) + environment.size_bytes(spec.env)
+            + _bytes(spec.name) + environment.size_bytes(spec.properties))
+
+
+def _size_problems(spec: JobSpec, jobs: JobsConfig) -> List[str]:
+    size = spec_bytes(spec)
+    if size <= jobs.max_spec_bytes:
+        return []
+    return [f"the job's spec is {size} bytes in all; at most {jobs.max_spec_bytes} are allowed "
+            "(jobs.max_spec_bytes): pass large inputs in files"]
 
 
 def _loop_problems(spec: JobSpec) -> List[str]:

@@ -163,3 +163,20 @@ def array(text: str) -> Tuple[Tuple[int, ...], int]:
         if len(indices) > MAX_ARRAY_TASKS:
             raise ValueError(f"--array {text!r} has more than {MAX_ARRAY_TASKS} tasks: split it")
     return tuple(dict.fromkeys(indices)), limit
+
+
+def escaped(value: str) -> str:
+    """`value` with every control character (C0, DEL, C1; a newline or an ESC too) written as \\xNN
+    and backslashes doubled: safe to show on an admin's terminal or in one log line."""
+    return "".join(_escape_char(char) for char in value)
+
+
+def _escape_char(char: str) -> str:
+    code = ord(char)
+    if char == "\\":
+        return "\\\\"
+    if code < 0x20 or 0x7F <= code < 0xA0:
+        return f"\\x{code:02x}"
+    if code in (0x2028, 0x2029, 0x200E, 0x200F) or 0x202A <= code <= 0x202E or 0x2066 <= code <= 0x2069:
+        return f"\\u{code:04x}"  # line separators and bidirectional overrides reorder what is shown
+    return char

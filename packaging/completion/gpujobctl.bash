@@ -5,7 +5,7 @@ _gpujobctl() {
         [[ ${COMP_WORDS[i]} == -* ]] || { verb=${COMP_WORDS[i]}; break; }
     done
     if [[ -z $verb ]]; then
-        COMPREPLY=($(compgen -W 'submit stop status list logs wait gpus resubmit drain undrain completion --help --version' -- "$cur"))
+        COMPREPLY=($(compgen -W 'submit stop status list logs wait gpus resubmit drain undrain prune completion --help --version' -- "$cur"))
         return
     fi
     for ((i = i + 1; i < COMP_CWORD; i++)); do
@@ -27,6 +27,7 @@ _gpujobctl() {
         resubmit) flags='-h --help --with-dependents --json' ;;
         drain) flags='-h --help' ;;
         undrain) flags='-h --help' ;;
+        prune) flags='-h --help --older-than' ;;
         completion) flags='-h --help' ;;
     esac
     [[ $cur == -* ]] && COMPREPLY=($(compgen -W "$flags" -- "$cur"))

@@ -57,8 +57,8 @@ def _args(element: ET.Element) -> list:
 
 
 # The members of the interface. Adding one is a deliberate change: update this and the snapshot.
-METHODS = ("Submit", "Validate", "Stop", "Get", "List", "Runs", "ReadLog", "Gpus", "SubmitAll", "Resubmit",
-           "Drain", "Undrain")
+METHODS = ("Submit", "Validate", "Stop", "Prune", "Get", "List", "Runs", "ReadLog", "Gpus", "SubmitAll",
+           "Resubmit", "Drain", "Undrain")
 SIGNALS = ("JobChanged", "StrayFound", "StrayCleared")
 
 # What clients of version 1 call: these may never change (a new member or field may be added).

@@ -198,6 +198,8 @@ class FakeClient:
         return [dict(run) if raw else api.run_to_json(run) for run in runs]
 
     logs = Client.logs
+    restart_grace_s = 0.0
+    _riding_out_restarts = Client._riding_out_restarts
 
     def wait(self, job_id: int, timeout_s: Optional[float] = None, *, raw: bool = False) -> Dict[str, Any]:
         while not JobState(self._job(job_id)["state"]).is_final:

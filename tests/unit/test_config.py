@@ -289,3 +289,22 @@ def test_empty_flag_is_an_error():
 def test_unreadable_path_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path)  # a directory
+
+
+def test_drop_ins_are_merged_in_order_over_the_main_file(tmp_path):
+    main_file = write(tmp_path, "[gpu]\npoll_interval_s = 2.0\n[jobs]\nstop_timeout_s = 3.0\n")
+    drop_ins = tmp_path / "gpujobd.toml.d"
+    drop_ins.mkdir()
+    (drop_ins / "20-later.toml").write_text("[gpu]\npoll_interval_s = 7.0\n")
+    (drop_ins / "10-first.toml").write_text("[gpu]\npoll_interval_s = 1.0\nwatch = false\n")
+    (drop_ins / "ignored.conf").write_text("not toml at all [")
+    config = load_config(main_file)
+    assert (config.gpu.poll_interval_s, config.gpu.watch, config.jobs.stop_timeout_s) == (7.0, False, 3.0)
+
+
+def test_a_bad_drop_in_is_named_in_the_error(tmp_path):
+    main_file = write(tmp_path, "")
+    (tmp_path / "gpujobd.toml.d").mkdir()
+    (tmp_path / "gpujobd.toml.d" / "50-bad.toml").write_text("[gpu]\npoll_intervall_s = 1.0\n")
+    with pytest.raises(ConfigError, match=r"(?s)50-bad\.toml.*poll_intervall_s"):
+        load_config(main_file)

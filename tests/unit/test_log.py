@@ -148,3 +148,36 @@ def test_journal_stream_is_recognised_by_device_and_inode(monkeypatch, tmp_path)
         monkeypatch.setenv("JOURNAL_STREAM", f"{info.st_dev}:{info.st_ino + 1}")
         assert not log.is_journal_stream(stream)
     assert not log.is_journal_stream(io.StringIO())
+
+
+def test_events_reach_the_journal_as_native_fields(tmp_path, monkeypatch) -> None:
+    import io
+    import socket
+    import struct
+
+    from gpujobd.shared import log as log_module
+
+    path = str(tmp_path / "journal.socket")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    monkeypatch.setattr(log_module, "JOURNAL_SOCKET", path)
+    stream = io.StringIO()
+    handler = log_module._JournalHandler(stream)
+    log_module._install_handler(handler, log_module._formatter("console", True), "info")
+    log_module.structlog.configure(
+        processors=[log_module.structlog.stdlib.filter_by_level,
+                    log_module.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=log_module.structlog.stdlib.LoggerFactory(),
+        wrapper_class=log_module.structlog.stdlib.BoundLogger, cache_logger_on_first_use=False)
+    try:
+        log_module.get_logger().warning("gpu.stray_found", job_id=17, user="bob", stray={"pid": 42},
+                                        argv0="evil\nevent=job.finished")
+        datagram = receiver.recv(65536)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        receiver.close()
+    assert b"EVENT=gpu.stray_found\n" in datagram and b"GPUJOB_ID=17\n" in datagram
+    assert b"GPUJOB_USER=bob\n" in datagram and b"GPUJOBD_STRAY_PID=42\n" in datagram
+    value = b"evil\nevent=job.finished"
+    assert b"GPUJOBD_ARGV0\n" + struct.pack("<Q", len(value)) + value in datagram, "newlines go binary"
+    assert b"PRIORITY=4\n" in datagram and stream.getvalue() == ""

@@ -199,6 +199,7 @@ class FakeFiles:
         self.discarded: List[int] = []
         self.reads: List[Tuple[int, int, int]] = []
         self.during_read: Optional[Callable[[], None]] = None
+        self.free: Dict[str, int] = {"/var/log/gpujobd/jobs": 1 << 40, "/var/lib/gpujobd/exits": 1 << 40}
         self.log_pipes: Dict[int, int] = {}  # job id -> read end of the pipe whose write end was the log fd
 
     def create_log(self, job_id: int, uid: int, gid: int) -> int:
@@ -224,8 +225,11 @@ class FakeFiles:
     def log_path(self, job_id: int) -> str:
         return f"/var/log/gpujobd/jobs/{job_id}.log"
 
-    def read_log(self, job_id: int, offset: int, max_bytes: int) -> Tuple[bytes, int]:
+    def read_log(self, job_id: int, offset: int, max_bytes: int,
+                 owner_uid: Optional[int] = None) -> Tuple[bytes, int]:
         self.reads.append((job_id, offset, max_bytes))
+        if owner_uid is not None and job_id in self.log_owners and self.log_owners[job_id][0] != owner_uid:
+            raise PermissionDenied(f"the log file of job {job_id} is not its user's")
         if self.during_read is not None:
             self.during_read()
         data = bytes(self.logs.get(job_id, b""))[offset:offset + max_bytes]
@@ -233,6 +237,12 @@ class FakeFiles:
 
     def record_path(self, job_id: int) -> str:
         return f"/var/lib/gpujobd/exits/{job_id}.json"
+
+    def free_space(self) -> Dict[str, int]:
+        return dict(self.free)
+
+    def remove_log(self, job_id: int) -> bool:
+        return self.logs.pop(job_id, None) is not None
 
     def runs_path(self, job_id: int) -> str:
         return f"/var/lib/gpujobd/exits/{job_id}.runs"
@@ -1139,18 +1149,16 @@ def test_a_starting_job_gone_without_a_record_failed_to_start(rig: Rig) -> None:
     assert "before the job's scope was released" in outcome.detail
 
 
-def test_a_starting_job_whose_unit_is_alive_ends_from_the_supervisors_record(rig: Rig) -> None:
+def test_a_starting_job_whose_unit_is_alive_is_stopped_and_ends_start_failed(rig: Rig) -> None:
+    # Only the daemon that died could have released it. Its supervisor exits on the closed gate, and a
+    # scope systemd started after that process had gone stays active and empty (seen in the chaos
+    # suite's crash loop): reconcile stops the unit rather than wait for an end that never comes.
     job = rig.submit()
     rig.systemd.units[job.unit] = "active"  # the start job finished as the daemon died
     rig.restart().reconcile()
-    assert rig.job(job.id).state is JobState.STARTING
-    # Its gate closed with the daemon: the supervisor records start-failed and exits, the scope ends.
-    rig.files.write_record(job.id, started_at=None, exit_code=None, reason="start-failed",
-                           detail="the daemon closed the gate without releasing it")
-    rig.manager.on_exit_record(job.id)
-    rig.systemd.scope_ends(job.unit)
+    assert job.unit in rig.systemd.stop_requests
     outcome = assert_final(rig.job(job.id), JobState.FAILED, EndReason.START_FAILED)
-    assert "gate" in outcome.detail
+    assert "nothing of it ran" in outcome.detail
 
 
 def test_a_stopping_job_gone_without_a_record_is_stopped(rig: Rig) -> None:
@@ -1162,7 +1170,7 @@ def test_a_stopping_job_gone_without_a_record_is_stopped(rig: Rig) -> None:
     assert outcome.detail == "stopped by carol"
 
 
-def test_job_units_without_an_active_job_are_stopped(rig: Rig) -> None:
+def test_job_units_of_final_jobs_are_stopped_and_unknown_ones_left_running(rig: Rig) -> None:
     done = rig.start()
     rig.files.write_record(done.id)
     rig.systemd.scope_ends(done.unit)
@@ -1173,9 +1181,10 @@ def test_job_units_without_an_active_job_are_stopped(rig: Rig) -> None:
     live = rig.start()
     rig.restart().reconcile()
 
-    assert sorted(rig.systemd.stop_requests) == sorted([done.unit, "gpujob-99.scope"])
+    assert rig.systemd.stop_requests == [done.unit], "a scope with no row (a lost database) runs on"
     assert rig.job(done.id).state is JobState.SUCCEEDED, "a final job stays as it was"
     assert rig.job(live.id).state is JobState.RUNNING
+    assert rig.submit().id > 99, "the unknown scope's id is never given to a new job"
 
 
 def test_stale_exit_records_are_discarded(rig: Rig) -> None:

@@ -153,7 +153,7 @@ def test_every_broken_rule_is_reported_at_once_naming_the_option_and_what_to_do(
         "timeout_s (--timeout) is 7200.0: above this server's limit of 3600.0 s (jobs.max_timeout_s); "
         "ask for less",
         "max_runs (--max-runs) is 51: give 1 to this server's limit of 50 (jobs.max_runs_limit)",
-        "restart_delay_s (--restart-delay) is -1.0: give 0 or more seconds",
+        "restart_delay_s (--restart-delay) is -1.0: give 0 or more seconds, at most 3153600000",
         "gpu_check (--gpu-check) is 'later': give one of off, refuse, wait",
     ]
     fixed = dataclasses.replace(broken, argv=("true",), cwd="/srv", env={}, name="n", timeout_s=60.0,
@@ -198,7 +198,28 @@ def test_too_long_a_command_line_is_refused() -> None:
     assert spec.problems(JobSpec(argv=("x" * (spec.MAX_ARG_BYTES - 1),), cwd="/"), jobs) == []
     assert spec.problems(JobSpec(argv=("x" * spec.MAX_ARG_BYTES,), cwd="/"), jobs) == [
         f"argv (the command) is {spec.MAX_ARG_BYTES + 1} bytes long; at most {spec.MAX_ARG_BYTES} are "
-        "allowed: pass long lists in a file"]
+        "allowed (jobs.max_argv_bytes): pass long lists in a file"]
+
+
+def test_every_stored_field_is_bounded_by_a_named_key() -> None:
+    jobs = JobsConfig()
+    huge = "x" * (jobs.max_env_bytes + 1)
+    found = spec.problems(JobSpec(argv=("true",), cwd="/" + "d" * jobs.max_cwd_bytes, env={"V": huge},
+                                  properties={"MemoryMax": "1" * 300}), jobs)
+    text = "; ".join(found)
+    for key in ("jobs.max_cwd_bytes", "jobs.max_env_bytes", "jobs.max_property_bytes"):
+        assert key in text, f"{key} not named in {text[:300]}"
+    small = JobsConfig(max_spec_bytes=8192)
+    assert spec.problems(JobSpec(argv=("true",), cwd="/", env={"V": "v" * 9000}), small) == [
+        "the job's spec is 9009 bytes in all; at most 8192 are allowed (jobs.max_spec_bytes): pass large "
+        "inputs in files"]
+
+
+def test_a_restart_delay_that_overflows_the_supervisor_is_refused() -> None:
+    found = spec.problems(JobSpec(argv=("true",), cwd="/", background=True, restart_delay_s=1e300),
+                          JobsConfig())
+    assert found == ["restart_delay_s (--restart-delay) is 1e+300: give 0 or more seconds, at most "
+                     "3153600000"]
 
 
 # --- the derived gpujobctl submit -------------------------------------------------------------------------

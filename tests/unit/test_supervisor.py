@@ -47,6 +47,7 @@ def spec_fields(state_dir: Path, **overrides: object) -> dict:
         "max_runs": 1,
         "restart_delay_s": 0.0,
         "stop_on_failure": False,
+        "log_max_bytes": 0,
     }
     fields.update(overrides)
     return fields
@@ -624,3 +625,27 @@ def test_leftovers_that_cannot_be_counted_are_said_so(tmp_path: Path) -> None:
     assert done.record is not None
     assert done.record["leftover_processes"] == 0
     assert done.record["detail"].endswith("leftover count unavailable")
+
+
+# --- the log cap (issue 15): the job runs on, the log says so, the record too ---------------------------
+
+
+@needs_root
+def test_a_log_past_its_cap_is_truncated_and_the_job_runs_on(tmp_path: Path) -> None:
+    done = run_job(tmp_path, argv=sh("head -c 100000 /dev/zero | tr '\\0' x; echo; echo after >&2; exit 4"),
+                   log_max_bytes=5000)
+    assert done.record is not None
+    assert done.record["exit_code"] == 4, "the job was not stopped by its log's cap"
+    assert done.record["log_truncated"] is True and done.record["log_bytes"] == 5000
+    assert done.log.startswith("x" * 5000)
+    assert "log truncated at 5000 bytes (jobs.log_max_bytes)" in done.log.splitlines()[-1]
+    assert "after" not in done.log
+
+
+@needs_root
+def test_a_log_under_its_cap_is_whole_and_says_nothing(tmp_path: Path) -> None:
+    done = run_job(tmp_path, argv=sh("echo out; echo err >&2"), log_max_bytes=5000)
+    assert done.record is not None
+    assert done.log == "out\nerr\n"
+    fate = (done.record["log_truncated"], done.record["log_error"], done.record["log_bytes"])
+    assert fate == (False, None, 8)

@@ -30,3 +30,17 @@ def test_unit_paths_round_trip(unit):
     assert path.startswith("/org/freedesktop/systemd1/unit/")
     assert _unit_name_from_path(path) == unit
     assert unit_object_path("gpujob-12.scope").endswith("/gpujob_2d12_2escope")
+
+
+def test_a_users_sub_slice_nests_under_the_jobs_slice() -> None:
+    from gpujobd.daemon.adapters.systemd import job_slice
+    assert job_slice("gpujob.slice", 1001) == "gpujob-u1001.slice"
+    assert job_slice("gpu-a.slice", 7) == "gpu-a-u7.slice"
+
+
+def test_the_description_escapes_control_characters() -> None:
+    from gpujobd.daemon.adapters.systemd import scope_description
+    from gpujobd.shared.model import Job, JobSpec, JobState
+    job = Job(id=3, user="bob", uid=1001, gid=1001, spec=JobSpec(argv=("echo", "\x1b[2J\nevent=x"), cwd="/"),
+              state=JobState.STARTING, created_at=0.0)
+    assert scope_description(job) == "gpujob 3 of bob: echo \\x1b[2J\\x0aevent=x"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple, TypeVar
 
 from gi.repository import Gio, GLib
 from pydbus.generic import signal
@@ -138,17 +138,15 @@ class ManagerService:
         job = self._manager.submit(caller, spec.decode(wire))
         return self._encode(job, caller)
 
-    @replies_with_variant
+    # SubmitAll and Resubmit reply with the new ids only: an array may have thousands of tasks, and
+    # no reply may outgrow the bus's message limit (the client reads the jobs with Get).
     @on_the_wire
-    def SubmitAll(self, wire: Mapping[str, Any], dbus_context: Any = None) -> GLib.Variant:
-        caller = self._caller(dbus_context)
-        return self._job_list(self._manager.submit_all(caller, spec.decode(wire)), caller)
+    def SubmitAll(self, wire: Mapping[str, Any], dbus_context: Any = None) -> List[int]:
+        return [job.id for job in self._manager.submit_all(self._caller(dbus_context), spec.decode(wire))]
 
-    @replies_with_variant
     @on_the_wire
-    def Resubmit(self, job_id: int, with_dependents: bool, dbus_context: Any = None) -> GLib.Variant:
-        caller = self._caller(dbus_context)
-        return self._job_list(self._manager.resubmit(caller, job_id, with_dependents), caller)
+    def Resubmit(self, job_id: int, with_dependents: bool, dbus_context: Any = None) -> List[int]:
+        return [job.id for job in self._manager.resubmit(self._caller(dbus_context), job_id, with_dependents)]
 
     @on_the_wire
     def Drain(self, dbus_context: Any = None) -> None:
@@ -167,6 +165,10 @@ class ManagerService:
         return self._manager.stop(self._caller(dbus_context), job_id)
 
     @on_the_wire
+    def Prune(self, older_than_days: int, dbus_context: Any = None) -> int:
+        return self._manager.prune(self._caller(dbus_context), older_than_days)
+
+    @on_the_wire
     def Get(self, job_id: int, dbus_context: Any = None) -> Dict[str, GLib.Variant]:
         caller = self._caller(dbus_context)
         return self._encode(self._manager.get(job_id), caller)
@@ -178,11 +180,18 @@ class ManagerService:
         include_ended, user, state, limit, after_id = decode_filter(filters)
         jobs = self._manager.list(include_ended=include_ended, user=user, state=state, limit=limit,
                                   after_id=after_id)
-        return self._job_list(jobs, caller)
+        encoded = [self._list_entry(job, caller) for job in jobs]
+        # The newest-N view keeps its newest jobs; a page forward keeps its first ones (the client
+        # goes on after the last id it got).
+        kept = fit_in_reply(encoded, newest=include_ended and after_id is None)
+        return GLib.Variant.new_tuple(GLib.Variant.new_array(_VARDICT_ENTRY, kept))
 
-    def _job_list(self, jobs: Sequence[Job], caller: Caller) -> GLib.Variant:
-        return GLib.Variant.new_tuple(GLib.Variant.new_array(
-            _VARDICT_ENTRY, [_vardict(self._encode(job, caller)) for job in jobs]))
+    def _list_entry(self, job: Job, caller: Caller) -> GLib.Variant:
+        entry = _vardict(self._encode(job, caller))
+        if entry.get_size() <= api.LIST_ENTRY_MAX_BYTES:
+            return entry
+        # A row stored before the size bounds (or under larger ones): shown clipped, never whole.
+        return _vardict(variants(api.clipped_job_wire(self._encode_wire(job, caller))))
 
     @on_the_wire
     # `list`, not `List`: in this class body, List names the method above.
@@ -268,6 +277,20 @@ def variants(wire: Mapping[str, Tuple[str, Any]]) -> Dict[str, GLib.Variant]:
     """{field: (signature, value)} -> {field: GLib.Variant}; records of an aa{sv} field in turn."""
     return {key: GLib.Variant(signature, [variants(item) for item in value] if signature == "aa{sv}"
                               else value) for key, (signature, value) in wire.items()}
+
+
+def fit_in_reply(entries: List[GLib.Variant], *, newest: bool) -> List[GLib.Variant]:
+    """As many entries as fit in api.LIST_REPLY_MAX_BYTES (at least one), so that no List reply can
+    exceed the bus's message limit whatever is stored."""
+    ordered = list(reversed(entries)) if newest else entries
+    kept: List[GLib.Variant] = []
+    size = 0
+    for entry in ordered:
+        size += entry.get_size()
+        if kept and size > api.LIST_REPLY_MAX_BYTES:
+            break
+        kept.append(entry)
+    return list(reversed(kept)) if newest else kept
 
 
 def decode_filter(filters: Mapping[str, Any]) -> tuple:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from gi.repository import Gio, GLib
 
+from gpujobd.shared import text
 from gpujobd.shared.log import guarded
 from gpujobd.shared.model import UNIT_PREFIX, UNIT_SUFFIX, Job
 
@@ -181,6 +182,21 @@ def scope_properties(*, pids: Sequence[int], slice_name: str, description: str,
     return props + list(extra)
 
 
+def job_slice(parent: str, uid: int) -> str:
+    """A user's sub-slice: gpujob.slice -> gpujob-u1001.slice (systemd nests it by its name)."""
+    return f"{parent[: -len('.slice')]}-u{uid}.slice"
+
+
+DESCRIPTION_MAX_CHARS = 200
+
+
+def scope_description(job: Job) -> str:
+    """The scope's Description= (shown by `systemctl status` and `list-units`): the command with
+    every control character escaped, so no job can clear an admin's screen or forge a line."""
+    command = text.escaped(" ".join(job.spec.argv)[:DESCRIPTION_MAX_CHARS])
+    return f"gpujob {job.id} of {text.escaped(job.user)}: {command}"
+
+
 def _usec(seconds: float) -> int:
     return round(seconds * 1_000_000)
 
@@ -201,17 +217,20 @@ def notify_status(status: str) -> None:
 class JobUnits:
     """The manager's view of systemd: one scope per job, named and configured here."""
 
-    def __init__(self, systemd: Systemd, slice_name: str, stop_timeout_s: float):
+    def __init__(self, systemd: Systemd, slice_name: str, stop_timeout_s: float,
+                 per_user_slices: bool = False):
         self._systemd = systemd
         self._slice = slice_name
         self._stop_timeout_s = stop_timeout_s
+        self._per_user = per_user_slices
 
     def start_scope(self, job: Job, pid: int, properties: Sequence[Tuple[str, str, Any]],
                     on_done: JobDone) -> None:
         extra = [(name, GLib.Variant(signature, value)) for name, signature, value in properties]
-        description = f"gpujob {job.id} of {job.user}: {' '.join(job.spec.argv)[:200]}"
+        description = scope_description(job)
         self._systemd.start_scope(job.unit, scope_properties(
-            pids=[pid], slice_name=self._slice, description=description,
+            pids=[pid], slice_name=job_slice(self._slice, job.uid) if self._per_user else self._slice,
+            description=description,
             stop_timeout_s=self._stop_timeout_s, runtime_max_s=job.spec.timeout_s, extra=extra,
         ), on_done)
 
