@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import submitit
-from submitit.core import plugins
 
-from gpujobd.submitit_plugin import environment, ids, job
-from gpujobd.submitit_plugin.executor import GpujobdExecutor, scope_properties
+submitit = pytest.importorskip("submitit", reason="the submitit extra is not installed (package builds)")
+from submitit.core import plugins  # noqa: E402
+
+from gpujobd.submitit_plugin import environment, ids, job  # noqa: E402
+from gpujobd.submitit_plugin.executor import GpujobdExecutor, scope_properties  # noqa: E402
 
 
 def test_submitit_finds_the_plugin_through_its_entry_points() -> None:
