@@ -109,7 +109,9 @@ class Testbed:
             self._old_config = CONFIG.read_bytes()
         CONFIG.parent.mkdir(parents=True, exist_ok=True)
         CONFIG.write_text(
+            # The bench user queues thousands of jobs on purpose: no per-user cap on active jobs.
             f'[daemon]\nstate_dir = "{STATE_DIR}"\nlog_dir = "{LOG_DIR}"\n\n'
+            "[limits]\nmax_active_jobs_per_user = 0\n\n"
             f"[jobs]\nstop_timeout_s = {self.stop_timeout_s}\n{extra}"
         )
         CONFIG.chmod(0o644)
