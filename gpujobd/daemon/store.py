@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import sqlite3
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+from gpujobd.daemon import store_rows as rows_codec
 from gpujobd.daemon.store_schema import MIGRATIONS, SCHEMA_VERSION
 from gpujobd.shared import errors
-from gpujobd.shared.model import EndReason, Job, JobSpec, JobState, Outcome, unit_name
+from gpujobd.shared.model import EndReason, Job, JobSpec, JobState, unit_name
 
 BUSY_TIMEOUT_S = 5.0
 MAX_JOB_ID = 2**63 - 1  # SQLite's largest integer
@@ -263,7 +263,7 @@ class Store:
         return jobs
 
     def _insert(self, conn: sqlite3.Connection, draft: Job) -> Job:
-        job_id = conn.execute(_INSERT_JOB, _job_values(draft)).lastrowid
+        job_id = conn.execute(_INSERT_JOB, rows_codec.job_values(draft)).lastrowid
         assert job_id is not None
         unit = unit_name(job_id)
         conn.execute("UPDATE jobs SET unit = ? WHERE id = ?", (unit, job_id))
@@ -271,7 +271,7 @@ class Store:
 
     def array_tasks(self, array_id: int) -> List[Job]:
         """The tasks of an array by id; [] when there is no such array."""
-        return [self._decode(row) for row in self._query(
+        return [rows_codec.decode_job(row, self.path) for row in self._query(
             f"reading array {array_id}", f"{_SELECT_JOBS} WHERE array_id = ? ORDER BY id", (array_id,))]
 
     def dependents(self, job_id: int) -> List[Job]:
@@ -280,7 +280,7 @@ class Store:
         rows = self._query(f"finding the dependents of job {job_id}",
                            f"{_SELECT_JOBS} WHERE after_ok LIKE ? OR after_any LIKE ? ORDER BY id",
                            (pattern, pattern))
-        jobs = [self._decode(row) for row in rows]
+        jobs = [rows_codec.decode_job(row, self.path) for row in rows]
         return [job for job in jobs if job_id in job.spec.after or job_id in job.spec.after_any]
 
     def setting(self, key: str) -> Optional[str]:
@@ -304,7 +304,7 @@ class Store:
 
     def _save(self, job: Job) -> None:
         with self._transaction(f"saving job {job.id}") as conn:
-            updated = conn.execute(_UPDATE_JOB, (*_job_values(job), job.id)).rowcount
+            updated = conn.execute(_UPDATE_JOB, (*rows_codec.job_values(job), job.id)).rowcount
             if updated != 1:
                 raise errors.NotFound(f"job {job.id} is not in the job database {self.path}")
 
@@ -344,7 +344,7 @@ class Store:
         if not 0 < job_id <= MAX_JOB_ID:  # a D-Bus uint64 may not fit an SQLite integer
             return None
         rows = self._query(f"reading job {job_id}", f"{_SELECT_JOBS} WHERE id = ?", (job_id,))
-        return self._decode(rows[0]) if rows else None
+        return rows_codec.decode_job(rows[0], self.path) if rows else None
 
     def list_jobs(self, *, include_ended: bool, ended_since: Optional[float], user: Optional[str],
                   state: Optional[JobState], limit: int, after_id: Optional[int] = None) -> List[Job]:
@@ -364,13 +364,14 @@ class Store:
             sql, params = _all_view(filters, params, after_id, limit)
         else:
             sql, params = _default_view(filters, params, ended_since, after_id, limit)
-        jobs = [self._decode(row) for row in self._query("listing jobs", sql, params)]
+        jobs = [rows_codec.decode_job(row, self.path) for row in self._query("listing jobs", sql, params)]
         return jobs if include_ended or after_id is not None else jobs[::-1]
 
     def active_jobs(self) -> List[Job]:
         """Every job in queued/starting/running/stopping, by id: what the crash reconcile examines."""
         sql = f"{_SELECT_JOBS} WHERE state IN ({_NON_FINAL_PLACEHOLDERS}) ORDER BY id"
-        return [self._decode(row) for row in self._query("listing active jobs", sql, _NON_FINAL_VALUES)]
+        rows = self._query("listing active jobs", sql, _NON_FINAL_VALUES)
+        return [rows_codec.decode_job(row, self.path) for row in rows]
 
     def count_active_jobs(self, uid: int) -> int:
         """How many jobs of this user are queued, starting, running or stopping."""
@@ -450,109 +451,10 @@ class Store:
             " WHERE job_id = ? ORDER BY run",
             (job_id,),
         )
-        return [self._decode_run(row) for row in rows]
-
-    # -- rows -> model -----------------------------------------------------------------------------
-
-    def _decode(self, row: sqlite3.Row) -> Job:
-        job_id = row["id"]
-        spec = JobSpec(
-            argv=tuple(self._json(row, "argv", list)),
-            cwd=row["cwd"],
-            env=self._json(row, "env", dict),
-            name=row["name"],
-            properties=self._json(row, "properties", dict),
-            timeout_s=row["timeout_s"],
-            background=bool(row["background"]),
-            max_runs=row["max_runs"] if row["background"] else None,
-            restart_delay_s=row["restart_delay_s"],
-            stop_on_failure=bool(row["stop_on_failure"]),
-            bind_to=row["bind_to"],
-            gpus=row["gpus_requested"],
-            priority=row["priority"],
-            after=tuple(self._json(row, "after_ok", list)),
-            after_any=tuple(self._json(row, "after_any", list)),
-            array=row["array_spec"],
-            stagger_s=row["stagger_s"],
-            gpu_check=row["gpu_check"],
-        )
-        return Job(
-            id=job_id, user=row["user"], uid=row["uid"], gid=row["gid"], spec=spec,
-            state=self._enum(JobState, row["state"], f"job {job_id}", "state"),
-            created_at=row["created_at"], unit=row["unit"], pid=row["pid"],
-            started_at=row["started_at"], ended_at=row["ended_at"],
-            outcome=self._decode_outcome(row), stopped_by=row["stopped_by"],
-            runs_done=row["runs_done"], gpus=tuple(self._json(row, "gpus", list)),
-            array_id=row["array_id"], array_index=row["array_index"], resubmit_of=row["resubmit_of"],
-        )
-
-    def _decode_outcome(self, row: sqlite3.Row) -> Optional[Outcome]:
-        if row["reason"] is None:
-            return None
-        return Outcome(
-            reason=self._enum(EndReason, row["reason"], f"job {row['id']}", "end reason"),
-            exit_code=row["exit_code"],
-            signal=row["signal"],
-            detail=row["detail"] or "",
-            leftover_processes=row["leftover_processes"] or 0,
-        )
-
-    def _decode_run(self, row: sqlite3.Row) -> Dict[str, Any]:
-        run = {key: row[key] for key in row.keys()}  # noqa: SIM118 (sqlite3.Row iterates values)
-        if run["reason"] is not None:
-            what = f"run {run['run']} of job {run['job_id']}"
-            run["reason"] = self._enum(EndReason, run["reason"], what, "end reason")
-        return run
-
-    def _enum(self, enum_type: Any, value: Any, what: str, field: str) -> Any:
-        try:
-            return enum_type(value)
-        except ValueError:
-            raise errors.Internal(
-                f"{what} in the job database {self.path} has an unknown {field} {value!r}: the file was"
-                " written by a newer gpujobd or edited by hand; install the newer gpujobd or fix the row"
-            ) from None
-
-    def _json(self, row: sqlite3.Row, column: str, expected: type) -> Any:
-        try:
-            value = json.loads(row[column])
-        except (TypeError, ValueError):
-            value = None
-        if not isinstance(value, expected):
-            raise errors.Internal(
-                f"job {row['id']} in the job database {self.path} has a malformed {column} column"
-                f" ({row[column]!r}); fix or delete the row"
-            )
-        return value
-
+        return [rows_codec.decode_run(row, self.path) for row in rows]
 
 # ---------------------------------------------------------------------------------------------------
-# Helpers: model -> row, list queries
-
-
-def _job_values(job: Job) -> Tuple[Any, ...]:
-    """The _JOB_COLUMNS values of a job, in order."""
-    outcome = job.outcome
-    return (
-        job.user, job.uid, job.gid, job.spec.name, _to_json(list(job.spec.argv)), job.spec.cwd,
-        _to_json(dict(job.spec.env)), _to_json(dict(job.spec.properties)), job.spec.timeout_s,
-        job.state.value, job.unit, job.pid, job.created_at, job.started_at, job.ended_at,
-        outcome.reason.value if outcome else None,
-        outcome.exit_code if outcome else None,
-        outcome.signal if outcome else None,
-        outcome.detail if outcome else None,
-        outcome.leftover_processes if outcome else None,
-        job.stopped_by, int(job.spec.background), job.spec.max_runs or 1, job.spec.restart_delay_s,
-        int(job.spec.stop_on_failure), job.spec.bind_to, job.spec.gpus, job.spec.priority,
-        _to_json(list(job.spec.after)), _to_json(list(job.spec.after_any)), job.spec.array,
-        job.spec.stagger_s, job.array_id, job.array_index, _to_json(list(job.gpus)), job.resubmit_of,
-        job.spec.gpu_check,
-    )
-
-
-def _to_json(value: Any) -> str:
-    # ASCII escapes keep surrogate-escaped bytes (non-UTF-8 arguments) storable and lossless.
-    return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+# Helpers: list queries
 
 
 def _filters(user: Optional[str], state: Optional[JobState]) -> Tuple[List[str], List[Any]]:
