@@ -93,6 +93,10 @@ class DaemonConfig:
     start_timeout_s: float = field(default=10.0, metadata=spec(
         "How long the daemon waits for a job's scope to become active.", above=0,
     ))
+    zygote_timeout_s: float = field(default=5.0, metadata=spec(
+        "How long the daemon waits for the supervisor zygote to fork a job's supervisor before it "
+        "starts a new zygote.", above=0,
+    ))
     reconcile_on_start: bool = field(default=True, metadata=spec(
         "At start, reconcile recorded jobs with the scopes systemd has.",
     ))
