@@ -76,7 +76,18 @@ def run(bed: Testbed, p: Params) -> List[Row]:
         Row(SECTION, "burst.latency", "submit latency inside the burst (all submits of all runs)",
             _latencies("gpujobd Client().submit()", ours, w),
             [_latencies("raw fork + StartTransientUnit call (same loop)", limits, w)]),
+        Row(SECTION, "burst.foreign_cpu", f"gpujobd CPU per foreign scope: {n} scopes not its own "
+            "started and gone beside the idle daemon (the raw loop above)",
+            _per_scope("gpujobd", limits, "gpujobd", n),
+            [_per_scope("systemd (PID 1), same scopes", limits, "systemd", n)],
+            note=f"CPU of the whole loop ({n} scopes) / {n}; 10 ms ticks"),
     ]
+
+
+def _per_scope(label: str, runs: List[Dict[str, Any]], process: str, count: int) -> Dist:
+    """CPU seconds a process spent per scope of the raw loop (foreign to gpujobd)."""
+    return Dist(label, "s", [r["cpu_s"][process] / count for r in runs], 1,
+                {"cpu_s": [r["cpu_s"][process] for r in runs], "scopes": count})
 
 
 def _dist(label: str, unit: str, runs: List[Dict[str, Any]], key: str, warmup_jobs: int) -> Dist:

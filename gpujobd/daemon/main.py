@@ -99,7 +99,7 @@ def run(config: Config) -> int:
     state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     store = Store(state_dir / "gpujobd.sqlite3")
     files = JobFiles(Path(config.daemon.job_log_dir), state_dir / "exits")
-    systemd = Systemd(bus.con, UNIT_PREFIX)
+    systemd = Systemd(bus.con, UNIT_PREFIX, config.daemon.unit_match_rules_max)
     service: List[ManagerService] = []
 
     def reap(pid: int) -> None:

@@ -410,6 +410,7 @@ class Manager:
 
     def _end(self, job: Job, outcome: Outcome, ended_at: float) -> None:
         self._runtime.pop(job.id, None)
+        self._systemd.unwatch_unit(job.unit)
         ended = self._commit(transition(job, final_state_for(outcome), outcome=outcome,
                                         ended_at=ended_at, pid=None))
         self._files.discard_records(job.id)
@@ -421,8 +422,9 @@ class Manager:
     def reconcile(self) -> None:
         """After a start (or a crash): rebuild the view of every active job from the store,
         systemd's list of job units and the supervisors' exit records."""
-        units = self._systemd.list_job_units()
         active = self._store.active_jobs()
+        self._systemd.watch_units([job.unit for job in active])  # before the list: no end is missed
+        units = self._systemd.list_job_units()
         for job in active:
             self._reconcile_job(job, units.get(job.unit))
         known = {job.unit for job in active}
