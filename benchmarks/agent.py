@@ -121,7 +121,9 @@ def _gpujobd_get(client: Any, job_id: int) -> Any:
 def _systemd_get(client: Any) -> Any:
     from gi.repository import Gio, GLib
 
-    connection = client._conn()  # the same connection the gpujobd client uses
+    # The gpujobd client's own connection (it moved into its transport when the client was split).
+    owner = getattr(client, "_transport", client)
+    connection = owner._conn()
     args = GLib.Variant("(ss)", ("org.freedesktop.systemd1.Manager", "Version"))
     reply = GLib.VariantType.new("(v)")
 

@@ -34,7 +34,9 @@ class EndWatcher:
         self.GLib = GLib
         self.ended: Dict[int, float] = {}
         self.states: Dict[int, str] = {}
-        self._con = client._conn()
+        # The gpujobd client's own connection (it moved into its transport when the client was split).
+        owner = getattr(client, "_transport", client)
+        self._con = owner._conn()
         self._sub = self._con.signal_subscribe("org.gpujobd1", "org.gpujobd1.Manager", "JobChanged",
                                                "/org/gpujobd1", None, Gio.DBusSignalFlags.NONE,
                                                self._changed)
