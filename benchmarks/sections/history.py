@@ -4,7 +4,8 @@ For each size the daemon is stopped, its state emptied, the database seeded with
 benchmarks.seed (jobs that ended SEED_INTERVAL_S apart, the newest that long ago: a busy server's
 history), and the daemon started again. The interval puts 100 jobs in the last hour at every size, so
 the default `list` shows the same 100 jobs whatever the history (with 10 s, the first runs compared
-360 jobs shown at 10 000 with 100 at 100, a 3.6x longer output, not a longer history). Each figure at a size stands beside the same figure at the smallest
+360 jobs shown at 10 000 with 100 at 100, a 3.6x longer output, not a longer history).
+Each figure at a size stands beside the same figure at the smallest
 size: a ratio near 1 is flat, near the size ratio is O(n). The daemon's RSS is sampled after every
 query; its start (systemctl start until READY=1, reconcile included) is timed by restarting it.
 """
