@@ -146,10 +146,11 @@ class ManagerService:
     def Stop(self, job_id: int, dbus_context: Any = None) -> str:
         return self._manager.stop(self._caller(dbus_context), job_id)
 
+    @replies_with_variant
     @on_the_wire
-    def Get(self, job_id: int, dbus_context: Any = None) -> Dict[str, GLib.Variant]:
-        caller = self._caller(dbus_context)
-        return self._encode(self._manager.get(job_id), caller)
+    def Get(self, job_id: int, dbus_context: Any = None) -> GLib.Variant:
+        caller = self._caller(dbus_context)  # the reply built here, as List's: the most frequent call
+        return GLib.Variant.new_tuple(_vardict(self._encode(self._manager.get(job_id), caller)))
 
     @replies_with_variant
     @on_the_wire
