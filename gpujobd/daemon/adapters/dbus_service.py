@@ -132,11 +132,12 @@ class ManagerService:
     def Version(self) -> str:
         return __version__
 
+    @replies_with_variant
     @on_the_wire
-    def Submit(self, wire: Mapping[str, Any], dbus_context: Any = None) -> Dict[str, GLib.Variant]:
+    def Submit(self, wire: Mapping[str, Any], dbus_context: Any = None) -> GLib.Variant:
         caller = self._caller(dbus_context)
         job = self._manager.submit(caller, spec.decode(wire))
-        return self._encode(job, caller)
+        return GLib.Variant.new_tuple(_vardict(self._encode(job, caller)))
 
     @on_the_wire
     def Validate(self, wire: Mapping[str, Any], dbus_context: Any = None) -> None:
