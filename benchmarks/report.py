@@ -90,8 +90,44 @@ def _dist_values(key: str, dist: Dict[str, Any]) -> Dict[str, str]:
     return found
 
 
-def render(result: Dict[str, Any], template: Path = TEMPLATE) -> str:
-    return string.Template(template.read_text()).substitute(values(result))
+def earlier_run(results: Path, result: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The newest full run before `result` (what "before" means on this page), if there is one."""
+    older = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))
+             if not p.name.endswith("-quick.json")]
+    older = [r for r in older if r.get("mode") == "full" and r["started_at"] < result["started_at"]]
+    return max(older, key=lambda r: r["started_at"]) if older else None
+
+
+def before_after_table(before: Optional[Dict[str, Any]], after: Dict[str, Any]) -> str:
+    """Each figure's p50 and its ratio to its first peer, in the earlier run and in this one."""
+    if before is None:
+        return "There is no earlier full run in benchmarks/results to compare with."
+    earlier = {row["key"]: row for row in before["rows"] if "ours" in row}
+    out = [f"Before: the run of {before['started_at']} (gpujobd at "
+           f"{before['machine'].get('gpujobd_commit') or 'an unknown commit'}); after: this run. A figure "
+           "whose definition changed between the two says so in its own row above.", "",
+           "| figure | before p50 | before ratio | after p50 | after ratio |", "|---|--:|--:|--:|--:|"]
+    for row in after["rows"]:
+        if "ours" not in row:
+            continue
+        old = earlier.get(row["key"])
+        cells = [row["figure"].replace("|", "\\|"),
+                 number(old["ours"]["p50"], old["ours"]["unit"]) if old else "new",
+                 _first_ratio(old) if old else "-",
+                 number(row["ours"]["p50"], row["ours"]["unit"]), _first_ratio(row)]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def _first_ratio(row: Dict[str, Any]) -> str:
+    ratios = row.get("ratios") or [None]
+    return ratio(ratios[0], row.get("ratio_of", "p50"))
+
+
+def render(result: Dict[str, Any], template: Path = TEMPLATE, results: Path = RESULTS) -> str:
+    found = values(result)
+    found["before_after"] = before_after_table(earlier_run(results, result), result)
+    return string.Template(template.read_text()).substitute(found)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -101,7 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=PAGE)
     args = parser.parse_args(argv)
     source = args.result or latest(args.results)
-    page = render(json.loads(source.read_text()))
+    page = render(json.loads(source.read_text()), results=args.results)
     args.out.write_text(page)
     print(f"{args.out} rendered from {source}", file=sys.stderr)
     return 0

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -802,6 +803,83 @@ def _write_exit_record(spec: Spec, record: dict) -> int:
     return EXIT_RECORDED
 
 
+# ---------------------------------------------------------------------------------------------------
+# The zygote: one pre-started, single-threaded supervisor that forks a gated supervisor per job (as
+# multiprocessing's forkserver does), so that a job's start costs a fork, not an interpreter start.
+# Its fd 0 is a SOCK_SEQPACKET socket to the daemon. Each request is one message carrying exactly two
+# fds (SCM_RIGHTS): the gate's read end and the job's log, both opened by the daemon. It forks; the
+# child becomes an ordinary gated supervisor (`supervise`, fd 0 the gate, fds 1 and 2 the log, nothing
+# else open) and the zygote answers with the child's PID, the PID the daemon puts into the job's scope.
+# The zygote never holds a gate's write end, so a dead daemon still closes every gate; it exits when the
+# daemon's end closes. Its SIGCHLD is ignored, so the kernel reaps its children: no zombie, and nothing
+# of the zygote stays in (or keeps alive) a job's scope.
+
+ZYGOTE_ARG = "--zygote"
+ZYGOTE_REQUEST = b"fork"
+ZYGOTE_FDS = 2  # the gate's read end, the job's log
+ZYGOTE_FAILED = b"0"  # the answer when no child could be forked
+
+
+def zygote(sock_fd: int, cgroup_root: str) -> int:
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    sock = socket.socket(fileno=sock_fd)
+    while True:
+        message, fds = _receive_request(sock)
+        if message is None:
+            return EXIT_RECORDED  # the daemon closed its end
+        pid = _fork_supervisor(fds, cgroup_root) if len(fds) == ZYGOTE_FDS else None
+        for fd in fds:
+            os.close(fd)
+        sock.send(ZYGOTE_FAILED if pid is None else str(pid).encode("ascii"))
+
+
+def _receive_request(sock: socket.socket) -> tuple:
+    """(message, fds) of the next request; (None, []) when the daemon's end is closed."""
+    fd_size = ZYGOTE_FDS * 4
+    message, ancillary, _flags, _addr = sock.recvmsg(64, socket.CMSG_SPACE(fd_size + 4))
+    fds = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds += [int.from_bytes(data[i:i + 4], sys.byteorder) for i in range(0, usable, 4)]
+    if not message:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    if message != ZYGOTE_REQUEST:
+        log(f"zygote: unknown request {message[:20]!r}")
+        for fd in fds:
+            os.close(fd)
+        return message, []
+    return message, fds
+
+
+def _fork_supervisor(fds: list, cgroup_root: str) -> int | None:
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        log(f"zygote: fork: {exc.strerror}")
+        return None
+    if pid == 0:
+        _forked_supervisor(fds[0], fds[1], cgroup_root)
+    return pid
+
+
+def _forked_supervisor(gate_fd: int, log_fd: int, cgroup_root: str) -> None:
+    """In the zygote's child: become a gated supervisor exactly as a freshly started one. Never returns."""
+    code = EXIT_NO_SPEC
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.setsid()
+        os.dup2(gate_fd, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        _close_fds_except(2)  # the zygote's socket and the received fds: fds 0-2 only stay open
+        code = supervise(0, cgroup_root)
+    finally:
+        os._exit(code)
+
+
 def supervisor_argv(python: str) -> list:
     """How the daemon starts the supervisor: -I so no PYTHON* variable or cwd can change what runs as root."""
     return [python, "-I", "-m", SUPERVISOR_MODULE]
@@ -810,12 +888,15 @@ def supervisor_argv(python: str) -> list:
 def main(argv: list | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     cgroup_root = CGROUP_ROOT
+    as_zygote = bool(args) and args[0] == ZYGOTE_ARG
+    if as_zygote:
+        args = args[1:]
     if len(args) == 2 and args[0] == "--cgroup-root":
         cgroup_root = args[1]
     elif args:
-        log("usage: python3 -m gpujobd.supervisor [--cgroup-root DIR]")
+        log(f"usage: python3 -m gpujobd.supervisor [{ZYGOTE_ARG}] [--cgroup-root DIR]")
         return EXIT_USAGE
-    return supervise(0, cgroup_root)
+    return zygote(0, cgroup_root) if as_zygote else supervise(0, cgroup_root)
 
 
 if __name__ == "__main__":

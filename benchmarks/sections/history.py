@@ -1,8 +1,11 @@
 """4. History scale: the CLI's cost at each of params.history_sizes ended jobs in the daemon's state.
 
 For each size the daemon is stopped, its state emptied, the database seeded with
-benchmarks.seed (jobs that ended 10 s apart, the newest 10 s ago: a busy server's history),
-and the daemon started again. Each figure at a size stands beside the same figure at the smallest
+benchmarks.seed (jobs that ended SEED_INTERVAL_S apart, the newest that long ago: a busy server's
+history), and the daemon started again. The interval puts 100 jobs in the last hour at every size, so
+the default `list` shows the same 100 jobs whatever the history (with 10 s, the first runs compared
+360 jobs shown at 10 000 with 100 at 100, a 3.6x longer output, not a longer history).
+Each figure at a size stands beside the same figure at the smallest
 size: a ratio near 1 is flat, near the size ratio is O(n). The daemon's RSS is sampled after every
 query; its start (systemctl start until READY=1, reconcile included) is timed by restarting it.
 """
@@ -20,8 +23,10 @@ from benchmarks.timing import Ran, run_timed
 
 SECTION = "history"
 MIB = float(1 << 20)
+SEED_INTERVAL_S = 36.0  # 3600 s / 100: the last hour holds the smallest size's 100 jobs at every size
 FIGURES = (  # key, figure
-    ("list", "`gpujobctl list` (default view: active jobs and those ended in the last hour)"),
+    ("list", "`gpujobctl list` (default view: active jobs and those ended in the last hour, 100 at "
+             "every size)"),
     ("list_all", "`gpujobctl list --all --json | head`"),
     ("status", "`gpujobctl status ID` (a job in the middle of the history)"),
     ("submit", "`gpujobctl submit -- true`"),
@@ -62,7 +67,8 @@ def _seed(bed: Testbed, n: int) -> None:
 
     bed.reset_state()
     STATE_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-    seed_ended_jobs(DB_FILE, n, bed.user.name, bed.user.uid, bed.user.gid, time.time())
+    seed_ended_jobs(DB_FILE, n, bed.user.name, bed.user.uid, bed.user.gid, time.time(),
+                    interval_s=SEED_INTERVAL_S)
 
 
 class _Scale:

@@ -54,8 +54,9 @@ def run(bed: Testbed, p: Params) -> List[Row]:
              _printed_time("tsp -nf date (task-spooler, user)", ["tsp", "-n", "-f", "date", "+%s.%N"],
                            p, bed)]),
         Row(SECTION, "submit.client_to_running", "`Client().submit()` until the command runs (warm)",
-            client_run, [active, _floor(bed, p, "floor: the in-scope supervisor's interpreter start "
-                                        "(python3 -I, gpujobd.supervisor imported)", ["gpujobd.supervisor"])],
+            client_run, [active, _floor(bed, p, "a supervisor's interpreter start (python3 -I, "
+                                        "gpujobd.supervisor imported), off the path since the zygote forks "
+                                        "supervisors", ["gpujobd.supervisor"])],
             note="the limit: raw StartTransientUnit until the scope is active"),
     ]
 

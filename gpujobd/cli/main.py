@@ -1,8 +1,8 @@
 """gpujobctl: submit, inspect, follow and stop gpujobd jobs from a shell.
 
-The entry point: the parser assembled from one module per verb (submit, stop, status, listing, logs,
-wait, gpus: each adds its parser and has one handler), and errors turned into exit codes. What is
-shown is formatted by gpujobd.cli.render.
+The entry point: the parser assembled from one module per verb (submit, stop, status, listing,
+logs, wait, gpus, queue, prune, completion: each adds its parser and has handlers), and errors turned
+into exit codes. What is shown is formatted by gpujobd.cli.render.
 
 Exit codes: one per error kind, from gpujobd.shared.errors (EXIT_CODES); `submit --wait` and `wait`
 exit with the job's own code once it ended (a signal N gives 128+N, a failure without an exit code
@@ -13,20 +13,23 @@ client is imported only when a verb runs, so `-h` and usage errors answer fast.
 from __future__ import annotations
 
 import argparse
-import difflib
+import importlib
 import os
 import re
 import sys
-from typing import Any, Callable, Dict, NoReturn, Sequence
+from types import ModuleType
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 from gpujobd import __version__
-from gpujobd.cli import completion, gpus, listing, logs, prune, queue, status, stop, submit, wait
 from gpujobd.cli.common import EXIT_INTERRUPTED, PROG, print_error
 from gpujobd.shared import errors
 
 DEBUG_ENV = "GPUJOBCTL_DEBUG"  # set to show a traceback for an unexpected error
-# Each has add_parser(verbs).
-VERBS = (submit, stop, status, listing, logs, wait, gpus, queue, prune, completion)
+# Each verb's module (it has add_parser(verbs)), imported only when that verb runs: `gpujobctl submit`
+# never imports the GPU table, the list renderer or what status shows. Help and usage errors import all.
+VERB_MODULES = {"submit": "submit", "stop": "stop", "status": "status", "list": "listing", "logs": "logs",
+                "wait": "wait", "gpus": "gpus", "resubmit": "queue", "drain": "queue", "undrain": "queue",
+                "prune": "prune", "completion": "completion"}
 
 ClientFactory = Callable[[], Any]
 
@@ -38,7 +41,8 @@ def main(argv: Sequence[str] | None = None, client_factory: ClientFactory | None
     one that returns a fake.
     """
     try:
-        args = build_parser().parse_args(argv)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args = build_parser(verb_of(argv)).parse_args(argv)
         if getattr(args, "check", None) is not None:
             args.check(args)
     except SystemExit as done:  # -h, --version, or a usage error already printed
@@ -73,14 +77,23 @@ def default_client_factory() -> Any:
 
 
 def _client_settings() -> Dict[str, float]:
+    """The [client] table of gpujobd's configuration, checked as the daemon checks the whole file. A
+    file without client settings (the shipped one has none set) costs only its TOML read: the
+    definitions of every section are imported only to check settings that are there."""
     try:
-        from gpujobd.shared.config_toml import load_config
+        from gpujobd.shared.config_file import read_config_files, resolve_config_path
     except ModuleNotFoundError as error:
-        if error.name != "gpujobd.shared.config_toml":
+        if error.name != "gpujobd.shared.config_file":
             raise
         return {}
     try:
-        settings = load_config().client
+        path, explicit = resolve_config_path(None)
+        data, source = read_config_files(path, explicit)
+        if not data or not data.get("client"):
+            return {}
+        from gpujobd.shared.config_toml import config_from_mapping
+
+        settings = config_from_mapping(data, source=source).client
     except (errors.ConfigError, OSError) as error:
         print_error(f"warning: cannot read gpujobd's configuration ({error}); using the default client "
                     "settings")
@@ -121,13 +134,26 @@ def _unknown_verb(message: str) -> str:
     found = _INVALID_VERB.search(message)
     if found is None:
         return ""
+    import difflib  # only on this error path
+
     typed, verbs = found.group(1), [verb.strip(" '") for verb in found.group(2).split(",")]
     guess = _OTHER_TOOLS_VERBS.get(typed) or next(iter(difflib.get_close_matches(typed, verbs, n=1)), None)
     hint = f": did you mean `{guess}`?" if guess else ""
     return f"unknown verb {typed!r}{hint} (verbs: {', '.join(verbs)})"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def verb_of(argv: Sequence[str]) -> Optional[str]:
+    """The verb argv names, if it starts with one; None for -h, --version and anything else."""
+    return argv[0] if argv and argv[0] in VERB_MODULES else None
+
+
+def verb_modules(verb: Optional[str] = None) -> List[ModuleType]:
+    names = [VERB_MODULES[verb]] if verb is not None else list(dict.fromkeys(VERB_MODULES.values()))
+    return [importlib.import_module(f"gpujobd.cli.{name}") for name in names]
+
+
+def build_parser(verb: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser of every verb, or of `verb` only (what parsing that verb's command line needs)."""
     parser = _Parser(
         prog=PROG,
         description="Run and inspect jobs on this GPU server. Every job runs in its own systemd scope, "
@@ -137,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=_Parser)
-    for verb in VERBS:
-        verb.add_parser(verbs)
+    for module in verb_modules(verb):
+        module.add_parser(verbs)
     return parser
 
 

@@ -88,7 +88,7 @@ def run(config: Config) -> int:
     from gpujobd.daemon.gpu.watcher import Watcher
     from gpujobd.daemon.gpu.worker import Worker
     from gpujobd.daemon.manager import Manager
-    from gpujobd.daemon.spawner import RECORD_SUFFIX, RUNS_SUFFIX, Gate, JobFiles, spawn_supervisor
+    from gpujobd.daemon.spawner import RECORD_SUFFIX, RUNS_SUFFIX, JobFiles, Zygote
     from gpujobd.daemon.store import Store
     from gpujobd.shared import api
     from gpujobd.shared.log import get_logger
@@ -101,13 +101,16 @@ def run(config: Config) -> int:
     state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     store = Store(state_dir / "gpujobd.sqlite3")
     files = JobFiles(Path(config.daemon.job_log_dir), state_dir / "exits")
-    systemd = Systemd(bus.con, UNIT_PREFIX)
+    systemd = Systemd(bus.con, UNIT_PREFIX, config.daemon.unit_match_rules_max)
     service: List[ManagerService] = []
 
-    def spawn(spec: Dict[str, Any], log_fd: int) -> Gate:
-        gate = spawn_supervisor(spec, log_fd)
-        GLib.child_watch_add(GLib.PRIORITY_DEFAULT, gate.pid, lambda pid, status: None)  # reap
-        return gate
+    def reap(pid: int) -> None:
+        GLib.child_watch_add(GLib.PRIORITY_DEFAULT, pid, lambda pid, status: None)
+
+    # One pre-started supervisor forks each job's (docs/design.md, "Starting a job"); the supervisors
+    # it forks are its children, reaped by the kernel (it ignores SIGCHLD), not ours.
+    zygote = Zygote(config.daemon.zygote_timeout_s, on_started=reap)
+    zygote.start()
 
     def changed(job: Job) -> None:
         if service:
@@ -120,7 +123,7 @@ def run(config: Config) -> int:
     watcher = Watcher(config, live_jobs=lambda: manager.live_job_ids(), scheduler=scheduler,
                       worker=Worker(post=glib_post), nvml=Nvml(), procs=ProcFs(),
                       stop_unit=job_units.stop_unit, daemon_pid=os.getpid(), uid_min=system_uid_min())
-    manager = Manager(config, store, job_units, files, spawn, scheduler, changed, users=users,
+    manager = Manager(config, store, job_units, files, zygote.spawn, scheduler, changed, users=users,
                       gpus=watcher)
     watcher.on_report = manager.gpus_changed
     systemd.subscribe(manager.on_unit_changed, manager.on_unit_removed)
@@ -153,6 +156,7 @@ def run(config: Config) -> int:
     finally:
         monitor.cancel()
         unpublish()
+        zygote.close()
         store.close()
     if lost_bus:
         return EXIT_BUS_LOST  # systemd restarts it (Restart=always), and it connects again

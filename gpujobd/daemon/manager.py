@@ -395,6 +395,7 @@ class Manager(Queueing):
 
     def _end(self, job: Job, outcome: Outcome, ended_at: float) -> None:
         self._runtime.pop(job.id, None)
+        self._systemd.unwatch_unit(job.unit)
         ended = self._commit(transition(job, final_state_for(outcome), outcome=outcome,
                                         ended_at=ended_at, pid=None))
         self._files.discard_records(job.id)
@@ -408,9 +409,11 @@ class Manager(Queueing):
     def reconcile(self) -> None:
         """After a start (or a crash): rebuild the view of every active job from the store,
         systemd's list of job units and the supervisors' exit records."""
-        units = self._systemd.list_job_units()
         active = self._store.active_jobs()
         self.queue.load(active)
+        # Before the list, so that no end is missed; a queued job has no unit yet.
+        self._systemd.watch_units([job.unit for job in active if job.state is not JobState.QUEUED])
+        units = self._systemd.list_job_units()
         for job in active:
             self._reconcile_job(job, units.get(job.unit))
         known = {job.unit for job in active}

@@ -24,6 +24,10 @@ class SystemdPort(Protocol):
 
     def stop_unit(self, unit: str) -> None: ...
 
+    def watch_units(self, units: Sequence[str]) -> None: ...  # their changes reach on_unit_changed
+
+    def unwatch_unit(self, unit: str) -> None: ...
+
     def list_job_units(self) -> Mapping[str, str]: ...  # unit name -> ActiveState
 
     def scope_result(self, unit: str) -> Optional[str]: ...

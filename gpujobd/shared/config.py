@@ -98,6 +98,14 @@ class DaemonConfig:
     start_timeout_s: float = field(default=10.0, metadata=spec(
         "How long the daemon waits for a job's scope to become active.", above=0,
     ))
+    unit_match_rules_max: int = field(default=400, metadata=spec(
+        "Bus match rules the daemon adds for its own units' signals; past it, one rule for all units.",
+        minimum=1,
+    ))
+    zygote_timeout_s: float = field(default=5.0, metadata=spec(
+        "How long the daemon waits for the supervisor zygote to fork a job's supervisor before it "
+        "starts a new zygote.", above=0,
+    ))
     reconcile_on_start: bool = field(default=True, metadata=spec(
         "At start, reconcile recorded jobs with the scopes systemd has.",
     ))

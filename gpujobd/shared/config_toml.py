@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Tuple
 
 from gpujobd.shared.config import BY_SECTION, SECTIONS, SETTINGS, Config, Setting
+
+# Finding and reading the file live in config_file, which the CLI imports without the rest.
+from gpujobd.shared.config_file import CONFIG_ENV, DEFAULT_CONFIG_PATH, read_config_files, resolve_config_path
 from gpujobd.shared.errors import ConfigError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python < 3.11 only
-    import tomli as tomllib
-
-DEFAULT_CONFIG_PATH = Path("/etc/gpujobd/gpujobd.toml")
-CONFIG_ENV = "GPUJOBD_CONFIG"
+__all__ = ["CONFIG_ENV", "DEFAULT_CONFIG_PATH", "config_from_mapping", "load_config", "resolve_config_path"]
 
 
 def _show(value: Any) -> str:
@@ -215,82 +210,16 @@ def config_from_mapping(data: Mapping[str, Any], source: str = "<configuration>"
 # --- finding and reading the file --------------------------------------------------------------------
 
 
-def resolve_config_path(cli_value: str | None) -> Tuple[Path, bool]:
-    """(path, explicit): the --config flag beats $GPUJOBD_CONFIG beats DEFAULT_CONFIG_PATH.
-
-    An explicit path must exist; the default path may be missing (then the defaults apply).
-    """
-    if cli_value is not None:
-        if not cli_value:
-            raise ConfigError("--config: the path is empty")
-        return Path(cli_value), True
-    from_env = os.environ.get(CONFIG_ENV, "")
-    if from_env:
-        return Path(from_env), True
-    return DEFAULT_CONFIG_PATH, False
-
-
-def _read_toml(path: Path, explicit: bool) -> Dict[str, Any] | None:
-    """The parsed file, or None for a missing file that nobody named."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        if explicit:
-            raise ConfigError(f"{path}: configuration file not found") from None
-        return None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror or exc}") from None
-    try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-
-
 def load_config(path: str | Path | None = None) -> Config:
     """Read the configuration: from `path` if given (it must exist), else as resolve_config_path says."""
     if path is None:
         resolved, explicit = resolve_config_path(None)
     else:
         resolved, explicit = Path(path), True
-    data = _read_toml(resolved, explicit)
-    drop_ins = drop_in_files(resolved)
-    if data is None and not drop_ins:
+    data, source = read_config_files(resolved, explicit)
+    if data is None:
         return Config()
-    merged: Dict[str, Any] = {}
-    sources = [str(resolved)] if data is not None else []
-    _merge(merged, data or {})
-    for path in drop_ins:
-        _merge(merged, _read_toml(path, True) or {})
-        sources.append(str(path))
-    return config_from_mapping(merged, source=" + ".join(sources))
-
-
-DROP_IN_SUFFIX = ".d"
-
-
-def drop_in_files(path: Path) -> List[Path]:
-    """`<path>.d/*.toml`, in lexical order (as systemd orders drop-ins): each one is merged over the
-    main file and the ones before it, key by key, so an admin adds a [gpu] block without editing the
-    shipped file."""
-    directory = path.with_name(path.name + DROP_IN_SUFFIX)
-    try:
-        names = sorted(entry.name for entry in os.scandir(directory)
-                       if entry.name.endswith(".toml") and not entry.name.startswith("."))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    except OSError as exc:
-        raise ConfigError(f"{directory}: cannot list the drop-in directory: {exc.strerror or exc}") from None
-    return [directory / name for name in names]
-
-
-def _merge(into: Dict[str, Any], data: Mapping[str, Any]) -> None:
-    for key, value in data.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            into[key] = {**into[key], **value}
-        else:
-            into[key] = dict(value) if isinstance(value, dict) else value
+    return config_from_mapping(data, source=source)
 
 
 # --- writing TOML ------------------------------------------------------------------------------------

@@ -71,3 +71,16 @@ def test_a_follow_that_does_not_slow_other_clients_is_not_called_slow(result: Di
     get = row(result, "logs.get_during_follow")
     get["ours"]["max"] = get["peers"][0]["max"] * 1.1
     assert prose.derived(result)["logs__get_verdict"].startswith("another client's calls were barely slowed")
+
+
+def test_before_and_after_stand_side_by_side_from_the_earlier_run(result: Dict[str, Any],
+                                                                  tmp_path: Path) -> None:
+    later = copy.deepcopy(result)
+    later["started_at"] = "2099-01-01T00:00:00+00:00"
+    row(later, "gpu.tick")["ours"]["p50"] = 0.004
+    (tmp_path / "earlier.json").write_text(json.dumps(result))
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    page = report.render(later, results=tmp_path)
+    line = line_about(page, "| GPU watcher: one watch tick")
+    assert "50.7 ms" in line and "4.00 ms" in line  # before, then after
+    assert "no earlier full run" in report.render(result, results=tmp_path)

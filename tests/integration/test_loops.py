@@ -112,9 +112,12 @@ def test_kill_9_during_runs_twenty_times_loses_no_exit_code(ctl):
                           opts=["--background", "--max-runs", "3", "--restart-delay", "0.1"])
         expected[loop] = (3, 3)
         time.sleep(rng.uniform(0.0, 0.9))
+        # No start limit across 20 crashes: reset before the kill, not after it. After it, systemd may
+        # still be stopping the rest of the service's cgroup (the supervisor zygote), and a
+        # reset-failed then clears the failure result that makes Restart=on-failure restart it.
+        sh("systemctl", "reset-failed", "gpujobd", check=False)
         old = daemon_pid()
         os.kill(old, signal.SIGKILL)
-        sh("systemctl", "reset-failed", "gpujobd", check=False)  # no start-limit across 20 crashes
         wait_for(lambda old=old: sh("systemctl", "is-active", "gpujobd", check=False).stdout.strip()
                  == "active" and daemon_pid() not in (0, old), "systemd to restart gpujobd")
         for job_id, (code, runs) in expected.items():

@@ -416,7 +416,7 @@ def test_the_service_decodes_a_submit_spec_with_the_declaration() -> None:
     reply = service.Submit({"argv": ["true"], "cwd": "/", "max_runs": 3, "background": True,
                             "gpu_check": "wait"}, dbus_context=Context())
     assert manager.specs == [JobSpec(argv=("true",), cwd="/", max_runs=3, background=True, gpu_check="wait")]
-    assert reply["max_runs"].unpack() == 3
+    assert reply.unpack()[0]["max_runs"] == 3  # the whole (a{sv}) reply, built by the service
     with pytest.raises(Exception) as refused:
         service.Submit({"argv": ["true"], "cwd": "/", "max_runs": "3"}, dbus_context=Context())
     assert type(refused.value).__name__ == "org.gpujobd1.Error.InvalidArgument"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gpujobd.shared import config, config_toml, log
+from gpujobd.shared import config, config_file, config_toml, log
 from gpujobd.shared.config import SETTINGS, Config
 from gpujobd.shared.config_toml import CONFIG_ENV, DEFAULT_CONFIG_PATH, load_config, resolve_config_path
 from gpujobd.shared.errors import ConfigError
@@ -248,7 +248,7 @@ def test_config_error_is_a_usage_error():
 
 
 def test_missing_default_file_means_defaults(monkeypatch, tmp_path):
-    monkeypatch.setattr(config_toml, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    monkeypatch.setattr(config_file, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
     assert resolve_config_path(None) == (tmp_path / "absent.toml", False)
     assert load_config() == Config()
 

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import pwd
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import pytest
 
@@ -134,6 +134,7 @@ class FakeSystemd:
         self.pending: Dict[str, Callable[[str], None]] = {}  # unit -> on_done of its start job
         self.scopes: Dict[str, Tuple[int, List[Any]]] = {}  # unit -> (PID, extra properties)
         self.stop_requests: List[str] = []
+        self.watched: Set[str] = set()  # units whose changes the manager asked for (reconcile)
         self.fail_start: Optional[Exception] = None
         self.manager: Optional[Manager] = None  # where unit signals go
 
@@ -144,6 +145,7 @@ class FakeSystemd:
         if self.fail_start is not None:
             raise self.fail_start
         self.units[job.unit] = "inactive"  # loaded, its start job queued
+        self.watched.add(job.unit)  # as the real adapter: a scope's changes are asked for as it starts
         self.pending[job.unit] = on_done
         self.scopes[job.unit] = (pid, list(properties))
 
@@ -151,6 +153,12 @@ class FakeSystemd:
         self.stop_requests.append(unit)  # like the real adapter, a unit that is not there is no error
         if self.units.get(unit) in ("active", "activating"):
             self.units[unit] = "deactivating"
+
+    def watch_units(self, units: Sequence[str]) -> None:
+        self.watched.update(units)
+
+    def unwatch_unit(self, unit: str) -> None:
+        self.watched.discard(unit)
 
     def list_job_units(self) -> Dict[str, str]:
         return dict(self.units)
@@ -335,6 +343,7 @@ class Rig:
         """The daemon died and starts again: same store, systemd and files; no gates, timers or
         pending start-job callbacks survive (they belonged to the dead process)."""
         self.systemd.pending.clear()
+        self.systemd.watched.clear()  # its match rules died with its bus connection
         self.scheduler.timers.clear()
         self.spawner.gates.clear()
         self.manager = self._new_manager()
@@ -1094,6 +1103,15 @@ def test_a_reattached_job_can_be_stopped(rig: Rig) -> None:
     assert rig.systemd.was_stopped(job.unit)
     rig.systemd.scope_ends(job.unit)
     assert_final(rig.job(job.id), JobState.STOPPED, EndReason.STOPPED)
+
+
+def test_reconcile_watches_the_units_of_active_jobs_and_their_end_unwatches_them(rig: Rig) -> None:
+    running, ended = rig.start(), rig.start()
+    rig.systemd.units.pop(ended.unit)  # ended and collected while the daemon was down
+    rig.restart().reconcile()
+    assert rig.systemd.watched == {running.unit}
+    rig.systemd.scope_ends(running.unit)
+    assert rig.job(running.id).state.is_final and rig.systemd.watched == set()
 
 
 def test_an_active_unit_whose_record_exists_is_stopped_at_reconcile(rig: Rig) -> None:

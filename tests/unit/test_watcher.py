@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 import pytest
 
@@ -464,6 +464,7 @@ class FakeNvml:
 class FakeProcs:
     def __init__(self) -> None:
         self.table: Dict[int, ProcInfo] = {}
+        self.inspected: List[int] = []  # every full look, in order
 
     def add(self, info: ProcInfo) -> ProcInfo:
         self.table[info.pid] = info
@@ -473,7 +474,12 @@ class FakeProcs:
         return 4194304
 
     def inspect(self, pid: int) -> Optional[ProcInfo]:
+        self.inspected.append(pid)
         return self.table.get(pid)
+
+    def same_processes(self, known: Mapping[int, int]) -> Set[int]:
+        return {pid for pid, start in known.items()
+                if pid in self.table and self.table[pid].start_ticks == start}
 
     def identity(self, pid: int) -> Optional[Identity]:
         info = self.table.get(pid)
@@ -1183,3 +1189,38 @@ def test_the_client_sends_gpu_check_and_reads_the_report(monkeypatch: pytest.Mon
     assert calls == [("Gpus", None, ())]
     assert report["state"] == "ok" and report["devices"] == [] and report["updated_at"] is None
     assert client.Client().gpus(raw=True) == {"state": "ok", "available": True}
+
+
+# ---------------------------------------------------------------------------------------------------
+# A tick reads only what changed (issue 13).
+
+
+def test_a_tick_where_nothing_changed_reads_no_process_in_full_and_reuses_every_view(rigw: Rigw) -> None:
+    populate(rigw)
+    watcher = rigw.start()
+    first = [p for d in watcher._devices for p in d["processes"]]
+    looked = list(rigw.procs.inspected)
+    assert sorted(looked) == [100, 200, 300]  # each once, though 300 is on two GPUs
+    rigw.loop.run(5.0)  # the next tick
+    assert rigw.watcher.ticks >= 0 and rigw.procs.inspected == looked, "only start times were read"
+    again = [p for d in watcher._devices for p in d["processes"]]
+    assert len(again) == len(first) and all(a is b for a, b in zip(again, first))
+
+
+def test_a_reused_pid_is_read_again_and_judged_anew(rigw: Rigw) -> None:
+    populate(rigw)
+    watcher = rigw.start()
+    rigw.procs.add(proc(300, cgroup="/gpujob.slice/gpujob-7.scope", start=9999))  # a new process
+    rigw.loop.run(5.0)
+    assert rigw.procs.inspected.count(300) == 2
+    owners = {p["pid"]: p["owner"] for d in watcher._devices for p in d["processes"]}
+    assert owners[300] == "job"
+
+
+def test_a_job_that_ended_makes_its_process_a_stray_at_the_next_tick(rigw: Rigw) -> None:
+    populate(rigw)
+    watcher = rigw.start()
+    rigw.live.clear()  # job 7 ended; its process on GPU 0 did not
+    rigw.loop.run(5.0)
+    view = next(p for p in watcher._devices[0]["processes"] if p["pid"] == 100)
+    assert view["owner"] == "stray" and rigw.procs.inspected.count(100) == 1

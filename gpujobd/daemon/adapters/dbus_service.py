@@ -132,11 +132,12 @@ class ManagerService:
     def Version(self) -> str:
         return __version__
 
+    @replies_with_variant
     @on_the_wire
-    def Submit(self, wire: Mapping[str, Any], dbus_context: Any = None) -> Dict[str, GLib.Variant]:
+    def Submit(self, wire: Mapping[str, Any], dbus_context: Any = None) -> GLib.Variant:
         caller = self._caller(dbus_context)
         job = self._manager.submit(caller, spec.decode(wire))
-        return self._encode(job, caller)
+        return GLib.Variant.new_tuple(_vardict(self._encode(job, caller)))
 
     # SubmitAll and Resubmit reply with the new ids only: an array may have thousands of tasks, and
     # no reply may outgrow the bus's message limit (the client reads the jobs with Get).
@@ -168,10 +169,11 @@ class ManagerService:
     def Prune(self, older_than_days: int, dbus_context: Any = None) -> int:
         return self._manager.prune(self._caller(dbus_context), older_than_days)
 
+    @replies_with_variant
     @on_the_wire
-    def Get(self, job_id: int, dbus_context: Any = None) -> Dict[str, GLib.Variant]:
-        caller = self._caller(dbus_context)
-        return self._encode(self._manager.get(job_id), caller)
+    def Get(self, job_id: int, dbus_context: Any = None) -> GLib.Variant:
+        caller = self._caller(dbus_context)  # the reply built here, as List's: the most frequent call
+        return GLib.Variant.new_tuple(_vardict(self._encode(self._manager.get(job_id), caller)))
 
     @replies_with_variant
     @on_the_wire

@@ -97,6 +97,9 @@ class Nvml:
         self._nv: Any = None
         self._initialised = False
         self.driver_version: Optional[str] = None
+        # Per GPU index while NVML stays initialised: its handle, UUID and name, which do not change;
+        # a tick then makes 4 calls a GPU (memory, utilization, the two process lists), not 7.
+        self._static: Dict[int, Tuple[Any, Dict[str, Any]]] = {}
 
     @property
     def initialised(self) -> bool:
@@ -128,20 +131,30 @@ class Nvml:
     # -- one device ----------------------------------------------------------------------------------
     def _device(self, steps: Steps, index: int) -> Device:
         errors: Dict[str, str] = {}
-        try:
-            handle = self._call(steps, f"nvmlDeviceGetHandleByIndex({index})",
-                                self._nv.nvmlDeviceGetHandleByIndex, index)
-        except _DeviceLost as lost:
-            return Device(index=index, state=DEVICE_LOST, errors={"device": str(lost)})
-        except _FieldError as err:
-            return Device(index=index, state=DEVICE_ERROR, errors={"device": str(err)})
+        static = self._static.get(index)
+        if static is None:
+            try:
+                handle = self._call(steps, f"nvmlDeviceGetHandleByIndex({index})",
+                                    self._nv.nvmlDeviceGetHandleByIndex, index)
+            except _DeviceLost as lost:
+                return Device(index=index, state=DEVICE_LOST, errors={"device": str(lost)})
+            except _FieldError as err:
+                return Device(index=index, state=DEVICE_ERROR, errors={"device": str(err)})
+        else:
+            handle = static[0]
         values: Dict[str, Any] = {}
         try:
-            values["uuid"] = self._field(steps, index, "uuid", errors, self._nv.nvmlDeviceGetUUID, handle)
-            values["name"] = self._field(steps, index, "name", errors, self._nv.nvmlDeviceGetName, handle)
-            get_minor = getattr(self._nv, "nvmlDeviceGetMinorNumber", None)  # not on every platform
-            if get_minor is not None:
-                values["minor"] = _int_or_none(self._field(steps, index, "minor", errors, get_minor, handle))
+            if static is None:
+                values["uuid"] = self._field(steps, index, "uuid", errors, self._nv.nvmlDeviceGetUUID, handle)
+                values["name"] = self._field(steps, index, "name", errors, self._nv.nvmlDeviceGetName, handle)
+                get_minor = getattr(self._nv, "nvmlDeviceGetMinorNumber", None)  # not on every platform
+                if get_minor is not None:
+                    minor = self._field(steps, index, "minor", errors, get_minor, handle)
+                    values["minor"] = _int_or_none(minor)
+                if not errors:
+                    self._static[index] = (handle, dict(values))
+            else:
+                values.update(static[1])
             memory = self._field(steps, index, "memory", errors, self._nv.nvmlDeviceGetMemoryInfo, handle)
             if memory is not None:
                 values["memory_total_bytes"] = _int_or_none(getattr(memory, "total", None))
@@ -156,6 +169,7 @@ class Nvml:
             graphics = self._field(steps, index, "graphics_processes", errors,
                                    self._nv.nvmlDeviceGetGraphicsRunningProcesses, handle)
         except _DeviceLost as lost:
+            self._static.pop(index, None)
             errors["device"] = str(lost)
             return Device(index=index, state=DEVICE_LOST, errors=errors,
                           **{k: v for k, v in values.items() if k in ("uuid", "name")})
@@ -219,6 +233,7 @@ class Nvml:
         if not self._initialised:
             return
         self._initialised = False
+        self._static.clear()  # handles are valid only while NVML stays initialised
         try:
             with steps.step("nvmlShutdown"):
                 self._nv.nvmlShutdown()

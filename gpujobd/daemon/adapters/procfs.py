@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Optional
+import select
+from typing import Callable, Dict, Mapping, Optional, Set
 
 from gpujobd.daemon.adapters.users import user_name
 from gpujobd.daemon.gpu.attribution import (
@@ -19,6 +20,11 @@ from gpujobd.daemon.gpu.attribution import (
     parse_stat,
     parse_status_uids,
 )
+
+# The most pidfds same_processes holds (one per GPU process); past it, a process is re-checked by
+# reading its start time. Half a service's default soft RLIMIT_NOFILE (1024), which the daemon keeps:
+# raising it would raise it for every job, which inherits it.
+PIDFD_MAX = 512
 
 
 class ProcFs:
@@ -31,6 +37,7 @@ class ProcFs:
         self._ticks = clock_ticks or os.sysconf("SC_CLK_TCK")
         self._pid_max: Optional[int] = None
         self._boot_time: Optional[float] = None
+        self._pidfds: Dict[int, int] = {}  # pid -> a pidfd of the process checked (same_processes)
 
     def _read(self, *parts: object) -> str:
         with open("/".join([self._root, *map(str, parts)]), "rb") as f:
@@ -54,6 +61,66 @@ class ProcFs:
             except OSError:
                 pass
         return self._boot_time
+
+    def same_processes(self, known: Mapping[int, int]) -> Set[int]:
+        """The PIDs of `known` (pid -> start ticks) that still name the process that started then.
+
+        A process is pinned by a pidfd the first time it is checked (opened, then its start time read:
+        the pidfd refers to that very process); from then on one poll() over every pidfd tells which
+        exited, however many there are. Without pidfds (an old kernel, or past PIDFD_MAX of them)
+        the start time is read again. Pidfds of PIDs no longer asked about are closed."""
+        for pid in [pid for pid in self._pidfds if pid not in known]:
+            os.close(self._pidfds.pop(pid))
+        exited = self._exited()
+        same = set()
+        for pid, start in known.items():
+            if pid in exited:
+                continue
+            if pid in self._pidfds or self._pin(pid, start) or self._start_ticks(pid) == start:
+                same.add(pid)
+        return same
+
+    def _exited(self) -> Set[int]:
+        if not self._pidfds:
+            return set()
+        by_fd = {fd: pid for pid, fd in self._pidfds.items()}
+        poller = select.poll()
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        gone = {by_fd[fd] for fd, _event in poller.poll(0)}
+        for pid in gone:
+            os.close(self._pidfds.pop(pid))
+        return gone
+
+    def _pin(self, pid: int, start: int) -> bool:
+        """Hold a pidfd of `pid` if it is still the process that started at `start`."""
+        if len(self._pidfds) >= PIDFD_MAX or not hasattr(os, "pidfd_open"):
+            return False
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return False
+        if self._start_ticks(pid) != start:
+            os.close(fd)
+            return False
+        self._pidfds[pid] = fd
+        return True
+
+    def _start_ticks(self, pid: int) -> Optional[int]:
+        try:  # os.open/os.read: a third cheaper than a file object, for what is read every tick
+            fd = os.open(f"{self._root}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                text = os.read(fd, 4096).decode("utf-8", "replace")
+            finally:
+                os.close(fd)
+            return parse_stat(text)[3]
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def close(self) -> None:
+        for fd in self._pidfds.values():
+            os.close(fd)
+        self._pidfds.clear()
 
     def identity(self, pid: int) -> Optional[Identity]:
         """uid, start time and cgroup of the process that has `pid` now; None when there is none."""

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from gi.repository import Gio, GLib
 
 from gpujobd.shared import text
-from gpujobd.shared.log import guarded
+from gpujobd.shared.log import get_logger, guarded
 from gpujobd.shared.model import UNIT_PREFIX, UNIT_SUFFIX, Job
 
 SYSTEMD = "org.freedesktop.systemd1"
@@ -23,8 +23,14 @@ MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 SCOPE_IFACE = "org.freedesktop.systemd1.Scope"
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
+DBUS_NAME = "org.freedesktop.DBus"
+DBUS_PATH = "/org/freedesktop/DBus"
+DBUS_IFACE = "org.freedesktop.DBus"
+_JOB_REMOVED_RULE = (f"type='signal',sender='{SYSTEMD}',path='{SYSTEMD_PATH}',"
+                     f"interface='{MANAGER_IFACE}',member='JobRemoved'")
 CALL_TIMEOUT_MS = 25_000
 
+log = get_logger()
 _SAFE = set(string.ascii_letters + string.digits)
 
 JobDone = Callable[[str], None]  # called with systemd's job result: done, failed, canceled, timeout, …
@@ -58,54 +64,159 @@ def _dbus_error_text(err: GLib.Error) -> str:
 
 
 class Systemd:
-    """Calls and signals of systemd's Manager, for the units whose names start with `unit_prefix`."""
+    """Calls and signals of systemd's Manager, for the daemon's own units only.
 
-    def __init__(self, connection: Gio.DBusConnection, unit_prefix: str):
+    Every call from the main loop is asynchronous (`Gio.DBusConnection.call`): the loop never waits
+    for systemd; a reply or error comes back as a callback. Signals are matched per unit at the bus
+    (a rule per job unit for its `PropertiesChanged`, its path; and, while its start job runs, one
+    for `JobRemoved` with arg2 = the unit), so units that are not ours, however many start on the
+    machine, never wake the daemon. dbus-daemon caps the rules of one connection (512 on a default
+    system bus): past `max_unit_rules` own rules, a kind of signal falls back to one rule for all
+    units, filtered here, until the units beyond the cap have ended.
+    """
+
+    def __init__(self, connection: Gio.DBusConnection, unit_prefix: str, max_unit_rules: int = 400):
         self._con = connection
         self._unit_path_prefix = unit_object_path(unit_prefix)
-        self._pending_jobs: Dict[str, JobDone] = {}
+        self._max_unit_rules = max_unit_rules
+        self._pending_jobs: Dict[str, JobDone] = {}  # start job path -> on_done
+        self._early_results: Dict[str, Tuple[str, str]] = {}  # job path -> (unit, result), before the reply
+        self._starting: Dict[str, str] = {}  # unit -> its JobRemoved match rule ("" under the broad one)
+        self._watched: Dict[str, Optional[int]] = {}  # unit -> its PropertiesChanged subscription
+        self._broad_props: Optional[int] = None
+        self._broad_jobs: Optional[str] = None
         self._on_unit_changed: Optional[UnitChanged] = None
         self._on_unit_removed: Optional[Callable[[str], None]] = None
         self._subscriptions: List[int] = []
 
     # -- signals ---------------------------------------------------------------------------------
     def subscribe(self, on_unit_changed: UnitChanged, on_unit_removed: Callable[[str], None]) -> None:
+        """Receive our units' changes. `on_unit_removed` is kept for the port: a unit's end is its
+        PropertiesChanged (systemd flushes it before UnitRemoved), so no UnitRemoved rule is added."""
         self._on_unit_changed = on_unit_changed
         self._on_unit_removed = on_unit_removed
+        # Dispatch for JobRemoved without a rule of its own: the rules are added per unit (arg2).
         self._subscriptions = [
             self._con.signal_subscribe(SYSTEMD, MANAGER_IFACE, "JobRemoved", SYSTEMD_PATH, None,
-                                       Gio.DBusSignalFlags.NONE, self._job_removed),
-            self._con.signal_subscribe(SYSTEMD, MANAGER_IFACE, "UnitRemoved", SYSTEMD_PATH, None,
-                                       Gio.DBusSignalFlags.NONE, self._unit_removed),
-            self._con.signal_subscribe(SYSTEMD, PROPS_IFACE, "PropertiesChanged", None, None,
-                                       Gio.DBusSignalFlags.NONE, self._properties_changed),
+                                       Gio.DBusSignalFlags.NO_MATCH_RULE, self._job_removed),
         ]
-        self._call(SYSTEMD_PATH, MANAGER_IFACE, "Subscribe", None)
+        self._call(SYSTEMD, SYSTEMD_PATH, MANAGER_IFACE, "Subscribe", None)  # systemd emits only when asked
+
+    def watch_unit(self, unit: str) -> None:
+        """Deliver this unit's PropertiesChanged (idempotent) until `unwatch_unit`."""
+        if unit in self._watched:
+            return
+        if self._broad_props is None and self._unit_rules() < self._max_unit_rules:
+            self._watched[unit] = self._con.signal_subscribe(
+                SYSTEMD, PROPS_IFACE, "PropertiesChanged", unit_object_path(unit), None,
+                Gio.DBusSignalFlags.NONE, self._unit_properties_changed)
+            return
+        self._watched[unit] = None
+        if self._broad_props is None:
+            log.warning("systemd.unit_rules_full", max_unit_rules=self._max_unit_rules,
+                        hint="PropertiesChanged of every unit is received until our units are fewer")
+            self._broad_props = self._con.signal_subscribe(
+                SYSTEMD, PROPS_IFACE, "PropertiesChanged", None, None, Gio.DBusSignalFlags.NONE,
+                self._any_properties_changed)
+
+    def unwatch_unit(self, unit: str) -> None:
+        subscription = self._watched.pop(unit, None)
+        if subscription is not None:
+            self._con.signal_unsubscribe(subscription)
+        if self._broad_props is not None and all(sub is not None for sub in self._watched.values()):
+            self._con.signal_unsubscribe(self._broad_props)
+            self._broad_props = None
+
+    def _unit_rules(self) -> int:
+        return sum(1 for sub in self._watched.values() if sub is not None) + \
+            sum(1 for rule in self._starting.values() if rule)
 
     def _job_removed(self, _con: Gio.DBusConnection, _sender: str, _path: str, _iface: str, _signal: str,
                      params: GLib.Variant) -> None:
-        _id, job_path, _unit, result = params.unpack()
+        _id, job_path, unit, result = params.unpack()
+        if unit not in self._starting:
+            return  # another unit's job, delivered through the broad rule
         callback = self._pending_jobs.pop(job_path, None)
-        if callback is not None:
-            guarded(callback, "systemd.job_removed")(result)
+        if callback is None:  # removed before StartTransientUnit's reply was dispatched
+            self._early_results[job_path] = (unit, result)
+            return
+        self._start_over(unit)
+        guarded(callback, "systemd.job_removed")(result)
 
-    def _unit_removed(self, _con: Gio.DBusConnection, _sender: str, _path: str, _iface: str, _signal: str,
-                      params: GLib.Variant) -> None:
-        unit, unit_path = params.unpack()
-        if unit_path.startswith(self._unit_path_prefix) and self._on_unit_removed is not None:
-            guarded(self._on_unit_removed, "systemd.unit_removed")(unit)
+    def _start_over(self, unit: str) -> None:
+        for job_path in [path for path, (u, _) in self._early_results.items() if u == unit]:
+            del self._early_results[job_path]  # another job of the unit (a stop while it started)
+        rule = self._starting.pop(unit, "")
+        if rule:
+            self._remove_match(rule)
+        if self._broad_jobs is not None and not self._starting:
+            self._remove_match(self._broad_jobs)
+            self._broad_jobs = None
 
-    def _properties_changed(self, _con: Gio.DBusConnection, _sender: str, path: str, _iface: str,
-                            _signal: str, params: GLib.Variant) -> None:
-        if not path.startswith(self._unit_path_prefix) or self._on_unit_changed is None:
+    def _unit_properties_changed(self, _con: Gio.DBusConnection, _sender: str, path: str, _iface: str,
+                                 _signal: str, params: GLib.Variant) -> None:
+        if self._broad_props is None:  # else the broad subscription delivers it too
+            self._properties_changed(path, params)
+
+    def _any_properties_changed(self, _con: Gio.DBusConnection, _sender: str, path: str, _iface: str,
+                                _signal: str, params: GLib.Variant) -> None:
+        if path.startswith(self._unit_path_prefix):
+            self._properties_changed(path, params)
+
+    def _properties_changed(self, path: str, params: GLib.Variant) -> None:
+        unit = _unit_name_from_path(path)
+        if unit not in self._watched or self._on_unit_changed is None:
             return
         interface, changed, _invalidated = params.unpack()
         if interface in (UNIT_IFACE, SCOPE_IFACE) and changed:
-            guarded(self._on_unit_changed, "systemd.unit_changed")(_unit_name_from_path(path), changed)
+            guarded(self._on_unit_changed, "systemd.unit_changed")(unit, changed)
+
+    # -- match rules of our own ------------------------------------------------------------------
+    def _add_match(self, rule: str) -> None:
+        self._call(DBUS_NAME, DBUS_PATH, DBUS_IFACE, "AddMatch", GLib.Variant("(s)", (rule,)))
+
+    def _remove_match(self, rule: str) -> None:
+        self._call(DBUS_NAME, DBUS_PATH, DBUS_IFACE, "RemoveMatch", GLib.Variant("(s)", (rule,)))
+
+    def _watch_start_job(self, unit: str) -> None:
+        """JobRemoved of this unit's start job, matched at the bus before the start is asked for
+        (dbus-daemon handles one connection's messages in order, so the rule is in place first)."""
+        if self._unit_rules() < self._max_unit_rules:
+            rule = _JOB_REMOVED_RULE + f",arg2='{unit}'"
+            self._add_match(rule)
+            self._starting[unit] = rule
+            return
+        self._starting[unit] = ""
+        if self._broad_jobs is None:
+            self._broad_jobs = _JOB_REMOVED_RULE
+            self._add_match(self._broad_jobs)
 
     # -- calls -----------------------------------------------------------------------------------
-    def _call(self, path: str, iface: str, method: str, args: Optional[GLib.Variant],
-              reply_type: Optional[str] = None) -> Any:
+    def _call(self, destination: str, path: str, iface: str, method: str, args: Optional[GLib.Variant],
+              reply_type: Optional[str] = None, on_reply: Optional[Callable[[Any], None]] = None,
+              on_error: Optional[Callable[[str], None]] = None) -> None:
+        """An asynchronous call; `on_reply(unpacked)` or `on_error(message)` later, on the main loop.
+        An error without `on_error` is logged."""
+        def done(con: Gio.DBusConnection, result: Gio.AsyncResult) -> None:
+            try:
+                reply = con.call_finish(result)
+            except GLib.Error as err:
+                text = _dbus_error_text(err)
+                if on_error is not None:
+                    guarded(on_error, "systemd.call_failed")(text)
+                else:
+                    log.warning("systemd.call_failed", method=method, error=text)
+                return
+            if on_reply is not None:
+                guarded(on_reply, "systemd.reply")(reply.unpack() if reply is not None else None)
+
+        self._con.call(destination, path, iface, method, args,
+                       GLib.VariantType.new(reply_type) if reply_type else None,
+                       Gio.DBusCallFlags.NONE, CALL_TIMEOUT_MS, None, done)
+
+    def _call_sync(self, path: str, iface: str, method: str, args: Optional[GLib.Variant],
+                   reply_type: Optional[str] = None) -> Any:
+        """A blocking call: only for the start's reconcile and rare reads (see list_units)."""
         try:
             reply = self._con.call_sync(
                 SYSTEMD, path, iface, method, args,
@@ -117,30 +228,51 @@ class Systemd:
 
     def start_scope(self, unit: str, properties: Sequence[Tuple[str, GLib.Variant]],
                     on_done: JobDone) -> None:
-        """Create a transient scope; `on_done(result)` runs when systemd's start job has finished."""
+        """Create a transient scope; `on_done(result)` runs when systemd's start job has finished
+        (result `done`, or `failed: <systemd's error>` when systemd refused the call)."""
+        self.watch_unit(unit)
+        self._watch_start_job(unit)
+
+        def started(reply: Any) -> None:
+            (job_path,) = reply
+            early = self._early_results.pop(job_path, None)
+            if early is None:
+                self._pending_jobs[job_path] = on_done
+                return
+            self._start_over(unit)
+            on_done(early[1])
+
+        def refused(message: str) -> None:
+            self._start_over(unit)
+            on_done(f"failed: {message}")
+
         args = GLib.Variant("(ssa(sv)a(sa(sv)))", (unit, "fail", list(properties), []))
-        (job_path,) = self._call(SYSTEMD_PATH, MANAGER_IFACE, "StartTransientUnit", args, "(o)")
-        self._pending_jobs[job_path] = on_done
+        self._call(SYSTEMD, SYSTEMD_PATH, MANAGER_IFACE, "StartTransientUnit", args, "(o)",
+                   on_reply=started, on_error=refused)
 
     def stop_unit(self, unit: str) -> None:
-        try:
-            self._call(SYSTEMD_PATH, MANAGER_IFACE, "StopUnit",
-                       GLib.Variant("(ss)", (unit, "replace")), "(o)")
-        except SystemdError as err:
-            if "NoSuchUnit" not in str(err):
-                raise
+        """Ask systemd to stop a unit; a unit that is not there is no error. Its end comes as signals."""
+        def failed(message: str) -> None:
+            if "NoSuchUnit" not in message:
+                log.warning("systemd.stop_failed", unit=unit, error=message)
+
+        self._call(SYSTEMD, SYSTEMD_PATH, MANAGER_IFACE, "StopUnit",
+                   GLib.Variant("(ss)", (unit, "replace")), "(o)", on_error=failed)
 
     def list_units(self, pattern: str) -> List[UnitInfo]:
-        (units,) = self._call(SYSTEMD_PATH, MANAGER_IFACE, "ListUnitsByPatterns",
-                              GLib.Variant("(asas)", ([], [pattern])),
-                              "(a(ssssssouso))")
+        """Synchronous: used by the reconcile before the daemon serves, and at the end of a job bound
+        to another (whether that one is ending), where the answer is needed there and then."""
+        (units,) = self._call_sync(SYSTEMD_PATH, MANAGER_IFACE, "ListUnitsByPatterns",
+                                   GLib.Variant("(asas)", ([], [pattern])),
+                                   "(a(ssssssouso))")
         return [UnitInfo(name=u[0], active_state=u[3], sub_state=u[4]) for u in units]
 
     def unit_property(self, unit: str, iface: str, name: str) -> Any:
-        """One property of a loaded unit, or None when the unit is gone."""
+        """One property of a loaded unit, or None when the unit is gone. Synchronous: read only when a
+        scope ended without its Result having come in a signal (the reconcile, mostly)."""
         try:
-            (value,) = self._call(unit_object_path(unit), PROPS_IFACE, "Get",
-                                  GLib.Variant("(ss)", (iface, name)), "(v)")
+            (value,) = self._call_sync(unit_object_path(unit), PROPS_IFACE, "Get",
+                                       GLib.Variant("(ss)", (iface, name)), "(v)")
         except SystemdError:
             return None
         return value
@@ -236,6 +368,13 @@ class JobUnits:
 
     def stop_unit(self, unit: str) -> None:
         self._systemd.stop_unit(unit)
+
+    def watch_units(self, units: Sequence[str]) -> None:
+        for unit in units:
+            self._systemd.watch_unit(unit)
+
+    def unwatch_unit(self, unit: str) -> None:
+        self._systemd.unwatch_unit(unit)
 
     def list_job_units(self) -> Dict[str, str]:
         return {u.name: u.active_state for u in self._systemd.list_units(f"{UNIT_PREFIX}*{UNIT_SUFFIX}")}

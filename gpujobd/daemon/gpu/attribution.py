@@ -22,7 +22,7 @@ methods.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Collection, Optional, Protocol, Tuple
+from typing import Collection, Mapping, Optional, Protocol, Set, Tuple
 
 from gpujobd.shared.model import job_id_from_unit
 
@@ -113,6 +113,8 @@ class ProcPort(Protocol):
     def pid_max(self) -> int: ...
 
     def inspect(self, pid: int) -> Optional[ProcInfo]: ...
+
+    def same_processes(self, known: Mapping[int, int]) -> Set[int]: ...  # pid -> start ticks: still them
 
     def identity(self, pid: int) -> Optional[Identity]: ...
 

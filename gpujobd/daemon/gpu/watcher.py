@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Protocol, Tuple
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Protocol, Set, Tuple
 
 from gpujobd.daemon.gpu.attribution import OWNER_JOB, OWNER_STRAY, Attribution, ProcInfo, ProcPort, attribute
 from gpujobd.daemon.gpu.report import Device, GpuProcess, NvmlReport, NvmlUnavailable
@@ -27,6 +27,7 @@ from gpujobd.daemon.gpu.worker import Backoff, Done, Steps, Worker
 from gpujobd.daemon.ports import SchedulerPort
 from gpujobd.shared.config import Config
 from gpujobd.shared.log import get_logger
+from gpujobd.shared.model import job_id_from_unit
 
 log = get_logger()
 
@@ -89,14 +90,51 @@ class Snapshot:
     pid_max: int
 
 
-def collect(nvml: NvmlPort, procs: ProcPort, steps: Steps) -> Snapshot:
-    """One tick's reading, on the worker thread: NVML, then /proc for every PID it listed."""
+class ProcCache:
+    """What /proc said of each GPU process, kept per (PID, start time), on the worker thread only. At
+    each tick the processes seen before are checked at once (`ProcPort.same_processes`: one poll of
+    their pidfds); only a PID new to the lists, or one whose process changed, is read in full. PIDs
+    gone from NVML's lists are forgotten."""
+
+    def __init__(self) -> None:
+        self._known: Dict[int, ProcInfo] = {}
+        self._same: Set[int] = set()
+
+    def check(self, procs: ProcPort, pids: Collection[int]) -> None:
+        """Forget what NVML no longer lists; learn which known PIDs still name the same process."""
+        if len(self._known) > len(pids) or not self._known.keys() <= set(pids):
+            self._known = {pid: info for pid, info in self._known.items() if pid in pids}
+        self._same = procs.same_processes({pid: info.start_ticks for pid, info in self._known.items()})
+
+    def known(self, pid: int) -> Optional[ProcInfo]:
+        """What was read of `pid` before, if it still names the same process."""
+        return self._known.get(pid) if pid in self._same else None
+
+    def read(self, procs: ProcPort, pid: int) -> Optional[ProcInfo]:
+        info = procs.inspect(pid)
+        if info is None:
+            self._known.pop(pid, None)
+        else:
+            self._known[pid] = info
+        return info
+
+
+def collect(nvml: NvmlPort, procs: ProcPort, steps: Steps, cache: Optional[ProcCache] = None) -> Snapshot:
+    """One tick's reading, on the worker thread: NVML, then /proc for every PID it listed (through
+    `cache`, which only this thread may use; a fresh one reads every PID in full)."""
+    cache = cache if cache is not None else ProcCache()
     report = nvml.read(steps)
     pid_max = procs.pid_max()
     infos: Dict[int, Optional[ProcInfo]] = {}
-    for pid in report.pids():
-        with steps.step(f"/proc/{pid}"):
-            infos[pid] = procs.inspect(pid) if 0 < pid <= pid_max else None
+    pids = report.pids()
+    with steps.step("/proc: the known processes"):
+        cache.check(procs, pids)
+    for pid in pids:
+        info = cache.known(pid) if 0 < pid <= pid_max else None
+        if info is None and 0 < pid <= pid_max:
+            with steps.step(f"/proc/{pid}"):  # named, in case this read hangs
+                info = cache.read(procs, pid)
+        infos[pid] = info
     return Snapshot(report=report, processes=infos, pid_max=pid_max)
 
 
@@ -132,6 +170,8 @@ class Watcher:
                               uid_min=uid_min, clock=clock, monotonic=monotonic, kill=kill,
                               submit=self._submit_kills, on_found=self._stray_found,
                               on_cleared=self._stray_cleared)
+        self._proc_cache = ProcCache()  # the worker thread's only
+        self._views: Dict[Tuple[int, int], _Viewed] = {}  # (GPU, pid) -> its view at the last tick
         self._cancel_tick: Optional[Callable[[], None]] = None
         self._cancel_watchdog: Optional[Callable[[], None]] = None
         self._next_retry_s: Optional[float] = None
@@ -153,8 +193,8 @@ class Watcher:
         if self._worker.busy:  # a kill task still running (a hung call never reaches here)
             self._schedule(min(1.0, self._gpu.poll_interval_s))
             return
-        nvml, procs = self._nvml, self._procs
-        self._submit(lambda steps: collect(nvml, procs, steps), self._tick_done)
+        nvml, procs, cache = self._nvml, self._procs, self._proc_cache
+        self._submit(lambda steps: collect(nvml, procs, steps, cache), self._tick_done)
 
     def _submit(self, task: Callable[[Steps], Any], on_done: Callable[[Done], None]) -> bool:
         if not self._worker.submit(task, on_done):
@@ -242,13 +282,16 @@ class Watcher:
         devices: List[Dict[str, Any]] = []
         job_memory: Dict[int, Dict[str, int]] = {job_id: {} for job_id in live}
         seen: Dict[Tuple[int, int], Seen] = {}
+        views: Dict[Tuple[int, int], _Viewed] = {}
         for device in snapshot.report.devices:
             key = gpu_key(device)
             processes = []
             for process in device.processes:
                 info = snapshot.processes.get(process.pid)
-                who = attribute(process.pid, info, live, snapshot.pid_max)
-                processes.append(_process_view(process, info, who))
+                viewed = self._viewed(device.index, process, info, live, snapshot.pid_max)
+                views[device.index, process.pid] = viewed
+                who = viewed.who
+                processes.append(viewed.view)
                 memory = process.used_memory_bytes or 0
                 if who.owner == OWNER_JOB and who.job_id is not None:
                     job_memory[who.job_id][key] = job_memory[who.job_id].get(key, 0) + memory
@@ -257,6 +300,7 @@ class Watcher:
                     entry[2][key] = entry[2].get(key, 0) + memory
                     entry[3].append(device.index)
             devices.append(_device_view(device, processes))
+        self._views = views
         self._report = snapshot.report
         self._devices = devices
         self._job_memory = job_memory
@@ -265,6 +309,20 @@ class Watcher:
             self._strays.police(mono)
         if self.on_report is not None:
             self.on_report()
+
+    def _viewed(self, gpu: int, process: GpuProcess, info: Optional[ProcInfo], live: Collection[int],
+                pid_max: int) -> _Viewed:
+        """The process's attribution and view: last tick's, when nothing it depends on changed (the
+        same ProcInfo, which the cache keeps per PID and start time; the same NVML entry; its job as
+        live or ended as then); else judged anew."""
+        last = self._views.get((gpu, process.pid))
+        if last is not None and last.info is info and last.process == process and \
+                (last.job_id is None or (last.job_id in live) == last.job_live):
+            return last
+        who = attribute(process.pid, info, live, pid_max)
+        job_id = job_id_from_unit(info.unit) if info is not None and info.unit else None
+        return _Viewed(process, info, job_id, job_id in live if job_id is not None else False, who,
+                       _process_view(process, info, who))
 
     # -- the hand-off of the strays' kills and events --------------------------------------------------
     def _submit_kills(self, task: Callable[[Steps], Any]) -> bool:
@@ -351,6 +409,16 @@ class Watcher:
         return len(self._strays)
 
 
+@dataclass(frozen=True)
+class _Viewed:
+    process: GpuProcess
+    info: Optional[ProcInfo]
+    job_id: Optional[int]  # the job of its unit, if it is in a job's scope
+    job_live: bool  # whether that job was live when it was judged
+    who: Attribution
+    view: Dict[str, Any]  # shared with the report's devices: never changed once made
+
+
 def _process_view(process: GpuProcess, info: Optional[ProcInfo], who: Attribution) -> Dict[str, Any]:
     view: Dict[str, Any] = {"pid": process.pid, "type": process.type, "owner": who.owner}
     if process.used_memory_bytes is not None:
@@ -370,8 +438,9 @@ def _process_view(process: GpuProcess, info: Optional[ProcInfo], who: Attributio
 
 
 def _device_view(device: Device, processes: List[Dict[str, Any]]) -> Dict[str, Any]:
-    view = {key: value for key, value in dataclasses.asdict(device).items()
-            if value is not None and key != "processes"}
+    # Not dataclasses.asdict: it would deep-copy every process only for them to be dropped here.
+    view = {f.name: getattr(device, f.name) for f in dataclasses.fields(device)
+            if f.name not in ("processes", "errors") and getattr(device, f.name) is not None}
     view["errors"] = dict(device.errors)
     view["processes"] = processes
     return view

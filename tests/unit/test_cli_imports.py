@@ -1,0 +1,47 @@
+"""gpujobctl imports what its verb needs, and no more (issue 13): checked in a fresh interpreter."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+from gpujobd.shared import config_toml
+
+PROBE = """
+import json, os, sys
+from gpujobd.cli import main
+main.build_parser(main.verb_of(sys.argv[1:])).parse_args(sys.argv[1:])
+main._client_settings()
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("gpujobd"))))
+"""
+
+
+def imported(tmp_path: Path, config_text: str, *argv: str) -> List[str]:
+    config = tmp_path / "gpujobd.toml"
+    config.write_text(config_text)
+    out = subprocess.run([sys.executable, "-c", PROBE, *argv], check=True, capture_output=True, text=True,
+                         env={"GPUJOBD_CONFIG": str(config), "PATH": "/usr/bin:/bin"}).stdout
+    return json.loads(out)
+
+
+def test_submit_imports_neither_other_verbs_nor_the_settings_definitions(tmp_path: Path) -> None:
+    modules = imported(tmp_path, config_toml.default_config_text(), "submit", "--", "true")
+    assert "gpujobd.cli.submit" in modules
+    for other in ("gpujobd.cli.gpus", "gpujobd.cli.listing", "gpujobd.cli.status", "gpujobd.cli.render",
+                  "gpujobd.shared.config", "gpujobd.shared.config_toml"):
+        assert other not in modules, other
+
+
+def test_client_settings_that_are_set_are_still_checked(tmp_path: Path) -> None:
+    modules = imported(tmp_path, "[client]\ncall_timeout_s = 5.0\n", "stop", "1")
+    assert "gpujobd.shared.config_toml" in modules and "gpujobd.cli.stop" in modules
+
+
+def test_help_still_lists_every_verb() -> None:
+    from gpujobd.cli import main
+
+    help_text = main.build_parser().format_help()
+    assert all(verb in help_text for verb in main.VERB_MODULES)
