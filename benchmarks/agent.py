@@ -40,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     one.add_argument("--runs", type=int, required=True)
     one.add_argument("--warmup", type=int, default=0)
     one.add_argument("--date", action="store_true", help="run `date +%%s.%%N` and report when it ran")
+    one.add_argument("--pause", type=float, default=0.0, help="seconds of quiet before each submit")
     many = modes.add_parser("burst")
     many.add_argument("--count", type=int, required=True)
     many.add_argument("--token", required=True)
@@ -66,6 +67,7 @@ def submit(client: Any, args: argparse.Namespace) -> Dict[str, Any]:
     submit_s: List[float] = []
     to_running_s: List[float] = []
     for index in range(args.warmup + args.runs):
+        time.sleep(args.pause)
         wall = time.time()
         started = time.perf_counter()
         job = client.submit(argv, raw=True)

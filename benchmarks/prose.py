@@ -221,7 +221,7 @@ def _submit(rows: Rows) -> Dict[str, str]:
         found["submit__own_import"] = _ms(with_own - floor)
         found["submit__after_imports"] = _ms(cli - with_own)
     if _measured(rows, "submit.client_to_running"):
-        total, supervisor = _p50(rows, "submit.client_to_running"), _p50(rows, "submit.client_to_running", 1)
+        total, supervisor = _p50(rows, "submit.client_to_running"), _p50(rows, "submit.client_to_running", 2)
         found["submit__supervisor_share"] = _percent(supervisor, total)
     return found
 

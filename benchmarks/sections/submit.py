@@ -33,6 +33,7 @@ def run(bed: Testbed, p: Params) -> List[Row]:
     third_party = [name for name in modules if not name.startswith("gpujobd")]
     client_dist, client_run = _agent(bed, p)
     call, active = scopes.start_latency(p.submit_runs, p.submit_warmup)
+    _call, paced = scopes.start_latency(p.submit_runs, p.submit_warmup, scopes.PACED_PAUSE_S)
     return [
         Row(SECTION, "submit.cli", "`gpujobctl submit -- true`, process start to exit (user)",
             _cli_submit(bed, p),
@@ -53,11 +54,13 @@ def run(bed: Testbed, p: Params) -> List[Row]:
                            ["systemd-run", "--scope", "-q", "date", "+%s.%N"], p),
              _printed_time("tsp -nf date (task-spooler, user)", ["tsp", "-n", "-f", "date", "+%s.%N"],
                            p, bed)]),
-        Row(SECTION, "submit.client_to_running", "`Client().submit()` until the command runs (warm)",
-            client_run, [active, _floor(bed, p, "a supervisor's interpreter start (python3 -I, "
+        Row(SECTION, "submit.client_to_running", "`Client().submit()` until the command runs (warm, "
+            f"each submit {scopes.PACED_PAUSE_S * 1000:g} ms after the last job ended)",
+            client_run, [paced, active, _floor(bed, p, "a supervisor's interpreter start (python3 -I, "
                                         "gpujobd.supervisor imported), off the path since the zygote forks "
                                         "supervisors", ["gpujobd.supervisor"])],
-            note="the limit: raw StartTransientUnit until the scope is active"),
+            note="the limit: raw StartTransientUnit until the scope is active, paced as gpujobd's submits "
+                 "(the ratio), and back to back"),
     ]
 
 
@@ -128,8 +131,9 @@ def _repeat(label: str, once: Callable[[], float], p: Params) -> Dist:
 def _agent(bed: Testbed, p: Params) -> Tuple[Dist, Dist]:
     plain = json.loads(run_timed(bed.agent("submit", "--runs", str(p.submit_runs), "--warmup",
                                            str(p.submit_warmup)), bed.user).stdout)
-    dated = json.loads(run_timed(bed.agent("submit", "--date", "--runs", str(p.submit_runs), "--warmup",
-                                           str(p.submit_warmup)), bed.user).stdout)
+    dated = json.loads(run_timed(bed.agent("submit", "--date", "--pause", str(scopes.PACED_PAUSE_S),
+                                           "--runs", str(p.submit_runs), "--warmup", str(p.submit_warmup)),
+                                 bed.user).stdout)
     return (Dist("Client().submit(['true'])", "s", plain["submit_s"], p.submit_warmup),
             Dist("Client().submit(['date', ...]) until it runs", "s", dated["to_running_s"],
                  p.submit_warmup))
