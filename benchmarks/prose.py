@@ -220,7 +220,8 @@ def _submit(rows: Rows) -> Dict[str, str]:
         found["submit__own_modules"] = str(own)
         found["submit__own_import"] = _ms(with_own - floor)
         found["submit__after_imports"] = _ms(cli - with_own)
-    if _measured(rows, "submit.client_to_running"):
+    found["submit__supervisor_share"] = "not measured"  # runs before issue 13 had no such peer
+    if _measured(rows, "submit.client_to_running") and len(rows["submit.client_to_running"]["peers"]) > 2:
         total, supervisor = _p50(rows, "submit.client_to_running"), _p50(rows, "submit.client_to_running", 2)
         found["submit__supervisor_share"] = _percent(supervisor, total)
     return found

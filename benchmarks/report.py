@@ -78,6 +78,10 @@ def values(result: Dict[str, Any]) -> Dict[str, str]:
             for index, (peer, peer_ratio) in enumerate(zip(row["peers"], row["ratios"])):
                 found.update(_dist_values(f"{key}__peer{index}", peer))
                 found[f"{key}__ratio{index}"] = ratio(peer_ratio)
+            for index in range(len(row["peers"]), 4):  # a peer an earlier run did not measure yet
+                found.update({f"{key}__peer{index}__{stat}": "not measured"
+                              for stat in ("p50", "p95", "max", "min", "runs", "label")})
+                found[f"{key}__ratio{index}"] = "not measured"
     found.update(derived(result))
     return found
 
