@@ -14,6 +14,7 @@ Optuna study with n_jobs > 1). Each `watch` opens a connection of its own for it
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections import deque
@@ -116,7 +117,13 @@ def build_filter(**query: Any) -> Dict[str, Tuple[str, Any]]:
 
 def plain(value: Any, signature: str) -> Any:
     """A value jeepney parsed as `signature`, with every variant unwrapped: a{sv} -> {key: value}."""
-    return _plain(value, parse_signature(list(signature)))
+    return _plain(value, _parsed(signature))
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed(signature: str) -> Any:
+    """jeepney's parse of a signature, once per signature: a job's a{sv} holds ~40 variants."""
+    return parse_signature(list(signature))
 
 
 def _plain(value: Any, kind: Any) -> Any:

@@ -88,3 +88,58 @@ def test_read_log_builds_its_reply_as_one_byte_string_not_a_variant_per_byte():
     assert reply.get_child_value(0).get_data_as_bytes().get_data() == data
     assert reply.get_child_value(1).get_uint64() == len(data)
     assert ManagerService.ReadLog.replies_with_variant
+
+
+# --- a job's a{sv}: built with GLib's constructors, kept while the job does not change ----------------
+
+WIRE_SAMPLES = [("s", "x"), ("s", ""), ("b", True), ("b", 0), ("d", 3), ("d", 1.5), ("i", -3), ("u", 7),
+                ("t", 2**63), ("x", -5), ("as", []), ("as", ["a", "b"]), ("at", []), ("at", [1, 2]),
+                ("a{ss}", {}), ("a{ss}", {"A": "b"}), ("a{st}", {"g": 5}), ("aa{sv}", []),
+                ("aa{sv}", [{"a": ("s", "x"), "n": ("t", 3)}]), ("a(ss)", [("k", "v")])]
+
+
+@pytest.mark.parametrize(("signature", "value"), WIRE_SAMPLES, ids=lambda sample: repr(sample))
+def test_each_field_is_the_variant_glib_s_generic_constructor_makes(signature, value):
+    from gpujobd.daemon.adapters.dbus_service import variants
+
+    generic_value = value
+    if signature == "aa{sv}":
+        generic_value = [{key: GLib.Variant(sig, item) for key, (sig, item) in record.items()}
+                         for record in value]
+    expected = GLib.Variant(signature, generic_value)
+    made = variants({"field": (signature, value)})["field"]
+    assert made.get_type_string() == signature and made.equal(expected), (made, expected)
+
+
+def test_every_job_field_signature_has_a_direct_constructor():
+    from gpujobd.daemon.adapters import dbus_service
+    from gpujobd.shared import api
+
+    direct = {*dbus_service._SCALARS, "as", *dbus_service._ARRAY_TYPES, *dbus_service._ENTRY_TYPES}
+    generic = sorted(set(api.JOB_FIELDS.values()) - direct)
+    assert api.JOB_FIELDS and generic == []  # a new field type: give it a constructor in _variant
+
+
+def test_a_job_asked_again_unchanged_gets_the_same_reply_and_a_changed_one_a_new_one():
+    from gpujobd.daemon.adapters.dbus_service import JobReplies
+
+    replies = JobReplies(size=2)
+    wire = {"id": ("t", 1), "state": ("s", "running"), "env": ("a{ss}", {"A": "1"})}
+    first = replies.vardict(1, wire)
+    assert first.unpack() == {"id": 1, "state": "running", "env": {"A": "1"}}
+    assert replies.vardict(1, dict(wire)) is first  # an equal wire form, decoded afresh
+    ended = replies.vardict(1, {**wire, "state": ("s", "succeeded")})
+    assert ended is not first and ended.unpack()["state"] == "succeeded"
+    assert replies.vardict(1, {**wire, "env": ("a{ss}", {"A": "2"})}).unpack()["env"] == {"A": "2"}
+
+
+def test_the_kept_replies_are_bounded_least_recently_asked_first():
+    from gpujobd.daemon.adapters.dbus_service import JobReplies
+
+    replies = JobReplies(size=2)
+    wires = {job_id: {"id": ("t", job_id)} for job_id in (1, 2, 3)}
+    one, two = replies.vardict(1, wires[1]), replies.vardict(2, wires[2])
+    assert replies.vardict(1, wires[1]) is one  # 1 is now the most recently asked
+    replies.vardict(3, wires[3])  # evicts 2
+    assert replies.vardict(1, wires[1]) is one
+    assert replies.vardict(2, wires[2]) is not two

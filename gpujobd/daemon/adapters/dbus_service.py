@@ -27,6 +27,7 @@ from gpujobd.shared.model import Job, JobState
 
 log = get_logger()
 CALLER_CACHE_SIZE = 4096
+JOB_REPLY_CACHE_SIZE = 1024  # jobs whose last a{sv} is kept for the next Get or List of them
 _WIRE_ERRORS: Dict[str, type] = {}
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -127,6 +128,7 @@ class ManagerService:
         self._con = connection
         self._gpus = gpus
         self._callers: collections.OrderedDict[str, Caller] = collections.OrderedDict()
+        self._replies = JobReplies(JOB_REPLY_CACHE_SIZE)
 
     @property
     def Version(self) -> str:
@@ -173,7 +175,8 @@ class ManagerService:
     @on_the_wire
     def Get(self, job_id: int, dbus_context: Any = None) -> GLib.Variant:
         caller = self._caller(dbus_context)  # the reply built here, as List's: the most frequent call
-        return GLib.Variant.new_tuple(_vardict(self._encode(self._manager.get(job_id), caller)))
+        job = self._manager.get(job_id)
+        return GLib.Variant.new_tuple(self._replies.vardict(job.id, self._encode_wire(job, caller)))
 
     @replies_with_variant
     @on_the_wire
@@ -189,7 +192,7 @@ class ManagerService:
         return GLib.Variant.new_tuple(GLib.Variant.new_array(_VARDICT_ENTRY, kept))
 
     def _list_entry(self, job: Job, caller: Caller) -> GLib.Variant:
-        entry = _vardict(self._encode(job, caller))
+        entry = self._replies.vardict(job.id, self._encode_wire(job, caller))
         if entry.get_size() <= api.LIST_ENTRY_MAX_BYTES:
             return entry
         # A row stored before the size bounds (or under larger ones): shown clipped, never whole.
@@ -275,10 +278,70 @@ def _vardict(values: Mapping[str, GLib.Variant]) -> GLib.Variant:
         for key, value in values.items()])
 
 
+class JobReplies:
+    """The a{sv} last sent for each of the most recently asked jobs, sent again while the job's wire
+    form is the same: a job polled by `gpujobctl wait`, a status loop or a dashboard is encoded once
+    per change, not once per call (GLib builds ~190 Variants for a job with a 30-entry environment,
+    which was most of a Get's daemon time). The key is the wire form's repr, so nothing has to say
+    when a job changed: whatever changes what would be sent changes the key."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._kept: collections.OrderedDict[int, Tuple[str, GLib.Variant]] = collections.OrderedDict()
+
+    def vardict(self, job_id: int, wire: Mapping[str, Tuple[str, Any]]) -> GLib.Variant:
+        key = repr(wire)
+        kept = self._kept.get(job_id)
+        if kept is not None and kept[0] == key:
+            self._kept.move_to_end(job_id)
+            return kept[1]
+        reply = _vardict(variants(wire))
+        self._kept[job_id] = (key, reply)
+        self._kept.move_to_end(job_id)
+        if len(self._kept) > self._size:
+            self._kept.popitem(last=False)
+        return reply
+
+
 def variants(wire: Mapping[str, Tuple[str, Any]]) -> Dict[str, GLib.Variant]:
     """{field: (signature, value)} -> {field: GLib.Variant}; records of an aa{sv} field in turn."""
-    return {key: GLib.Variant(signature, [variants(item) for item in value] if signature == "aa{sv}"
-                              else value) for key, (signature, value) in wire.items()}
+    return {key: _variant(signature, value) for key, (signature, value) in wire.items()}
+
+
+def _string_map(signature: str, value: Mapping[str, Any]) -> GLib.Variant:
+    make_value = _SCALARS[signature[3]]
+    return GLib.Variant.new_array(_ENTRY_TYPES[signature], [
+        GLib.Variant.new_dict_entry(GLib.Variant.new_string(key), make_value(item))
+        for key, item in value.items()])
+
+
+def _variant(signature: str, value: Any) -> GLib.Variant:
+    """One field's Variant through GLib's own constructors where the signature is one a job's fields
+    use: PyGObject's generic GLib.Variant(signature, value) parses the signature in Python for every
+    element, which made a job's a{sv} cost ~120 such calls (a Get's reply, most of its daemon time)."""
+    scalar = _SCALARS.get(signature)
+    if scalar is not None:
+        return scalar(value)
+    if signature == "as":
+        return GLib.Variant.new_strv(list(value))
+    if signature in _ARRAY_TYPES:
+        make_item = _SCALARS[signature[1]]
+        return GLib.Variant.new_array(_ARRAY_TYPES[signature], [make_item(item) for item in value])
+    if signature in _ENTRY_TYPES:
+        return _string_map(signature, value)
+    if signature == "aa{sv}":
+        return GLib.Variant.new_array(_VARDICT_ENTRY, [_vardict(variants(item)) for item in value])
+    return GLib.Variant(signature, value)
+
+
+_SCALARS: Dict[str, Callable[[Any], GLib.Variant]] = {
+    "s": GLib.Variant.new_string, "b": GLib.Variant.new_boolean, "d": GLib.Variant.new_double,
+    "i": GLib.Variant.new_int32, "u": GLib.Variant.new_uint32, "x": GLib.Variant.new_int64,
+    "t": GLib.Variant.new_uint64, "y": GLib.Variant.new_byte, "n": GLib.Variant.new_int16,
+    "q": GLib.Variant.new_uint16,
+}
+_ARRAY_TYPES = {f"a{code}": GLib.VariantType.new(code) for code in _SCALARS}
+_ENTRY_TYPES = {f"a{{s{code}}}": GLib.VariantType.new(f"{{s{code}}}") for code in _SCALARS}
 
 
 def fit_in_reply(entries: List[GLib.Variant], *, newest: bool) -> List[GLib.Variant]:
