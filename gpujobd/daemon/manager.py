@@ -83,8 +83,9 @@ class Manager(Queueing):
         if user is None or user.uid != uid:
             raise PermissionDenied(f"uid {uid} has no passwd entry; gpujobd serves only known users")
         admin_gid = self._users.group_gid(self._config.daemon.admin_group)
-        return Caller(uid=uid, user=user.name, gid=user.gid,
-                      is_admin=uid == 0 or admin_gid in user.groups)
+        is_admin = uid == 0 or (admin_gid is not None
+                                and admin_gid in self._users.group_ids(user.name, user.gid))
+        return Caller(uid=uid, user=user.name, gid=user.gid, is_admin=is_admin)
 
     def _authorize(self, caller: Caller, job: Job, action: str) -> None:
         if caller.is_admin or caller.uid == job.uid:

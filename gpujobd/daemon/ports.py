@@ -115,14 +115,13 @@ class GpuPort(Protocol):
 
 @dataclass(frozen=True)
 class User:
-    """A passwd entry, with every group the user is a member of (its primary group included)."""
+    """A passwd entry (group memberships: UsersPort.group_ids)."""
 
     name: str
     uid: int
     gid: int
     home: str
     shell: str
-    groups: Tuple[int, ...]
 
 
 class UsersPort(Protocol):
@@ -131,6 +130,8 @@ class UsersPort(Protocol):
     def user_name(self, uid: int) -> str: ...  # the login name, else the uid as text
 
     def user_by_name(self, name: str) -> Optional[User]: ...
+
+    def group_ids(self, name: str, gid: int) -> Tuple[int, ...]: ...  # its groups, primary included
 
     def group_gid(self, name: str) -> Optional[int]: ...
 

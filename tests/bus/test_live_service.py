@@ -166,3 +166,30 @@ def test_one_client_serves_threads_calling_at_once(live_service: LiveService, bu
         thread.join()
     assert failures == []
     assert len(answers) == 120 and all(isinstance(answer, list) for answer in answers)
+
+
+@needs_root
+def test_each_state_change_is_signalled_with_the_job_id_and_its_state(live_service: LiveService,
+                                                                      bus_address: str) -> None:
+    from jeepney import HeaderFields, MatchRule, MessageType
+    from jeepney.bus_messages import message_bus
+    from jeepney.io.blocking import open_dbus_connection
+
+    listener = open_dbus_connection(bus=bus_address)
+    try:
+        rule = MatchRule(type="signal", interface=api.INTERFACE, member="JobChanged", path=api.OBJECT_PATH)
+        listener.send_and_get_reply(message_bus.AddMatch(rule), timeout=10)
+        submitted = gpujobctl_as(USER, bus_address, "submit", "--json", "--cwd", "/", "--", "sleep", "60")
+        assert submitted.returncode == 0, submitted.stderr
+        job = json.loads(submitted.stdout)
+        live_service.loop.call(live_service.systemd.finish_start_job, job["unit"])
+        seen = []
+        while ("running" not in [state for _, state in seen]):
+            message = listener.receive(timeout=10)
+            if message.header.message_type is MessageType.signal:
+                assert message.header.fields[HeaderFields.signature] == "ts"
+                seen.append(tuple(message.body))
+        assert seen and all(job_id == job["id"] for job_id, _ in seen)
+        assert [state for _, state in seen][-1] == "running"
+    finally:
+        listener.close()

@@ -1054,7 +1054,10 @@ class NumberedUsers:
         return str(uid) if uid != 1234 else "4242"
 
     def user_by_name(self, name: str) -> Optional[User]:
-        return User("4242", 1234, 1234, "/home/4242", "/bin/sh", (1234,)) if name == "4242" else None
+        return User("4242", 1234, 1234, "/home/4242", "/bin/sh") if name == "4242" else None
+
+    def group_ids(self, name: str, gid: int) -> Tuple[int, ...]:
+        return (gid,)
 
     def group_gid(self, name: str) -> Optional[int]:
         return None

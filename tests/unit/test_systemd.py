@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from gi.repository import GLib
 
 from gpujobd.daemon.adapters.systemd import _unit_name_from_path, scope_properties, unit_object_path
 
@@ -44,3 +45,34 @@ def test_the_description_escapes_control_characters() -> None:
     job = Job(id=3, user="bob", uid=1001, gid=1001, spec=JobSpec(argv=("echo", "\x1b[2J\nevent=x"), cwd="/"),
               state=JobState.STARTING, created_at=0.0)
     assert scope_description(job) == "gpujob 3 of bob: echo \\x1b[2J\\x0aevent=x"
+
+
+class _NoBus:
+    def signal_subscribe(self, *args: object) -> int:
+        return 1
+
+
+def _properties_changed(interface: str, changed: dict) -> GLib.Variant:
+    entries = {name: GLib.Variant(signature, value) for name, (signature, value) in changed.items()}
+    return GLib.Variant("(sa{sv}as)", (interface, entries, []))
+
+
+def test_a_unit_change_hands_on_only_the_state_properties_unpacked() -> None:
+    from gpujobd.daemon.adapters.systemd import SCOPE_IFACE, UNIT_IFACE, Systemd
+
+    seen: list = []
+    adapter = Systemd(_NoBus(), "gpujob-")  # type: ignore[arg-type]
+    adapter._on_unit_changed = lambda unit, changed: seen.append((unit, changed))
+    adapter._watched["gpujob-7.scope"] = 1
+    path = unit_object_path("gpujob-7.scope")
+    adapter._properties_changed(path, _properties_changed(UNIT_IFACE, {
+        "ActiveState": ("s", "deactivating"), "SubState": ("s", "stop-sigterm"),
+        "InactiveExitTimestamp": ("t", 123), "Names": ("as", ["gpujob-7.scope"])}))
+    adapter._properties_changed(path, _properties_changed(SCOPE_IFACE, {"Result": ("s", "timeout")}))
+    adapter._properties_changed(path, _properties_changed(UNIT_IFACE, {"CPUUsageNSec": ("t", 5)}))
+    adapter._properties_changed(path, _properties_changed("org.freedesktop.systemd1.Other",
+                                                          {"ActiveState": ("s", "x")}))
+    adapter._properties_changed(unit_object_path("gpujob-8.scope"), _properties_changed(
+        UNIT_IFACE, {"ActiveState": ("s", "inactive")}))  # a unit not watched
+    assert seen == [("gpujob-7.scope", {"ActiveState": "deactivating", "SubState": "stop-sigterm"}),
+                    ("gpujob-7.scope", {"Result": "timeout"})]

@@ -32,14 +32,15 @@ def test_user_name_of_a_uid_without_an_entry_is_the_number() -> None:
     assert users.user_name(uid) == str(uid)
 
 
-def test_user_by_name_gives_the_entry_and_its_groups() -> None:
+def test_user_by_name_gives_the_entry_and_group_ids_its_groups() -> None:
     nobody = pwd.getpwnam("nobody")
     user = users.user_by_name("nobody")
     assert user is not None
     assert (user.name, user.uid, user.gid, user.home, user.shell) == (
         "nobody", nobody.pw_uid, nobody.pw_gid, nobody.pw_dir, nobody.pw_shell)
-    assert set(user.groups) == set(os.getgrouplist("nobody", nobody.pw_gid))
-    assert nobody.pw_gid in user.groups
+    groups = users.group_ids(user.name, user.gid)
+    assert set(groups) == set(os.getgrouplist("nobody", nobody.pw_gid))
+    assert nobody.pw_gid in groups
 
 
 def test_user_by_name_of_an_unknown_user_is_none() -> None:
