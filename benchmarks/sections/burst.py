@@ -156,7 +156,7 @@ def _burst(bed: Testbed, count: int, clients: int, tag: str) -> Dict[str, Any]:
 def _verify(bed: Testbed, jobs: List[Dict[str, Any]], states: Dict[int, str], tag: str) -> None:
     """No job lost, none recorded twice, every one ran exactly once."""
     bad = {job["id"]: states[job["id"]] for job in jobs if states[job["id"]] != "succeeded"}
-    check(not bad, f"burst {tag}: jobs that did not succeed: {dict(list(bad.items())[:10])}")
+    check(not bad, f"burst {tag}: {len(bad)} jobs did not succeed: {_why(bed, sorted(bad)[:5])}")
     with sqlite3.connect(f"file:{DB_FILE}?mode=ro", uri=True) as db:
         low, high = min(j["id"] for j in jobs), max(j["id"] for j in jobs)
         rows = db.execute("SELECT id, argv, state FROM jobs WHERE id BETWEEN ? AND ?", (low, high)).fetchall()
@@ -171,3 +171,16 @@ def _verify(bed: Testbed, jobs: List[Dict[str, Any]], states: Dict[int, str], ta
         log = bed.job_log(job["id"]).read_text()
         check(log == job["token"] + "\n", f"burst {tag}: job {job['id']} logged {log[:80]!r}")
     check(len(rows) == len(jobs), f"burst {tag}: {len(rows)} rows for {len(jobs)} jobs in its id range")
+
+
+def _why(bed: Testbed, job_ids: List[int]) -> str:
+    """How the daemon recorded these jobs' ends, and the start of each one's log."""
+    client = bed.client()
+    found = []
+    for job_id in job_ids:
+        job = client.get(job_id)
+        log = bed.job_log(job_id).read_text(errors="replace")[:160] if bed.job_log(job_id).exists() else ""
+        found.append(f"{job_id}: {job['state']} ({job.get('reason')}: {job.get('detail')!r}, exit code "
+                     f"{job.get('exit_code')}, signal {job.get('signal')}), log {log!r}")
+    return "; ".join(found)
+

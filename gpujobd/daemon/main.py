@@ -101,7 +101,8 @@ def run(config: Config) -> int:
     state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     store = Store(state_dir / "gpujobd.sqlite3")
     files = JobFiles(Path(config.daemon.job_log_dir), state_dir / "exits")
-    systemd = Systemd(bus.con, UNIT_PREFIX, config.daemon.unit_match_rules_max)
+    systemd = Systemd(bus.con, UNIT_PREFIX, config.daemon.unit_match_rules_max,
+                      config.daemon.systemd_calls_in_flight_max)
     service: List[ManagerService] = []
 
     def reap(pid: int) -> None:

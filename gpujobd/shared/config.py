@@ -102,6 +102,10 @@ class DaemonConfig:
         "Bus match rules the daemon adds for its own units' signals; past it, one rule for all units.",
         minimum=1,
     ))
+    systemd_calls_in_flight_max: int = field(default=64, metadata=spec(
+        "Calls to systemd the daemon has in flight at once; more wait their turn in order.",
+        minimum=1,
+    ))
     zygote_timeout_s: float = field(default=5.0, metadata=spec(
         "How long the daemon waits for the supervisor zygote to fork a job's supervisor before it "
         "starts a new zygote.", above=0,

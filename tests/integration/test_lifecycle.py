@@ -9,6 +9,9 @@ import signal
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 from tests.integration.conftest import (
     daemon_pid,
@@ -17,6 +20,7 @@ from tests.integration.conftest import (
     sh,
     wait_for,
 )
+from tests.integration.test_gpu import CONFIG, restart_daemon
 
 ESCAPES = (
     "setsid sleep 4101 & "  # a new session
@@ -258,3 +262,56 @@ def test_daemon_killed_mid_job_loses_nothing(ctl):
 
 def _daemon_active() -> bool:
     return sh("systemctl", "is-active", "gpujobd", check=False).stdout.strip() == "active"
+
+
+
+BUS_LIMITS = Path("/etc/dbus-1/system.d/zz-gpujobd-test-pending-replies.conf")
+PENDING_REPLIES_MAX = 16  # dbus-daemon's max_replies_per_connection in this test (default: 128)
+CALLS_IN_FLIGHT_MAX = 8  # gpujobd's daemon.systemd_calls_in_flight_max in this test
+
+
+@pytest.fixture
+def few_pending_replies(ctl) -> Iterator[None]:
+    """A bus that lets each connection have only 16 unanswered calls (the default 128 is reached
+    only while systemd falls behind, as in a 1,000-job burst on a busy machine), and gpujobd set to
+    keep 8 in flight."""
+    original = CONFIG.read_text()
+    assert "[daemon]" not in original
+    BUS_LIMITS.write_text('<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN" '
+                          '"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">\n<busconfig>'
+                          f'<limit name="max_replies_per_connection">{PENDING_REPLIES_MAX}</limit>'
+                          '</busconfig>\n')
+    try:
+        reload_bus_config()
+        restart_daemon(f"{original}\n[daemon]\nsystemd_calls_in_flight_max = {CALLS_IN_FLIGHT_MAX}\n")
+        yield
+    finally:
+        BUS_LIMITS.unlink()
+        reload_bus_config()
+        restart_daemon(original)
+
+
+def reload_bus_config() -> None:
+    sh("busctl", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+       "ReloadConfig")
+
+
+def test_three_hundred_scopes_asked_for_at_once_all_start(ctl, few_pending_replies):
+    """An array of 300 is 300 StartTransientUnit calls in one turn of the daemon's loop, far more than
+    the bus lets one connection have unanswered (then LimitsExceeded, and the job would end
+    start-failed): the daemon paces its calls to systemd (daemon.systemd_calls_in_flight_max)."""
+    submitted = ctl("alice", "submit", "--array", "0-299", "--", "true", check=True)
+    tasks = [int(line) for line in submitted.stdout.split()]
+    assert len(tasks) == 300
+
+    def ended() -> object:
+        jobs = json.loads(ctl("alice", "list", "--all", "--json", check=True).stdout)
+        mine = {job["id"]: job for job in jobs if job["id"] in tasks}
+        done = all(job["state"] in ("succeeded", "failed", "stopped", "timed-out", "lost")
+                   for job in mine.values())
+        return mine if len(mine) == len(tasks) and done else None
+
+    jobs = wait_for(ended, "the 300 tasks to end", timeout=120)
+    bad = [(job["id"], job["state"], job.get("detail")) for job in jobs.values()
+           if job["state"] != "succeeded"]
+    assert not bad, f"{len(bad)} tasks did not succeed, e.g. {bad[:3]}"

@@ -76,3 +76,45 @@ def test_a_unit_change_hands_on_only_the_state_properties_unpacked() -> None:
         UNIT_IFACE, {"ActiveState": ("s", "inactive")}))  # a unit not watched
     assert seen == [("gpujob-7.scope", {"ActiveState": "deactivating", "SubState": "stop-sigterm"}),
                     ("gpujob-7.scope", {"Result": "timeout"})]
+
+
+class _PendingBus:
+    """Holds each asynchronous call until the test answers it, as a slow systemd would."""
+
+    def __init__(self) -> None:
+        self.sent: list = []  # (method, args, callback), in the order sent
+
+    def call(self, _dest, _path, _iface, method, args, _reply_type, _flags, _timeout, _cancel, callback):
+        self.sent.append((method, args, callback))
+
+    def answer(self, index: int, error: bool = False) -> None:
+        _method, _args, callback = self.sent[index]
+        callback(self, ("error", index) if error else ("ok", index))
+
+    def call_finish(self, result):
+        kind, _index = result
+        if kind == "error":
+            raise GLib.Error.new_literal(GLib.quark_from_string("g-dbus-error-quark"), "no", 1)
+        return GLib.Variant("(o)", ("/org/freedesktop/systemd1/job/1",))
+
+
+def test_calls_past_the_cap_wait_and_go_out_in_order_as_replies_come_back() -> None:
+    from gpujobd.daemon.adapters.systemd import Systemd
+
+    bus = _PendingBus()
+    adapter = Systemd(bus, "gpujob-", max_calls_in_flight=2)  # type: ignore[arg-type]
+    replies: list = []
+    for n in range(5):
+        adapter._call("d", "/p", "i", f"M{n}", None, "(o)", on_reply=lambda r, n=n: replies.append(n),
+                      on_error=lambda text, n=n: replies.append(("error", n)))
+    assert [method for method, _, _ in bus.sent] == ["M0", "M1"]  # the cap: two in flight
+    bus.answer(1)
+    assert [method for method, _, _ in bus.sent] == ["M0", "M1", "M2"]
+    bus.answer(0, error=True)  # an error frees its place as a reply does
+    assert [method for method, _, _ in bus.sent] == ["M0", "M1", "M2", "M3"]
+    bus.answer(2)
+    bus.answer(3)
+    bus.answer(4)
+    assert [method for method, _, _ in bus.sent] == ["M0", "M1", "M2", "M3", "M4"]
+    assert replies == [1, ("error", 0), 2, 3, 4]
+    assert adapter._in_flight == 0 and not adapter._waiting_calls

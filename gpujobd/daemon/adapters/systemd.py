@@ -7,9 +7,10 @@ goes through pystemd. Nothing else in gpujobd talks to systemd.
 
 from __future__ import annotations
 
+import collections
 import string
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from gi.repository import Gio, GLib
 
@@ -78,8 +79,15 @@ class Systemd:
     units, filtered here, until the units beyond the cap have ended.
     """
 
-    def __init__(self, connection: Gio.DBusConnection, unit_prefix: str, max_unit_rules: int = 400):
+    def __init__(self, connection: Gio.DBusConnection, unit_prefix: str, max_unit_rules: int = 400,
+                 max_calls_in_flight: int = 64):
         self._con = connection
+        # dbus-daemon fails a connection's call past its pending replies (max_replies_per_connection,
+        # 128 on a default system bus) with LimitsExceeded: a burst of submits started that many
+        # scopes at once and some jobs ended start-failed. Calls past the cap wait, in order.
+        self._max_calls = max_calls_in_flight
+        self._in_flight = 0
+        self._waiting_calls: Deque[Callable[[], None]] = collections.deque()
         self._unit_path_prefix = unit_object_path(unit_prefix)
         self._max_unit_rules = max_unit_rules
         self._pending_jobs: Dict[str, JobDone] = {}  # start job path -> on_done
@@ -203,8 +211,11 @@ class Systemd:
               reply_type: Optional[str] = None, on_reply: Optional[Callable[[Any], None]] = None,
               on_error: Optional[Callable[[str], None]] = None) -> None:
         """An asynchronous call; `on_reply(unpacked)` or `on_error(message)` later, on the main loop.
-        An error without `on_error` is logged."""
+        An error without `on_error` is logged. At most `max_calls_in_flight` are sent at once; the
+        others are sent in the order they were made as replies come back."""
         def done(con: Gio.DBusConnection, result: Gio.AsyncResult) -> None:
+            self._in_flight -= 1
+            self._send_waiting_calls()
             try:
                 reply = con.call_finish(result)
             except GLib.Error as err:
@@ -217,9 +228,18 @@ class Systemd:
             if on_reply is not None:
                 guarded(on_reply, "systemd.reply")(reply.unpack() if reply is not None else None)
 
-        self._con.call(destination, path, iface, method, args,
-                       GLib.VariantType.new(reply_type) if reply_type else None,
-                       Gio.DBusCallFlags.NONE, CALL_TIMEOUT_MS, None, done)
+        def send() -> None:
+            self._in_flight += 1
+            self._con.call(destination, path, iface, method, args,
+                           GLib.VariantType.new(reply_type) if reply_type else None,
+                           Gio.DBusCallFlags.NONE, CALL_TIMEOUT_MS, None, done)
+
+        self._waiting_calls.append(send)
+        self._send_waiting_calls()
+
+    def _send_waiting_calls(self) -> None:
+        while self._waiting_calls and self._in_flight < self._max_calls:
+            self._waiting_calls.popleft()()
 
     def _call_sync(self, path: str, iface: str, method: str, args: Optional[GLib.Variant],
                    reply_type: Optional[str] = None) -> Any:
