@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-from typing import Callable, Dict, Mapping, Optional, Set
+from typing import Callable, Dict, Mapping, Optional, Set, Tuple
 
 from gpujobd.daemon.adapters.users import user_name
 from gpujobd.daemon.gpu.attribution import (
@@ -21,9 +21,9 @@ from gpujobd.daemon.gpu.attribution import (
     parse_status_uids,
 )
 
-# The most pidfds same_processes holds (one per GPU process); past it, a process is re-checked by
-# reading its start time. Half a service's default soft RLIMIT_NOFILE (1024), which the daemon keeps:
-# raising it would raise it for every job, which inherits it.
+# The most pidfds held (one per GPU process, see ProcFs.same_processes); past it, a process is
+# re-checked by reading its start time. Half a service's default soft RLIMIT_NOFILE (1024), which the
+# daemon keeps: raising it would raise it for every job, which inherits it.
 PIDFD_MAX = 512
 
 
@@ -31,13 +31,18 @@ class ProcFs:
     """The real /proc (or a tree shaped like it, for tests). Used on the worker thread only."""
 
     def __init__(self, root: str = "/proc", user_name: Callable[[int], str] = user_name,
-                 clock_ticks: Optional[int] = None):
+                 clock_ticks: Optional[int] = None, pidfd_max: int = PIDFD_MAX):
         self._root = root.rstrip("/")
         self._user_name = user_name
         self._ticks = clock_ticks or os.sysconf("SC_CLK_TCK")
         self._pid_max: Optional[int] = None
         self._boot_time: Optional[float] = None
-        self._pidfds: Dict[int, int] = {}  # pid -> a pidfd of the process checked (same_processes)
+        self._pidfd_max = pidfd_max
+        # pid -> (a pidfd of the process, its start ticks), and fd -> pid: every pidfd is registered in
+        # one poller, kept from tick to tick, that says which of them exited.
+        self._pidfds: Dict[int, Tuple[int, int]] = {}
+        self._pids_of_fds: Dict[int, int] = {}
+        self._poller = select.poll()
 
     def _read(self, *parts: object) -> str:
         with open("/".join([self._root, *map(str, parts)]), "rb") as f:
@@ -65,45 +70,60 @@ class ProcFs:
     def same_processes(self, known: Mapping[int, int]) -> Set[int]:
         """The PIDs of `known` (pid -> start ticks) that still name the process that started then.
 
-        A process is pinned by a pidfd the first time it is checked (opened, then its start time read:
-        the pidfd refers to that very process); from then on one poll() over every pidfd tells which
-        exited, however many there are. Without pidfds (an old kernel, or past PIDFD_MAX of them)
-        the start time is read again. Pidfds of PIDs no longer asked about are closed."""
-        for pid in [pid for pid in self._pidfds if pid not in known]:
-            os.close(self._pidfds.pop(pid))
+        A process is pinned by a pidfd when it is read in full (`inspect`: the pidfd is opened first,
+        so it refers to the very process whose start time is read next), or else the first time it is
+        checked here; from then on one poll() over every pidfd tells which exited, however many
+        there are. Without pidfds (an old kernel, or past the most held) the start time is read
+        again. Pidfds of PIDs no longer asked about, or pinned at another start time, are closed."""
+        for pid in [pid for pid, (_, start) in self._pidfds.items() if known.get(pid) != start]:
+            self._unpin(pid)
         exited = self._exited()
         same = set()
         for pid, start in known.items():
             if pid in exited:
                 continue
-            if pid in self._pidfds or self._pin(pid, start) or self._start_ticks(pid) == start:
+            if pid in self._pidfds or self._pin_checked(pid, start) or self._start_ticks(pid) == start:
                 same.add(pid)
         return same
 
     def _exited(self) -> Set[int]:
         if not self._pidfds:
             return set()
-        by_fd = {fd: pid for pid, fd in self._pidfds.items()}
-        poller = select.poll()
-        for fd in by_fd:
-            poller.register(fd, select.POLLIN)
-        gone = {by_fd[fd] for fd, _event in poller.poll(0)}
+        gone = {self._pids_of_fds[fd] for fd, _event in self._poller.poll(0)}
         for pid in gone:
-            os.close(self._pidfds.pop(pid))
+            self._unpin(pid)
         return gone
 
-    def _pin(self, pid: int, start: int) -> bool:
-        """Hold a pidfd of `pid` if it is still the process that started at `start`."""
-        if len(self._pidfds) >= PIDFD_MAX or not hasattr(os, "pidfd_open"):
-            return False
+    def _open_pidfd(self, pid: int) -> Optional[int]:
+        if len(self._pidfds) >= self._pidfd_max or not hasattr(os, "pidfd_open"):
+            return None
         try:
-            fd = os.pidfd_open(pid)
+            return os.pidfd_open(pid)
         except OSError:
+            return None
+
+    def _keep(self, pid: int, fd: int, start: int) -> None:
+        self._unpin(pid)
+        self._pidfds[pid] = (fd, start)
+        self._pids_of_fds[fd] = pid
+        self._poller.register(fd, select.POLLIN)
+
+    def _unpin(self, pid: int) -> None:
+        held = self._pidfds.pop(pid, None)
+        if held is not None:
+            self._poller.unregister(held[0])
+            del self._pids_of_fds[held[0]]
+            os.close(held[0])
+
+    def _pin_checked(self, pid: int, start: int) -> bool:
+        """Hold a pidfd of `pid` if it is still the process that started at `start`."""
+        fd = self._open_pidfd(pid)
+        if fd is None:
             return False
         if self._start_ticks(pid) != start:
             os.close(fd)
             return False
-        self._pidfds[pid] = fd
+        self._keep(pid, fd, start)
         return True
 
     def _start_ticks(self, pid: int) -> Optional[int]:
@@ -118,9 +138,8 @@ class ProcFs:
             return None
 
     def close(self) -> None:
-        for fd in self._pidfds.values():
-            os.close(fd)
-        self._pidfds.clear()
+        for pid in list(self._pidfds):
+            self._unpin(pid)
 
     def identity(self, pid: int) -> Optional[Identity]:
         """uid, start time and cgroup of the process that has `pid` now; None when there is none."""
@@ -138,9 +157,25 @@ class ProcFs:
 
     def inspect(self, pid: int) -> Optional[ProcInfo]:
         """The process that has `pid` in this PID namespace now, or None: no such process (never was,
-        or it exited since NVML listed it), or a value that cannot be a PID."""
+        or it exited since NVML listed it), or a value that cannot be a PID. The process read is
+        pinned by a pidfd (opened before anything is read), for `same_processes`."""
         if not 0 < pid <= self.pid_max():
             return None
+        fd = self._open_pidfd(pid)
+        try:
+            info = self._inspect(pid)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        if fd is not None:
+            if info is None:
+                os.close(fd)
+            else:
+                self._keep(pid, fd, info.start_ticks)
+        return info
+
+    def _inspect(self, pid: int) -> Optional[ProcInfo]:
         try:
             comm, _state, ppid, start = parse_stat(self._read(pid, "stat"))
             uid, euid = parse_status_uids(self._read(pid, "status"))
