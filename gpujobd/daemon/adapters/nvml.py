@@ -351,6 +351,7 @@ def _merge_processes(compute: _Entries, graphics: _Entries) -> Tuple[GpuProcess,
 # its length and a few more (as pynvml's own call sizes its second one), kept from then on.
 _FIRST_CAPACITY = 32
 _TRIES = 3  # reads of one list that may find it grown past the buffer before INSUFFICIENT_SIZE stands
+_MOST_ENTRIES = 1 << 16  # a list NVML says is longer is not believed (a GPU runs far fewer processes)
 
 
 class _ProcessList:
@@ -459,9 +460,10 @@ class _DirectCall:
                 raise _RouteFailed(str(err)) from None
             if code == NVML_SUCCESS:
                 return _parsed(listed, route, min(listed.count.value, listed.capacity))
-            if code != ERROR_INSUFFICIENT_SIZE:
-                break
-            listed.capacity, listed.buffer = listed.count.value * 2 + 5, None
+            needed = listed.count.value
+            if code != ERROR_INSUFFICIENT_SIZE or not listed.capacity < needed <= _MOST_ENTRIES:
+                break  # an error, or a size NVML cannot mean: the call's error stands
+            listed.capacity, listed.buffer = min(needed * 2 + 5, _MOST_ENTRIES), None
         raise self._nv.NVMLError(code)
 
 
