@@ -485,7 +485,8 @@ class Info(ctypes.Structure):  # the layout of pynvml's c_nvmlProcessInfo_v3_t (
                 ("gpuInstanceId", ctypes.c_uint), ("computeInstanceId", ctypes.c_uint)]
 
 
-LIST_FUNCTION = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(Info))
+LIST_FUNCTION = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint),
+                                 ctypes.POINTER(Info))
 SYMBOLS = {"nvmlDeviceGetComputeRunningProcesses_v3": "compute",
            "nvmlDeviceGetGraphicsRunningProcesses_v3": "graphics"}
 
@@ -629,8 +630,8 @@ def test_a_struct_of_another_layout_means_no_direct_route() -> None:
 
 @pytest.mark.parametrize(("code", "state", "field"), [
     (gpu.ERROR_GPU_IS_LOST, "lost", "device"), (gpu.ERROR_NO_PERMISSION, "ok", "compute_processes")])
-def test_nvml_errors_of_the_direct_route_are_those_of_the_plain_call(direct: DirectPynvml, code: int, state: str,
-                                                                    field: str) -> None:
+def test_nvml_errors_of_the_direct_route_are_those_of_the_plain_call(direct: DirectPynvml, code: int,
+                                                                    state: str, field: str) -> None:
     direct.process(1, 5000, 1 << 30)
     direct.c_errors[("compute", 0)] = code
     first, second = reader(direct).read().devices
@@ -638,7 +639,8 @@ def test_nvml_errors_of_the_direct_route_are_those_of_the_plain_call(direct: Dir
     assert [p.pid for p in second.processes] == [5000] and second.errors == {}
 
 
-def test_a_list_nvml_says_cannot_fit_is_insufficient_size_without_growing_the_buffer(direct: DirectPynvml) -> None:
+def test_a_list_nvml_says_cannot_fit_is_insufficient_size_without_growing_the_buffer(
+        direct: DirectPynvml) -> None:
     direct.c_errors[("compute", 0)] = gpu.ERROR_INSUFFICIENT_SIZE  # and the count is left as offered
     first, _ = reader(direct).read().devices
     assert "compute_processes" in first.errors

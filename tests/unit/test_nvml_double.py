@@ -511,7 +511,8 @@ def plain_pynvml():
 
 def table(report):
     return [{"state": d.state, "errors": d.errors,
-             "processes": [[p.pid, p.type, p.used_memory_bytes] for p in d.processes]} for d in report.devices]
+             "processes": [[p.pid, p.type, p.used_memory_bytes] for p in d.processes]}
+            for d in report.devices]
 
 def direct(nvml):
     route = nvml._route
@@ -540,7 +541,8 @@ def test_the_reader_takes_the_direct_route_and_reads_what_plain_pynvml_reads(nvm
         fast = nvml.read()
         plain = Nvml(load=plain_pynvml)
         slow = plain.read()
-        emit({"route": direct(nvml), "plain_route": direct(plain), "fast": table(fast), "slow": table(slow)})
+        emit({"route": direct(nvml), "plain_route": direct(plain),
+              "fast": table(fast), "slow": table(slow)})
     """)
     assert out["route"] == ["C", "G"] and out["plain_route"] is None
     dev0, dev1, dev2 = out["fast"]

@@ -1230,7 +1230,7 @@ def test_a_job_that_ended_makes_its_process_a_stray_at_the_next_tick(rigw: Rigw)
 # Which processes are still the ones read (ProcFs.same_processes): a pidfd, else a mark of /proc/PID.
 
 
-def sleeper() -> "subprocess.Popen[bytes]":
+def sleeper() -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
 
@@ -1249,7 +1249,8 @@ def test_a_process_read_in_full_is_pinned_by_a_pidfd_and_its_exit_is_seen() -> N
         child.wait()
     info2 = procs.inspect(os.getpid())
     assert info2 is not None
-    assert procs.same_processes({child.pid: info.start_ticks, os.getpid(): info2.start_ticks}) == {os.getpid()}
+    known = {child.pid: info.start_ticks, os.getpid(): info2.start_ticks}
+    assert procs.same_processes(known) == {os.getpid()}
     procs.close()
     assert procs._pidfds == {}
 
@@ -1351,7 +1352,8 @@ def test_a_reused_pid_is_never_the_same_process_by_pidfd_or_by_mark() -> None:
 # The main loop's part when nothing changed.
 
 
-def test_a_snapshot_where_nothing_changed_is_not_judged_again(rigw: Rigw, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_snapshot_where_nothing_changed_is_not_judged_again(rigw: Rigw,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     populate(rigw)
     judged: List[int] = []
     real = Watcher._judge
