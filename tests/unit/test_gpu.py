@@ -8,6 +8,7 @@ the way a wedged driver holds a call in the kernel.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from types import SimpleNamespace
@@ -472,3 +473,188 @@ def test_the_benchmark_times_whole_ticks(nv: FakePynvml) -> None:
     result = bench_tick(reader(nv), repeat=3)
     assert result["devices"] == 2 and result["processes"] == 200 and result["ticks"] == 3
     assert result["tick_ms_median"] >= 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The process lists read only what changed (issue 13): the direct route (pynvml's function pointer,
+# driven here by a ctypes callback that plays the C function), and the plain route's reuse.
+
+
+class Info(ctypes.Structure):  # the layout of pynvml's c_nvmlProcessInfo_v3_t (nvmlProcessInfo_v2_t)
+    _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong),
+                ("gpuInstanceId", ctypes.c_uint), ("computeInstanceId", ctypes.c_uint)]
+
+
+LIST_FUNCTION = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint),
+                                 ctypes.POINTER(Info))
+SYMBOLS = {"nvmlDeviceGetComputeRunningProcesses_v3": "compute",
+           "nvmlDeviceGetGraphicsRunningProcesses_v3": "graphics"}
+
+
+class DirectPynvml(FakePynvml):
+    """The fake, with pynvml's function-pointer lookup and struct: the C functions are ctypes callbacks
+    that follow NVML's size protocol over the fake's lists. Handles carry `_as_parameter_`, as pynvml's
+    ctypes handles are passed."""
+
+    c_nvmlProcessInfo_v3_t = Info
+
+    def __init__(self, devices: int = 2):
+        super().__init__(devices)
+        self.c_calls: List[Tuple[str, int, int]] = []  # (list, device, capacity offered)
+        self.missing: set = set()  # symbols this "driver" lacks
+        self.c_errors: Dict[Tuple[str, int], int] = {}  # (list, device) -> NVML code to return
+        self._callbacks: Dict[str, Any] = {}
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> SimpleNamespace:
+        self._enter("nvmlDeviceGetHandleByIndex", index)
+        return SimpleNamespace(index=index, _as_parameter_=index + 1)
+
+    def _nvmlGetFunctionPointer(self, name: str) -> Any:
+        if name in self.missing or name not in SYMBOLS:
+            raise FakeNVMLError(13)  # FUNCTION_NOT_FOUND
+        kind = SYMBOLS[name]
+
+        def fn(handle: int, count: Any, infos: Any) -> int:
+            index = handle - 1
+            self.c_calls.append((kind, index, count[0]))
+            code = self.c_errors.get((kind, index))
+            if code is not None:
+                return code
+            listed = self.devices[index][kind]
+            if count[0] < len(listed):
+                count[0] = len(listed)
+                return gpu.ERROR_INSUFFICIENT_SIZE
+            for i, entry in enumerate(listed):
+                memory = entry.usedGpuMemory
+                infos[i] = Info(entry.pid, 2**64 - 1 if memory is None else memory, 0xFFFFFFFF, 0xFFFFFFFF)
+            count[0] = len(listed)
+            return gpu.NVML_SUCCESS
+
+        self._callbacks[name] = LIST_FUNCTION(fn)  # kept alive while the reader may call it
+        return self._callbacks[name]
+
+
+@pytest.fixture
+def direct() -> DirectPynvml:
+    return DirectPynvml()
+
+
+def plain_list_calls(nv: FakePynvml) -> List[str]:
+    return [c for c in nv.calls if "RunningProcesses" in c]
+
+
+def test_the_direct_route_reads_the_lists_as_the_plain_calls_do(direct: DirectPynvml) -> None:
+    for i in range(40):  # more than the first buffer holds: NVML's size protocol grows it
+        direct.process(0, 1000 + i, (i + 1) << 20)
+    direct.process(0, 4243, None)
+    direct.process(1, 5000, 1 << 30, "graphics")
+    direct.process(1, 5000, 2 << 30)
+    nvml = reader(direct)
+    first, second = nvml.read().devices
+    assert nvml._route is not None and plain_list_calls(direct) == []  # no plain pynvml list call
+    assert [(p.pid, p.used_memory_bytes) for p in first.processes[:2]] == [(1000, 1 << 20), (1001, 2 << 20)]
+    assert (first.processes[-1].pid, first.processes[-1].used_memory_bytes) == (4243, None)
+    assert len(first.processes) == 41
+    assert [(p.pid, p.type, p.used_memory_bytes) for p in second.processes] == [(5000, "C+G", 2 << 30)]
+    grown = [capacity for kind, index, capacity in direct.c_calls if (kind, index) == ("compute", 0)]
+    assert grown == [32, 41 * 2 + 5]  # too small, then room for what NVML said it needs
+    plain = FakePynvml()
+    plain.devices = direct.devices
+    assert reader(plain).read().devices == (first, second)
+
+
+def test_an_unchanged_list_is_the_previous_tuple_and_only_a_changed_device_is_parsed_again(
+        direct: DirectPynvml) -> None:
+    direct.process(0, 4242, 1 << 30)
+    direct.process(1, 5000, 1 << 30)
+    nvml = reader(direct)
+    a0, a1 = nvml.read().devices
+    b0, b1 = nvml.read().devices
+    assert b0.processes is a0.processes and b1.processes is a1.processes
+    direct.devices[1]["compute"][0] = SimpleNamespace(pid=5000, usedGpuMemory=3 << 30)
+    c0, c1 = nvml.read().devices
+    assert c0.processes is a0.processes and c1.processes is not a1.processes
+    assert [(p.pid, p.used_memory_bytes) for p in c1.processes] == [(5000, 3 << 30)]
+    direct.devices[1]["compute"][0] = SimpleNamespace(pid=5001, usedGpuMemory=3 << 30)  # another PID
+    _, d1 = nvml.read().devices
+    assert [p.pid for p in d1.processes] == [5001]
+
+
+def test_the_plain_route_hands_back_the_previous_tuple_too(nv: FakePynvml) -> None:
+    nv.process(0, 4242, 1 << 30)
+    nvml = reader(nv)
+    first = nvml.read().devices[0]
+    again = nvml.read().devices[0]
+    assert nvml._route is None and plain_list_calls(nv)
+    assert first.processes and again.processes is first.processes
+    nv.devices[0]["compute"].append(SimpleNamespace(pid=4343, usedGpuMemory=5))
+    assert [p.pid for p in nvml.read().devices[0].processes] == [4242, 4343]
+
+
+def test_without_the_function_pointer_the_plain_pynvml_call_is_made(direct: DirectPynvml) -> None:
+    direct.missing.add("nvmlDeviceGetGraphicsRunningProcesses_v3")  # an older driver: no graphics _v3
+    direct.process(0, 4242, 1 << 30)
+    direct.process(0, 4343, 1 << 30, "graphics")
+    nvml = reader(direct)
+    first, _ = nvml.read().devices
+    assert [(p.pid, p.type) for p in first.processes] == [(4242, "C"), (4343, "G")]
+    assert plain_list_calls(direct) == ["nvmlDeviceGetGraphicsRunningProcesses(0)",
+                                        "nvmlDeviceGetGraphicsRunningProcesses(1)"]
+    assert {kind for kind, _, _ in direct.c_calls} == {"compute"}
+
+
+def test_a_call_ctypes_refuses_falls_back_to_the_plain_call_for_good(direct: DirectPynvml) -> None:
+    direct.process(0, 4242, 1 << 30)
+    nvml = reader(direct)
+    nvml.read()
+    calls = len(direct.c_calls)
+    direct.nvmlDeviceGetHandleByIndex = lambda index: SimpleNamespace(index=index)  # type: ignore[method-assign]
+    nvml._static.clear()  # the next read takes handles ctypes cannot pass
+    (first, _) = nvml.read().devices
+    assert [p.pid for p in first.processes] == [4242] and first.errors == {}
+    assert len(direct.c_calls) == calls and len(plain_list_calls(direct)) == 4
+    assert nvml._route is not None and nvml._route.function("C") is None
+
+
+def test_a_struct_of_another_layout_means_no_direct_route() -> None:
+    class Other(ctypes.Structure):
+        _fields_ = [("pid", ctypes.c_ulonglong), ("usedGpuMemory", ctypes.c_ulonglong)]
+
+    nv = DirectPynvml()
+    nv.c_nvmlProcessInfo_v3_t = Other  # type: ignore[assignment]
+    nv.process(0, 4242, 1 << 30)
+    nvml = reader(nv)
+    assert [p.pid for p in nvml.read().devices[0].processes] == [4242]
+    assert nvml._route is None and nv.c_calls == [] and plain_list_calls(nv)
+
+
+@pytest.mark.parametrize(("code", "state", "field"), [
+    (gpu.ERROR_GPU_IS_LOST, "lost", "device"), (gpu.ERROR_NO_PERMISSION, "ok", "compute_processes")])
+def test_nvml_errors_of_the_direct_route_are_those_of_the_plain_call(direct: DirectPynvml, code: int,
+                                                                    state: str, field: str) -> None:
+    direct.process(1, 5000, 1 << 30)
+    direct.c_errors[("compute", 0)] = code
+    first, second = reader(direct).read().devices
+    assert first.state == state and field in first.errors
+    assert [p.pid for p in second.processes] == [5000] and second.errors == {}
+
+
+def test_a_list_nvml_says_cannot_fit_is_insufficient_size_without_growing_the_buffer(
+        direct: DirectPynvml) -> None:
+    direct.c_errors[("compute", 0)] = gpu.ERROR_INSUFFICIENT_SIZE  # and the count is left as offered
+    first, _ = reader(direct).read().devices
+    assert "compute_processes" in first.errors
+    assert [capacity for kind, index, capacity in direct.c_calls if (kind, index) == ("compute", 0)] == [32]
+
+
+def test_a_fatal_error_forgets_the_buffers_and_the_route(direct: DirectPynvml) -> None:
+    direct.process(0, 4242, 1 << 30)
+    nvml = reader(direct)
+    before = nvml.read().devices[0]
+    direct.c_errors[("graphics", 1)] = gpu.ERROR_DRIVER_NOT_LOADED
+    with pytest.raises(NvmlUnavailable):
+        nvml.read()
+    assert nvml._route is None and nvml._lists == {} and nvml._merged == {}
+    del direct.c_errors[("graphics", 1)]
+    after = nvml.read().devices[0]
+    assert after.processes == before.processes and after.processes is not before.processes

@@ -493,3 +493,132 @@ def test_write_script_replaces_atomically(tmp_path):
     assert path.stat().st_ino != inode
     assert "uuid=GPU-b" in path.read_text()
     assert [p.name for p in path.parent.iterdir()] == ["script"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# gpujobd's reader (gpujobd.daemon.adapters.nvml.Nvml) on the double: its direct route to the process lists
+# (pynvml's own function pointer, a buffer kept per device and list) runs for real here.
+
+READER = '''
+from gpujobd.daemon.adapters.nvml import Nvml
+
+def plain_pynvml():
+    """pynvml as a module without the function-pointer lookup: the reader must take the plain calls."""
+    import types
+    module = types.ModuleType("pynvml_plain")
+    module.__dict__.update({k: v for k, v in vars(pynvml).items() if k != "_nvmlGetFunctionPointer"})
+    return module
+
+def table(report):
+    return [{"state": d.state, "errors": d.errors,
+             "processes": [[p.pid, p.type, p.used_memory_bytes] for p in d.processes]}
+            for d in report.devices]
+
+def direct(nvml):
+    route = nvml._route
+    return sorted(route._functions) if route is not None else None
+'''
+
+
+def run_reader(libdir: Path, script: Path, code: str) -> Any:
+    return run_pynvml(libdir, script, READER + textwrap.dedent(code))
+
+
+def mixed_processes() -> list:
+    compute = [Process(0, pid=1000 + i, used_memory=(i + 1) << 20) for i in range(70)]  # > the first buffer
+    compute += [Process(0, pid=0, used_memory=None), Process(0, pid=4294967295, used_memory=7),
+                Process(1, pid=4242, used_memory=GIB)]
+    graphics = [Process(1, pid=4242, used_memory=2 * GIB, kind="graphics"),
+                Process(1, pid=77, used_memory=1, kind="graphics")]
+    return compute + graphics
+
+
+def test_the_reader_takes_the_direct_route_and_reads_what_plain_pynvml_reads(nvml_libdir, script):
+    write_script(script, devices=[Device(uuid="GPU-a"), Device(uuid="GPU-b"), Device(uuid="GPU-c")],
+                 processes=mixed_processes())
+    out = run_reader(nvml_libdir, script, """
+        nvml = Nvml()
+        fast = nvml.read()
+        plain = Nvml(load=plain_pynvml)
+        slow = plain.read()
+        emit({"route": direct(nvml), "plain_route": direct(plain),
+              "fast": table(fast), "slow": table(slow)})
+    """)
+    assert out["route"] == ["C", "G"] and out["plain_route"] is None
+    dev0, dev1, dev2 = out["fast"]
+    assert dev0["processes"][:2] == [[1000, "C", 1 << 20], [1001, "C", 2 << 20]]
+    assert dev0["processes"][-2:] == [[0, "C", None], [4294967295, "C", 7]]  # NOT_AVAILABLE is None
+    assert len(dev0["processes"]) == 72
+    assert dev1["processes"] == [[4242, "C+G", 2 * GIB], [77, "G", 1]]
+    assert dev2 == {"state": "ok", "errors": {}, "processes": []}
+    assert out["fast"] == out["slow"]
+
+
+def test_an_unchanged_list_is_the_last_reads_tuple_and_a_changed_one_is_read_anew(nvml_libdir, script,
+                                                                                  tmp_path):
+    devices = [Device(uuid="GPU-a"), Device(uuid="GPU-b")]
+    write_script(script, devices=devices, processes=mixed_processes())
+    changed = mixed_processes()
+    changed[5] = Process(0, pid=1005, used_memory=123)  # one process's memory on GPU 0
+    later = tmp_path / "later"
+    write_script(later, devices=devices, processes=changed)
+    out = run_reader(nvml_libdir, script, f"""
+        import os
+        nvml = Nvml()
+        first = nvml.read()
+        second = nvml.read()
+        os.replace({str(later)!r}, {str(script)!r})  # as write_script does: the double sees it at once
+        third = nvml.read()
+        emit({{"route": direct(nvml),
+              "second_same": [a.processes is b.processes for a, b in zip(first.devices, second.devices)],
+              "third_same": [a.processes is b.processes for a, b in zip(second.devices, third.devices)],
+              "first": table(first), "third": table(third)}})
+    """)
+    assert out["route"] == ["C", "G"]
+    assert out["second_same"] == [True, True]
+    assert out["third_same"] == [False, True]
+    assert out["first"][0]["processes"][5] == [1005, "C", 6 << 20]
+    assert out["third"][0]["processes"][5] == [1005, "C", 123]
+    assert len(out["third"][0]["processes"]) == 72
+
+
+@pytest.mark.parametrize(("function", "error", "state", "field"), [
+    ("nvmlDeviceGetComputeRunningProcesses_v3", "GPU_IS_LOST", "lost", "device"),
+    ("nvmlDeviceGetGraphicsRunningProcesses_v3", "NO_PERMISSION", "ok", "graphics_processes"),
+    ("nvmlDeviceGetComputeRunningProcesses_v3", "INSUFFICIENT_SIZE", "ok", "compute_processes"),
+])
+def test_nvml_errors_through_the_direct_route_are_handled_as_before(nvml_libdir, script, function, error,
+                                                                    state, field):
+    write_script(script, devices=[Device(uuid="GPU-a"), Device(uuid="GPU-b")], processes=mixed_processes(),
+                 errors=[Error(0, function, error)])
+    out = run_reader(nvml_libdir, script, """
+        nvml = Nvml()
+        fast = table(nvml.read())
+        emit({"route": direct(nvml), "fast": fast, "slow": table(Nvml(load=plain_pynvml).read())})
+    """)
+    assert out["route"] == ["C", "G"]
+    dev0, dev1 = out["fast"]
+    assert dev0["state"] == state and field in dev0["errors"]
+    assert dev1["state"] == "ok" and dev1["errors"] == {} and len(dev1["processes"]) == 2
+    assert out["fast"] == out["slow"]  # the plain pynvml calls come to the same report
+
+
+def test_without_the_versioned_symbol_the_plain_call_runs_and_fails_as_it_always_did(nvml_libdir, script):
+    """An older driver without the _v3 functions: pynvml's lookup says FUNCTION_NOT_FOUND; the reader then
+    makes the plain pynvml call, whose mismatch error becomes that one field's error."""
+    write_script(script, devices=[Device(uuid="GPU-a")], processes=mixed_processes()[:3])
+    out = run_reader(nvml_libdir, script, """
+        real_lookup = pynvml._nvmlGetFunctionPointer
+        def old_driver(name):
+            if name.endswith("RunningProcesses_v3"):
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+            return real_lookup(name)
+        pynvml._nvmlGetFunctionPointer = old_driver
+        nvml = Nvml()
+        emit({"route": direct(nvml), "read": table(nvml.read()), "after": direct(nvml)})
+    """)
+    assert out["route"] is None and out["after"] is None  # no route: nothing could be looked up
+    (dev0,) = out["read"]
+    assert dev0["state"] == "ok" and dev0["processes"] == []
+    assert "NVMLLibraryMismatchError" in dev0["errors"]["compute_processes"]
+    assert "NVMLLibraryMismatchError" in dev0["errors"]["graphics_processes"]

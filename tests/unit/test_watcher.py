@@ -6,6 +6,7 @@ and the manager's check of the GPUs before a job starts (refuse, wait), with tes
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -30,7 +31,7 @@ from gpujobd.daemon.gpu.attribution import (
 from gpujobd.daemon.gpu.report import Device, GpuProcess, NvmlReport, NvmlUnavailable
 from gpujobd.daemon.gpu.strays import Verdict, kill_verdict, kill_verified, system_uid_min
 from gpujobd.daemon.gpu.watcher import Watcher
-from gpujobd.daemon.gpu.worker import Done
+from gpujobd.daemon.gpu.worker import NO_STEPS, Done
 from gpujobd.daemon.manager import Manager
 from gpujobd.daemon.store import Store
 from gpujobd.shared.config import Config
@@ -1224,3 +1225,174 @@ def test_a_job_that_ended_makes_its_process_a_stray_at_the_next_tick(rigw: Rigw)
     rigw.loop.run(5.0)
     view = next(p for p in watcher._devices[0]["processes"] if p["pid"] == 100)
     assert view["owner"] == "stray" and rigw.procs.inspected.count(100) == 1
+
+
+# Which processes are still the ones read (ProcFs.same_processes): a pidfd, else a mark of /proc/PID.
+
+
+def sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux >= 5.3)")
+def test_a_process_read_in_full_is_pinned_by_a_pidfd_and_its_exit_is_seen() -> None:
+    child = sleeper()
+    procs = ProcFs()
+    try:
+        info = procs.inspect(child.pid)
+        assert info is not None and child.pid in procs._pidfds and child.pid not in procs._marks
+        assert procs.same_processes({child.pid: info.start_ticks}) == {child.pid}
+        assert procs.same_processes({child.pid: info.start_ticks + 1}) == set()  # another start: not it
+        assert child.pid not in procs._pidfds
+    finally:
+        child.kill()
+        child.wait()
+    info2 = procs.inspect(os.getpid())
+    assert info2 is not None
+    known = {child.pid: info.start_ticks, os.getpid(): info2.start_ticks}
+    assert procs.same_processes(known) == {os.getpid()}
+    procs.close()
+    assert procs._pidfds == {}
+
+
+def test_past_the_pidfd_budget_a_process_is_checked_by_its_mark() -> None:
+    child = sleeper()
+    procs = ProcFs(pidfd_max=0)
+    try:
+        info = procs.inspect(child.pid)
+        assert info is not None and procs._pidfds == {} and child.pid in procs._marks
+        assert procs.same_processes({child.pid: info.start_ticks}) == {child.pid}
+    finally:
+        child.kill()
+        child.wait()
+    assert procs.same_processes({child.pid: info.start_ticks}) == set()
+    assert child.pid not in procs._marks
+
+
+def test_a_proc_tree_that_is_not_the_real_one_gets_no_pidfds(fake_proc: Path) -> None:
+    write_proc(fake_proc, os.getpid())  # a real PID: a pidfd would name this very process
+    procs = ProcFs(root=str(fake_proc), clock_ticks=100)
+    assert procs.inspect(os.getpid()) is not None
+    assert procs._pidfds == {} and os.getpid() in procs._marks
+
+
+def test_a_pid_taken_over_in_the_same_clock_tick_is_read_again_for_its_mark(fake_proc: Path) -> None:
+    """The start time alone cannot tell a process from one that took over its PID within the same clock
+    tick; /proc/PID itself is new for the newcomer (here: another directory in its place)."""
+    write_proc(fake_proc, 4242, cgroup="0::/\n", start=5000)
+    procs = ProcFs(root=str(fake_proc), clock_ticks=100)
+    cache = w.ProcCache()
+    cache.check(procs, [4242])
+    first = cache.infos(procs, [4242], procs.pid_max(), NO_STEPS)
+    cache.check(procs, [4242])
+    assert cache.infos(procs, [4242], procs.pid_max(), NO_STEPS) is first, "unchanged: the same mapping"
+    write_proc(fake_proc / "new", 4242, cgroup="0::/gpujob.slice/gpujob-9.scope\n", start=5000)
+    (fake_proc / "4242").rename(fake_proc / "gone")  # kept, so its inode number is not handed out again
+    (fake_proc / "new" / "4242").rename(fake_proc / "4242")
+    cache.check(procs, [4242])
+    again = cache.infos(procs, [4242], procs.pid_max(), NO_STEPS)
+    old, new = first[4242], again[4242]
+    assert old is not None and new is not None and old.start_ticks == new.start_ticks == 5000
+    assert again is not first and new.unit == "gpujob-9.scope"
+
+
+REUSE_IN_A_PID_NAMESPACE = r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+from gpujobd.daemon.adapters.procfs import ProcFs
+
+def child():
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    return pid
+
+out = {}
+for name, pidfd_max in (("pidfd", 512), ("mark", 0)):
+    procs = ProcFs(pidfd_max=pidfd_max)
+    first = child()
+    info = procs.inspect(first)
+    os.kill(first, 9)
+    os.waitpid(first, 0)
+    for _ in range(5):  # the next PID handed out is the one just freed
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(first - 1))
+        second = child()
+        if second == first:
+            break
+        os.kill(second, 9)
+        os.waitpid(second, 0)
+    same = sorted(procs.same_processes({first: info.start_ticks}))  # as the next tick asks
+    stat = open(f"/proc/{second}/stat").read()
+    out[name] = {"reused": second == first, "same": same,
+                 "same_tick": int(stat[stat.rindex(")") + 2:].split()[19]) == info.start_ticks}
+    os.kill(second, 9)
+    os.waitpid(second, 0)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a private PID namespace needs root")
+def test_a_reused_pid_is_never_the_same_process_by_pidfd_or_by_mark() -> None:
+    """A real PID reuse, forced inside a private PID namespace (ns_last_pid): the process read, then a
+    newcomer with its PID, often started in the same clock tick. Neither check takes one for the other."""
+    checkout = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+                           REUSE_IN_A_PID_NAMESPACE, checkout], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0 and "unshare" in done.stderr:
+        pytest.skip(f"no private PID namespace here: {done.stderr.strip()[:200]}")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    for name in ("pidfd", "mark"):
+        assert out[name]["reused"], out
+        assert out[name]["same"] == [], out
+
+
+# The main loop's part when nothing changed.
+
+
+def test_a_snapshot_where_nothing_changed_is_not_judged_again(rigw: Rigw,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    populate(rigw)
+    judged: List[int] = []
+    real = Watcher._judge
+
+    def counting(self: Watcher, snapshot: w.Snapshot, live: Set[int]) -> Any:
+        judged.append(rigw.watcher.ticks)
+        return real(self, snapshot, live)
+
+    monkeypatch.setattr(Watcher, "_judge", counting)
+    watcher = rigw.start()
+    lists = [d["processes"] for d in watcher._devices]
+    memory = watcher.job_gpu_memory(7)
+    rigw.loop.run(5.0)
+    rigw.loop.run(5.0)
+    assert judged == [1] and watcher.ticks == 3
+    assert all(a is b for a, b in zip((d["processes"] for d in watcher._devices), lists))
+    assert watcher.job_gpu_memory(7) == memory == {UUID0: 3 << 30}
+    assert watcher.report()["strays"][0]["ticks"] == 3 and len(rigw.found) == 1 and rigw.cleared == []
+    # A device's own figures are read anew though its processes are the same.
+    rigw.nvml.devices[1] = Device(**{**rigw.nvml.devices[1].__dict__, "memory_used_bytes": 5 << 30})
+    rigw.loop.run(5.0)
+    assert judged == [1] and watcher.report()["devices"][1]["memory_used_bytes"] == 5 << 30
+    rigw.nvml.place(0, 4242, 1)  # NVML lists a new process: judged again, read in full
+    rigw.loop.run(5.0)
+    assert judged == [1, 5] and rigw.procs.inspected.count(4242) == 1
+    rigw.live.append(8)  # another live job: judged again
+    rigw.loop.run(5.0)
+    assert judged == [1, 5, 6] and watcher.job_gpu_memory(8) == {}
+
+
+def test_the_worker_hands_back_the_very_mapping_when_no_process_changed(rigw: Rigw) -> None:
+    populate(rigw)
+    cache = w.ProcCache()
+    first = w.collect(rigw.nvml, rigw.procs, NO_STEPS, cache)
+    second = w.collect(rigw.nvml, rigw.procs, NO_STEPS, cache)
+    assert first.processes and second.processes is first.processes
+    rigw.procs.add(proc(300, cgroup="/", start=4242))  # PID 300 is another process now
+    third = w.collect(rigw.nvml, rigw.procs, NO_STEPS, cache)
+    assert third.processes is not first.processes
+    old, new = first.processes[300], third.processes[300]
+    assert old is not None and new is not None and (old.start_ticks, new.start_ticks) == (1000, 4242)
+    assert rigw.procs.inspected.count(300) == 2 and rigw.procs.inspected.count(100) == 1

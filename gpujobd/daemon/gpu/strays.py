@@ -202,6 +202,7 @@ class Strays:
         self._on_found = on_found
         self._on_cleared = on_cleared
         self._strays: Dict[Tuple[int, int], _Stray] = {}
+        self._seen: Optional[Mapping[Tuple[int, int], Seen]] = None  # the latest `track`'s
 
     def __len__(self) -> int:
         return len(self._strays)
@@ -213,7 +214,16 @@ class Strays:
 
     # -- one good reading ----------------------------------------------------------------------------
     def track(self, seen: Mapping[Tuple[int, int], Seen], now: float, mono: float) -> None:
-        """This reading's strays (`seen`): new ones found, known ones one tick older, the rest cleared."""
+        """This reading's strays (`seen`): new ones found, known ones one tick older, the rest cleared.
+
+        `seen` is never changed once handed here: the watcher hands the very same mapping again when
+        nothing changed, and then every stray it holds is known and nothing is cleared, so each is
+        only one tick older."""
+        if seen is self._seen:
+            for known in self._strays.values():
+                known.ticks += 1
+            return
+        self._seen = seen
         for key, (info, who, gpus, indexes) in seen.items():
             stray = self._strays.get(key)
             if stray is None:

@@ -83,6 +83,10 @@ class NvmlPort(Protocol):
     def read(self, steps: Steps) -> NvmlReport: ...
 
 
+_Seen = Dict[Tuple[int, int], Seen]  # a tick's strays, by (pid, start ticks)
+_JobMemory = Dict[int, Dict[str, int]]  # job -> GPU key -> bytes
+
+
 @dataclass(frozen=True)
 class Snapshot:
     report: NvmlReport
@@ -94,17 +98,21 @@ class ProcCache:
     """What /proc said of each GPU process, kept per (PID, start time), on the worker thread only. At
     each tick the processes seen before are checked at once (`ProcPort.same_processes`: one poll of
     their pidfds); only a PID new to the lists, or one whose process changed, is read in full. PIDs
-    gone from NVML's lists are forgotten."""
+    gone from NVML's lists are forgotten. A tick whose every PID says what it said at the last tick
+    gets the last tick's mapping itself (`infos`), so the main loop can tell "nothing changed"."""
 
     def __init__(self) -> None:
         self._known: Dict[int, ProcInfo] = {}
+        self._starts: Dict[int, int] = {}  # pid -> start ticks of _known's, as same_processes takes them
         self._same: Set[int] = set()
+        self._last: Dict[int, Optional[ProcInfo]] = {}
 
     def check(self, procs: ProcPort, pids: Collection[int]) -> None:
         """Forget what NVML no longer lists; learn which known PIDs still name the same process."""
         if len(self._known) > len(pids) or not self._known.keys() <= set(pids):
             self._known = {pid: info for pid, info in self._known.items() if pid in pids}
-        self._same = procs.same_processes({pid: info.start_ticks for pid, info in self._known.items()})
+            self._starts = {pid: info.start_ticks for pid, info in self._known.items()}
+        self._same = procs.same_processes(self._starts)
 
     def known(self, pid: int) -> Optional[ProcInfo]:
         """What was read of `pid` before, if it still names the same process."""
@@ -114,9 +122,34 @@ class ProcCache:
         info = procs.inspect(pid)
         if info is None:
             self._known.pop(pid, None)
+            self._starts.pop(pid, None)
         else:
             self._known[pid] = info
+            self._starts[pid] = info.start_ticks
         return info
+
+    def infos(self, procs: ProcPort, pids: Collection[int], pid_max: int,
+              steps: Steps) -> Dict[int, Optional[ProcInfo]]:
+        """Every PID's ProcInfo (None: not a process here), after `check`: the last tick's mapping
+        itself when every PID's is the very one it was then."""
+        last = self._last
+        same = len(pids) == len(last)
+        infos: Dict[int, Optional[ProcInfo]] = {}
+        for pid in pids:
+            info = self.known(pid) if 0 < pid <= pid_max else None
+            if info is None and 0 < pid <= pid_max:
+                with steps.step(f"/proc/{pid}"):  # named, in case this read hangs
+                    info = self.read(procs, pid)
+            infos[pid] = info
+            if same and (last.get(pid, _ABSENT) is not info):
+                same = False
+        if same:
+            return last
+        self._last = infos
+        return infos
+
+
+_ABSENT = object()
 
 
 def collect(nvml: NvmlPort, procs: ProcPort, steps: Steps, cache: Optional[ProcCache] = None) -> Snapshot:
@@ -125,17 +158,10 @@ def collect(nvml: NvmlPort, procs: ProcPort, steps: Steps, cache: Optional[ProcC
     cache = cache if cache is not None else ProcCache()
     report = nvml.read(steps)
     pid_max = procs.pid_max()
-    infos: Dict[int, Optional[ProcInfo]] = {}
     pids = report.pids()
     with steps.step("/proc: the known processes"):
         cache.check(procs, pids)
-    for pid in pids:
-        info = cache.known(pid) if 0 < pid <= pid_max else None
-        if info is None and 0 < pid <= pid_max:
-            with steps.step(f"/proc/{pid}"):  # named, in case this read hangs
-                info = cache.read(procs, pid)
-        infos[pid] = info
-    return Snapshot(report=report, processes=infos, pid_max=pid_max)
+    return Snapshot(report=report, processes=cache.infos(procs, pids, pid_max, steps), pid_max=pid_max)
 
 
 class Watcher:
@@ -172,6 +198,7 @@ class Watcher:
                               on_cleared=self._stray_cleared)
         self._proc_cache = ProcCache()  # the worker thread's only
         self._views: Dict[Tuple[int, int], _Viewed] = {}  # (GPU, pid) -> its view at the last tick
+        self._applied: Optional[_Applied] = None  # what the last tick judged, and from what
         self._cancel_tick: Optional[Callable[[], None]] = None
         self._cancel_watchdog: Optional[Callable[[], None]] = None
         self._next_retry_s: Optional[float] = None
@@ -279,6 +306,29 @@ class Watcher:
     def _apply(self, snapshot: Snapshot) -> None:
         live = set(self._live_jobs())
         now, mono = self._clock(), self._monotonic()
+        last = self._applied
+        if last is not None and last.holds(snapshot, live):
+            # Nothing attribution depends on changed: every view, every job's memory and the strays
+            # seen are last tick's, as are the objects themselves; only the devices' own figures
+            # (memory, utilization) are new.
+            devices = [_device_view(device, processes)
+                       for device, processes in zip(snapshot.report.devices, last.process_views)]
+            seen, job_memory = last.seen, last.job_memory
+        else:
+            devices, seen, job_memory = self._judge(snapshot, live)
+            self._applied = _Applied.of(snapshot, live, devices, seen, job_memory)
+        self._report = snapshot.report
+        self._devices = devices
+        self._job_memory = job_memory
+        self._strays.track(seen, now, mono)
+        if self._config.gpu.kills_strays:
+            self._strays.police(mono)
+        if self.on_report is not None:
+            self.on_report()
+
+    def _judge(self, snapshot: Snapshot, live: Set[int]) -> Tuple[List[Dict[str, Any]], _Seen, _JobMemory]:
+        """Every process's attribution and view (each reused while what it depends on is the same),
+        the memory of every live job, and the strays seen."""
         devices: List[Dict[str, Any]] = []
         job_memory: Dict[int, Dict[str, int]] = {job_id: {} for job_id in live}
         seen: Dict[Tuple[int, int], Seen] = {}
@@ -301,14 +351,7 @@ class Watcher:
                     entry[3].append(device.index)
             devices.append(_device_view(device, processes))
         self._views = views
-        self._report = snapshot.report
-        self._devices = devices
-        self._job_memory = job_memory
-        self._strays.track(seen, now, mono)
-        if self._config.gpu.kills_strays:
-            self._strays.police(mono)
-        if self.on_report is not None:
-            self.on_report()
+        return devices, seen, job_memory
 
     def _viewed(self, gpu: int, process: GpuProcess, info: Optional[ProcInfo], live: Collection[int],
                 pid_max: int) -> _Viewed:
@@ -417,6 +460,40 @@ class _Viewed:
     job_live: bool  # whether that job was live when it was judged
     who: Attribution
     view: Dict[str, Any]  # shared with the report's devices: never changed once made
+
+
+@dataclass(frozen=True)
+class _Applied:
+    """What one tick judged (views, strays seen, jobs' memory) and what from: the PID -> ProcInfo
+    mapping, each device's process tuple and GPU key, the live jobs and pid_max. A next snapshot
+    holding the very same mapping and tuples (the worker's caches hand them back unchanged when
+    nothing changed) with the same live jobs would be judged the same, to the last object."""
+
+    processes: Mapping[int, Optional[ProcInfo]]
+    devices: Tuple[Tuple[int, str, Tuple[GpuProcess, ...]], ...]  # (index, GPU key, processes)
+    live: Set[int]
+    pid_max: int
+    process_views: Tuple[List[Dict[str, Any]], ...]  # each device's, shared with its view: never changed
+    seen: _Seen  # handed to Strays.track again: never changed
+    job_memory: _JobMemory  # never changed; job_gpu_memory hands out copies
+
+    @classmethod
+    def of(cls, snapshot: Snapshot, live: Set[int], devices: List[Dict[str, Any]], seen: _Seen,
+           job_memory: _JobMemory) -> _Applied:
+        return cls(processes=snapshot.processes,
+                   devices=tuple((d.index, gpu_key(d), d.processes) for d in snapshot.report.devices),
+                   live=live, pid_max=snapshot.pid_max,
+                   process_views=tuple(view["processes"] for view in devices), seen=seen,
+                   job_memory=job_memory)
+
+    def holds(self, snapshot: Snapshot, live: Set[int]) -> bool:
+        """Whether `snapshot` (with `live`) is what this was judged from."""
+        if snapshot.processes is not self.processes or snapshot.pid_max != self.pid_max or live != self.live:
+            return False
+        devices = snapshot.report.devices
+        return len(devices) == len(self.devices) and all(
+            device.processes is processes and device.index == index and gpu_key(device) == key
+            for device, (index, key, processes) in zip(devices, self.devices))
 
 
 def _process_view(process: GpuProcess, info: Optional[ProcInfo], who: Attribution) -> Dict[str, Any]:
