@@ -73,6 +73,18 @@ class _GLibScheduler:
             source) else None
 
 
+def _watch_readable(fd: int, callback: Callable[[], bool]) -> Callable[[], None]:
+    """Call `callback` on the main loop whenever `fd` is readable (or hung up) until it returns False;
+    returns the cancel."""
+    from gi.repository import GLib
+
+    source = GLib.unix_fd_add_full(GLib.PRIORITY_DEFAULT, fd,
+                                   GLib.IOCondition.IN | GLib.IOCondition.HUP | GLib.IOCondition.ERR,
+                                   lambda _fd, _condition: callback())
+    return lambda: GLib.source_remove(source) if GLib.main_context_default().find_source_by_id(
+        source) else None
+
+
 def run(config: Config) -> int:
     from gi.repository import Gio, GLib
     from pydbus import SystemBus
@@ -88,8 +100,9 @@ def run(config: Config) -> int:
     from gpujobd.daemon.gpu.watcher import Watcher
     from gpujobd.daemon.gpu.worker import Worker
     from gpujobd.daemon.manager import Manager
-    from gpujobd.daemon.spawner import RECORD_SUFFIX, RUNS_SUFFIX, JobFiles, Zygote
+    from gpujobd.daemon.spawner import RECORD_SUFFIX, RUNS_SUFFIX, JobFiles
     from gpujobd.daemon.store import Store
+    from gpujobd.daemon.zygote import Zygote
     from gpujobd.shared import api
     from gpujobd.shared.log import get_logger
     from gpujobd.shared.model import UNIT_PREFIX, Job
@@ -108,16 +121,17 @@ def run(config: Config) -> int:
     def reap(pid: int) -> None:
         GLib.child_watch_add(GLib.PRIORITY_DEFAULT, pid, lambda pid, status: None)
 
+    scheduler = _GLibScheduler()
     # One pre-started supervisor forks each job's (docs/design.md, "Starting a job"); the supervisors
     # it forks are its children, reaped by the kernel (it ignores SIGCHLD), not ours.
-    zygote = Zygote(config.daemon.zygote_timeout_s, on_started=reap)
+    zygote = Zygote(config.daemon.zygote_timeout_s, on_started=reap, watch_readable=_watch_readable,
+                    call_later=scheduler.call_later)
     zygote.start()
 
     def changed(job: Job) -> None:
         if service:
             service[0].job_changed(job)
 
-    scheduler = _GLibScheduler()
     job_units = JobUnits(systemd, config.daemon.slice, config.jobs.stop_timeout_s,
                          config.daemon.per_user_slices)
     # The GPU watcher: NVML and /proc are read on its one worker thread, never on this loop.

@@ -20,6 +20,7 @@ from gpujobd.daemon.gpu.strays import describe_strays
 from gpujobd.daemon.launch import supervisor_spec
 from gpujobd.daemon.outcome import RECORD_REASONS, decide_outcome, record_float
 from gpujobd.daemon.ports import (
+    GatePort,
     GpuPort,
     JobFilesPort,
     SchedulerPort,
@@ -242,17 +243,44 @@ class Manager(Queueing):
         return [("BindsTo", "as", [target.unit]), ("After", "as", [target.unit])]
 
     def _start(self, job: Job, properties: Sequence[Encoded]) -> None:
-        log_fd = self._files.create_log(job.id, job.uid, job.gid)
-        try:
-            gate = self._spawn(self._supervisor_spec(job), log_fd)
-        finally:
-            os.close(log_fd)
+        """Ask for the job's gated supervisor; its scope is started once it is forked (`_forked`)."""
+        spec = self._supervisor_spec(job)
         runtime = self._runtime.setdefault(job.id, Runtime())
-        runtime.gate = gate
-        self._systemd.start_scope(job, gate.pid, properties,
-                                  lambda result: self._scope_started(job.id, result))
         runtime.cancel_start_timer = self._scheduler.call_later(
             self._config.daemon.start_timeout_s, lambda: self._start_timed_out(job.id))
+        log_fd = self._files.create_log(job.id, job.uid, job.gid)
+        try:
+            self._spawn(spec, log_fd, lambda gate: self._forked(job.id, properties, gate),
+                        lambda error: self._fork_failed(job.id, error))
+        finally:
+            os.close(log_fd)
+
+    def _forked(self, job_id: int, properties: Sequence[Encoded], gate: GatePort) -> None:
+        runtime, job = self._runtime.get(job_id), self._store.get(job_id)
+        if runtime is None or job is None or job.state is not JobState.STARTING:
+            gate.abort()  # it ended (start timeout) or was stopped while its supervisor was forked
+            if runtime is not None and job is not None and job.state is JobState.STOPPING:
+                self._end_stopped_before_start(job)
+            return
+        runtime.gate = gate
+        self._systemd.start_scope(job, gate.pid, properties,
+                                  lambda result: self._scope_started(job_id, result))
+
+    def _fork_failed(self, job_id: int, error: str) -> None:
+        job = self._store.get(job_id)
+        if job is None or job_id not in self._runtime:
+            return
+        if job.state is JobState.STOPPING:
+            self._end_stopped_before_start(job)
+            return
+        self._abort_start(job_id, f"could not start the job's supervisor: {error}")
+
+    def _end_stopped_before_start(self, job: Job) -> None:
+        runtime = self._runtime.pop(job.id, Runtime())
+        if runtime.cancel_start_timer is not None:
+            runtime.cancel_start_timer()
+        self._end(job, Outcome(EndReason.STOPPED, detail=f"stopped by {job.stopped_by} before it started"),
+                  self._clock())
 
     def _supervisor_spec(self, job: Job) -> Dict[str, Any]:
         user = self._users.user_by_name(job.user)

@@ -136,4 +136,6 @@ class UsersPort(Protocol):
     def group_gid(self, name: str) -> Optional[int]: ...
 
 
-Spawn = Callable[[Dict[str, Any], int], GatePort]
+# spawn(supervisor spec, log fd, on_gate, on_error): a gated supervisor, asked for now and handed to
+# on_gate later on the main loop (or on_error(text)); a bad spec raises at once.
+Spawn = Callable[[Dict[str, Any], int, Callable[[GatePort], None], Callable[[str], None]], None]

@@ -2,9 +2,10 @@
 
 The daemon (root) keeps one `python3 -I .../gpujobd/supervisor.py --zygote` running (standard library
 only, so it runs as a script wherever the package is installed) and asks it to fork a gated supervisor
-per job (`Zygote`); `spawn_supervisor` starts a fresh interpreter instead. Either way the job's spec goes
-on a pipe, the gate. The supervisor blocks on that pipe until the daemon has put it into the job's
-scope and systemd has reported the scope active; only then does the daemon write the release line.
+per job (gpujobd.daemon.zygote); `spawn_supervisor` starts a fresh interpreter instead. Either way
+the job's spec goes on a pipe, the gate. The supervisor blocks on that pipe until the daemon has put
+it into the job's scope and systemd has reported the scope active; only then does the daemon write
+the release line.
 If the daemon dies first, the pipe closes without it and no user code ever runs.
 
 Every file here is opened relative to a directory descriptor of a root-owned directory, with
@@ -13,17 +14,15 @@ O_NOFOLLOW and, for new files, O_EXCL: no path a user controls is ever opened as
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
 import json
 import os
-import socket
 import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from gpujobd import supervisor
 from gpujobd.shared.errors import PermissionDenied
@@ -204,7 +203,7 @@ class Gate:
             self.fd = None
 
 
-_SUPERVISOR_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+SUPERVISOR_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
 def spawn_supervisor(spec: Dict[str, Any], log_fd: int) -> Gate:
@@ -212,17 +211,18 @@ def spawn_supervisor(spec: Dict[str, Any], log_fd: int) -> Gate:
     read_end, write_end = os.pipe()
     try:
         pid = os.posix_spawn(
-            sys.executable, [sys.executable, "-I", supervisor.__file__], _SUPERVISOR_ENV,
+            sys.executable, [sys.executable, "-I", supervisor.__file__], SUPERVISOR_ENV,
             file_actions=[(os.POSIX_SPAWN_DUP2, read_end, 0), (os.POSIX_SPAWN_DUP2, log_fd, 1),
                           (os.POSIX_SPAWN_DUP2, log_fd, 2)],
             setsid=True,
         )
     finally:
         os.close(read_end)
-    return _gated(pid, write_end, spec)
+    return gated(pid, write_end, spec)
 
 
-def _gated(pid: int, write_end: int, spec: Dict[str, Any]) -> Gate:
+def gated(pid: int, write_end: int, spec: Dict[str, Any]) -> Gate:
+    """The gate of supervisor `pid`, its spec written: it waits on the pipe for its release."""
     gate = Gate(pid=pid, fd=write_end)
     try:
         _write_all(write_end, supervisor.encode_spec(spec))
@@ -230,84 +230,6 @@ def _gated(pid: int, write_end: int, spec: Dict[str, Any]) -> Gate:
         gate.abort()
         raise
     return gate
-
-
-class ZygoteError(RuntimeError):
-    """The zygote did not fork a supervisor (it died, or fork failed in it)."""
-
-
-class Zygote:
-    """The daemon's end of the supervisor zygote (gpujobd/supervisor.py documents the protocol).
-
-    `spawn` asks it to fork one gated supervisor: a round trip of a fork, no interpreter start. A zygote
-    that died (killed, or never answered within `timeout_s`) is dropped and a new one started for the
-    same request; jobs already forked are unaffected, being no longer its business. `on_started(pid)`
-    gets each zygote's PID, for the daemon to reap it when it ends.
-    """
-
-    def __init__(self, timeout_s: float, on_started: Callable[[int], None]):
-        self._timeout_s = timeout_s
-        self._on_started = on_started
-        self._sock: Optional[socket.socket] = None
-        self.pid: Optional[int] = None
-
-    def start(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            pid = os.posix_spawn(
-                sys.executable, [sys.executable, "-I", supervisor.__file__, supervisor.ZYGOTE_ARG],
-                _SUPERVISOR_ENV, file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), 0)], setsid=True)
-        except OSError:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        ours.settimeout(self._timeout_s)
-        self._sock, self.pid = ours, pid
-        self._on_started(pid)
-
-    def close(self) -> None:
-        """Close the daemon's end: the zygote exits (its children live on)."""
-        if self._sock is not None:
-            self._sock.close()
-        self._sock, self.pid = None, None
-
-    def spawn(self, spec: Dict[str, Any], log_fd: int) -> Gate:
-        """A gated supervisor forked by the zygote; its stdout/stderr are the job's log."""
-        supervisor.spec_from_dict(spec)  # a bad spec fails here, before anything is forked
-        read_end, write_end = os.pipe()
-        try:
-            pid = self._fork(read_end, log_fd)
-        except BaseException:
-            os.close(write_end)
-            raise
-        finally:
-            os.close(read_end)
-        return _gated(pid, write_end, spec)
-
-    def _fork(self, gate_fd: int, log_fd: int) -> int:
-        for attempt in (1, 2):
-            if self._sock is None:
-                self.start()
-            try:
-                return self._ask(gate_fd, log_fd)
-            except (OSError, ValueError, ZygoteError):
-                self.close()  # dead, stuck or confused: the next try (or submit) starts a new one
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _ask(self, gate_fd: int, log_fd: int) -> int:
-        assert self._sock is not None
-        self._sock.sendmsg([supervisor.ZYGOTE_REQUEST],
-                           [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [gate_fd, log_fd]))])
-        answer = self._sock.recv(32)
-        if not answer:
-            raise ZygoteError("the supervisor zygote closed its socket")
-        pid = int(answer)
-        if pid <= 1:
-            raise ZygoteError("the supervisor zygote could not fork")
-        return pid
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -102,26 +102,42 @@ class FakeGate:
 
 
 class FakeSpawner:
-    """spawn(spec, log_fd) -> a gate; the supervisor it stands for blocks until released."""
+    """spawn(spec, log_fd, on_gate, on_error): a gate handed to on_gate at once, as if the zygote had
+    answered within the call; with `defer`, only when the test calls `answer` (or `fail_fork`). The
+    supervisor a gate stands for blocks until released."""
 
     def __init__(self, journal: Journal):
         self._journal = journal
         self.gates: Dict[int, FakeGate] = {}
         self.specs: Dict[int, Dict[str, Any]] = {}
         self.fail: Optional[Exception] = None
+        self.defer = False
+        self.unanswered: Dict[int, Tuple[Callable[[FakeGate], None], Callable[[str], None]]] = {}
         self._next_pid = 4000
 
-    def __call__(self, spec: Dict[str, Any], log_fd: int) -> FakeGate:
+    def __call__(self, spec: Dict[str, Any], log_fd: int, on_gate: Callable[[FakeGate], None],
+                 on_error: Callable[[str], None]) -> None:
         job_id = spec["job_id"]
         self._journal.note("spawn", job_id)
-        os.fstat(log_fd)  # the log is open while the supervisor is spawned
+        os.fstat(log_fd)  # the log is open while the supervisor is asked for
         if self.fail is not None:
             raise self.fail
+        self.specs[job_id] = spec
+        self.unanswered[job_id] = (on_gate, on_error)
+        if not self.defer:
+            self.answer(job_id)
+
+    def answer(self, job_id: int) -> FakeGate:
+        on_gate, _ = self.unanswered.pop(job_id)
         self._next_pid += 1
         gate = FakeGate(self._next_pid, job_id, self._journal)
         self.gates[job_id] = gate
-        self.specs[job_id] = spec
+        on_gate(gate)
         return gate
+
+    def fail_fork(self, job_id: int, error: str) -> None:
+        _, on_error = self.unanswered.pop(job_id)
+        on_error(error)
 
 
 class FakeSystemd:
@@ -639,6 +655,59 @@ def test_a_start_scope_failure_aborts_the_gate(rig: Rig) -> None:
     assert "UnitExists" in outcome.detail
     assert rig.gate(job.id).aborted and not rig.gate(job.id).released
     assert rig.scheduler.timers == {}
+
+
+# The zygote answers later, on the main loop (FakeSpawner.defer): the window between asking for a
+# supervisor and starting its scope.
+
+def test_the_scope_is_asked_for_only_once_the_supervisor_is_forked(rig: Rig) -> None:
+    rig.spawner.defer = True
+    job = rig.submit()
+    assert job.state is JobState.STARTING and rig.systemd.scopes == {} and rig.spawner.gates == {}
+    assert len(rig.scheduler.timers) == 1  # the start timer covers the fork too
+    gate = rig.spawner.answer(job.id)
+    assert job.unit in rig.systemd.scopes and not gate.released
+    rig.systemd.finish_start_job(job.unit, "done")
+    assert rig.job(job.id).state is JobState.RUNNING and gate.released and rig.job(job.id).pid == gate.pid
+
+
+def test_a_supervisor_that_cannot_be_forked_ends_the_job_start_failed(rig: Rig) -> None:
+    rig.spawner.defer = True
+    job = rig.submit()
+    rig.spawner.fail_fork(job.id, "the supervisor zygote did not answer within 5 s")
+    outcome = assert_final(rig.job(job.id), JobState.FAILED, EndReason.START_FAILED)
+    assert "could not start the job's supervisor: the supervisor zygote did not answer" in outcome.detail
+    assert rig.systemd.scopes == {} and rig.scheduler.timers == {}
+    assert rig.states(job.id) == [JobState.FAILED]
+
+
+@pytest.mark.parametrize("fork", ["answered", "failed"])
+def test_a_job_stopped_while_its_supervisor_is_forked_ends_stopped_without_a_scope(rig: Rig,
+                                                                                  fork: str) -> None:
+    rig.spawner.defer = True
+    job = rig.submit()
+    assert rig.manager.stop(OWNER, job.id) == api.STOP_STOPPING
+    assert rig.job(job.id).state is JobState.STOPPING
+    if fork == "answered":
+        gate = rig.spawner.answer(job.id)
+        assert gate.aborted and not gate.released
+    else:
+        rig.spawner.fail_fork(job.id, "the zygote died")
+    outcome = assert_final(rig.job(job.id), JobState.STOPPED, EndReason.STOPPED)
+    assert outcome.detail == f"stopped by {OWNER.user} before it started"
+    assert rig.systemd.scopes == {} and rig.scheduler.timers == {}
+    assert rig.states(job.id) == [JobState.STOPPING, JobState.STOPPED]
+
+
+def test_a_supervisor_forked_after_the_start_timed_out_is_aborted(rig: Rig) -> None:
+    rig.spawner.defer = True
+    job = rig.submit()
+    rig.scheduler.fire_all()
+    ended = rig.job(job.id)
+    assert_final(ended, JobState.FAILED, EndReason.START_FAILED)
+    gate = rig.spawner.answer(job.id)
+    assert gate.aborted and not gate.released
+    assert rig.systemd.scopes == {} and rig.job(job.id) == ended
 
 
 # ---------------------------------------------------------------------------------------------------

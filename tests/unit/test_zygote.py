@@ -3,38 +3,85 @@ supervisor, and its death costs the jobs it already forked nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import signal
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import Any, Callable, Dict, List
 
 import pytest
 
 from gpujobd import supervisor
-from gpujobd.daemon.spawner import Gate, Zygote
+from gpujobd.daemon.spawner import Gate
+from gpujobd.daemon.zygote import Zygote
 from tests.unit.test_supervisor import needs_root, spec_fields
 
 pytestmark = needs_root
 
 
+class Loop:
+    """The main loop's part, by hand: fd watches and timers, run by `run_until`."""
+
+    def __init__(self) -> None:
+        self.watches: List[List[Any]] = []  # [fd, callback, live]: a new watch may reuse a closed fd
+        self.timers: List[List[Any]] = []  # [deadline, callback, live]
+
+    def watch_readable(self, fd: int, callback: Callable[[], bool]) -> Callable[[], None]:
+        watch = [fd, callback, True]
+        self.watches.append(watch)
+        return lambda: watch.__setitem__(2, False)
+
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> Callable[[], None]:
+        timer = [time.monotonic() + seconds, callback, True]
+        self.timers.append(timer)
+        return lambda: timer.__setitem__(2, False)
+
+    def run_until(self, condition: Callable[[], bool], timeout_s: float = 10) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError("the condition never held")
+            self.watches = [watch for watch in self.watches if watch[2]]
+            readable, _, _ = select.select([watch[0] for watch in self.watches], [], [], 0.01)
+            for watch in [w for w in self.watches if w[0] in readable]:
+                if watch[2] and not watch[1]():
+                    watch[2] = False
+            for timer in [t for t in self.timers if t[2] and t[0] <= time.monotonic()]:
+                timer[2] = False
+                timer[1]()
+
+
 class Rig:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, timeout_s: float = 5.0) -> None:
         self.tmp_path = tmp_path
         self.started: List[int] = []
-        self.zygote = Zygote(5.0, on_started=self.started.append)
+        self.loop = Loop()
+        self.zygote = Zygote(timeout_s, on_started=self.started.append,
+                             watch_readable=self.loop.watch_readable, call_later=self.loop.call_later)
+        self.gates: Dict[int, Gate] = {}
+        self.errors: Dict[int, str] = {}
 
-    def spawn(self, job_id: int, argv: List[str]) -> Gate:
+    def ask(self, job_id: int, argv: List[str]) -> None:
+        """Ask for job_id's supervisor; its gate (or error) arrives while the loop runs."""
         state = self.tmp_path / f"state{job_id}"
         state.mkdir()
         fields = spec_fields(state, job_id=job_id, argv=argv, exit_record=str(state / "exit.json"),
                              runs_file=str(state / "runs"))
         log_fd = os.open(self.tmp_path / f"{job_id}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            return self.zygote.spawn(fields, log_fd)
+            self.zygote.spawn(fields, log_fd, lambda gate: self.gates.__setitem__(job_id, gate),
+                              lambda error: self.errors.__setitem__(job_id, error))
         finally:
             os.close(log_fd)
+
+    def spawn(self, job_id: int, argv: List[str]) -> Gate:
+        self.ask(job_id, argv)
+        self.loop.run_until(lambda: job_id in self.gates or job_id in self.errors)
+        assert job_id not in self.errors, self.errors[job_id]
+        return self.gates[job_id]
 
     def record(self, job_id: int, timeout_s: float = 20) -> dict:
         path = self.tmp_path / f"state{job_id}" / "exit.json"
@@ -130,3 +177,59 @@ def test_the_zygote_reaps_what_it_forks(rig: Rig) -> None:
     while Path(f"/proc/{gate.pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not Path(f"/proc/{gate.pid}").exists()  # no zombie left behind by the zygote
+
+
+def test_requests_are_answered_in_order_and_nothing_waits_for_the_fork(rig: Rig) -> None:
+    for job_id in range(10, 16):
+        rig.ask(job_id, ["sh", "-c", f"echo {job_id}"])
+    assert not rig.gates and not rig.errors  # asking returned without reading an answer
+    rig.loop.run_until(lambda: len(rig.gates) == 6)
+    assert not rig.errors
+    for gate in rig.gates.values():
+        assert _parent(gate.pid) == rig.started[0]
+        gate.release()
+    for job_id in range(10, 16):
+        assert rig.record(job_id)["exit_code"] == 0 and rig.log(job_id).strip() == str(job_id)
+
+
+def test_a_zygote_that_dies_with_requests_pending_is_replaced_and_they_are_asked_again(rig: Rig) -> None:
+    rig.zygote.start()
+    first = rig.started[0]
+    os.kill(first, signal.SIGSTOP)  # it cannot answer; then it dies with the requests unanswered
+    rig.ask(20, ["sh", "-c", "echo twenty"])
+    rig.ask(21, ["sh", "-c", "echo twenty-one"])
+    os.kill(first, signal.SIGKILL)
+    os.waitpid(first, 0)
+    rig.loop.run_until(lambda: len(rig.gates) + len(rig.errors) == 2)
+    assert not rig.errors and len(rig.started) == 2
+    for gate in rig.gates.values():
+        assert _parent(gate.pid) == rig.started[1]
+        gate.release()
+    assert rig.record(20)["exit_code"] == 0 and rig.record(21)["exit_code"] == 0
+    assert rig.log(20).strip() == "twenty" and rig.log(21).strip() == "twenty-one"
+
+
+def test_a_zygote_that_never_answers_fails_the_request_after_two_tries(tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o755)
+    rig = Rig(tmp_path, timeout_s=0.3)
+    try:
+        stopped = []
+
+        def stop_each_new_zygote() -> bool:
+            for pid in rig.started:
+                if pid not in stopped:
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.append(pid)
+            return 22 in rig.errors
+
+        rig.zygote.start()
+        stop_each_new_zygote()
+        rig.ask(22, ["sh", "-c", "echo never"])
+        rig.loop.run_until(stop_each_new_zygote, timeout_s=10)
+        assert "did not answer within 0.3 s" in rig.errors[22] and len(rig.started) == 2
+        assert 22 not in rig.gates and "never" not in rig.log(22)
+    finally:
+        for pid in rig.started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        rig.close()
