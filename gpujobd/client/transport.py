@@ -191,8 +191,11 @@ class Transport:
 
     def _open(self, what: str) -> DBusConnection:
         try:
-            # It says Hello to the bus itself (jeepney's DBusConnection does, on creation).
-            return open_dbus_connection(bus=self._bus or "SYSTEM", auth_timeout=self.call_timeout_s)
+            # It says Hello to the bus itself (jeepney's DBusConnection does, on creation). With unix
+            # fds negotiated, jeepney reads the rest of a message in one recvmsg; without, 4 KiB a
+            # read: a 1 MiB ReadLog reply took 256 reads, each followed by a parse attempt.
+            return open_dbus_connection(bus=self._bus or "SYSTEM", auth_timeout=self.call_timeout_s,
+                                        enable_fds=True)
         except (OSError, TimeoutError, ValueError, KeyError) as error:
             raise error_from_os(error, f"connecting to the bus ({what})", self.call_timeout_s) from None
 

@@ -934,8 +934,10 @@ def test_status_of_a_bound_job(fake, capsys):
     assert "stopped (signal 15 (SIGTERM), bound-job-ended: the job it was bound to ended)" in out
 
 
-def test_status_timeout_of_a_running_job_says_how_much_was_used(fake, capsys):
-    fake.add_job(id=7, timeout_s=60.0, started_at=time.time() - 58.3)
+def test_status_timeout_of_a_running_job_says_how_much_was_used(fake, capsys, monkeypatch):
+    now = time.time()
+    monkeypatch.setattr("gpujobd.cli.status.time.time", lambda: now)  # however slow the machine
+    fake.add_job(id=7, timeout_s=60.0, started_at=now - 58.3)
     assert run(fake, "status", "7") == 0
     assert "Timeout: 1min 0s (reached 97%)\n" in capsys.readouterr().out
 
