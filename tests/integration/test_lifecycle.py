@@ -315,3 +315,37 @@ def test_three_hundred_scopes_asked_for_at_once_all_start(ctl, few_pending_repli
     bad = [(job["id"], job["state"], job.get("detail")) for job in jobs.values()
            if job["state"] != "succeeded"]
     assert not bad, f"{len(bad)} tasks did not succeed, e.g. {bad[:3]}"
+
+
+@pytest.fixture
+def few_unit_rules(ctl) -> Iterator[None]:
+    """gpujobd allowed only 4 match rules of its own: past them it falls back to one rule for all units."""
+    original = CONFIG.read_text()
+    assert "[daemon]" not in original
+    try:
+        restart_daemon(f"{original}\n[daemon]\nunit_match_rules_max = 4\n")
+        yield
+    finally:
+        restart_daemon(original)
+
+
+def test_jobs_end_recorded_while_the_daemon_switches_to_the_broad_rule_and_back(ctl, few_unit_rules):
+    """60 tasks at once, 4 own rules: the broad PropertiesChanged subscription comes and goes many
+    times while scopes start and end, and no job's end may be lost in a switch."""
+    since = sh("date", "+%Y-%m-%d %H:%M:%S").stdout.strip()
+    submitted = ctl("alice", "submit", "--array", "0-59", "--", "sh", "-c",
+                    "sleep 0.$((GPUJOB_ARRAY_INDEX % 5))", check=True)
+    tasks = [int(line) for line in submitted.stdout.split()]
+    assert len(tasks) == 60
+
+    def ended() -> object:
+        jobs = json.loads(ctl("alice", "list", "--all", "--json", check=True).stdout)
+        mine = {job["id"]: job for job in jobs if job["id"] in tasks}
+        done = all(job["state"] in ("succeeded", "failed", "stopped", "timed-out", "lost")
+                   for job in mine.values())
+        return mine if len(mine) == len(tasks) and done else None
+
+    jobs = wait_for(ended, "the 60 tasks to end", timeout=60)
+    journal = sh("journalctl", "-u", "gpujobd", "--since", since, "--no-pager").stdout
+    assert "systemd.unit_rules_full" in journal  # the fallback did engage
+    assert [job["id"] for job in jobs.values() if job["state"] != "succeeded"] == []

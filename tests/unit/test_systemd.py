@@ -64,15 +64,15 @@ def test_a_unit_change_hands_on_only_the_state_properties_unpacked() -> None:
     adapter = Systemd(_NoBus(), "gpujob-")  # type: ignore[arg-type]
     adapter._on_unit_changed = lambda unit, changed: seen.append((unit, changed))
     adapter._watched["gpujob-7.scope"] = 1
-    path = unit_object_path("gpujob-7.scope")
-    adapter._properties_changed(path, _properties_changed(UNIT_IFACE, {
+    unit = "gpujob-7.scope"
+    adapter._properties_changed(unit, _properties_changed(UNIT_IFACE, {
         "ActiveState": ("s", "deactivating"), "SubState": ("s", "stop-sigterm"),
         "InactiveExitTimestamp": ("t", 123), "Names": ("as", ["gpujob-7.scope"])}))
-    adapter._properties_changed(path, _properties_changed(SCOPE_IFACE, {"Result": ("s", "timeout")}))
-    adapter._properties_changed(path, _properties_changed(UNIT_IFACE, {"CPUUsageNSec": ("t", 5)}))
-    adapter._properties_changed(path, _properties_changed("org.freedesktop.systemd1.Other",
+    adapter._properties_changed(unit, _properties_changed(SCOPE_IFACE, {"Result": ("s", "timeout")}))
+    adapter._properties_changed(unit, _properties_changed(UNIT_IFACE, {"CPUUsageNSec": ("t", 5)}))
+    adapter._properties_changed(unit, _properties_changed("org.freedesktop.systemd1.Other",
                                                           {"ActiveState": ("s", "x")}))
-    adapter._properties_changed(unit_object_path("gpujob-8.scope"), _properties_changed(
+    adapter._properties_changed("gpujob-8.scope", _properties_changed(
         UNIT_IFACE, {"ActiveState": ("s", "inactive")}))  # a unit not watched
     assert seen == [("gpujob-7.scope", {"ActiveState": "deactivating", "SubState": "stop-sigterm"}),
                     ("gpujob-7.scope", {"Result": "timeout"})]
@@ -118,3 +118,79 @@ def test_calls_past_the_cap_wait_and_go_out_in_order_as_replies_come_back() -> N
     assert [method for method, _, _ in bus.sent] == ["M0", "M1", "M2", "M3", "M4"]
     assert replies == [1, ("error", 0), 2, 3, 4]
     assert adapter._in_flight == 0 and not adapter._waiting_calls
+
+
+class _SignalBus:
+    """Subscriptions as GDBus keeps them: a signal queues one callback per subscription matching when
+    it arrives; a queued callback whose subscription is gone by the time it would run is skipped."""
+
+    def __init__(self) -> None:
+        self.subscriptions: dict = {}
+        self.queued: list = []
+        self._next = 0
+
+    def signal_subscribe(self, _sender, _iface, member, path, _arg0, _flags, callback) -> int:
+        self._next += 1
+        self.subscriptions[self._next] = (member, path, callback)
+        return self._next
+
+    def signal_unsubscribe(self, subscription: int) -> None:
+        del self.subscriptions[subscription]
+
+    def call(self, *args) -> None:  # AddMatch and the like: not answered here
+        pass
+
+    def arrive(self, unit: str, active_state: str) -> None:
+        path = unit_object_path(unit)
+        params = _properties_changed("org.freedesktop.systemd1.Unit", {"ActiveState": ("s", active_state)})
+        for number, (member, subscribed_path, _callback) in self.subscriptions.items():
+            if member == "PropertiesChanged" and subscribed_path in (None, path):
+                self.queued.append((number, path, params))
+
+    def run(self, callbacks: int = -1) -> None:
+        while self.queued and callbacks != 0:
+            callbacks -= 1
+            number, path, params = self.queued.pop(0)
+            if number in self.subscriptions:
+                self.subscriptions[number][2](self, "systemd", path, "props", "PropertiesChanged", params)
+
+
+def _adapter_with_a_full_rule_budget(bus: _SignalBus, seen: list):
+    from gpujobd.daemon.adapters.systemd import Systemd
+
+    adapter = Systemd(bus, "gpujob-", max_unit_rules=2)  # type: ignore[arg-type]
+    adapter.subscribe(lambda unit, changed: seen.append((unit, changed["ActiveState"])), lambda unit: None)
+    adapter.watch_unit("gpujob-1.scope")
+    adapter.watch_unit("gpujob-2.scope")  # both with a rule of their own: the budget is spent
+    return adapter
+
+
+def test_a_signal_queued_before_the_broad_subscription_came_is_still_handed_on() -> None:
+    bus, seen = _SignalBus(), []
+    adapter = _adapter_with_a_full_rule_budget(bus, seen)
+    bus.arrive("gpujob-1.scope", "inactive")  # only its own subscription matches now
+    adapter.watch_unit("gpujob-3.scope")  # past the budget: the broad subscription starts
+    bus.run()
+    assert seen == [("gpujob-1.scope", "inactive")]
+
+
+def test_with_the_broad_subscription_each_signal_is_handed_on_once() -> None:
+    bus, seen = _SignalBus(), []
+    adapter = _adapter_with_a_full_rule_budget(bus, seen)
+    adapter.watch_unit("gpujob-3.scope")
+    bus.arrive("gpujob-1.scope", "deactivating")  # its own and the broad subscription match
+    bus.arrive("gpujob-3.scope", "inactive")  # the broad one only
+    bus.arrive("gpujob-9.scope", "inactive")  # not watched
+    bus.run()
+    assert seen == [("gpujob-1.scope", "deactivating"), ("gpujob-3.scope", "inactive")]
+
+
+def test_a_signal_queued_before_the_broad_subscription_went_is_still_handed_on() -> None:
+    bus, seen = _SignalBus(), []
+    adapter = _adapter_with_a_full_rule_budget(bus, seen)
+    adapter.watch_unit("gpujob-3.scope")
+    bus.arrive("gpujob-1.scope", "inactive")  # its own subscription's callback, then the broad one's
+    bus.run(callbacks=1)
+    adapter.unwatch_unit("gpujob-3.scope")  # the broad subscription goes before its callback runs
+    bus.run()
+    assert seen == [("gpujob-1.scope", "inactive")]

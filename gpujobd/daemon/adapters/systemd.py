@@ -164,18 +164,24 @@ class Systemd:
             self._remove_match(self._broad_jobs)
             self._broad_jobs = None
 
+    # A unit's signal is handed on by exactly one subscription, decided by the unit alone: its own
+    # (it has one for as long as it is watched), else the broad one. Deciding by whether the broad
+    # subscription exists when a callback runs lost signals: GDBus queues one callback per matching
+    # subscription when the message arrives, and the broad one may have come or gone before they run
+    # (a burst past max_unit_rules left finished jobs `running`).
     def _unit_properties_changed(self, _con: Gio.DBusConnection, _sender: str, path: str, _iface: str,
                                  _signal: str, params: GLib.Variant) -> None:
-        if self._broad_props is None:  # else the broad subscription delivers it too
-            self._properties_changed(path, params)
+        self._properties_changed(_unit_name_from_path(path), params)
 
     def _any_properties_changed(self, _con: Gio.DBusConnection, _sender: str, path: str, _iface: str,
                                 _signal: str, params: GLib.Variant) -> None:
-        if path.startswith(self._unit_path_prefix):
-            self._properties_changed(path, params)
-
-    def _properties_changed(self, path: str, params: GLib.Variant) -> None:
+        if not path.startswith(self._unit_path_prefix):
+            return
         unit = _unit_name_from_path(path)
+        if unit in self._watched and self._watched[unit] is None:  # no subscription of its own
+            self._properties_changed(unit, params)
+
+    def _properties_changed(self, unit: str, params: GLib.Variant) -> None:
         if unit not in self._watched or self._on_unit_changed is None:
             return
         if params.get_child_value(0).get_string() not in (UNIT_IFACE, SCOPE_IFACE):
