@@ -39,23 +39,24 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    from gpujobd.shared.log import configure_logging, get_logger
+
     try:
         config = load_config(args.config)
     except ConfigError as err:
-        print(f"gpujobd: {err}", file=sys.stderr)
+        configure_logging()  # the file's own log settings are what could not be read: the defaults
+        get_logger().error("config.invalid", error=str(err))
         return err.exit_code
     if args.check_config:
         sys.stdout.write(dump_toml(config))
         return 0
-    from gpujobd.shared.log import configure_logging
-
     configure_logging(config.daemon.log_format, config.daemon.log_level)
     # pydbus logs every exception a method raises, with its traceback; the service logs its own
     # errors as events (api.error, api.internal_error), so silence the duplicate.
     logging.getLogger("pydbus").setLevel(logging.CRITICAL)
     if os.geteuid() != 0:
-        print("gpujobd: must run as root (it starts jobs as their users); "
-              "run it with `systemctl start gpujobd`", file=sys.stderr)
+        get_logger().error("daemon.not_root", hint="gpujobd starts jobs as their users, so it must run "
+                           "as root: run it with `systemctl start gpujobd`")
         return 1
     return run(config)
 
@@ -68,9 +69,7 @@ class _GLibScheduler:
             guarded(callback, "timer")()
             return False
 
-        source = GLib.timeout_add(int(seconds * 1000), fire)
-        return lambda: GLib.source_remove(source) if GLib.main_context_default().find_source_by_id(
-            source) else None
+        return _remover(GLib.timeout_add(int(seconds * 1000), fire))
 
 
 def _watch_readable(fd: int, callback: Callable[[], bool]) -> Callable[[], None]:
@@ -78,9 +77,15 @@ def _watch_readable(fd: int, callback: Callable[[], bool]) -> Callable[[], None]
     returns the cancel."""
     from gi.repository import GLib
 
-    source = GLib.unix_fd_add_full(GLib.PRIORITY_DEFAULT, fd,
-                                   GLib.IOCondition.IN | GLib.IOCondition.HUP | GLib.IOCondition.ERR,
-                                   lambda _fd, _condition: callback())
+    return _remover(GLib.unix_fd_add_full(GLib.PRIORITY_DEFAULT, fd,
+                                          GLib.IOCondition.IN | GLib.IOCondition.HUP | GLib.IOCondition.ERR,
+                                          lambda _fd, _condition: callback()))
+
+
+def _remover(source: int) -> Callable[[], None]:
+    """The cancel of a main-loop source: a no-op once the source is gone (fired, or returned False)."""
+    from gi.repository import GLib
+
     return lambda: GLib.source_remove(source) if GLib.main_context_default().find_source_by_id(
         source) else None
 

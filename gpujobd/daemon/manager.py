@@ -259,28 +259,16 @@ class Manager(Queueing):
         runtime, job = self._runtime.get(job_id), self._store.get(job_id)
         if runtime is None or job is None or job.state is not JobState.STARTING:
             gate.abort()  # it ended (start timeout) or was stopped while its supervisor was forked
-            if runtime is not None and job is not None and job.state is JobState.STOPPING:
-                self._end_stopped_before_start(job)
+            if runtime is not None:
+                self._abort_start(job_id, "")
             return
         runtime.gate = gate
         self._systemd.start_scope(job, gate.pid, properties,
                                   lambda result: self._scope_started(job_id, result))
 
     def _fork_failed(self, job_id: int, error: str) -> None:
-        job = self._store.get(job_id)
-        if job is None or job_id not in self._runtime:
-            return
-        if job.state is JobState.STOPPING:
-            self._end_stopped_before_start(job)
-            return
-        self._abort_start(job_id, f"could not start the job's supervisor: {error}")
-
-    def _end_stopped_before_start(self, job: Job) -> None:
-        runtime = self._runtime.pop(job.id, Runtime())
-        if runtime.cancel_start_timer is not None:
-            runtime.cancel_start_timer()
-        self._end(job, Outcome(EndReason.STOPPED, detail=f"stopped by {job.stopped_by} before it started"),
-                  self._clock())
+        if job_id in self._runtime:
+            self._abort_start(job_id, f"could not start the job's supervisor: {error}")
 
     def _supervisor_spec(self, job: Job) -> Dict[str, Any]:
         user = self._users.user_by_name(job.user)
@@ -328,8 +316,11 @@ class Manager(Queueing):
             self._systemd.stop_unit(job.unit)
         except Exception as err:
             log.warning("job.stop_after_failed_start_failed", job_id=job_id, error=str(err))
+        outcome = Outcome(EndReason.START_FAILED, detail=detail)
+        if job.state is JobState.STOPPING:  # stopped while its supervisor was being forked
+            outcome = Outcome(EndReason.STOPPED, detail=f"stopped by {job.stopped_by} before it started")
         if not job.state.is_final:
-            self._end(job, Outcome(EndReason.START_FAILED, detail=detail), self._clock())
+            self._end(job, outcome, self._clock())
 
     # -- ending ----------------------------------------------------------------------------------
     def on_unit_changed(self, unit: str, changed: Mapping[str, Any]) -> None:

@@ -2,11 +2,10 @@
 
 The daemon (root) keeps one `python3 -I .../gpujobd/supervisor.py --zygote` running (standard library
 only, so it runs as a script wherever the package is installed) and asks it to fork a gated supervisor
-per job (gpujobd.daemon.zygote); `spawn_supervisor` starts a fresh interpreter instead. Either way
-the job's spec goes on a pipe, the gate. The supervisor blocks on that pipe until the daemon has put
-it into the job's scope and systemd has reported the scope active; only then does the daemon write
-the release line.
-If the daemon dies first, the pipe closes without it and no user code ever runs.
+per job (gpujobd.daemon.zygote). The job's spec goes on a pipe, the gate. The supervisor blocks on
+that pipe until the daemon has put it into the job's scope and systemd has reported the scope active;
+only then does the daemon write the release line. If the daemon dies first, the pipe closes without
+it and no user code ever runs.
 
 Every file here is opened relative to a directory descriptor of a root-owned directory, with
 O_NOFOLLOW and, for new files, O_EXCL: no path a user controls is ever opened as root.
@@ -19,7 +18,6 @@ import errno
 import json
 import os
 import stat
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -204,21 +202,6 @@ class Gate:
 
 
 SUPERVISOR_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-
-
-def spawn_supervisor(spec: Dict[str, Any], log_fd: int) -> Gate:
-    """Start a gated supervisor; its stdout/stderr are the job's log, its stdin the gate."""
-    read_end, write_end = os.pipe()
-    try:
-        pid = os.posix_spawn(
-            sys.executable, [sys.executable, "-I", supervisor.__file__], SUPERVISOR_ENV,
-            file_actions=[(os.POSIX_SPAWN_DUP2, read_end, 0), (os.POSIX_SPAWN_DUP2, log_fd, 1),
-                          (os.POSIX_SPAWN_DUP2, log_fd, 2)],
-            setsid=True,
-        )
-    finally:
-        os.close(read_end)
-    return gated(pid, write_end, spec)
 
 
 def gated(pid: int, write_end: int, spec: Dict[str, Any]) -> Gate:

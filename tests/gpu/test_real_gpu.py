@@ -19,8 +19,8 @@ import pytest
 from gpujobd.daemon.adapters.nvml import Nvml
 from gpujobd.daemon.adapters.procfs import ProcFs
 from gpujobd.daemon.gpu.nvml_cli import bench_tick
+from gpujobd.daemon.gpu.reading import collect
 from gpujobd.daemon.gpu.report import NvmlUnavailable
-from gpujobd.daemon.gpu.watcher import collect
 from gpujobd.daemon.gpu.worker import NO_STEPS
 
 pytestmark = pytest.mark.gpu

@@ -9,7 +9,7 @@ import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Dict, Iterator, List
 
 import pytest
 
@@ -265,6 +265,18 @@ def _daemon_active() -> bool:
 
 
 
+def wait_all_ended(ctl, tasks: List[int], timeout: float) -> Dict[int, Dict]:
+    """alice's jobs `tasks`, once every one of them is in a final state."""
+    def ended() -> object:
+        jobs = json.loads(ctl("alice", "list", "--all", "--json", check=True).stdout)
+        mine = {job["id"]: job for job in jobs if job["id"] in tasks}
+        done = all(job["state"] in ("succeeded", "failed", "stopped", "timed-out", "lost")
+                   for job in mine.values())
+        return mine if len(mine) == len(tasks) and done else None
+
+    return wait_for(ended, f"the {len(tasks)} tasks to end", timeout=timeout)
+
+
 BUS_LIMITS = Path("/etc/dbus-1/system.d/zz-gpujobd-test-pending-replies.conf")
 PENDING_REPLIES_MAX = 16  # dbus-daemon's max_replies_per_connection in this test (default: 128)
 CALLS_IN_FLIGHT_MAX = 8  # gpujobd's daemon.systemd_calls_in_flight_max in this test
@@ -304,14 +316,7 @@ def test_three_hundred_scopes_asked_for_at_once_all_start(ctl, few_pending_repli
     tasks = [int(line) for line in submitted.stdout.split()]
     assert len(tasks) == 300
 
-    def ended() -> object:
-        jobs = json.loads(ctl("alice", "list", "--all", "--json", check=True).stdout)
-        mine = {job["id"]: job for job in jobs if job["id"] in tasks}
-        done = all(job["state"] in ("succeeded", "failed", "stopped", "timed-out", "lost")
-                   for job in mine.values())
-        return mine if len(mine) == len(tasks) and done else None
-
-    jobs = wait_for(ended, "the 300 tasks to end", timeout=120)
+    jobs = wait_all_ended(ctl, tasks, timeout=120)
     bad = [(job["id"], job["state"], job.get("detail")) for job in jobs.values()
            if job["state"] != "succeeded"]
     assert not bad, f"{len(bad)} tasks did not succeed, e.g. {bad[:3]}"
@@ -338,14 +343,7 @@ def test_jobs_end_recorded_while_the_daemon_switches_to_the_broad_rule_and_back(
     tasks = [int(line) for line in submitted.stdout.split()]
     assert len(tasks) == 60
 
-    def ended() -> object:
-        jobs = json.loads(ctl("alice", "list", "--all", "--json", check=True).stdout)
-        mine = {job["id"]: job for job in jobs if job["id"] in tasks}
-        done = all(job["state"] in ("succeeded", "failed", "stopped", "timed-out", "lost")
-                   for job in mine.values())
-        return mine if len(mine) == len(tasks) and done else None
-
-    jobs = wait_for(ended, "the 60 tasks to end", timeout=60)
+    jobs = wait_all_ended(ctl, tasks, timeout=60)
     journal = sh("journalctl", "-u", "gpujobd", "--since", since, "--no-pager").stdout
     assert "systemd.unit_rules_full" in journal  # the fallback did engage
     assert [job["id"] for job in jobs.values() if job["state"] != "succeeded"] == []

@@ -19,6 +19,7 @@ import pytest
 
 from gpujobd.daemon.adapters import users
 from gpujobd.daemon.adapters.procfs import ProcFs
+from gpujobd.daemon.gpu import reading
 from gpujobd.daemon.gpu import watcher as w
 from gpujobd.daemon.gpu.attribution import (
     Identity,
@@ -1281,7 +1282,7 @@ def test_a_pid_taken_over_in_the_same_clock_tick_is_read_again_for_its_mark(fake
     tick; /proc/PID itself is new for the newcomer (here: another directory in its place)."""
     write_proc(fake_proc, 4242, cgroup="0::/\n", start=5000)
     procs = ProcFs(root=str(fake_proc), clock_ticks=100)
-    cache = w.ProcCache()
+    cache = reading.ProcCache()
     cache.check(procs, [4242])
     first = cache.infos(procs, [4242], procs.pid_max(), NO_STEPS)
     cache.check(procs, [4242])
@@ -1358,7 +1359,7 @@ def test_a_snapshot_where_nothing_changed_is_not_judged_again(rigw: Rigw,
     judged: List[int] = []
     real = Watcher._judge
 
-    def counting(self: Watcher, snapshot: w.Snapshot, live: Set[int]) -> Any:
+    def counting(self: Watcher, snapshot: reading.Snapshot, live: Set[int]) -> Any:
         judged.append(rigw.watcher.ticks)
         return real(self, snapshot, live)
 
@@ -1386,12 +1387,12 @@ def test_a_snapshot_where_nothing_changed_is_not_judged_again(rigw: Rigw,
 
 def test_the_worker_hands_back_the_very_mapping_when_no_process_changed(rigw: Rigw) -> None:
     populate(rigw)
-    cache = w.ProcCache()
-    first = w.collect(rigw.nvml, rigw.procs, NO_STEPS, cache)
-    second = w.collect(rigw.nvml, rigw.procs, NO_STEPS, cache)
+    cache = reading.ProcCache()
+    first = reading.collect(rigw.nvml, rigw.procs, NO_STEPS, cache)
+    second = reading.collect(rigw.nvml, rigw.procs, NO_STEPS, cache)
     assert first.processes and second.processes is first.processes
     rigw.procs.add(proc(300, cgroup="/", start=4242))  # PID 300 is another process now
-    third = w.collect(rigw.nvml, rigw.procs, NO_STEPS, cache)
+    third = reading.collect(rigw.nvml, rigw.procs, NO_STEPS, cache)
     assert third.processes is not first.processes
     old, new = first.processes[300], third.processes[300]
     assert old is not None and new is not None and (old.start_ticks, new.start_ticks) == (1000, 4242)

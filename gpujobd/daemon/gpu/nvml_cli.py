@@ -12,8 +12,9 @@ from typing import Any, Callable, Dict, List, Optional
 from gpujobd.daemon.adapters.nvml import Nvml
 from gpujobd.daemon.adapters.procfs import ProcFs
 from gpujobd.daemon.gpu.attribution import ProcPort
+from gpujobd.daemon.gpu.reading import NvmlPort, collect
 from gpujobd.daemon.gpu.report import NvmlUnavailable, report_to_json
-from gpujobd.daemon.gpu.watcher import NvmlPort, Watcher, collect
+from gpujobd.daemon.gpu.watcher import Watcher
 from gpujobd.daemon.gpu.worker import NO_STEPS, Worker
 from gpujobd.shared.config import Config
 
