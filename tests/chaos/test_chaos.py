@@ -359,7 +359,10 @@ def _stuck_burst_jobs() -> str:
     for job in listed:
         if job.get("name", "").startswith("burst-") and job["state"] not in ("succeeded", "failed", "lost"):
             procs = Path(f"/sys/fs/cgroup/gpujob.slice/{job['unit']}/cgroup.procs")
-            pids = procs.read_text().split() if procs.exists() else []
+            try:
+                pids = procs.read_text().split()
+            except OSError:  # gone, or ENODEV: removed between open and read
+                pids = []
             ps = sh("ps", "-o", "pid,stat,wchan:24,args", "-p", ",".join(pids) or "1", check=False).stdout
             lines.append(f"job {job['id']} {job['state']} pids {pids}\n{ps}")
             for pid in pids:

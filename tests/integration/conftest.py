@@ -7,6 +7,7 @@ systemd they run only when GPUJOBD_TEST_HOST_SYSTEMD=1 says so explicitly.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -89,6 +90,10 @@ def scope_pids(unit: str) -> List[int]:
         return [int(p) for p in procs.read_text().split()]
     except FileNotFoundError:
         return []
+    except OSError as error:  # ENODEV: systemd removed the scope's cgroup between open and read
+        if error.errno == errno.ENODEV:
+            return []
+        raise
 
 
 def processes_matching(marker: str) -> List[int]:

@@ -11,6 +11,7 @@ Which packages: $GPUJOBD_DEB (installed first) and $GPUJOBD_DEB_UPGRADE (the upg
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -126,6 +127,10 @@ def scope_pids(unit: str) -> List[int]:
         return sorted(int(p) for p in (CGROUP / "gpujob.slice" / unit / "cgroup.procs").read_text().split())
     except FileNotFoundError:
         return []
+    except OSError as error:  # ENODEV: the cgroup was removed between open and read
+        if error.errno == errno.ENODEV:
+            return []
+        raise
 
 
 def alive(pid: int) -> bool:
