@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Iterator, List, Tuple
 
 from gpujobd.daemon.store import Store
-from gpujobd.shared.model import EndReason, JobSpec, JobState, Outcome, transition, unit_name
+from gpujobd.shared.model import JobSpec, Outcome, transition, unit_name
+from gpujobd.shared.states import EndReason, JobState
 
 PER_COPY = ("id", "unit", "created_at", "started_at", "ended_at")  # what each copy sets itself
 

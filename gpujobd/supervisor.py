@@ -28,7 +28,7 @@ RUN_ENV_VAR = "GPUJOB_RUN"
 LOG_PREFIX = "gpujob: "
 CGROUP_ROOT = "/sys/fs/cgroup"
 
-# These mirror gpujobd.shared.model.EndReason (tests check that they still do).
+# These mirror gpujobd.shared.states.EndReason (tests check that they still do).
 REASON_EXIT_CODE = "exit-code"
 REASON_SIGNAL = "signal"
 REASON_EXEC_FAILED = "exec-failed"

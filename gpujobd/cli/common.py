@@ -11,7 +11,7 @@ import sys
 from typing import Any, Callable, Dict, Iterable, Mapping
 
 from gpujobd.shared import errors
-from gpujobd.shared.model import JobState
+from gpujobd.shared.states import JobState
 
 PROG = "gpujobctl"
 EXIT_INTERRUPTED = errors.EXIT_INTERRUPTED

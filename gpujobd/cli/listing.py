@@ -15,7 +15,7 @@ from gpujobd.cli import common
 from gpujobd.cli.common import Job
 from gpujobd.cli.render import format_table
 from gpujobd.shared import api, errors, text
-from gpujobd.shared.model import JobState
+from gpujobd.shared.states import JobState
 
 _EPILOG = """\
 examples:

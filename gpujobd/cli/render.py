@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from gpujobd.shared.model import JobState
+from gpujobd.shared.states import JobState
 
 TAIL_WINDOW_BYTES = 64 * 1024  # status reads the log from this far before its end, when it can stat it
 MAX_SHOWN_PROCESSES = 20

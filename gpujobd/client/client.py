@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
 from gpujobd.client import outgoing
 from gpujobd.client.transport import DEFAULT_CALL_TIMEOUT_S, Transport
 from gpujobd.shared import api, errors, spec
-from gpujobd.shared.model import JobState
+from gpujobd.shared.states import JobState
 
 DEFAULT_FOLLOW_POLL_INTERVAL_S = 0.25
 DEFAULT_READ_BYTES = 1 << 20

@@ -11,7 +11,7 @@ import os
 from typing import Any, Dict, Mapping, Sequence, Tuple
 
 from gpujobd.shared import api, environment, errors, spec
-from gpujobd.shared.model import JobState
+from gpujobd.shared.states import JobState
 
 MAX_UINT32 = (1 << 32) - 1
 MAX_UINT64 = (1 << 64) - 1

@@ -27,7 +27,7 @@ from jeepney.low_level import Array, DictEntry, Struct, Variant, parse_signature
 
 from gpujobd.client import outgoing
 from gpujobd.shared import api, errors
-from gpujobd.shared.model import FINAL_STATES
+from gpujobd.shared.states import FINAL_STATES
 
 DEFAULT_CALL_TIMEOUT_S = 30.0
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Dict, Iterable, List, Optional
 
-from gpujobd.shared.model import Job, JobSpec, JobState
+from gpujobd.shared.model import Job, JobSpec
+from gpujobd.shared.states import JobState
 
 Lookup = Callable[[int], Optional[Job]]
 

@@ -22,7 +22,8 @@ from gpujobd.daemon import scheduler as sched
 from gpujobd.shared import text
 from gpujobd.shared.config import Config
 from gpujobd.shared.log import get_logger
-from gpujobd.shared.model import Job, JobState
+from gpujobd.shared.model import Job
+from gpujobd.shared.states import JobState
 
 log = get_logger()
 

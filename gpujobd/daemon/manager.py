@@ -37,16 +37,8 @@ from gpujobd.shared import api, text
 from gpujobd.shared.config import Config
 from gpujobd.shared.errors import InvalidArgument, NotFound, PermissionDenied, Refused
 from gpujobd.shared.log import get_logger
-from gpujobd.shared.model import (
-    EndReason,
-    Job,
-    JobSpec,
-    JobState,
-    Outcome,
-    final_state_for,
-    job_id_from_unit,
-    transition,
-)
+from gpujobd.shared.model import Job, JobSpec, Outcome, final_state_for, job_id_from_unit, transition
+from gpujobd.shared.states import EndReason, JobState
 
 log = get_logger()
 

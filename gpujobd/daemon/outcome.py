@@ -22,7 +22,8 @@ import dataclasses
 import signal
 from typing import Any, Dict, Mapping, Optional
 
-from gpujobd.shared.model import EndReason, Outcome
+from gpujobd.shared.model import Outcome
+from gpujobd.shared.states import EndReason
 from gpujobd.supervisor import PHASE_AFTER_LAST_RUN, PHASE_BETWEEN_RUNS
 
 SCOPE_RESULT_TIMEOUT = "timeout"

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from gpujobd.daemon.properties import Encoded
-from gpujobd.shared.model import Job, JobSpec, JobState
+from gpujobd.shared.model import Job, JobSpec
+from gpujobd.shared.states import JobState
 
 
 class GatePort(Protocol):

@@ -20,7 +20,8 @@ from gpujobd.daemon.validation import validate
 from gpujobd.shared.config import Config
 from gpujobd.shared.errors import GpujobdError, InvalidArgument, PermissionDenied
 from gpujobd.shared.log import get_logger
-from gpujobd.shared.model import EndReason, Job, JobSpec, JobState, Outcome, transition
+from gpujobd.shared.model import Job, JobSpec, Outcome, transition
+from gpujobd.shared.states import EndReason, JobState
 
 log = get_logger()
 

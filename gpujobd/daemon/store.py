@@ -25,7 +25,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 from gpujobd.daemon import store_rows as rows_codec
 from gpujobd.daemon.store_schema import MIGRATIONS, SCHEMA_VERSION
 from gpujobd.shared import errors
-from gpujobd.shared.model import EndReason, Job, JobSpec, JobState, unit_name
+from gpujobd.shared.model import Job, JobSpec, unit_name
+from gpujobd.shared.states import EndReason, JobState
 
 BUSY_TIMEOUT_S = 5.0
 MAX_JOB_ID = 2**63 - 1  # SQLite's largest integer

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Protocol, Tuple
 
 from gpujobd.shared import errors
-from gpujobd.shared.model import EndReason, Job, JobSpec, JobState, Outcome
+from gpujobd.shared.model import Job, JobSpec, Outcome
+from gpujobd.shared.states import EndReason, JobState
 
 
 class Row(Protocol):

@@ -1,7 +1,8 @@
 """Validation of a job spec: pure, all problems reported at once, no side effects.
 
-The options and their rules are declared in gpujobd.shared.spec; here they are run, together with
-what only the daemon can check (the resource properties against the admin's allowlist).
+The options and their rules are declared in gpujobd.shared.spec and run by gpujobd.shared.jobspec;
+here together with what only the daemon can check (the resource properties against the admin's
+allowlist).
 """
 
 from __future__ import annotations
@@ -9,17 +10,15 @@ from __future__ import annotations
 from typing import List
 
 from gpujobd.daemon.properties import Encoded, parse_properties, with_admin_limits
-from gpujobd.shared import spec as options
+from gpujobd.shared import jobspec
 from gpujobd.shared.config import Config, JobsConfig
 from gpujobd.shared.errors import InvalidArgument
-from gpujobd.shared.model import JobSpec
-
-MAX_TIMEOUT_S = options.MAX_TIMEOUT_S
+from gpujobd.shared.jobspec import JobSpec
 
 
 def validate(spec: JobSpec, jobs: JobsConfig) -> List[Encoded]:
     """Every problem of a spec at once, as one InvalidArgument; else its encoded properties."""
-    problems = options.problems(spec, jobs)
+    problems = jobspec.problems(spec, jobs)
     try:
         properties = with_admin_limits(spec.properties, parse_properties(spec.properties,
                                                                          jobs.allowed_properties),
@@ -34,4 +33,4 @@ def validate(spec: JobSpec, jobs: JobsConfig) -> List[Encoded]:
 
 def with_server_defaults(spec: JobSpec, config: Config) -> JobSpec:
     """Unset options the server has a default for (a loop's cap and delay, the GPU check) get it."""
-    return options.with_server_defaults(spec, config)
+    return jobspec.with_server_defaults(spec, config)

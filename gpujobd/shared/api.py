@@ -8,10 +8,13 @@ turn (signature, value) pairs into their library's variants).
 from __future__ import annotations
 
 import datetime
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 from gpujobd.shared import spec
-from gpujobd.shared.model import Job, JobState
+from gpujobd.shared.states import JobState
+
+if TYPE_CHECKING:  # the daemon encodes Job records; the client and gpujobctl never build one
+    from gpujobd.shared.model import Job
 
 BUS_NAME = "org.gpujobd1"
 OBJECT_PATH = "/org/gpujobd1"

@@ -3,36 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
 from dataclasses import dataclass
 from typing import Mapping, Optional, Tuple
 
-from gpujobd.shared.spec import JobSpec as JobSpec  # declared with the submit options
+from gpujobd.shared.jobspec import JobSpec as JobSpec  # one field per submit option
+from gpujobd.shared.states import FINAL_STATES, EndReason, JobState
 
 UNIT_PREFIX = "gpujob-"
 UNIT_SUFFIX = ".scope"
 
-
-class JobState(str, enum.Enum):
-    QUEUED = "queued"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    STOPPED = "stopped"
-    TIMED_OUT = "timed-out"
-    LOST = "lost"
-
-    @property
-    def is_final(self) -> bool:
-        return self in FINAL_STATES
-
-
-FINAL_STATES = frozenset(
-    {JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED, JobState.TIMED_OUT, JobState.LOST}
-)
-ACTIVE_STATES = frozenset({JobState.STARTING, JobState.RUNNING, JobState.STOPPING})
 
 # Legal moves. A final state is never left; QUEUED exists for the coming queue/allocation work.
 _TRANSITIONS: Mapping[JobState, frozenset] = {
@@ -41,23 +20,6 @@ _TRANSITIONS: Mapping[JobState, frozenset] = {
     JobState.RUNNING: frozenset({JobState.STOPPING} | FINAL_STATES),
     JobState.STOPPING: FINAL_STATES,
 }
-
-
-class EndReason(str, enum.Enum):
-    """Why a job ended; a tuner grades a failure by this and by how far it got."""
-
-    EXIT_CODE = "exit-code"  # the command exited by itself (code 0 included)
-    SIGNAL = "signal"  # the command was killed by a signal nobody here sent
-    TIMEOUT = "timeout"  # RuntimeMaxSec= was reached
-    OOM_KILL = "oom-kill"  # the kernel's OOM killer acted in the job's cgroup
-    STOPPED = "stopped"  # somebody ran `gpujobctl stop`
-    BOUND_JOB_ENDED = "bound-job-ended"  # the foreground job it was bound to ended
-    EXEC_FAILED = "exec-failed"  # the command could not be executed (not found, not executable)
-    CHDIR_FAILED = "chdir-failed"  # the user cannot enter the working directory
-    SETUP_FAILED = "setup-failed"  # dropping privileges or opening the log failed
-    START_FAILED = "start-failed"  # the scope never started, or the daemon died before release
-    DEPENDENCY_FAILED = "dependency-failed"  # a job it had to wait for (--after) did not succeed
-    LOST = "lost"  # no record of the end can exist; `detail` says why
 
 
 @dataclass(frozen=True)

@@ -4,37 +4,36 @@ An `Option` says all there is to say about one option: its key (the Python clien
 key in the Submit spec's a{sv} and the `JobSpec` field), its D-Bus signature, its default, its rules,
 its CLI flag and help, and its conditions (`loop_only`: only for background loops; `server_default`:
 the config key that fills it when unset; `pair`: where `submit_with_background` sends it; `max_items`:
-how many items one call may carry). `JobSpec`, the value the daemon works with, is declared here too,
-one field per option. Everything else is derived from `OPTIONS`:
+how many items one call may carry). Everything else is derived from `OPTIONS`:
 
 - `gpujobctl submit`'s flags (gpujobd.cli.submit builds them from `Option.cli`);
 - the client's keyword check and a{sv} encoding (`encode`);
-- the daemon's decoding of the wire into a `JobSpec` (`decode`), its server defaults
-  (`with_server_defaults`) and its validation (`problems`, run by gpujobd.daemon.validation).
+- the daemon's side, in gpujobd.shared.jobspec: `JobSpec` (one field per option), the decoding of
+  the wire into it, its server defaults and its validation (`problems`, run by
+  gpujobd.daemon.validation), with the rules declared here.
 
-Validation happens once, in the daemon: `problems` reports every problem at once, each naming the
-option and what to do. Both ends check the wire types (`wire_problem`): the client because a value
-that does not fit its signature cannot be sent, the daemon because any program can call it.
+Both ends check the wire types (`wire_problem`): the client because a value that does not fit its
+signature cannot be sent, the daemon because any program can call it.
 
 Pure data and functions: no D-Bus library here (the client and the service wrap (signature, value)
-pairs into their library's variants), nothing of gpujobd but other shared modules.
+pairs into their library's variants), nothing of gpujobd but other shared modules. gpujobctl imports
+this module on every submit, so its records are NamedTuples, not dataclasses: a frozen dataclass
+costs about a millisecond at import (it compiles its methods), a NamedTuple a tenth of that.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import math
 import os
 import types
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Mapping, NamedTuple, Optional, Tuple
 
 from gpujobd.shared import environment, text
 from gpujobd.shared.errors import InvalidArgument
 
 if TYPE_CHECKING:
-    from gpujobd.shared.config import Config, JobsConfig
+    from gpujobd.shared.config import JobsConfig
 
 # Limits on what one submission may carry.
 MAX_ARGV_ITEMS = 4096
@@ -50,8 +49,7 @@ Rule = Callable[[Any, "JobsConfig"], Optional[str]]  # (value, the server's jobs
 _NO_PAIRS: Mapping[str, str] = types.MappingProxyType({})
 
 
-@dataclass(frozen=True)
-class Cli:
+class Cli(NamedTuple):
     """How `gpujobctl submit` takes an option."""
 
     flags: Tuple[str, ...]  # () for the positional command after `--`
@@ -62,8 +60,7 @@ class Cli:
     group: str = ""  # a heading of `gpujobctl submit -h`
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):
     key: str  # the client's keyword, the wire key and the JobSpec field
     signature: str  # its D-Bus type on the wire
     cli: Cli
@@ -90,7 +87,7 @@ class Option:
 # --- rules: each returns what is wrong with a value and what to do, or None ---------------------------
 
 
-def _bytes(text_value: str) -> int:
+def utf8_bytes(text_value: str) -> int:
     return len(text_value.encode("utf-8", "surrogateescape"))
 
 
@@ -100,7 +97,7 @@ def _command(argv: Tuple[str, ...], jobs: JobsConfig) -> Optional[str]:
                 "gpujobctl submit -- python3 train.py")
     if any("\0" in word for word in argv):
         return "contains a NUL byte: remove it"
-    size = sum(_bytes(word) + 1 for word in argv)
+    size = sum(utf8_bytes(word) + 1 for word in argv)
     if size > jobs.max_argv_bytes:
         return (f"is {size} bytes long; at most {jobs.max_argv_bytes} are allowed (jobs.max_argv_bytes): "
                 "pass long lists in a file")
@@ -108,8 +105,8 @@ def _command(argv: Tuple[str, ...], jobs: JobsConfig) -> Optional[str]:
 
 
 def _absolute(path: str, jobs: JobsConfig) -> Optional[str]:
-    if _bytes(path) > jobs.max_cwd_bytes:
-        return (f"is {_bytes(path)} bytes long; at most {jobs.max_cwd_bytes} are allowed "
+    if utf8_bytes(path) > jobs.max_cwd_bytes:
+        return (f"is {utf8_bytes(path)} bytes long; at most {jobs.max_cwd_bytes} are allowed "
                 "(jobs.max_cwd_bytes): use a shorter path")
     if os.path.isabs(path) and "\0" not in path:
         return None
@@ -132,7 +129,7 @@ def _env_names(env: Mapping[str, str], jobs: JobsConfig) -> Optional[str]:
 
 def _property_values(properties: Mapping[str, str], jobs: JobsConfig) -> Optional[str]:
     long = [name for name, value in properties.items()
-            if _bytes(name) > 64 or _bytes(value) > jobs.max_property_bytes]
+            if utf8_bytes(name) > 64 or utf8_bytes(value) > jobs.max_property_bytes]
     if not long:
         return None
     return (f"has {', '.join(_shown(name, 40) for name in long[:5])} longer than a property name (64 bytes) "
@@ -276,37 +273,6 @@ OPTIONS: Tuple[Option, ...] = (
            rules=(_not_negative,), pair="fixed"),
 )
 
-@dataclass(frozen=True)
-class JobSpec:
-    """What a user asked for: one field per option of OPTIONS, in its order, with its default (a test
-    keeps the two in step). Validated (`problems`) before a job row exists."""
-
-    argv: Tuple[str, ...]
-    cwd: str
-    env: Mapping[str, str] = field(default_factory=dict)
-    env_clear: bool = False
-    name: str = ""
-    properties: Mapping[str, str] = field(default_factory=dict)
-    timeout_s: Optional[float] = None
-    # Background loops: the command runs up to max_runs times, restart_delay_s apart. None means
-    # "the server's default" until the manager has validated the spec; stored specs are concrete.
-    background: bool = False
-    max_runs: Optional[int] = None
-    restart_delay_s: Optional[float] = None
-    stop_on_failure: bool = False
-    bind_to: Optional[int] = None  # a foreground job whose end stops this one (BindsTo=)
-    # When a stray process holds one of the job's GPUs: off, refuse or wait; None until the manager
-    # fills in the server's gpu.prestart_check. Stored: a job queued across a restart waits again.
-    gpu_check: Optional[str] = None
-    # Scheduling (gpujobd.daemon.scheduler): whole GPUs, priority, dependencies, an array and its stagger.
-    gpus: int = 0
-    priority: int = 0
-    after: Tuple[int, ...] = ()
-    after_any: Tuple[int, ...] = ()
-    array: str = ""  # Slurm's syntax; each task of an array stores it (its %K is the array's limit)
-    stagger_s: Optional[float] = None
-
-
 BY_KEY: Mapping[str, Option] = {option.key: option for option in OPTIONS}
 SIGNATURES: Mapping[str, str] = {option.key: option.signature for option in OPTIONS}
 
@@ -395,43 +361,16 @@ def encode(values: Mapping[str, Any]) -> Dict[str, Tuple[str, Any]]:
         if problem is not None:
             problems.append(f"{option.label}: {problem}")
         else:
-            plain = _plain(option.signature, value)
+            held = plain(option.signature, value)
             # On the wire an array is a list: what every D-Bus library (jeepney included) takes.
-            wire[key] = (option.signature, list(plain) if isinstance(plain, tuple) else plain)
+            wire[key] = (option.signature, list(held) if isinstance(held, tuple) else held)
     if problems:
         raise InvalidArgument("; ".join(problems))
     return wire
 
 
-def decode(wire: Mapping[str, Any]) -> JobSpec:
-    """The daemon's side: the Submit spec's plain values -> a JobSpec (not yet validated).
-
-    Refuses unknown keys, missing required ones, values of the wrong type and lists or maps longer
-    than one call may carry (`max_items`), every one at once, before any other work.
-    """
-    problems = list(filter(None, [unknown_problem(wire, "spec field")]))
-    values: Dict[str, Any] = {}
-    for option in OPTIONS:
-        if option.key not in wire:
-            if option.required:
-                problems.append(f"{option.label} is missing: every job needs it")
-            values[option.key] = None if option.default is None else _plain(option.signature, option.default)
-            continue
-        problem = wire_problem(option.signature, wire[option.key])
-        if problem is not None:
-            problems.append(f"spec field {option.key!r}: {problem}")
-        elif option.max_items is not None and len(wire[option.key]) > option.max_items:
-            problems.append(f"{option.label} has {len(wire[option.key])} items; at most {option.max_items} "
-                            "are allowed in one call")
-        else:
-            values[option.key] = _plain(option.signature, wire[option.key])
-    if problems:
-        raise InvalidArgument("; ".join(problems))
-    values["argv"] = tuple(values["argv"])
-    return JobSpec(**values)
-
-
-def _plain(signature: str, value: Any) -> Any:
+def plain(signature: str, value: Any) -> Any:
+    """A wire value as gpujobd holds it: floats for d, tuples of ints for at, lists and dicts."""
     if signature == "d":
         return float(value)
     if signature == "as":
@@ -441,68 +380,3 @@ def _plain(signature: str, value: Any) -> Any:
     if signature == "a{ss}":
         return dict(value)
     return value
-
-
-# --- the daemon's side: defaults and validation ------------------------------------------------------------
-
-
-def applies(option: Option, spec: JobSpec) -> bool:
-    """Whether an option has a meaning for this spec (a loop-only one needs background)."""
-    return spec.background or not option.loop_only
-
-
-def with_server_defaults(spec: JobSpec, config: Config) -> JobSpec:
-    """Unset options with a server default (`server_default`) get the server's value."""
-    filled = {option.key: _config_value(config, option.server_default) for option in OPTIONS
-              if option.server_default and getattr(spec, option.key) is None and applies(option, spec)}
-    return dataclasses.replace(spec, **filled) if filled else spec
-
-
-def _config_value(config: Config, dotted: str) -> Any:
-    section, key = dotted.split(".")
-    return getattr(getattr(config, section), key)
-
-
-def problems(spec: JobSpec, jobs: JobsConfig) -> List[str]:
-    """Every problem of a spec, each naming the option and what to do; [] if none."""
-    found: List[str] = []
-    for option in OPTIONS:
-        value = getattr(spec, option.key)
-        if value is None:
-            continue
-        found += [f"{option.label} {problem}" for rule in option.rules
-                  for problem in [rule(value, jobs)] if problem is not None]
-    return _loop_problems(spec) + found + _size_problems(spec, jobs)
-
-
-def spec_bytes(spec: JobSpec) -> int:
-    """What a spec weighs: the bytes of its strings (the fixed-size numbers aside)."""
-    return (sum(_bytes(word) + 1 for word in spec.argv) + _bytes(spec.cwd) + environment.size_bytes(spec.env)
-            + _bytes(spec.name) + environment.size_bytes(spec.properties))
-
-
-def _size_problems(spec: JobSpec, jobs: JobsConfig) -> List[str]:
-    size = spec_bytes(spec)
-    if size <= jobs.max_spec_bytes:
-        return []
-    return [f"the job's spec is {size} bytes in all; at most {jobs.max_spec_bytes} are allowed "
-            "(jobs.max_spec_bytes): pass large inputs in files"]
-
-
-def _loop_problems(spec: JobSpec) -> List[str]:
-    found = []
-    if spec.stagger_s and not spec.array:
-        found.append(f"{BY_KEY['stagger_s'].label} spaces the starts of an array's tasks: give "
-                     f"{BY_KEY['array'].label} too")
-    return found + _background_problems(spec)
-
-
-def _background_problems(spec: JobSpec) -> List[str]:
-    if spec.background:
-        return []
-    given = [option.label for option in OPTIONS if option.loop_only
-             and option.given(getattr(spec, option.key)) and getattr(spec, option.key) != option.neutral]
-    if not given:
-        return []
-    verb = "apply" if len(given) > 1 else "applies"
-    return [f"{', '.join(given)} only {verb} to background loops: set {BY_KEY['background'].label} too"]

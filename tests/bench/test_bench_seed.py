@@ -7,7 +7,8 @@ from typing import List
 
 from benchmarks.seed import seed_ended_jobs
 from gpujobd.daemon.store import Store
-from gpujobd.shared.model import EndReason, Job, JobSpec, JobState, Outcome, transition, unit_name
+from gpujobd.shared.model import Job, JobSpec, Outcome, transition, unit_name
+from gpujobd.shared.states import EndReason, JobState
 
 NOW = 1_750_000_000.0
 HOUR = 3600.0

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from gpujobd.daemon import store, store_schema
-from gpujobd.shared.model import EndReason, Job, JobSpec, JobState, Outcome, transition
+from gpujobd.shared.model import Job, JobSpec, Outcome, transition
+from gpujobd.shared.states import EndReason, JobState
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "state-v1.sqlite3"
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z; every time in the file is T0 + a few seconds

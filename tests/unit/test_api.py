@@ -21,8 +21,9 @@ from gpujobd.daemon.adapters.dbus_service import ManagerService, decode_filter
 from gpujobd.daemon.manager import Caller
 from gpujobd.shared import api
 from gpujobd.shared.errors import InvalidArgument, NotFound
-from gpujobd.shared.model import EndReason, Job, JobSpec, JobState, Outcome
-from gpujobd.shared.spec import decode as decode_spec
+from gpujobd.shared.jobspec import decode as decode_spec
+from gpujobd.shared.model import Job, JobSpec, Outcome
+from gpujobd.shared.states import EndReason, JobState
 
 SNAPSHOT = Path(__file__).resolve().parent / "snapshots" / "introspection-v1.xml"
 NOW = 1_750_000_000.25

@@ -19,10 +19,10 @@ from gpujobd.cli import common, status
 from gpujobd.cli import main as cli
 from gpujobd.cli import render as cli_format
 from gpujobd.client import Client
-from gpujobd.shared import api, errors, spec
+from gpujobd.shared import api, errors, jobspec
 from gpujobd.shared import text as text_values
 from gpujobd.shared.config import Config
-from gpujobd.shared.model import JobState
+from gpujobd.shared.states import JobState
 
 SUCCEEDED = {"state": "succeeded", "reason": "exit-code", "exit_code": 0}
 
@@ -213,7 +213,7 @@ def gpujobd_problems(wire: Dict[str, Any]) -> List[str]:
     """What gpujobd, with its default configuration, finds wrong with a spec: the real declaration's
     decoding, server defaults and rules (not the allowlist of properties)."""
     config = Config()
-    return spec.problems(spec.with_server_defaults(spec.decode(wire), config), config.jobs)
+    return jobspec.problems(jobspec.with_server_defaults(jobspec.decode(wire), config), config.jobs)
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ from gpujobd.daemon.spawner import JobFiles
 from gpujobd.daemon.store import Store
 from gpujobd.shared import api, text
 from gpujobd.shared.errors import InvalidArgument, PermissionDenied, Refused
-from gpujobd.shared.model import EndReason, JobState, Outcome
+from gpujobd.shared.model import Outcome
+from gpujobd.shared.states import EndReason, JobState
 
 
 def test_a_user_at_the_active_job_cap_is_refused_naming_it(make_rig: MakeRig) -> None:

@@ -11,7 +11,7 @@ import pytest
 import structlog
 
 from gpujobd.shared import log
-from gpujobd.shared.model import JobState
+from gpujobd.shared.states import JobState
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 

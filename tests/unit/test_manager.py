@@ -26,14 +26,8 @@ from gpujobd.shared import api
 from gpujobd.shared.config import Config
 from gpujobd.shared.config_toml import config_from_mapping
 from gpujobd.shared.errors import InvalidArgument, NotFound, PermissionDenied
-from gpujobd.shared.model import (
-    EndReason,
-    Job,
-    JobSpec,
-    JobState,
-    Outcome,
-    unit_name,
-)
+from gpujobd.shared.model import Job, JobSpec, Outcome, unit_name
+from gpujobd.shared.states import EndReason, JobState
 
 NOW = 1_750_000_000.0
 NOBODY = pwd.getpwnam("nobody")

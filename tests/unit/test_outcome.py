@@ -8,7 +8,8 @@ import pytest
 
 from gpujobd import supervisor
 from gpujobd.daemon.outcome import decide_outcome
-from gpujobd.shared.model import EndReason, Job, JobSpec, JobState, final_state_for, transition
+from gpujobd.shared.model import Job, JobSpec, final_state_for, transition
+from gpujobd.shared.states import EndReason, JobState
 
 NOW = 1_750_000_000.0
 TIMEOUT = 60.0

@@ -16,7 +16,8 @@ from gpujobd.daemon.manager import Manager
 from gpujobd.daemon.store import Store
 from gpujobd.shared.config_toml import config_from_mapping
 from gpujobd.shared.errors import InvalidArgument, PermissionDenied
-from gpujobd.shared.model import EndReason, Job, JobState
+from gpujobd.shared.model import Job
+from gpujobd.shared.states import EndReason, JobState
 from tests.unit import test_manager as tm
 from tests.unit.test_manager import ADMIN, OWNER, SECOND, Rig, spec
 

@@ -13,7 +13,7 @@ import pytest
 from gpujobd.cli import main as cli
 from gpujobd.cli import submit as cli_submit
 from gpujobd.client import spec_values
-from gpujobd.shared import api, spec, text
+from gpujobd.shared import api, jobspec, spec, text
 from gpujobd.shared.config import Config, JobsConfig
 from gpujobd.shared.errors import InvalidArgument
 from gpujobd.shared.model import JobSpec
@@ -94,7 +94,7 @@ def test_what_the_client_encodes_the_daemon_decodes_to_the_same_spec() -> None:
     given.update(timeout_s=60, restart_delay_s=0)  # whole numbers of seconds are seconds too
     wire = spec.encode(given)
     assert {key: signature for key, (signature, _value) in wire.items()} == dict(api.SPEC_FIELDS)
-    decoded = spec.decode({key: value for key, (_signature, value) in wire.items()})
+    decoded = jobspec.decode({key: value for key, (_signature, value) in wire.items()})
     id_lists = {option.key: tuple(given[option.key]) for option in spec.OPTIONS if option.signature == "at"}
     assert decoded == JobSpec(**dict(given, argv=tuple(given["argv"]), timeout_s=60.0, restart_delay_s=0.0,
                                      **id_lists))
@@ -106,7 +106,7 @@ def test_options_at_their_default_are_not_sent_and_decode_to_the_default() -> No
     wire = spec.encode({"argv": ["true"], "cwd": "/", "name": "", "env": {}, "background": False,
                         "stop_on_failure": False, "max_runs": None})
     assert set(wire) == {"argv", "cwd"}
-    assert spec.decode({"argv": ["true"], "cwd": "/"}) == JobSpec(argv=("true",), cwd="/")
+    assert jobspec.decode({"argv": ["true"], "cwd": "/"}) == JobSpec(argv=("true",), cwd="/")
 
 
 @pytest.mark.parametrize("option", [option for option in spec.OPTIONS], ids=lambda option: option.key)
@@ -114,13 +114,13 @@ def test_decoding_refuses_a_wrong_type_naming_the_option(option: spec.Option) ->
     wire: Dict[str, Any] = {"argv": ["true"], "cwd": "/"}
     wire[option.key] = WRONG[option.signature]
     with pytest.raises(InvalidArgument) as caught:
-        spec.decode(wire)
+        jobspec.decode(wire)
     assert str(caught.value).startswith(f"spec field {option.key!r}: expected ")
 
 
 def test_decoding_reports_every_problem_at_once() -> None:
     with pytest.raises(InvalidArgument) as caught:
-        spec.decode({"argv": "true", "max_runs": 2.0, "timeout": 5})
+        jobspec.decode({"argv": "true", "max_runs": 2.0, "timeout": 5})
     message = str(caught.value)
     assert "unknown spec field 'timeout' (did you mean 'timeout_s'?)" in message
     assert "cwd (--cwd) is missing" in message
@@ -133,9 +133,9 @@ def test_decoding_reports_every_problem_at_once() -> None:
 
 def test_server_defaults_fill_only_what_applies_and_was_not_given() -> None:
     config = Config()
-    plain = spec.with_server_defaults(JobSpec(argv=("x",), cwd="/"), config)
+    plain = jobspec.with_server_defaults(JobSpec(argv=("x",), cwd="/"), config)
     assert (plain.max_runs, plain.restart_delay_s, plain.gpu_check) == (None, None, config.gpu.prestart_check)
-    loop = spec.with_server_defaults(JobSpec(argv=("x",), cwd="/", background=True, max_runs=4,
+    loop = jobspec.with_server_defaults(JobSpec(argv=("x",), cwd="/", background=True, max_runs=4,
                                              gpu_check="refuse"), config)
     assert (loop.max_runs, loop.restart_delay_s, loop.gpu_check) == (4, config.jobs.restart_delay_s, "refuse")
 
@@ -144,7 +144,7 @@ def test_every_broken_rule_is_reported_at_once_naming_the_option_and_what_to_do(
     jobs = JobsConfig(max_runs_limit=50, max_timeout_s=3600.0)
     broken = JobSpec(argv=(), cwd="rel", env={"A=B": "1"}, name="n" * 200, timeout_s=7200.0,
                      background=True, max_runs=51, restart_delay_s=-1.0, gpu_check="later")
-    assert spec.problems(broken, jobs) == [
+    assert jobspec.problems(broken, jobs) == [
         "argv (the command) is empty: give the program to run and its arguments, e.g. gpujobctl submit "
         "-- python3 train.py",
         "cwd (--cwd) is 'rel': give an absolute path",
@@ -158,7 +158,7 @@ def test_every_broken_rule_is_reported_at_once_naming_the_option_and_what_to_do(
     ]
     fixed = dataclasses.replace(broken, argv=("true",), cwd="/srv", env={}, name="n", timeout_s=60.0,
                                 max_runs=50, restart_delay_s=0.0, gpu_check="wait")
-    assert spec.problems(fixed, jobs) == []
+    assert jobspec.problems(fixed, jobs) == []
 
 
 @pytest.mark.parametrize(("given", "refused"), [
@@ -171,14 +171,14 @@ def test_every_broken_rule_is_reported_at_once_naming_the_option_and_what_to_do(
      ["restart_delay_s (--restart-delay)", "stop_on_failure (--stop-on-failure)"]),
 ])
 def test_loop_options_need_background(given: Dict[str, Any], refused: List[str]) -> None:
-    problems = spec.problems(JobSpec(argv=("x",), cwd="/", **given), JobsConfig())
+    problems = jobspec.problems(JobSpec(argv=("x",), cwd="/", **given), JobsConfig())
     if not refused:
         assert problems == []
         return
     verb = "apply" if len(refused) > 1 else "applies"
     assert problems == [f"{', '.join(refused)} only {verb} to background loops: set background "
                         "(--background) too"]
-    assert spec.problems(JobSpec(argv=("x",), cwd="/", background=True, **given), JobsConfig()) == []
+    assert jobspec.problems(JobSpec(argv=("x",), cwd="/", background=True, **given), JobsConfig()) == []
 
 
 @pytest.mark.parametrize(("key", "limit", "value"), [
@@ -187,16 +187,16 @@ def test_loop_options_need_background(given: Dict[str, Any], refused: List[str])
 ])
 def test_decoding_refuses_more_items_than_one_call_may_carry(key: str, limit: int, value: Any) -> None:
     wire = {"argv": ["true"], "cwd": "/"}
-    assert len(getattr(spec.decode(dict(wire, **{key: value(limit)})), key)) == limit
+    assert len(getattr(jobspec.decode(dict(wire, **{key: value(limit)})), key)) == limit
     with pytest.raises(InvalidArgument) as caught:
-        spec.decode(dict(wire, **{key: value(limit + 1)}))
+        jobspec.decode(dict(wire, **{key: value(limit + 1)}))
     assert f"{spec.BY_KEY[key].label} has {limit + 1} items; at most {limit} are allowed" in str(caught.value)
 
 
 def test_too_long_a_command_line_is_refused() -> None:
     jobs = JobsConfig()
-    assert spec.problems(JobSpec(argv=("x" * (spec.MAX_ARG_BYTES - 1),), cwd="/"), jobs) == []
-    assert spec.problems(JobSpec(argv=("x" * spec.MAX_ARG_BYTES,), cwd="/"), jobs) == [
+    assert jobspec.problems(JobSpec(argv=("x" * (spec.MAX_ARG_BYTES - 1),), cwd="/"), jobs) == []
+    assert jobspec.problems(JobSpec(argv=("x" * spec.MAX_ARG_BYTES,), cwd="/"), jobs) == [
         f"argv (the command) is {spec.MAX_ARG_BYTES + 1} bytes long; at most {spec.MAX_ARG_BYTES} are "
         "allowed (jobs.max_argv_bytes): pass long lists in a file"]
 
@@ -204,19 +204,19 @@ def test_too_long_a_command_line_is_refused() -> None:
 def test_every_stored_field_is_bounded_by_a_named_key() -> None:
     jobs = JobsConfig()
     huge = "x" * (jobs.max_env_bytes + 1)
-    found = spec.problems(JobSpec(argv=("true",), cwd="/" + "d" * jobs.max_cwd_bytes, env={"V": huge},
+    found = jobspec.problems(JobSpec(argv=("true",), cwd="/" + "d" * jobs.max_cwd_bytes, env={"V": huge},
                                   properties={"MemoryMax": "1" * 300}), jobs)
     text = "; ".join(found)
     for key in ("jobs.max_cwd_bytes", "jobs.max_env_bytes", "jobs.max_property_bytes"):
         assert key in text, f"{key} not named in {text[:300]}"
     small = JobsConfig(max_spec_bytes=8192)
-    assert spec.problems(JobSpec(argv=("true",), cwd="/", env={"V": "v" * 9000}), small) == [
+    assert jobspec.problems(JobSpec(argv=("true",), cwd="/", env={"V": "v" * 9000}), small) == [
         "the job's spec is 9009 bytes in all; at most 8192 are allowed (jobs.max_spec_bytes): pass large "
         "inputs in files"]
 
 
 def test_a_restart_delay_that_overflows_the_supervisor_is_refused() -> None:
-    found = spec.problems(JobSpec(argv=("true",), cwd="/", background=True, restart_delay_s=1e300),
+    found = jobspec.problems(JobSpec(argv=("true",), cwd="/", background=True, restart_delay_s=1e300),
                           JobsConfig())
     assert found == ["restart_delay_s (--restart-delay) is 1e+300: give 0 or more seconds, at most "
                      "3153600000"]
@@ -300,6 +300,6 @@ def test_job_id_lists_and_priorities() -> None:
 
 
 def test_stagger_needs_an_array() -> None:
-    found = spec.problems(JobSpec(argv=("x",), cwd="/", stagger_s=1.0), JobsConfig())
+    found = jobspec.problems(JobSpec(argv=("x",), cwd="/", stagger_s=1.0), JobsConfig())
     assert found == ["stagger_s (--stagger) spaces the starts of an array's tasks: give array (--array) too"]
-    assert spec.problems(JobSpec(argv=("x",), cwd="/", array="0-3", stagger_s=1.0), JobsConfig()) == []
+    assert jobspec.problems(JobSpec(argv=("x",), cwd="/", array="0-3", stagger_s=1.0), JobsConfig()) == []

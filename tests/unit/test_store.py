@@ -15,7 +15,8 @@ import pytest
 from gpujobd.daemon import store, store_schema
 from gpujobd.daemon.store import Store
 from gpujobd.shared import errors
-from gpujobd.shared.model import EndReason, Job, JobSpec, JobState, Outcome, transition, unit_name
+from gpujobd.shared.model import Job, JobSpec, Outcome, transition, unit_name
+from gpujobd.shared.states import EndReason, JobState
 
 FIXTURE_V1 = Path(__file__).resolve().parent.parent / "data" / "state-v1.sqlite3"
 NOW = 1_750_000_000.0

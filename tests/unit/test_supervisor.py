@@ -19,7 +19,7 @@ from typing import Callable, List, Optional
 import pytest
 
 from gpujobd import supervisor
-from gpujobd.shared import model
+from gpujobd.shared import states
 from gpujobd.supervisor import SpecError
 
 REPO_ROOT = Path(supervisor.__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def spec_fields(state_dir: Path, **overrides: object) -> dict:
 def test_reasons_mirror_the_model() -> None:
     for name in ("EXIT_CODE", "SIGNAL", "EXEC_FAILED", "CHDIR_FAILED", "SETUP_FAILED", "START_FAILED",
                  "LOST"):
-        assert getattr(supervisor, f"REASON_{name}") == getattr(model.EndReason, name).value
+        assert getattr(supervisor, f"REASON_{name}") == getattr(states.EndReason, name).value
 
 
 def test_supervisor_imports_only_the_standard_library() -> None:

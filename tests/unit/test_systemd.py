@@ -41,7 +41,8 @@ def test_a_users_sub_slice_nests_under_the_jobs_slice() -> None:
 
 def test_the_description_escapes_control_characters() -> None:
     from gpujobd.daemon.adapters.systemd import scope_description
-    from gpujobd.shared.model import Job, JobSpec, JobState
+    from gpujobd.shared.model import Job, JobSpec
+    from gpujobd.shared.states import JobState
     job = Job(id=3, user="bob", uid=1001, gid=1001, spec=JobSpec(argv=("echo", "\x1b[2J\nevent=x"), cwd="/"),
               state=JobState.STARTING, created_at=0.0)
     assert scope_description(job) == "gpujob 3 of bob: echo \\x1b[2J\\x0aevent=x"

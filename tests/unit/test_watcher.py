@@ -38,7 +38,7 @@ from gpujobd.daemon.store import Store
 from gpujobd.shared.config import Config
 from gpujobd.shared.config_toml import config_from_mapping
 from gpujobd.shared.errors import InvalidArgument, Refused
-from gpujobd.shared.model import EndReason, JobState
+from gpujobd.shared.states import EndReason, JobState
 from tests.unit import test_manager as tm
 from tests.unit.test_manager import OWNER, Rig, spec
 
@@ -1052,17 +1052,16 @@ def test_a_live_jobs_wire_form_carries_its_gpu_memory() -> None:
 
 
 def test_the_gpu_check_of_a_spec() -> None:
-    from gpujobd.shared import api, config
-    from gpujobd.shared import spec as options
+    from gpujobd.shared import api, config, jobspec
 
     assert api.GPU_CHECKS == config.PRESTART_CHECKS
-    assert options.decode({"argv": ["true"], "cwd": "/", "gpu_check": "wait"}).gpu_check == "wait"
-    assert options.decode({"argv": ["true"], "cwd": "/"}).gpu_check is None
-    sometimes = options.decode({"argv": ["true"], "cwd": "/", "gpu_check": "sometimes"})
-    assert options.problems(sometimes, config.JobsConfig()) == [
+    assert jobspec.decode({"argv": ["true"], "cwd": "/", "gpu_check": "wait"}).gpu_check == "wait"
+    assert jobspec.decode({"argv": ["true"], "cwd": "/"}).gpu_check is None
+    sometimes = jobspec.decode({"argv": ["true"], "cwd": "/", "gpu_check": "sometimes"})
+    assert jobspec.problems(sometimes, config.JobsConfig()) == [
         "gpu_check (--gpu-check) is 'sometimes': give one of off, refuse, wait"]
     with pytest.raises(InvalidArgument, match="'gpu_check': expected a string"):
-        options.decode({"argv": ["true"], "cwd": "/", "gpu_check": 1})
+        jobspec.decode({"argv": ["true"], "cwd": "/", "gpu_check": 1})
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,10 +20,11 @@ from pydbus.registration import ObjectRegistration, ObjectWrapper
 
 from gpujobd import __version__
 from gpujobd.daemon.manager import Caller, Manager
-from gpujobd.shared import api, spec
+from gpujobd.shared import api, jobspec
 from gpujobd.shared.errors import GpujobdError, Internal, InvalidArgument, PermissionDenied
 from gpujobd.shared.log import get_logger
-from gpujobd.shared.model import Job, JobState
+from gpujobd.shared.model import Job
+from gpujobd.shared.states import JobState
 
 log = get_logger()
 CALLER_CACHE_SIZE = 4096
@@ -138,14 +139,14 @@ class ManagerService:
     @on_the_wire
     def Submit(self, wire: Mapping[str, Any], dbus_context: Any = None) -> GLib.Variant:
         caller = self._caller(dbus_context)
-        job = self._manager.submit(caller, spec.decode(wire))
+        job = self._manager.submit(caller, jobspec.decode(wire))
         return GLib.Variant.new_tuple(_vardict(self._encode(job, caller)))
 
     # SubmitAll and Resubmit reply with the new ids only: an array may have thousands of tasks, and
     # no reply may outgrow the bus's message limit (the client reads the jobs with Get).
     @on_the_wire
     def SubmitAll(self, wire: Mapping[str, Any], dbus_context: Any = None) -> List[int]:
-        return [job.id for job in self._manager.submit_all(self._caller(dbus_context), spec.decode(wire))]
+        return [job.id for job in self._manager.submit_all(self._caller(dbus_context), jobspec.decode(wire))]
 
     @on_the_wire
     def Resubmit(self, job_id: int, with_dependents: bool, dbus_context: Any = None) -> List[int]:
@@ -161,7 +162,7 @@ class ManagerService:
 
     @on_the_wire
     def Validate(self, wire: Mapping[str, Any], dbus_context: Any = None) -> None:
-        self._manager.validate(self._caller(dbus_context), spec.decode(wire))
+        self._manager.validate(self._caller(dbus_context), jobspec.decode(wire))
 
     @on_the_wire
     def Stop(self, job_id: int, dbus_context: Any = None) -> str:
