@@ -15,7 +15,7 @@ from benchmarks import scopes
 from benchmarks.params import Params
 from benchmarks.stats import Dist, Row, check
 from benchmarks.testbed import LIBDIR, SYSTEM_PYTHON, Testbed
-from benchmarks.timing import command_dist, run_timed
+from benchmarks.timing import interleaved, repeat, run_timed
 
 SECTION = "submit"
 _PROBE = (
@@ -34,18 +34,21 @@ def run(bed: Testbed, p: Params) -> List[Row]:
     client_dist, client_run = _agent(bed, p)
     call, active = scopes.start_latency(p.submit_runs, p.submit_warmup)
     _call, paced = scopes.start_latency(p.submit_runs, p.submit_warmup, scopes.PACED_PAUSE_S)
+    ours, *peers = interleaved([
+        ("gpujobctl submit -- true", lambda: _cli_submit(bed)),
+        ("systemd-run --scope true (root)",
+         lambda: run_timed(["systemd-run", "--scope", "-q", "true"]).seconds),
+        ("tsp -f true (task-spooler, user)", lambda: run_timed(["tsp", "-f", "true"], bed.user).seconds),
+        _floor(bed, f"floor: python3 -I -c 'import' of the {len(third_party)} modules gpujobctl loads, "
+               "gpujobd's own excluded", third_party),
+        _floor(bed, f"floor + gpujobd's own {len(modules) - len(third_party)} modules", modules),
+    ], p.submit_runs, p.submit_warmup)
+    for peer, names in ((peers[2], third_party), (peers[3], modules)):
+        peer.detail["modules"] = list(names)
     return [
-        Row(SECTION, "submit.cli", "`gpujobctl submit -- true`, process start to exit (user)",
-            _cli_submit(bed, p),
-            [command_dist("systemd-run --scope true (root)", ["systemd-run", "--scope", "-q", "true"],
-                          p.submit_runs, p.submit_warmup),
-             command_dist("tsp -f true (task-spooler, user)", ["tsp", "-f", "true"],
-                          p.submit_runs, p.submit_warmup, bed.user),
-             _floor(bed, p, f"floor: python3 -I -c 'import' of the {len(third_party)} modules "
-                    "gpujobctl loads, gpujobd's own excluded", third_party),
-             _floor(bed, p, f"floor + gpujobd's own {len(modules) - len(third_party)} modules",
-                    modules)],
-            note="the floors are the interpreter start and imports gpujobctl cannot avoid"),
+        Row(SECTION, "submit.cli", "`gpujobctl submit -- true`, process start to exit (user)", ours, peers,
+            note="the floors are the interpreter start and imports gpujobctl cannot avoid; each run of "
+                 "the five commands in turn, so the machine's drift moves them alike"),
         Row(SECTION, "submit.client", "`Client().submit(['true'])` from a warm process (user)",
             client_dist, [call], note="the limit: one raw StartTransientUnit call, warm"),
         Row(SECTION, "submit.cli_to_running", "`gpujobctl submit -- date`: process start until "
@@ -56,9 +59,7 @@ def run(bed: Testbed, p: Params) -> List[Row]:
                            p, bed)]),
         Row(SECTION, "submit.client_to_running", "`Client().submit()` until the command runs (warm, "
             f"each submit {scopes.PACED_PAUSE_S * 1000:g} ms after the last job ended)",
-            client_run, [paced, active, _floor(bed, p, "a supervisor's interpreter start (python3 -I, "
-                                        "gpujobd.supervisor imported), off the path since the zygote forks "
-                                        "supervisors", ["gpujobd.supervisor"])],
+            client_run, [paced, active, _supervisor_floor(bed, p)],
             note="the limit: raw StartTransientUnit until the scope is active, paced as gpujobd's submits "
                  "(the ratio), and back to back"),
     ]
@@ -81,12 +82,16 @@ def _importable(name: str) -> bool:
     return not any(part.startswith("_") for part in name.split(".")) and not name.startswith("gi.overrides")
 
 
-def _floor(bed: Testbed, p: Params, label: str, names: Sequence[str]) -> Dist:
-    script = _FLOOR.format(lib=str(LIBDIR), names=list(names))
-    dist = command_dist(label, [SYSTEM_PYTHON, "-I", "-c", script], p.submit_runs, p.submit_warmup,
-                        bed.user)
-    dist.detail["modules"] = list(names)
-    return dist
+def _floor(bed: Testbed, label: str, names: Sequence[str]) -> Tuple[str, Callable[[], float]]:
+    argv = [SYSTEM_PYTHON, "-I", "-c", _FLOOR.format(lib=str(LIBDIR), names=list(names))]
+    return label, lambda: run_timed(argv, bed.user).seconds
+
+
+def _supervisor_floor(bed: Testbed, p: Params) -> Dist:
+    label, measure = _floor(bed, "a supervisor's interpreter start (python3 -I, gpujobd.supervisor "
+                            "imported), off the path since the zygote forks supervisors",
+                            ["gpujobd.supervisor"])
+    return repeat(label, measure, p.submit_runs, p.submit_warmup)
 
 
 def _submitted(bed: Testbed, stdout: str) -> int:
@@ -95,14 +100,11 @@ def _submitted(bed: Testbed, stdout: str) -> int:
     return job_id
 
 
-def _cli_submit(bed: Testbed, p: Params) -> Dist:
-    samples = []
-    for index in range(p.submit_warmup + p.submit_runs):
-        ran = run_timed(bed.ctl("submit", "--", "true"), bed.user)
-        _submitted(bed, ran.stdout)
-        if index >= p.submit_warmup:
-            samples.append(ran.seconds)
-    return Dist("gpujobctl submit -- true", "s", samples, p.submit_warmup)
+def _cli_submit(bed: Testbed) -> float:
+    """One `gpujobctl submit -- true`, timed; its job waited for, untimed."""
+    ran = run_timed(bed.ctl("submit", "--", "true"), bed.user)
+    _submitted(bed, ran.stdout)
+    return ran.seconds
 
 
 def _cli_to_running(bed: Testbed, p: Params) -> Dist:

@@ -14,11 +14,11 @@ from gpujobd.shared.states import JobState
 Lookup = Callable[[int], Optional[Job]]
 
 
-def scheduling_problems(spec: JobSpec, is_admin: bool, lookup: Lookup, gpu_count: Optional[int],
+def scheduling_problems(spec: JobSpec, is_admin: Callable[[], bool], lookup: Lookup, gpu_count: Optional[int],
                         admin_group: str) -> List[str]:
     """Every problem of a spec's priority, GPUs and dependencies, each saying what to do."""
     found: List[str] = []
-    if spec.priority > 0 and not is_admin:
+    if spec.priority > 0 and not is_admin():
         found.append(f"priority (--priority) is {spec.priority}: only root or a member of group "
                      f"'{admin_group}' may raise a job above 0; you may lower it")
     if spec.gpus and gpu_count is not None and spec.gpus > gpu_count:

@@ -104,6 +104,7 @@ class Dispatcher:
         self._wake_at: Optional[float] = None
         self._planning = False
         self._again = False
+        self._cancel_soon: Optional[Callable[[], None]] = None
         self.draining = store.setting(DRAIN_SETTING) == "1"
         self.plans = 0
 
@@ -196,7 +197,21 @@ class Dispatcher:
         return len(reading[1]) if reading is not None else None
 
     # -- planning --------------------------------------------------------------------------------
+    def replan_soon(self) -> None:
+        """Plan once the event being handled is done: a Submit is answered before its job starts
+        (the reply does not wait for the fork request and the scope call), and submits that arrive
+        together are planned together."""
+        if self._cancel_soon is None:
+            self._cancel_soon = self._call_later(0.0, self._replan_asked)
+
+    def _replan_asked(self) -> None:
+        self._cancel_soon = None
+        self.replan()
+
     def replan(self) -> None:
+        if self._cancel_soon is not None:  # this plan covers the one asked for
+            self._cancel_soon()
+            self._cancel_soon = None
         if self._planning:
             self._again = True
             return

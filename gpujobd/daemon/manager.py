@@ -75,13 +75,15 @@ class Manager(Queueing):
         user = self._users.user_by_name(self._users.user_name(uid))
         if user is None or user.uid != uid:
             raise PermissionDenied(f"uid {uid} has no passwd entry; gpujobd serves only known users")
-        admin_gid = self._users.group_gid(self._config.daemon.admin_group)
-        is_admin = uid == 0 or (admin_gid is not None
-                                and admin_gid in self._users.group_ids(user.name, user.gid))
-        return Caller(uid=uid, user=user.name, gid=user.gid, is_admin=is_admin)
+        name, gid = user.name, user.gid
+
+        def admin() -> bool:
+            admin_gid = self._users.group_gid(self._config.daemon.admin_group)
+            return uid == 0 or (admin_gid is not None and admin_gid in self._users.group_ids(name, gid))
+        return Caller(uid=uid, user=name, gid=gid, admin=admin)
 
     def _authorize(self, caller: Caller, job: Job, action: str) -> None:
-        if caller.is_admin or caller.uid == job.uid:
+        if caller.uid == job.uid or caller.is_admin:
             return
         raise PermissionDenied(
             f"job {job.id} belongs to {job.user}: only its owner, root or a member of group "
@@ -96,7 +98,7 @@ class Manager(Queueing):
                                    "belongs to (e.g. runuser -u USER -- gpujobctl submit ...)")
         spec = with_server_defaults(spec, self._config)
         properties = validate(spec, self._config.jobs)
-        problems = scheduling_problems(spec, caller.is_admin, self._store.get, self.queue.gpu_count(),
+        problems = scheduling_problems(spec, lambda: caller.is_admin, self._store.get, self.queue.gpu_count(),
                                        self._config.daemon.admin_group)
         if problems:
             raise InvalidArgument("; ".join(problems))
@@ -129,7 +131,7 @@ class Manager(Queueing):
             if blockers:
                 self._wait_for_strays(job)
             self.queue.queued(job)
-        self.queue.replan()
+        self.queue.replan_soon()
         return [self._job(job.id) for job in jobs]
 
     def _start_or_abort(self, job: Job, properties: Sequence[Encoded]) -> None:
@@ -217,7 +219,7 @@ class Manager(Queueing):
         if spec.bind_to is None:
             return
         target = self._store.get(spec.bind_to)
-        if target is not None and not (caller.is_admin or caller.uid == target.uid):
+        if target is not None and not (caller.uid == target.uid or caller.is_admin):
             raise PermissionDenied(f"--bind-to {spec.bind_to}: that job belongs to {target.user}; "
                                    "bind only to your own jobs")
         self._bind_properties(spec)

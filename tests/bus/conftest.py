@@ -2,9 +2,10 @@
 
 No systemd and no system bus: a `dbus-daemon` of the test's own (a config file in a temporary
 directory, any user may connect), the real `ManagerService` published on it by the real `publish()`,
-over a real `Manager` whose systemd, spawner, files and scheduler are the stateful fakes of
-tests/unit/test_manager.py and whose store is a real SQLite file. The service's GLib loop runs on a
-thread of its own, as the daemon's does in its process; the test drives the fakes on that thread.
+over a real `Manager` whose timers run on the service's GLib loop, whose systemd, spawner and files
+are the stateful fakes of tests/unit/test_manager.py and whose store is a real SQLite file. The
+service's GLib loop runs on a thread of its own, as the daemon's does in its process; the test
+drives the fakes on that thread.
 """
 
 from __future__ import annotations
@@ -122,10 +123,11 @@ class LiveService:
 
         from gpujobd.daemon.adapters import users
         from gpujobd.daemon.adapters.dbus_service import ManagerService, publish
+        from gpujobd.daemon.main import _GLibScheduler
         from gpujobd.daemon.manager import Manager
         from gpujobd.daemon.store import Store
         from gpujobd.shared.config import Config
-        from tests.unit.test_manager import FakeFiles, FakeScheduler, FakeSpawner, FakeSystemd, Journal
+        from tests.unit.test_manager import FakeFiles, FakeSpawner, FakeSystemd, Journal
 
         self.bus = pydbus.connect(address)
         self.store = Store(state_dir / "gpujobd.sqlite3")
@@ -134,7 +136,7 @@ class LiveService:
         self.files = FakeFiles(journal)
         self.service: Optional[ManagerService] = None
         self.manager = Manager(Config(), self.store, self.systemd, self.files, FakeSpawner(journal),
-                               FakeScheduler(), self._changed, users=users)
+                               _GLibScheduler(), self._changed, users=users)
         self.systemd.manager = self.manager
         self.service = ManagerService(self.manager, self.bus.con)
         self._unpublish = publish(self.bus, self.service)

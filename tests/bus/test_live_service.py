@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Tuple
@@ -75,11 +76,14 @@ def test_submit_get_list_stop_through_the_real_client(live_service: LiveService,
     assert submitted.returncode == 0, submitted.stderr
     job = json.loads(submitted.stdout)
     assert (job["user"], job["name"], job["argv"]) == (USER, "live", ["sleep", "60"])
-    assert job["state"] == "starting"
+    assert job["state"] == "queued"  # answered first; the queue's plan then starts it
     unit = job["unit"]
-    live_service.loop.call(live_service.systemd.finish_start_job, unit)  # systemd: the scope is active
-
     client = Client(bus_address, call_timeout_s=10)  # root: an admin, who may look at and stop any job
+    deadline = time.monotonic() + 10
+    while client.get(job["id"])["state"] == "queued" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client.get(job["id"])["state"] == "starting"
+    live_service.loop.call(live_service.systemd.finish_start_job, unit)  # systemd: the scope is active
     assert client.get(job["id"])["state"] == "running"
     listed = client.list()
     assert [(j["id"], j["state"]) for j in listed] == [(job["id"], "running")]
@@ -182,13 +186,18 @@ def test_each_state_change_is_signalled_with_the_job_id_and_its_state(live_servi
         submitted = gpujobctl_as(USER, bus_address, "submit", "--json", "--cwd", "/", "--", "sleep", "60")
         assert submitted.returncode == 0, submitted.stderr
         job = json.loads(submitted.stdout)
-        live_service.loop.call(live_service.systemd.finish_start_job, job["unit"])
         seen = []
-        while ("running" not in [state for _, state in seen]):
-            message = listener.receive(timeout=10)
-            if message.header.message_type is MessageType.signal:
-                assert message.header.fields[HeaderFields.signature] == "ts"
-                seen.append(tuple(message.body))
+
+        def until(state: str) -> None:
+            while state not in [state for _, state in seen]:
+                message = listener.receive(timeout=10)
+                if message.header.message_type is MessageType.signal:
+                    assert message.header.fields[HeaderFields.signature] == "ts"
+                    seen.append(tuple(message.body))
+
+        until("starting")  # the queue's plan, run after Submit was answered, started it
+        live_service.loop.call(live_service.systemd.finish_start_job, job["unit"])
+        until("running")
         assert seen and all(job_id == job["id"] for job_id, _ in seen)
         assert [state for _, state in seen][-1] == "running"
     finally:

@@ -27,7 +27,7 @@ from gpujobd.shared.states import EndReason, JobState
 
 SNAPSHOT = Path(__file__).resolve().parent / "snapshots" / "introspection-v1.xml"
 NOW = 1_750_000_000.25
-OWNER = Caller(uid=1000, user="alice", gid=1000, is_admin=False)
+OWNER = Caller(uid=1000, user="alice", gid=1000, admin=lambda: False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,8 +298,8 @@ def test_the_service_hides_env_from_other_users() -> None:
     svc = ManagerService(Files(), None)  # type: ignore[arg-type]
     job = ended_job()
     mine = svc._encode(job, OWNER)
-    theirs = svc._encode(job, Caller(uid=1001, user="bob", gid=1001, is_admin=False))
-    admins = svc._encode(job, Caller(uid=1002, user="carol", gid=1002, is_admin=True))
+    theirs = svc._encode(job, Caller(uid=1001, user="bob", gid=1001, admin=lambda: False))
+    admins = svc._encode(job, Caller(uid=1002, user="carol", gid=1002, admin=lambda: True))
     assert mine["env"].unpack() == {"SEED": "3"} and admins["env"].unpack() == {"SEED": "3"}
     assert "env" not in theirs
     assert set(mine) - set(theirs) == {"env"}
@@ -395,7 +395,7 @@ def test_the_service_decodes_a_submit_spec_with_the_declaration() -> None:
             self.specs: list = []
 
         def caller_from_uid(self, uid: int) -> Caller:
-            return Caller(uid=uid, user="alice", gid=uid, is_admin=False)
+            return Caller(uid=uid, user="alice", gid=uid, admin=lambda: False)
 
         def submit(self, caller: Caller, spec: JobSpec) -> Job:
             self.specs.append(spec)

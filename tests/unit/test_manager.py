@@ -31,12 +31,12 @@ from gpujobd.shared.states import EndReason, JobState
 
 NOW = 1_750_000_000.0
 NOBODY = pwd.getpwnam("nobody")
-OWNER = Caller(uid=NOBODY.pw_uid, user="nobody", gid=NOBODY.pw_gid, is_admin=False)
+OWNER = Caller(uid=NOBODY.pw_uid, user="nobody", gid=NOBODY.pw_gid, admin=lambda: False)
 DAEMON_USER = pwd.getpwnam("daemon")
-SECOND = Caller(uid=DAEMON_USER.pw_uid, user="daemon", gid=DAEMON_USER.pw_gid, is_admin=False)
-ROOT = Caller(uid=0, user="root", gid=0, is_admin=True)
-OTHER = Caller(uid=1001, user="mallory", gid=1001, is_admin=False)
-ADMIN = Caller(uid=1002, user="carol", gid=1002, is_admin=True)
+SECOND = Caller(uid=DAEMON_USER.pw_uid, user="daemon", gid=DAEMON_USER.pw_gid, admin=lambda: False)
+ROOT = Caller(uid=0, user="root", gid=0, admin=lambda: True)
+OTHER = Caller(uid=1001, user="mallory", gid=1001, admin=lambda: False)
+ADMIN = Caller(uid=1002, user="carol", gid=1002, admin=lambda: True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,6 +317,17 @@ class FakeScheduler:
             _, callback = self.timers.pop(token)
             callback()
 
+    def run_soon(self) -> None:
+        """What the main loop does once the event being handled returns: the zero-delay callbacks
+        (a plan asked for by a submit), and any they ask for in turn."""
+        while True:
+            due = sorted(token for token, (seconds, _) in self.timers.items() if seconds == 0)
+            if not due:
+                return
+            for token in due:
+                _, callback = self.timers.pop(token)
+                callback()
+
 
 # ---------------------------------------------------------------------------------------------------
 # The rig: a Manager over the fakes and a real Store.
@@ -365,11 +376,12 @@ class Rig:
         signal and journal entry are dropped here (test_queue.py asserts them), so the tests of what
         follows see the job as they did before there was a queue."""
         before = len(self.changes)
-        job = self.manager.submit(caller, spec(**fields))
+        submitted = self.manager.submit(caller, spec(**fields))
+        self.scheduler.run_soon()
         self.changes[before:] = [change for change in self.changes[before:]
-                                 if change[:2] != (job.id, JobState.STARTING)]
-        self.journal.drop(job.id, "changed:starting")
-        return job
+                                 if change[:2] != (submitted.id, JobState.STARTING)]
+        self.journal.drop(submitted.id, "changed:starting")
+        return self.job(submitted.id)
 
     def start(self, caller: Caller = OWNER, **fields: Any) -> Job:
         """Submit, and let systemd's start job finish: a RUNNING job."""
@@ -1080,11 +1092,50 @@ def test_get(rig: Rig) -> None:
 
 
 def test_root_is_an_admin(rig: Rig) -> None:
-    assert rig.manager.caller_from_uid(0) == Caller(uid=0, user="root", gid=0, is_admin=True)
+    root = rig.manager.caller_from_uid(0)
+    assert root == Caller(uid=0, user="root", gid=0, admin=lambda: True) and root.is_admin
 
 
 def test_a_plain_user_is_not_an_admin(rig: Rig) -> None:
-    assert rig.manager.caller_from_uid(NOBODY.pw_uid) == OWNER
+    caller = rig.manager.caller_from_uid(NOBODY.pw_uid)
+    assert caller == OWNER and not caller.is_admin
+
+
+def test_the_group_database_is_asked_only_when_an_action_needs_it_and_once(make_rig: MakeRig) -> None:
+    rig = make_rig()
+    counted = CountingUsers()
+    rig.manager = Manager(rig.config, rig.store, rig.systemd, rig.files, rig.spawner, rig.scheduler,
+                          rig._changed, users=counted, clock=rig.clock)
+    caller = rig.manager.caller_from_uid(NOBODY.pw_uid)
+    job = rig.manager.submit(caller, spec())
+    rig.manager.read_log(caller, job.id, 0, 16)
+    rig.manager.stop(caller, job.id)
+    assert counted.group_asks == 0  # the owner's own submit, log and stop
+    with pytest.raises(PermissionDenied):
+        rig.manager.prune(caller, 30)
+    with pytest.raises(PermissionDenied):
+        rig.manager.set_draining(caller, True)
+    assert counted.group_asks == 1  # asked once, then known
+
+
+class CountingUsers:
+    """The real user database, counting the group lookups."""
+
+    def __init__(self) -> None:
+        self.group_asks = 0
+
+    def user_name(self, uid: int) -> str:
+        return users.user_name(uid)
+
+    def user_by_name(self, name: str) -> Optional[User]:
+        return users.user_by_name(name)
+
+    def group_ids(self, name: str, gid: int) -> Tuple[int, ...]:
+        return users.group_ids(name, gid)
+
+    def group_gid(self, name: str) -> Optional[int]:
+        self.group_asks += 1
+        return users.group_gid(name)
 
 
 def test_members_of_the_admin_group_are_admins(make_rig: MakeRig) -> None:

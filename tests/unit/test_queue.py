@@ -68,7 +68,15 @@ class Queue:
         return self.rig.manager
 
     def submit(self, caller: tm.Caller = OWNER, **fields: Any) -> Job:
-        return self.manager.submit(caller, spec(**fields))
+        """Submit, and let the main loop run the plan the submit asked for."""
+        submitted = self.manager.submit(caller, spec(**fields))
+        self.rig.scheduler.run_soon()
+        return self.job(submitted.id)
+
+    def submit_all(self, caller: tm.Caller = OWNER, **fields: Any) -> List[Job]:
+        submitted = self.manager.submit_all(caller, spec(**fields))
+        self.rig.scheduler.run_soon()
+        return [self.job(job.id) for job in submitted]
 
     def job(self, job_id: int) -> Job:
         return self.rig.job(job_id)
@@ -122,6 +130,18 @@ def queue(make_queue: Any) -> Queue:
 
 
 # --- allocation and isolation ----------------------------------------------------------------------
+
+
+def test_a_submit_is_answered_before_its_job_starts_and_submits_together_plan_once(queue: Queue) -> None:
+    plans = queue.manager.queue.plans
+    first = queue.manager.submit(OWNER, spec())
+    second = queue.manager.submit(OWNER, spec())
+    assert (first.state, second.state) == (JobState.QUEUED, JobState.QUEUED)
+    assert queue.rig.spawner.specs == {} and queue.manager.queue.plans == plans
+    queue.rig.scheduler.run_soon()
+    assert [queue.job(job.id).state for job in (first, second)] == [JobState.STARTING] * 2
+    assert sorted(queue.rig.spawner.specs) == [first.id, second.id]
+    assert queue.manager.queue.plans == plans + 1
 
 
 def test_a_job_gets_whole_free_gpus_seen_by_uuid_and_by_its_device_cgroup(queue: Queue) -> None:
@@ -290,7 +310,7 @@ def test_an_unknown_dependency_is_refused_at_submit(queue: Queue) -> None:
 
 
 def test_an_array_runs_at_most_k_tasks_at_once_with_their_index(queue: Queue) -> None:
-    tasks = queue.manager.submit_all(OWNER, spec(array="0-4%2"))
+    tasks = queue.submit_all(array="0-4%2")
     assert [t.array_index for t in tasks] == [0, 1, 2, 3, 4]
     assert {t.array_id for t in tasks} == {tasks[0].id}
     states = [queue.job(t.id).state for t in tasks]
@@ -304,7 +324,7 @@ def test_an_array_runs_at_most_k_tasks_at_once_with_their_index(queue: Queue) ->
 
 
 def test_an_array_stagger_spaces_starts_by_timer(queue: Queue) -> None:
-    tasks = queue.manager.submit_all(OWNER, spec(array="0-2", stagger_s=5.0))
+    tasks = queue.submit_all(array="0-2", stagger_s=5.0)
     assert [queue.job(t.id).state for t in tasks] == [JobState.STARTING, JobState.QUEUED, JobState.QUEUED]
     assert queue.wait_of(tasks[1].id)[1] == "array stagger (5 s between starts)"
     wakes = [callback for seconds, callback in queue.rig.scheduler.timers.values() if seconds == 5.0]
@@ -316,7 +336,7 @@ def test_an_array_stagger_spaces_starts_by_timer(queue: Queue) -> None:
 
 
 def test_stop_of_an_array_id_stops_every_task(queue: Queue) -> None:
-    tasks = queue.manager.submit_all(OWNER, spec(array="1,3,5%1"))
+    tasks = queue.submit_all(array="1,3,5%1")
     queue.manager.stop(OWNER, tasks[0].id)
     assert queue.job(tasks[1].id).state is JobState.STOPPED
     assert queue.job(tasks[2].id).state is JobState.STOPPED

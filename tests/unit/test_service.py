@@ -29,7 +29,7 @@ class FakeBus:
 
 class FakeManager:
     def caller_from_uid(self, uid):
-        return Caller(uid=uid, user=f"user{uid}", gid=uid, is_admin=False)
+        return Caller(uid=uid, user=f"user{uid}", gid=uid, admin=lambda: False)
 
 
 class Context:

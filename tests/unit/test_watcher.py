@@ -891,7 +891,7 @@ def test_refuse_names_the_stray_and_creates_nothing(make_rig: MakeRig, gpus: Fak
 def test_a_jobs_own_check_overrides_the_servers(make_rig: MakeRig, gpus: FakeGpus) -> None:
     rig = make_rig(gpu={"prestart_check": "refuse"})
     gpus.strays = [STRAY]
-    assert rig.manager.submit(OWNER, spec(gpu_check="off")).state is JobState.STARTING
+    assert rig.submit(gpu_check="off").state is JobState.STARTING
     rig2 = make_rig()
     with pytest.raises(Refused):
         rig2.manager.submit(OWNER, spec(gpu_check="refuse"))
@@ -1039,7 +1039,7 @@ def test_a_live_jobs_wire_form_carries_its_gpu_memory() -> None:
             return {UUID0: 5 << 30} if job_id == 7 else None
 
     svc = ManagerService(Files(), None, gpus=Gpus())  # type: ignore[arg-type]
-    owner = Caller(uid=1000, user="alice", gid=1000, is_admin=False)
+    owner = Caller(uid=1000, user="alice", gid=1000, admin=lambda: False)
     running = Job(id=7, user="alice", uid=1000, gid=1000, spec=JobSpec(argv=("x",), cwd="/"),
                   state=JobState.RUNNING, created_at=WALL0, unit="gpujob-7.scope", started_at=WALL0)
     assert svc._encode(running, owner)["gpu_memory_bytes"].unpack() == {UUID0: 5 << 30}

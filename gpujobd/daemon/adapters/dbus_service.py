@@ -266,7 +266,7 @@ class ManagerService:
         wait = self._manager.queue.wait_of(job.id) if job.state is JobState.QUEUED else None
         wire = api.encode_job(job, log_path=self._manager.log_path(job.id), gpu_memory=gpu_memory,
                               wait=(wait.waiting_for, wait.position) if wait is not None else None)
-        if not (caller.is_admin or caller.uid == job.uid):
+        if not (caller.uid == job.uid or caller.is_admin):
             wire.pop("env", None)  # may hold secrets: its owner and admins only
         return wire
 
