@@ -222,6 +222,10 @@ class Manager(Queueing):
         if target is not None and not (caller.uid == target.uid or caller.is_admin):
             raise PermissionDenied(f"--bind-to {spec.bind_to}: that job belongs to {target.user}; "
                                    "bind only to your own jobs")
+        if target is not None and target.state is JobState.QUEUED:
+            # Its Submit was answered before the plan that starts it ran: a pair's loop, sent right
+            # after its foreground, must find it started whenever the queue lets it start at once.
+            self.queue.replan()
         self._bind_properties(spec)
 
     def _bind_properties(self, spec: JobSpec) -> List[Encoded]:

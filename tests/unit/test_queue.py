@@ -144,6 +144,15 @@ def test_a_submit_is_answered_before_its_job_starts_and_submits_together_plan_on
     assert queue.manager.queue.plans == plans + 1
 
 
+def test_a_loop_bound_to_a_job_whose_plan_has_not_run_yet_finds_it_started(queue: Queue) -> None:
+    foreground = queue.manager.submit(OWNER, spec())
+    assert foreground.state is JobState.QUEUED  # answered; the plan is still to run
+    loop = queue.manager.submit(OWNER, spec(background=True, bind_to=foreground.id))
+    queue.rig.scheduler.run_soon()
+    assert queue.job(foreground.id).state is JobState.STARTING
+    assert queue.job(loop.id).state is JobState.STARTING
+
+
 def test_a_job_gets_whole_free_gpus_seen_by_uuid_and_by_its_device_cgroup(queue: Queue) -> None:
     job = queue.submit(gpus=2, env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
     started = queue.job(job.id)
