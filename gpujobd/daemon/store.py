@@ -15,6 +15,7 @@ often link an old SQLite.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -29,6 +30,10 @@ from gpujobd.shared.model import Job, JobSpec, unit_name
 from gpujobd.shared.states import EndReason, JobState
 
 BUSY_TIMEOUT_S = 5.0
+# Jobs kept as read (Job is frozen): a job's lifecycle read it ~12 times between its writes, each a
+# query and a 40-column decode. Every write of a job drops its entry first, so a failed write leaves
+# nothing stale; the daemon is the database's only writer.
+JOB_CACHE_SIZE = 1024
 MAX_JOB_ID = 2**63 - 1  # SQLite's largest integer
 DB_FILE_MODE = 0o600
 
@@ -101,6 +106,7 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._conn: Optional[sqlite3.Connection] = None
+        self._jobs: collections.OrderedDict[int, Job] = collections.OrderedDict()
         self._check_directory()
         self._create_file()
         with self._errors("opening the job database"):
@@ -116,6 +122,7 @@ class Store:
     def close(self) -> None:
         """Close the connection (checkpointing the WAL). Calling it twice is harmless."""
         conn, self._conn = self._conn, None
+        self._jobs.clear()
         if conn is not None:
             with self._errors("closing the job database"):
                 conn.close()
@@ -304,6 +311,7 @@ class Store:
             self._save(job)
 
     def _save(self, job: Job) -> None:
+        self._jobs.pop(job.id, None)
         with self._transaction(f"saving job {job.id}") as conn:
             updated = conn.execute(_UPDATE_JOB, (*rows_codec.job_values(job), job.id)).rowcount
             if updated != 1:
@@ -342,10 +350,20 @@ class Store:
         return True
 
     def get(self, job_id: int) -> Optional[Job]:
+        kept = self._jobs.get(job_id)
+        if kept is not None:
+            self._jobs.move_to_end(job_id)
+            return kept
         if not 0 < job_id <= MAX_JOB_ID:  # a D-Bus uint64 may not fit an SQLite integer
             return None
         rows = self._query(f"reading job {job_id}", f"{_SELECT_JOBS} WHERE id = ?", (job_id,))
-        return rows_codec.decode_job(rows[0], self.path) if rows else None
+        if not rows:
+            return None
+        job = rows_codec.decode_job(rows[0], self.path)
+        self._jobs[job_id] = job
+        if len(self._jobs) > JOB_CACHE_SIZE:
+            self._jobs.popitem(last=False)
+        return job
 
     def list_jobs(self, *, include_ended: bool, ended_since: Optional[float], user: Optional[str],
                   state: Optional[JobState], limit: int, after_id: Optional[int] = None) -> List[Job]:
@@ -404,6 +422,8 @@ class Store:
     def delete_jobs(self, job_ids: Sequence[int]) -> int:
         """Delete final jobs and their runs; a job that is not final is left alone."""
         marks = ", ".join("?" * len(job_ids))
+        for job_id in job_ids:
+            self._jobs.pop(job_id, None)
         with self._transaction(f"pruning {len(job_ids)} jobs") as conn:
             final = [int(row[0]) for row in conn.execute(
                 f"SELECT id FROM jobs WHERE id IN ({marks}) AND state NOT IN ({_NON_FINAL_PLACEHOLDERS})",
@@ -434,6 +454,7 @@ class Store:
                     exit_code: Optional[int], signal: Optional[int], reason: RunReason,
                     detail: Optional[str]) -> None:
         reason_value = EndReason(reason).value if reason is not None else None
+        self._jobs.pop(job_id, None)  # its runs_done is counted from the runs
         with self._transaction(f"recording run {run} of job {job_id}") as conn:
             if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
                 raise errors.NotFound(f"job {job_id} is not in the job database {self.path}")

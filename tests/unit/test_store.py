@@ -257,6 +257,37 @@ def test_full_disk_is_unavailable_and_leaves_no_row(db: Store, db_path: Path) ->
     assert db.create("alice", 1000, 1000, spec(), NOW).id == kept.id + 1
 
 
+def _statements(db: Store) -> List[str]:
+    """The SQL the store runs from now on (sqlite3's trace callback)."""
+    ran: List[str] = []
+    db._connection().set_trace_callback(ran.append)
+    return ran
+
+
+def test_a_job_read_again_costs_no_query_until_it_is_written(db: Store) -> None:
+    job = start(db)
+    assert db.get(job.id) == job
+    ran = _statements(db)
+    assert db.get(job.id) == job and ran == []  # kept from the first read
+    ended = finish(db, job, NOW + 30)
+    assert db.get(job.id) == ended  # the save dropped what was kept
+    db.record_run(job.id, 1, NOW, NOW + 1, 0, None, EndReason.EXIT_CODE, "")
+    assert db.get(job.id).runs_done == 1  # counted from the runs: recording one drops it too
+    db.delete_jobs([job.id])
+    assert db.get(job.id) is None
+
+
+def test_a_failed_save_leaves_the_stored_job_readable_as_stored(db: Store,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    job = start(db)
+    assert db.get(job.id) == job
+    monkeypatch.setattr(store.rows_codec, "job_values", lambda _job: (_ for _ in ()).throw(OSError("boom")))
+    with pytest.raises(OSError):
+        db.save(transition(job, JobState.STOPPING, stopped_by="alice"))
+    monkeypatch.undo()
+    assert db.get(job.id) == job
+
+
 def test_reopening_keeps_everything(db_path: Path) -> None:
     with Store(db_path) as first:
         active = start(first, created_at=NOW)
