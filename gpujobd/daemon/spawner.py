@@ -56,6 +56,7 @@ class JobFiles:
 
     def __init__(self, log_dir: Path, record_dir: Path):
         self.log_dir = log_dir
+        self._log_prefix = os.path.join(str(log_dir), "")  # log_path is asked on every Get and List entry
         self.record_dir = record_dir
         self._log_dir_fd = open_private_dir(log_dir)
         self._record_dir_fd = open_private_dir(record_dir, 0o700)
@@ -65,7 +66,7 @@ class JobFiles:
         os.close(self._record_dir_fd)
 
     def log_path(self, job_id: int) -> str:
-        return str(self.log_dir / f"{job_id}{LOG_SUFFIX}")
+        return f"{self._log_prefix}{job_id}{LOG_SUFFIX}"
 
     def create_log(self, job_id: int, uid: int, gid: int) -> int:
         """A new log file owned by the job's user (mode 0600), opened for appending."""
