@@ -225,6 +225,7 @@ class Manager(Queueing):
         if target is not None and target.state is JobState.QUEUED:
             # Its Submit was answered before the plan that starts it ran: a pair's loop, sent right
             # after its foreground, must find it started whenever the queue lets it start at once.
+            # Only a plan that was already due runs here (Validate stays free of effects of its own).
             self.queue.replan()
         self._bind_properties(spec)
 
