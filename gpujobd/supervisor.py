@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+import warnings  # noqa: F401  os.execvpe imports it: once here (the zygote), not in each job's child
 from errno import EACCES, ENOENT
 
 SUPERVISOR_MODULE = "gpujobd.supervisor"
@@ -533,11 +534,22 @@ class _ChildFailure(Exception):
         self.step, self.errno, self.message = step, errno, message
 
 
-def _run_child(spec: Spec, run: int, error_fd: int) -> None:
+def lookup_groups(spec: Spec) -> list[int] | OSError:
+    """The user's supplementary groups, looked up while the gate is still closed: NSS may load a
+    module and ask a service for them (systemd's userdb: a dlopen and a varlink call in every fresh
+    child), milliseconds that would otherwise come between the release and the command. A failure is
+    reported by each run's child (a setup failure), as the lookup's own failure there was."""
+    try:
+        return os.getgrouplist(spec.user, spec.gid)
+    except OSError as exc:
+        return exc
+
+
+def _run_child(spec: Spec, run: int, error_fd: int, groups: list[int] | OSError) -> None:
     """In the forked child: never returns, and never runs the command unless every step succeeded."""
     try:
         try:
-            _drop_privileges(spec)
+            _drop_privileges(spec, groups)
             _enter_cwd(spec.cwd)
             os.umask(spec.umask)
             _close_fds_except(error_fd)
@@ -554,12 +566,12 @@ def _run_child(spec: Spec, run: int, error_fd: int) -> None:
         os._exit(CHILD_FAILED_STATUS)
 
 
-def _drop_privileges(spec: Spec) -> None:
+def _drop_privileges(spec: Spec, groups: list[int] | OSError) -> None:
     uid, gid = spec.uid, spec.gid
-    step = "getgrouplist"
+    if isinstance(groups, OSError):
+        raise _ChildFailure("setup", groups.errno or 0, f"getgrouplist: {groups.strerror}")
+    step = "setgroups"
     try:
-        groups = os.getgrouplist(spec.user, gid)
-        step = "setgroups"
         os.setgroups(groups)
         step = "setresgid"
         os.setresgid(gid, gid, gid)
@@ -611,8 +623,11 @@ def _max_fd() -> int:
 
 
 def _reset_signals() -> None:
+    """Default dispositions and an empty mask for the command. exec resets a caught signal itself,
+    but an ignored one stays ignored; Python knows every signal's disposition (inherited ones
+    included), so only those not at the default are set: a handful of calls, not one per signal."""
     for signum in signal.valid_signals():
-        if signum in (signal.SIGKILL, signal.SIGSTOP):
+        if signum in (signal.SIGKILL, signal.SIGSTOP) or signal.getsignal(signum) == signal.SIG_DFL:
             continue
         with contextlib.suppress(OSError, ValueError):
             signal.signal(signum, signal.SIG_DFL)
@@ -640,7 +655,7 @@ def exec_failure_message(program: str, errno: int, strerror: str, path: str) -> 
     return message
 
 
-def run_once(spec: Spec, run: int, signals: _Signals) -> dict | None:
+def run_once(spec: Spec, run: int, signals: _Signals, groups: list[int] | OSError) -> dict | None:
     """Run the command once and wait for it; None if a stop signal came before it could start."""
     started_at = time.time()
     try:
@@ -655,7 +670,7 @@ def run_once(spec: Spec, run: int, signals: _Signals) -> dict | None:
             started_at = time.time()
             pid = os.fork()
             if pid == 0:
-                _run_child(spec, run, error_w)
+                _run_child(spec, run, error_w, groups)
             signals.child = pid
         except OSError as exc:
             return _fork_failed(run, started_at, "fork", exc)
@@ -735,6 +750,7 @@ def supervise(gate_fd: int, cgroup_root: str) -> int:
         spec = _read_spec(gate)
         if spec is None:
             return EXIT_NO_SPEC
+        groups = lookup_groups(spec)
         released = gate.read_line()
         signals.released = True
     except _StoppedBeforeRelease:
@@ -748,7 +764,7 @@ def supervise(gate_fd: int, cgroup_root: str) -> int:
         return _finish_unreleased(spec, f"the gate {what}; nothing was run", signals)
     _reopen_stdin_as_devnull()
     pump = _LogPump(spec.log_max_bytes)
-    runs = _run_all(spec, signals)
+    runs = _run_all(spec, signals, groups)
     log_fate = pump.finish()
     if not runs:  # a stop signal came after release but before the first run started
         return _finish_unreleased(spec, f"received {signal_name(signals.received)} before the first run; "
@@ -773,10 +789,10 @@ def _read_spec(gate: _Gate) -> Spec | None:
         return None
 
 
-def _run_all(spec: Spec, signals: _Signals) -> list:
+def _run_all(spec: Spec, signals: _Signals, groups: list[int] | OSError) -> list:
     runs: list = []
     while True:
-        record = run_once(spec, len(runs) + 1, signals)
+        record = run_once(spec, len(runs) + 1, signals, groups)
         if record is None:
             return runs
         runs.append(record)

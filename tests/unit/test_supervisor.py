@@ -444,6 +444,17 @@ def test_the_command_runs_as_the_user_with_only_the_users_groups(tmp_path: Path)
     assert 0 not in groups
 
 
+def test_the_groups_are_looked_up_once_before_release_and_a_failed_lookup_fails_the_runs_setup(
+        tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    spec = supervisor.spec_from_dict(spec_fields(tmp_path))
+    assert supervisor.lookup_groups(spec) == os.getgrouplist("nobody", nobody.pw_gid)
+    with pytest.raises(supervisor._ChildFailure) as failed:
+        supervisor._drop_privileges(spec, OSError(5, "Input/output error"))
+    assert (failed.value.step, failed.value.errno) == ("setup", 5)
+    assert str(failed.value) == "getgrouplist: Input/output error"
+
+
 @needs_root
 def test_the_command_gets_exactly_the_given_environment_umask_and_default_signals(tmp_path: Path) -> None:
     done = run_job(tmp_path, argv=sh("env; umask; grep -E '^Sig(Blk|Ign)' /proc/self/status"),
