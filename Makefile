@@ -129,10 +129,11 @@ install:
 	# modules the root daemon never imports (cli.*, client.*), ~15 ms a run. -d names the installed
 	# path in tracebacks, not the DESTDIR staging one.
 	$(PYTHON) -m compileall -q -d $(LIBDIR) $(DESTDIR)$(LIBDIR)
-	for tool in gpujobd:gpujobd.daemon.main:$(LIBDIR)/private gpujobctl:gpujobd.cli.main:; do \
-		name=$${tool%%:*}; rest=$${tool#*:}; module=$${rest%%:*}; private=$${rest#*:}; \
-		printf '#!%s -I\nimport sys\nsys.path[:0] = [p for p in ("%s", "%s") if p]\nfrom %s import main\nsys.exit(main())\n' \
-			"$(PYTHON)" "$(LIBDIR)" "$$private" "$$module" > $(DESTDIR)$(BINDIR)/$$name; \
+	for tool in gpujobd:gpujobd.daemon.main:main:$(LIBDIR)/private gpujobctl:gpujobd.cli.main:run:; do \
+		name=$${tool%%:*}; rest=$${tool#*:}; module=$${rest%%:*}; rest=$${rest#*:}; \
+		entry=$${rest%%:*}; private=$${rest#*:}; \
+		printf '#!%s -I\nimport sys\nsys.path[:0] = [p for p in ("%s", "%s") if p]\nfrom %s import %s\nsys.exit(%s())\n' \
+			"$(PYTHON)" "$(LIBDIR)" "$$private" "$$module" "$$entry" "$$entry" > $(DESTDIR)$(BINDIR)/$$name; \
 		chmod 0755 $(DESTDIR)$(BINDIR)/$$name; \
 	done
 	install -d $(DESTDIR)$(SITEDIR) && echo "$(LIBDIR)" > $(DESTDIR)$(SITEDIR)/gpujobd.pth

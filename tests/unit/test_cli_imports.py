@@ -55,3 +55,14 @@ def test_help_still_lists_every_verb() -> None:
 
     help_text = main.build_parser().format_help()
     assert all(verb in help_text for verb in main.VERB_MODULES)
+
+
+def test_the_command_returns_mains_code_with_what_it_built_out_of_the_last_collection() -> None:
+    """`run` (the gpujobctl entry point) freezes the objects that live until exit, so the
+    interpreter's final collection does not walk them; its exit code is main's."""
+    probe = ("import gc, sys\nsys.argv = ['gpujobctl', 'sumbit']\nfrom gpujobd.cli.main import run\n"
+             "code = run()\nprint(code, gc.get_freeze_count() > 0)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin"}, check=True)
+    assert done.stdout.split() == ["2", "True"]  # a usage error: exit code 2
+    assert "unknown verb 'sumbit'" in done.stderr
