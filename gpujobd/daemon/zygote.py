@@ -10,6 +10,10 @@ readable (`watch_readable`, the main loop's), and `on_gate(gate)` or `on_error(t
 Under load the zygote needs a few milliseconds to be scheduled and fork, and the daemon's one thread
 serves other callers meanwhile.
 
+Requests are sent as the socket takes them: a burst's plan may ask for hundreds of supervisors at
+once, more than the socket's buffer holds, and a request it refuses (EAGAIN) waits, in order, until
+an answer makes room.
+
 A zygote that dies, or does not answer within `timeout_s`, is dropped and a new one started; each
 request it had not answered is sent again once, on a new gate pipe (a child the dead zygote may have
 forked finds its gate closed and runs nothing), and fails the second time. Jobs already forked are
@@ -77,6 +81,7 @@ class Zygote:
         self._unwatch: Optional[Callable[[], None]] = None
         self._cancel_timer: Optional[Callable[[], None]] = None
         self._pending: Deque[_Request] = collections.deque()  # sent, not answered yet, in order
+        self._unsent: Deque[_Request] = collections.deque()  # not taken by the socket yet, in order
         self.pid: Optional[int] = None
 
     def spawn(self, spec: Dict[str, Any], log_fd: int, on_gate: OnGate, on_error: OnError) -> None:
@@ -89,11 +94,11 @@ class Zygote:
         except OSError:
             request.close()
             raise
-        self._pending.append(request)
+        self._unsent.append(request)
         if self._sock is None:
             self._start_zygote()
         else:
-            self._send(request)
+            self._send_unsent()
 
     def start(self) -> None:
         """Start the zygote now rather than at the first request."""
@@ -104,8 +109,9 @@ class Zygote:
         """Close the daemon's end: the zygote exits (its children live on). Requests not answered yet
         fail."""
         self._drop_zygote()
-        while self._pending:
-            self._fail(self._pending.popleft(), "gpujobd closed its end of the supervisor zygote")
+        for queue in (self._pending, self._unsent):
+            while queue:
+                self._fail(queue.popleft(), "gpujobd closed its end of the supervisor zygote")
 
     # -- the zygote process ------------------------------------------------------------------------
     def _start_zygote(self) -> None:
@@ -124,8 +130,7 @@ class Zygote:
         self._sock, self.pid = ours, pid
         self._on_started(pid)
         self._unwatch = self._watch_readable(ours.fileno(), self._on_readable)
-        for request in list(self._pending):
-            self._send(request)
+        self._send_unsent()
 
     def _drop_zygote(self) -> None:
         if self._unwatch is not None:
@@ -150,26 +155,40 @@ class Zygote:
                 self._fail(request, f"{reason}; no new gate pipe: {err}")
                 continue
             kept.append(request)
-        self._pending = kept
-        if kept:
+        self._pending = collections.deque()
+        self._unsent = kept + self._unsent
+        if self._unsent:
             self._start_zygote()
 
     def _give_up(self, reason: str) -> None:
-        while self._pending:
-            self._fail(self._pending.popleft(), reason)
+        for queue in (self._pending, self._unsent):
+            while queue:
+                self._fail(queue.popleft(), reason)
 
     # -- requests and answers ----------------------------------------------------------------------
-    def _send(self, request: _Request) -> None:
-        assert self._sock is not None
-        request.attempts += 1
-        fds = array.array("i", [request.gate_read, request.log_fd])
-        try:
-            self._sock.sendmsg([supervisor.ZYGOTE_REQUEST], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-        except OSError as err:
-            self._replace_zygote(f"the supervisor zygote could not be asked: {err}")
-            return
-        if self._cancel_timer is None:
-            self._cancel_timer = self._call_later(self._timeout_s, self._timed_out)
+    def _send_unsent(self) -> None:
+        """Send what waits, in order, until the socket is full; the next answer makes room."""
+        while self._unsent and self._sock is not None:
+            request = self._unsent[0]
+            fds = array.array("i", [request.gate_read, request.log_fd])
+            reason = None
+            try:
+                self._sock.sendmsg([supervisor.ZYGOTE_REQUEST],
+                                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            except BlockingIOError:
+                if self._pending:
+                    return  # full of requests the zygote has yet to answer
+                reason = "the supervisor zygote's socket took no request while none was unanswered"
+            except OSError as err:
+                reason = f"the supervisor zygote could not be asked: {err}"
+            # Sent, or failed to be: either way an attempt, which _replace_zygote counts.
+            self._pending.append(self._unsent.popleft())
+            request.attempts += 1
+            if reason is not None:
+                self._replace_zygote(reason)
+                return
+            if self._cancel_timer is None:
+                self._cancel_timer = self._call_later(self._timeout_s, self._timed_out)
 
     def _timed_out(self) -> None:
         self._cancel_timer = None
@@ -192,6 +211,7 @@ class Zygote:
                                      else "the supervisor zygote answered a request never made")
                 return False
             self._answered(self._pending.popleft(), answer)
+            self._send_unsent()
         return False
 
     def _answered(self, request: _Request, answer: bytes) -> None:

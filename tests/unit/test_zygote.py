@@ -8,6 +8,7 @@ import json
 import os
 import select
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List
@@ -190,6 +191,33 @@ def test_requests_are_answered_in_order_and_nothing_waits_for_the_fork(rig: Rig)
         gate.release()
     for job_id in range(10, 16):
         assert rig.record(job_id)["exit_code"] == 0 and rig.log(job_id).strip() == str(job_id)
+
+
+def test_more_requests_than_the_socket_holds_wait_for_room_in_order(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst's plan asks for hundreds of supervisors at once; the socket refuses what it cannot hold
+    (EAGAIN), and those requests are sent as answers make room, never failed."""
+    real_socketpair = socket.socketpair
+
+    def small_buffers(*args: Any) -> Any:
+        ours, theirs = real_socketpair(*args)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the kernel's minimum: a few requests
+        return ours, theirs
+
+    monkeypatch.setattr(socket, "socketpair", small_buffers)
+    rig.zygote.start()
+    os.kill(rig.started[0], signal.SIGSTOP)  # nothing is answered until every request was asked
+    try:
+        for job_id in range(100, 140):
+            rig.ask(job_id, ["true"])
+        assert len(rig.zygote._unsent) > 0 and not rig.errors  # the socket was full: some wait
+    finally:
+        os.kill(rig.started[0], signal.SIGCONT)
+    rig.loop.run_until(lambda: len(rig.gates) + len(rig.errors) == 40)
+    assert not rig.errors and len(rig.started) == 1
+    assert sorted(rig.gates) == list(range(100, 140))
+    for gate in rig.gates.values():
+        gate.abort()
 
 
 def test_a_zygote_that_dies_with_requests_pending_is_replaced_and_they_are_asked_again(rig: Rig) -> None:
