@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from gpujobd.daemon import store_rows as rows_codec
+from gpujobd.daemon import store_sql as queries
 from gpujobd.daemon.store_schema import MIGRATIONS, SCHEMA_VERSION
 from gpujobd.shared import errors
 from gpujobd.shared.model import Job, JobSpec, unit_name
@@ -37,27 +38,6 @@ JOB_CACHE_SIZE = 1024
 MAX_JOB_ID = 2**63 - 1  # SQLite's largest integer
 DB_FILE_MODE = 0o600
 
-NON_FINAL_STATES: Tuple[JobState, ...] = tuple(state for state in JobState if not state.is_final)
-_NON_FINAL_VALUES: Tuple[str, ...] = tuple(state.value for state in NON_FINAL_STATES)
-_NON_FINAL_PLACEHOLDERS = ", ".join("?" * len(_NON_FINAL_VALUES))
-
-# Columns that mirror the model (everything but id).
-_JOB_COLUMNS: Tuple[str, ...] = (
-    "user", "uid", "gid", "name", "argv", "cwd", "env", "properties", "timeout_s", "state", "unit",
-    "pid", "created_at", "started_at", "ended_at", "reason", "exit_code", "signal", "detail",
-    "leftover_processes", "stopped_by", "background", "max_runs", "restart_delay_s",
-    "stop_on_failure", "bind_to", "gpus_requested", "priority", "after_ok", "after_any", "array_spec",
-    "stagger_s", "array_id", "array_index", "gpus", "resubmit_of", "gpu_check",
-)
-# runs_done is counted, not stored: one primary-key range lookup in runs per job read.
-_SELECT_JOBS = (
-    "SELECT id, " + ", ".join(_JOB_COLUMNS)
-    + ", (SELECT count(*) FROM runs WHERE runs.job_id = jobs.id) AS runs_done FROM jobs"
-)
-_INSERT_JOB = (
-    f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES ({', '.join('?' * len(_JOB_COLUMNS))})"
-)
-_UPDATE_JOB = "UPDATE jobs SET " + ", ".join(f"{column} = ?" for column in _JOB_COLUMNS) + " WHERE id = ?"
 
 # ---------------------------------------------------------------------------------------------------
 # SQLite errors -> gpujobd errors
@@ -271,7 +251,7 @@ class Store:
         return jobs
 
     def _insert(self, conn: sqlite3.Connection, draft: Job) -> Job:
-        job_id = conn.execute(_INSERT_JOB, rows_codec.job_values(draft)).lastrowid
+        job_id = conn.execute(queries.INSERT_JOB, rows_codec.job_values(draft)).lastrowid
         assert job_id is not None
         unit = unit_name(job_id)
         conn.execute("UPDATE jobs SET unit = ? WHERE id = ?", (unit, job_id))
@@ -279,14 +259,15 @@ class Store:
 
     def array_tasks(self, array_id: int) -> List[Job]:
         """The tasks of an array by id; [] when there is no such array."""
-        return [rows_codec.decode_job(row, self.path) for row in self._query(
-            f"reading array {array_id}", f"{_SELECT_JOBS} WHERE array_id = ? ORDER BY id", (array_id,))]
+        rows = self._query(f"reading array {array_id}",
+                           f"{queries.SELECT_JOBS} WHERE array_id = ? ORDER BY id", (array_id,))
+        return [rows_codec.decode_job(row, self.path) for row in rows]
 
     def dependents(self, job_id: int) -> List[Job]:
         """Jobs whose --after or --after-any names this job (a scan: resubmit is rare)."""
         pattern = f"%{job_id}%"
         rows = self._query(f"finding the dependents of job {job_id}",
-                           f"{_SELECT_JOBS} WHERE after_ok LIKE ? OR after_any LIKE ? ORDER BY id",
+                           f"{queries.SELECT_JOBS} WHERE after_ok LIKE ? OR after_any LIKE ? ORDER BY id",
                            (pattern, pattern))
         jobs = [rows_codec.decode_job(row, self.path) for row in rows]
         return [job for job in jobs if job_id in job.spec.after or job_id in job.spec.after_any]
@@ -313,7 +294,7 @@ class Store:
     def _save(self, job: Job) -> None:
         self._jobs.pop(job.id, None)
         with self._transaction(f"saving job {job.id}") as conn:
-            updated = conn.execute(_UPDATE_JOB, (*rows_codec.job_values(job), job.id)).rowcount
+            updated = conn.execute(queries.UPDATE_JOB, (*rows_codec.job_values(job), job.id)).rowcount
             if updated != 1:
                 raise errors.NotFound(f"job {job.id} is not in the job database {self.path}")
 
@@ -356,7 +337,7 @@ class Store:
             return kept
         if not 0 < job_id <= MAX_JOB_ID:  # a D-Bus uint64 may not fit an SQLite integer
             return None
-        rows = self._query(f"reading job {job_id}", f"{_SELECT_JOBS} WHERE id = ?", (job_id,))
+        rows = self._query(f"reading job {job_id}", f"{queries.SELECT_JOBS} WHERE id = ?", (job_id,))
         if not rows:
             return None
         job = rows_codec.decode_job(rows[0], self.path)
@@ -378,24 +359,24 @@ class Store:
             raise ValueError(f"limit must be at least 1, not {limit}")
         if after_id is not None and after_id >= MAX_JOB_ID:
             return []
-        filters, params = _filters(user, state)
+        filters, params = queries.filters(user, state)
         if include_ended:
-            sql, params = _all_view(filters, params, after_id, limit)
+            sql, params = queries.all_view(filters, params, after_id, limit)
         else:
-            sql, params = _default_view(filters, params, ended_since, after_id, limit)
+            sql, params = queries.default_view(filters, params, ended_since, after_id, limit)
         jobs = [rows_codec.decode_job(row, self.path) for row in self._query("listing jobs", sql, params)]
         return jobs if include_ended or after_id is not None else jobs[::-1]
 
     def active_jobs(self) -> List[Job]:
         """Every job in queued/starting/running/stopping, by id: what the crash reconcile examines."""
-        sql = f"{_SELECT_JOBS} WHERE state IN ({_NON_FINAL_PLACEHOLDERS}) ORDER BY id"
-        rows = self._query("listing active jobs", sql, _NON_FINAL_VALUES)
+        sql = f"{queries.SELECT_JOBS} WHERE state IN ({queries.NON_FINAL_PLACEHOLDERS}) ORDER BY id"
+        rows = self._query("listing active jobs", sql, queries.NON_FINAL_VALUES)
         return [rows_codec.decode_job(row, self.path) for row in rows]
 
     def count_active_jobs(self, uid: int) -> int:
         """How many jobs of this user are queued, starting, running or stopping."""
-        sql = f"SELECT count(*) FROM jobs WHERE state IN ({_NON_FINAL_PLACEHOLDERS}) AND uid = ?"
-        return int(self._query("counting a user's active jobs", sql, (*_NON_FINAL_VALUES, uid))[0][0])
+        sql = f"SELECT count(*) FROM jobs WHERE state IN ({queries.NON_FINAL_PLACEHOLDERS}) AND uid = ?"
+        return int(self._query("counting a user's active jobs", sql, (*queries.NON_FINAL_VALUES, uid))[0][0])
 
     def ensure_ids_above(self, job_id: int) -> bool:
         """Make the next new job's id larger than `job_id` (after a lost database, files of old jobs
@@ -414,9 +395,9 @@ class Store:
 
     def prunable_job_ids(self, ended_before: float, limit: int) -> List[int]:
         """Ids of final jobs that ended before `ended_before`, oldest first, at most `limit`."""
-        sql = (f"SELECT id FROM jobs WHERE state NOT IN ({_NON_FINAL_PLACEHOLDERS}) AND ended_at < ? "
+        sql = (f"SELECT id FROM jobs WHERE state NOT IN ({queries.NON_FINAL_PLACEHOLDERS}) AND ended_at < ? "
                "ORDER BY id LIMIT ?")
-        rows = self._query("finding jobs to prune", sql, (*_NON_FINAL_VALUES, ended_before, limit))
+        rows = self._query("finding jobs to prune", sql, (*queries.NON_FINAL_VALUES, ended_before, limit))
         return [int(row[0]) for row in rows]
 
     def delete_jobs(self, job_ids: Sequence[int]) -> int:
@@ -425,9 +406,9 @@ class Store:
         for job_id in job_ids:
             self._jobs.pop(job_id, None)
         with self._transaction(f"pruning {len(job_ids)} jobs") as conn:
-            final = [int(row[0]) for row in conn.execute(
-                f"SELECT id FROM jobs WHERE id IN ({marks}) AND state NOT IN ({_NON_FINAL_PLACEHOLDERS})",
-                (*job_ids, *_NON_FINAL_VALUES))]
+            not_final = queries.NON_FINAL_PLACEHOLDERS
+            select = f"SELECT id FROM jobs WHERE id IN ({marks}) AND state NOT IN ({not_final})"
+            final = [int(row[0]) for row in conn.execute(select, (*job_ids, *queries.NON_FINAL_VALUES))]
             final_marks = ", ".join("?" * len(final))
             conn.execute(f"DELETE FROM runs WHERE job_id IN ({final_marks})", final)
             conn.execute(f"DELETE FROM jobs WHERE id IN ({final_marks})", final)
@@ -474,52 +455,3 @@ class Store:
             (job_id,),
         )
         return [rows_codec.decode_run(row, self.path) for row in rows]
-
-# ---------------------------------------------------------------------------------------------------
-# Helpers: list queries
-
-
-def _filters(user: Optional[str], state: Optional[JobState]) -> Tuple[List[str], List[Any]]:
-    clauses: List[str] = []
-    params: List[Any] = []
-    if user is not None:
-        clauses.append("user = ?")
-        params.append(user)
-    if state is not None:
-        clauses.append("state = ?")
-        params.append(JobState(state).value)
-    return clauses, params
-
-
-def _and(clauses: List[str]) -> str:
-    return "".join(f" AND {clause}" for clause in clauses)
-
-
-def _all_view(filters: List[str], params: List[Any], after_id: Optional[int],
-              limit: int) -> Tuple[str, List[Any]]:
-    """Every job: the first `limit` after `after_id`, or without it the newest `limit`."""
-    if after_id is not None:
-        sql = f"{_SELECT_JOBS} WHERE id > ?{_and(filters)} ORDER BY id LIMIT ?"
-        return sql, [after_id, *params, limit]
-    newest_first = f"{_SELECT_JOBS} WHERE 1{_and(filters)} ORDER BY id DESC LIMIT ?"
-    return f"SELECT * FROM ({newest_first}) ORDER BY id", [*params, limit]
-
-
-def _default_view(filters: List[str], params: List[Any], ended_since: Optional[float],
-                  after_id: Optional[int], limit: int) -> Tuple[str, List[Any]]:
-    """Active jobs + jobs ended since `ended_since`, found through the state and ended_at indexes.
-
-    The candidate ids come from two index searches (never a scan of jobs); rows are then fetched by
-    rowid and the remaining filters applied to those few rows only.
-    """
-    after = " AND id > ?" if after_id is not None else ""
-    after_params: List[Any] = [after_id] if after_id is not None else []
-    candidates = f"SELECT id FROM jobs WHERE state IN ({_NON_FINAL_PLACEHOLDERS}){after}"
-    candidate_params: List[Any] = [*_NON_FINAL_VALUES, *after_params]
-    if ended_since is not None:
-        candidates += f" UNION ALL SELECT id FROM jobs WHERE ended_at >= ?{after}"
-        candidate_params += [ended_since, *after_params]
-    # Without after_id, the newest `limit` (newest first: list_jobs turns them around).
-    order = "id" if after_id is not None else "id DESC"
-    sql = f"{_SELECT_JOBS} WHERE id IN ({candidates}){_and(filters)} ORDER BY {order} LIMIT ?"
-    return sql, [*candidate_params, *params, limit]

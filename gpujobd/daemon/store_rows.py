@@ -92,7 +92,7 @@ def _json(row: Row, column: str, expected: type, path: Path) -> Any:
 
 
 def job_values(job: Job) -> Tuple[Any, ...]:
-    """The _JOB_COLUMNS values of a job, in order."""
+    """The store_sql.JOB_COLUMNS values of a job, in order."""
     outcome = job.outcome
     return (
         job.user, job.uid, job.gid, job.spec.name, _to_json(list(job.spec.argv)), job.spec.cwd,

@@ -12,7 +12,7 @@ from typing import Iterator, List, Optional
 
 import pytest
 
-from gpujobd.daemon import store, store_schema
+from gpujobd.daemon import store, store_schema, store_sql
 from gpujobd.daemon.store import Store
 from gpujobd.shared import errors
 from gpujobd.shared.model import Job, JobSpec, Outcome, transition, unit_name
@@ -360,8 +360,8 @@ def test_count_jobs(db: Store, mixed: List[Job]) -> None:
 def plan(db_path: Path, **filters: object) -> str:
     """EXPLAIN QUERY PLAN of the default view's SQL, as one string."""
     user, state = filters.get("user"), filters.get("state")
-    clauses, params = store._filters(user, state)  # type: ignore[arg-type]
-    sql, params = store._default_view(clauses, params, NOW - HOUR, filters.get("after_id"), 100)  # type: ignore[arg-type]
+    clauses, params = store_sql.filters(user, state)  # type: ignore[arg-type]
+    sql, params = store_sql.default_view(clauses, params, NOW - HOUR, filters.get("after_id"), 100)  # type: ignore[arg-type]
     conn = raw(db_path)
     try:
         return "\n".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
