@@ -1,12 +1,14 @@
 """The small root program that runs inside each job's scope and runs the job's command in it.
 
-The daemon starts it as `python3 -I -m gpujobd.supervisor` with fd 0 the read end of the "gate" pipe and
-fds 1 and 2 the job's log. It reads one JSON line (the job spec, see `encode_spec`), waits for
+The zygote (`zygote` below, started by the daemon as `python3 -I .../supervisor.py --zygote`) forks
+one per job, with fd 0 the read end of the "gate" pipe and fds 1 and 2 the job's log. It reads one
+JSON line (the job spec, see `encode_spec`), looks up the user's groups, waits for
 `RELEASE_LINE` (sent once the scope is active), then runs the command up to `max_runs` times as the
 job's user, appends one JSON line per finished run to `runs_file`, and finally writes the exit record
 atomically to `exit_record`. Its own exit status is not the job's: 0 means the record was written.
 
-It starts once per job, so it imports only the standard library, and not even gpujobd.shared.model.
+It runs as a script wherever the package is installed, so it imports only the standard library, and
+not even gpujobd.shared.states.
 """
 
 from __future__ import annotations
