@@ -142,6 +142,56 @@ def test_forked_supervisor_runs_the_job_only_after_release(rig: Rig) -> None:
     assert rig.log(1).split() == [str(spec_fields(rig.tmp_path)["uid"]), "ran"]
 
 
+def _children(pid: int) -> List[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _spare_of(zygote_pid: int) -> int:
+    """The one supervisor the zygote keeps forked ahead of its next request."""
+    _wait_until(lambda: len(_children(zygote_pid)) == 1)
+    return _children(zygote_pid)[0]
+
+
+def _socket_fds(pid: int) -> List[int]:
+    return [int(fd) for fd in os.listdir(f"/proc/{pid}/fd")
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")]
+
+
+def test_a_request_gets_the_supervisor_forked_ahead_and_a_new_one_is_forked_after(rig: Rig) -> None:
+    rig.zygote.start()
+    spare = _spare_of(rig.started[0])
+    # While it waits it holds its own socket only: not the daemon's, whose end must close with the
+    # zygote (fd 0 is /dev/null).
+    assert len(_socket_fds(spare)) == 1 and os.readlink(f"/proc/{spare}/fd/0") == os.devnull
+    gate = rig.spawn(7, ["sh", "-c", "echo seven"])
+    assert gate.pid == spare
+    _wait_until(lambda: len(_children(rig.started[0])) == 2)  # the job's supervisor and the next spare
+    _wait_until(lambda: sorted(int(fd) for fd in os.listdir(f"/proc/{gate.pid}/fd")) == [0, 1, 2])
+    gate.release()
+    assert rig.record(7)["exit_code"] == 0 and rig.log(7).strip() == "seven"
+
+
+def test_a_dead_spare_is_replaced_by_a_fork_and_the_job_runs(rig: Rig) -> None:
+    rig.zygote.start()
+    spare = _spare_of(rig.started[0])
+    os.kill(spare, signal.SIGKILL)
+    _wait_until(lambda: not Path(f"/proc/{spare}").exists())  # the zygote ignores SIGCHLD: reaped
+    gate = rig.spawn(8, ["sh", "-c", "echo eight"])
+    assert gate.pid != spare and _parent(gate.pid) == rig.started[0]
+    gate.release()
+    assert rig.record(8)["exit_code"] == 0 and rig.log(8).strip() == "eight"
+
+
+def test_the_spare_exits_with_its_zygote_having_run_nothing(rig: Rig) -> None:
+    rig.zygote.start()
+    zygote_pid = rig.started[0]
+    spare = _spare_of(zygote_pid)
+    os.kill(zygote_pid, signal.SIGKILL)
+    os.waitpid(zygote_pid, 0)
+    _wait_until(lambda: not Path(f"/proc/{spare}").exists() or
+                Path(f"/proc/{spare}/stat").read_text().rpartition(")")[2].split()[0] == "Z")
+
+
 def test_an_aborted_gate_runs_nothing(rig: Rig) -> None:
     gate = rig.spawn(2, ["sh", "-c", "echo ran"])
     gate.abort()
