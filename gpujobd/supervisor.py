@@ -747,12 +747,18 @@ def supervise(gate_fd: int, cgroup_root: str) -> int:
     signals = _Signals()
     gate = _Gate(gate_fd)
     spec = None
+    pump = None
     try:
         signals.install()
         spec = _read_spec(gate)
         if spec is None:
             return EXIT_NO_SPEC
         groups = lookup_groups(spec)
+        # The log pump's pipe and thread are set up behind the gate too, not between release and
+        # command; with stop signals held, so that one caught meanwhile finds the pump in place.
+        _block_stop_signals()
+        pump = _LogPump(spec.log_max_bytes)
+        _unblock_stop_signals()
         released = gate.read_line()
         signals.released = True
     except _StoppedBeforeRelease:
@@ -760,12 +766,11 @@ def supervise(gate_fd: int, cgroup_root: str) -> int:
             log(f"received {signal_name(signals.received)} before the job spec; nothing was run")
             return EXIT_NO_SPEC
         return _finish_unreleased(spec, f"received {signal_name(signals.received)} before release; "
-                                        "nothing was run", signals)
+                                        "nothing was run", signals, pump)
     if released != RELEASE_LINE:
         what = "closed before release" if released is None else "sent something other than release"
-        return _finish_unreleased(spec, f"the gate {what}; nothing was run", signals)
+        return _finish_unreleased(spec, f"the gate {what}; nothing was run", signals, pump)
     _reopen_stdin_as_devnull()
-    pump = _LogPump(spec.log_max_bytes)
     runs = _run_all(spec, signals, groups)
     log_fate = pump.finish()
     if not runs:  # a stop signal came after release but before the first run started
@@ -807,7 +812,9 @@ def _run_all(spec: Spec, signals: _Signals, groups: list[int] | OSError) -> list
         _pause(signals, spec.restart_delay_s)
 
 
-def _finish_unreleased(spec: Spec, detail: str, signals: _Signals) -> int:
+def _finish_unreleased(spec: Spec, detail: str, signals: _Signals, pump: _LogPump | None = None) -> int:
+    if pump is not None:
+        pump.finish()  # our last words go to the log file directly
     log(detail)
     return _write_exit_record(spec, build_start_failed_record(spec, time.time(), detail, signals.received,
                                                               signals.received_after_s))

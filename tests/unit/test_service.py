@@ -143,3 +143,43 @@ def test_the_kept_replies_are_bounded_least_recently_asked_first():
     replies.vardict(3, wires[3])  # evicts 2
     assert replies.vardict(1, wires[1]) is one
     assert replies.vardict(2, wires[2]) is not two
+
+
+def test_the_same_version_of_a_job_in_the_same_context_is_not_encoded_again():
+    import dataclasses
+
+    from gpujobd.daemon.adapters.dbus_service import JobReplies
+    from gpujobd.shared import api
+    from gpujobd.shared.jobspec import JobSpec
+    from gpujobd.shared.model import Job
+    from gpujobd.shared.states import JobState
+
+    job = Job(id=5, user="alice", uid=1000, gid=1000, state=JobState.RUNNING, created_at=1.0,
+              unit="gpujob-5.scope", spec=JobSpec(argv=("true",), cwd="/", env={"TOKEN": "secret"}))
+    encoded = []
+
+    def encode(version, shows_env):
+        def run():
+            encoded.append(version)
+            wire = api.encode_job(version)
+            if not shows_env:
+                wire.pop("env")
+            return wire
+        return run
+
+    replies = JobReplies(size=4)
+    first = replies.of_job(job, (None, None, True), encode(job, True))
+    assert replies.of_job(job, (None, None, True), encode(job, True)) is first and encoded == [job]
+    # Another context (a caller who may not see the environment) is encoded, and sent without it.
+    assert "env" not in replies.of_job(job, (None, None, False), encode(job, False)).unpack()
+    assert len(encoded) == 2
+    # A new version of the job (the store reads one after each write) is encoded.
+    ended = dataclasses.replace(job, state=JobState.SUCCEEDED, ended_at=2.0)
+    assert replies.of_job(ended, (None, None, True), encode(ended, True)).unpack()["state"] == "succeeded"
+    assert encoded[-1] is ended
+    # An equal version read afresh is encoded, but its reply is the one kept (the repr key).
+    again = dataclasses.replace(ended)
+    assert again is not ended
+    reply = replies.of_job(again, (None, None, True), encode(again, True))
+    assert encoded[-1] is again and reply is replies.of_job(again, (None, None, True), encode(again, True))
+    assert len(encoded) == 4

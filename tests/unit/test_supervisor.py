@@ -552,6 +552,7 @@ def test_eof_before_release_runs_nothing(tmp_path: Path) -> None:
     assert "gate closed before release" in done.record["detail"]
     assert (done.record["runs"], done.record["started_at"], done.record["exit_code"]) == (0, None, None)
     assert "COMMAND-RAN" not in done.log
+    assert "gpujob: the gate closed before release; nothing was run" in done.log  # the pump was drained
     assert done.runs == []
 
 
@@ -600,12 +601,15 @@ def test_sigterm_before_release_runs_nothing(tmp_path: Path) -> None:
     job = Job(tmp_path, argv=sh("echo COMMAND-RAN"))
     job.send_spec()
     wait_until(lambda: _waiting_for_release(job), "the supervisor to wait for release")
+    # The log pump (a thread) is set up behind the gate, not after the release.
+    assert len(os.listdir(f"/proc/{job.process.pid}/task")) == 2
     job.process.send_signal(signal.SIGTERM)
     done = job.finish()
     assert done.record is not None
     assert (done.record["reason"], done.record["terminated_by_signal"]) == ("start-failed", 15)
     assert "before release" in done.record["detail"]
     assert "COMMAND-RAN" not in done.log
+    assert "gpujob: received SIGTERM before release; nothing was run" in done.log
 
 
 @needs_root

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Protocol, Tuple, TypeVar
 
 from gi.repository import Gio, GLib
 from pydbus.generic import signal
@@ -32,6 +32,7 @@ JOB_REPLY_CACHE_SIZE = 1024  # jobs whose last a{sv} is kept for the next Get or
 _WIRE_ERRORS: Dict[str, type] = {}
 
 F = TypeVar("F", bound=Callable[..., Any])
+Wire = Mapping[str, Tuple[str, Any]]  # {field: (D-Bus signature, plain value)}
 
 
 def _wire_error(err: GpujobdError) -> Exception:
@@ -177,7 +178,9 @@ class ManagerService:
     def Get(self, job_id: int, dbus_context: Any = None) -> GLib.Variant:
         caller = self._caller(dbus_context)  # the reply built here, as List's: the most frequent call
         job = self._manager.get(job_id)
-        return GLib.Variant.new_tuple(self._replies.vardict(job.id, self._encode_wire(job, caller)))
+        context = self._reply_context(job, caller)
+        return GLib.Variant.new_tuple(
+            self._replies.of_job(job, context, lambda: self._encode_wire(job, caller, context)))
 
     @replies_with_variant
     @on_the_wire
@@ -260,13 +263,21 @@ class ManagerService:
     def _encode(self, job: Job, caller: Caller) -> Dict[str, GLib.Variant]:
         return variants(self._encode_wire(job, caller))
 
-    def _encode_wire(self, job: Job, caller: Caller) -> Dict[str, Tuple[str, Any]]:
+    def _reply_context(self, job: Job, caller: Caller) -> Tuple[Any, ...]:
+        """What a job's wire form depends on besides the job: its GPU memory now, its place in the
+        queue, and whether the caller may see its environment."""
         gpu_memory = (self._gpus.job_gpu_memory(job.id)
                       if self._gpus is not None and not job.state.is_final else None)
         wait = self._manager.queue.wait_of(job.id) if job.state is JobState.QUEUED else None
+        return (gpu_memory, (wait.waiting_for, wait.position) if wait is not None else None,
+                caller.uid == job.uid or caller.is_admin)
+
+    def _encode_wire(self, job: Job, caller: Caller,
+                     context: Optional[Tuple[Any, ...]] = None) -> Dict[str, Tuple[str, Any]]:
+        gpu_memory, wait, shows_env = context if context is not None else self._reply_context(job, caller)
         wire = api.encode_job(job, log_path=self._manager.log_path(job.id), gpu_memory=gpu_memory,
-                              wait=(wait.waiting_for, wait.position) if wait is not None else None)
-        if not (caller.uid == job.uid or caller.is_admin):
+                              wait=wait)
+        if not shows_env:
             wire.pop("env", None)  # may hold secrets: its owner and admins only
         return wire
 
@@ -282,25 +293,41 @@ def _vardict(values: Mapping[str, GLib.Variant]) -> GLib.Variant:
         for key, value in values.items()])
 
 
+class _Kept(NamedTuple):
+    key: str  # the wire form's repr
+    reply: GLib.Variant
+    job: Optional[Job]  # the version it was encoded from, and what else went into it (`of_job`)
+    context: Any
+
+
 class JobReplies:
     """The a{sv} last sent for each of the most recently asked jobs, sent again while the job's wire
     form is the same: a job polled by `gpujobctl wait`, a status loop or a dashboard is encoded once
     per change, not once per call (GLib builds ~190 Variants for a job with a 30-entry environment,
     which was most of a Get's daemon time). The key is the wire form's repr, so nothing has to say
-    when a job changed: whatever changes what would be sent changes the key."""
+    when a job changed: whatever changes what would be sent changes the key.
+
+    `of_job` skips even the encoding while it is asked for the very Job object (they are immutable,
+    and the store hands out one per version of a job) in the same context."""
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._kept: collections.OrderedDict[int, Tuple[str, GLib.Variant]] = collections.OrderedDict()
+        self._kept: collections.OrderedDict[int, _Kept] = collections.OrderedDict()
 
-    def vardict(self, job_id: int, wire: Mapping[str, Tuple[str, Any]]) -> GLib.Variant:
+    def of_job(self, job: Job, context: Any, encode: Callable[[], Wire]) -> GLib.Variant:
+        """The reply for this version of `job`, where `context` is everything else `encode` reads."""
+        kept = self._kept.get(job.id)
+        if kept is not None and kept.job is job and kept.context == context:
+            self._kept.move_to_end(job.id)
+            return kept.reply
+        return self.vardict(job.id, encode(), job, context)
+
+    def vardict(self, job_id: int, wire: Wire, job: Optional[Job] = None,
+                context: Any = None) -> GLib.Variant:
         key = repr(wire)
         kept = self._kept.get(job_id)
-        if kept is not None and kept[0] == key:
-            self._kept.move_to_end(job_id)
-            return kept[1]
-        reply = _vardict(variants(wire))
-        self._kept[job_id] = (key, reply)
+        reply = kept.reply if kept is not None and kept.key == key else _vardict(variants(wire))
+        self._kept[job_id] = _Kept(key, reply, job, context)
         self._kept.move_to_end(job_id)
         if len(self._kept) > self._size:
             self._kept.popitem(last=False)
