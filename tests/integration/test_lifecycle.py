@@ -197,10 +197,16 @@ def test_job_scopes_live_outside_the_service_and_are_not_bound_to_it(ctl):
     ctl.wait_state("alice", job_id, "running")
     unit = f"gpujob-{job_id}.scope"
     service_procs = Path("/sys/fs/cgroup/system.slice/gpujobd.service/cgroup.procs").read_text().split()
-    # The daemon and its supervisor zygote, nothing of the job (the zygote never enters a scope).
+    # The daemon, its supervisor zygote and the zygote's spare (the supervisor it keeps forked ahead),
+    # nothing of the job: neither enters a scope before it becomes a job's supervisor.
     others = [pid for pid in service_procs if pid != str(daemon_pid())]
-    assert len(service_procs) == 2 and len(others) == 1
-    assert b"--zygote" in Path(f"/proc/{others[0]}/cmdline").read_bytes()
+    assert len(service_procs) == 3 and len(others) == 2
+    assert all(b"--zygote" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in others)
+    parents = {pid: Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1] for pid in others}
+    zygote = [pid for pid in others if parents[pid] == str(daemon_pid())]
+    assert len(zygote) == 1 and [parents[pid] for pid in others if pid not in zygote] == zygote
+    in_scope = scope_pids(unit)
+    assert in_scope and not {int(pid) for pid in others} & set(in_scope)
     props = sh("systemctl", "show", unit, "-p", "PartOf", "-p", "BindsTo", "-p", "Slice").stdout
     assert "gpujobd.service" not in props and "Slice=gpujob.slice" in props
     ctl("alice", "stop", str(job_id), check=True)
