@@ -127,13 +127,25 @@ def _parent(pid: int) -> int:
     return int(stat.rpartition(")")[2].split()[1])
 
 
+def _only_its_own_fds(pid: int, log: Path) -> bool:
+    """A gated supervisor holds the gate (fd 0), its log pump's pipe (fds 1 and 2 its write end, and
+    its read end) and the log itself: nothing of the zygote's (its sockets, the fds it received)."""
+    if len(os.listdir(f"/proc/{pid}/task")) != 2:
+        return False  # the log pump's thread is not up yet: the supervisor is still setting up
+    targets = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    pump = targets[1]
+    rest = sorted(target for fd, target in targets.items() if fd > 2)
+    return (targets[0].startswith("pipe:") and pump.startswith("pipe:") and targets[2] == pump
+            and targets[0] != pump and rest == sorted([pump, str(log)]))
+
+
 def test_forked_supervisor_runs_the_job_only_after_release(rig: Rig) -> None:
     gate = rig.spawn(1, ["sh", "-c", "id -u; echo ran"])
     assert rig.started and gate.pid != rig.started[0]
     assert _parent(gate.pid) == rig.started[0]  # forked by the zygote, not started by us
     # The zygote answers as soon as it has forked; the child then sets itself up behind its gate.
     _wait_until(lambda: os.getsid(gate.pid) == gate.pid)  # its own session, as a spawned supervisor
-    _wait_until(lambda: sorted(int(fd) for fd in os.listdir(f"/proc/{gate.pid}/fd")) == [0, 1, 2])
+    _wait_until(lambda: _only_its_own_fds(gate.pid, rig.tmp_path / "1.log"))
     time.sleep(0.2)
     assert "ran" not in rig.log(1)  # gated: nothing of the job before release
     gate.release()
@@ -162,11 +174,11 @@ def test_a_request_gets_the_supervisor_forked_ahead_and_a_new_one_is_forked_afte
     spare = _spare_of(rig.started[0])
     # While it waits it holds its own socket only: not the daemon's, whose end must close with the
     # zygote (fd 0 is /dev/null).
-    assert len(_socket_fds(spare)) == 1 and os.readlink(f"/proc/{spare}/fd/0") == os.devnull
+    _wait_until(lambda: len(_socket_fds(spare)) == 1 and os.readlink(f"/proc/{spare}/fd/0") == os.devnull)
     gate = rig.spawn(7, ["sh", "-c", "echo seven"])
     assert gate.pid == spare
     _wait_until(lambda: len(_children(rig.started[0])) == 2)  # the job's supervisor and the next spare
-    _wait_until(lambda: sorted(int(fd) for fd in os.listdir(f"/proc/{gate.pid}/fd")) == [0, 1, 2])
+    _wait_until(lambda: _only_its_own_fds(gate.pid, rig.tmp_path / "7.log"))
     gate.release()
     assert rig.record(7)["exit_code"] == 0 and rig.log(7).strip() == "seven"
 
