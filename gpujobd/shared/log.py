@@ -222,9 +222,12 @@ def _console_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     text = str(value)
-    if text and all(char.isprintable() and char not in ' "=\\' for char in text):
+    if text and text.isprintable() and _NEEDS_QUOTES.search(text) is None:
         return text
     return _quote(text)
+
+
+_NEEDS_QUOTES = re.compile(r'[ "=\\]')
 
 
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}

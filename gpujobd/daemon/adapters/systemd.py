@@ -8,6 +8,7 @@ goes through pystemd. Nothing else in gpujobd talks to systemd.
 from __future__ import annotations
 
 import collections
+import functools
 import string
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
@@ -311,6 +312,7 @@ class Systemd:
         return value
 
 
+@functools.lru_cache(maxsize=4096)  # a job's scope sends ~8 PropertiesChanged: unescaped once
 def _unit_name_from_path(path: str) -> str:
     escaped = path.rsplit("/", 1)[1]
     out, i = [], 0
