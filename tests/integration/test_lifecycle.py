@@ -196,9 +196,15 @@ def test_job_scopes_live_outside_the_service_and_are_not_bound_to_it(ctl):
     job_id = ctl.submit("alice", "sleep", "4401")
     ctl.wait_state("alice", job_id, "running")
     unit = f"gpujob-{job_id}.scope"
-    service_procs = Path("/sys/fs/cgroup/system.slice/gpujobd.service/cgroup.procs").read_text().split()
-    # The daemon, its supervisor zygote and the zygote's spare (the supervisor it keeps forked ahead),
-    # nothing of the job: neither enters a scope before it becomes a job's supervisor.
+    procs = Path("/sys/fs/cgroup/system.slice/gpujobd.service/cgroup.procs")
+    # The daemon, its supervisor zygote and the zygote's spare (the supervisor it keeps forked ahead,
+    # forked again just after the job took the last one), nothing of the job: neither enters a scope
+    # before it becomes a job's supervisor.
+    def three() -> List[str]:
+        pids = procs.read_text().split()
+        return pids if len(pids) == 3 else []
+
+    service_procs = wait_for(three, "the daemon, the zygote and its spare in the service's cgroup")
     others = [pid for pid in service_procs if pid != str(daemon_pid())]
     assert len(service_procs) == 3 and len(others) == 2
     assert all(b"--zygote" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in others)
