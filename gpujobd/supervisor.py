@@ -867,9 +867,8 @@ def zygote(sock_fd: int, cgroup_root: str) -> int:
         pid = None
         if len(fds) == ZYGOTE_FDS:
             pid = _hand_to_spare(spare, fds) if spare is not None else None
-            if pid is not None:
-                spare = None
-            else:
+            spare = None  # taken, or dead: either way a new one is forked after the answer
+            if pid is None:
                 pid = _fork_supervisor(fds, cgroup_root)
         for fd in fds:
             os.close(fd)

@@ -192,6 +192,10 @@ def test_a_dead_spare_is_replaced_by_a_fork_and_the_job_runs(rig: Rig) -> None:
     assert gate.pid != spare and _parent(gate.pid) == rig.started[0]
     gate.release()
     assert rig.record(8)["exit_code"] == 0 and rig.log(8).strip() == "eight"
+    # A new spare is kept again, and the next job gets it.
+    _wait_until(lambda: len(_children(rig.started[0])) == 1)
+    next_spare = _children(rig.started[0])[0]
+    assert rig.spawn(9, ["true"]).pid == next_spare
 
 
 def test_the_spare_exits_with_its_zygote_having_run_nothing(rig: Rig) -> None:
