@@ -32,8 +32,8 @@ from gpujobd.daemon.ports import (
 from gpujobd.daemon.properties import Encoded
 from gpujobd.daemon.queueing import Caller as Caller  # re-exported: the service and tests use it
 from gpujobd.daemon.queueing import Queueing, Runtime
-from gpujobd.daemon.validation import validate, with_server_defaults
-from gpujobd.shared import api, text
+from gpujobd.daemon.validation import validate
+from gpujobd.shared import api, jobspec, text
 from gpujobd.shared.config import Config
 from gpujobd.shared.errors import InvalidArgument, NotFound, PermissionDenied, Refused
 from gpujobd.shared.log import get_logger
@@ -96,7 +96,7 @@ class Manager(Queueing):
         if caller.uid == 0:
             raise PermissionDenied("gpujobd never runs a job as root: submit as the user the work "
                                    "belongs to (e.g. runuser -u USER -- gpujobctl submit ...)")
-        spec = with_server_defaults(spec, self._config)
+        spec = jobspec.with_server_defaults(spec, self._config)
         properties = validate(spec, self._config.jobs)
         problems = scheduling_problems(spec, lambda: caller.is_admin, self._store.get, self.queue.gpu_count(),
                                        self._config.daemon.admin_group)

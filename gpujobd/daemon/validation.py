@@ -11,7 +11,7 @@ from typing import List
 
 from gpujobd.daemon.properties import Encoded, parse_properties, with_admin_limits
 from gpujobd.shared import jobspec
-from gpujobd.shared.config import Config, JobsConfig
+from gpujobd.shared.config import JobsConfig
 from gpujobd.shared.errors import InvalidArgument
 from gpujobd.shared.jobspec import JobSpec
 
@@ -29,8 +29,3 @@ def validate(spec: JobSpec, jobs: JobsConfig) -> List[Encoded]:
     if problems:
         raise InvalidArgument("; ".join(problems))
     return properties
-
-
-def with_server_defaults(spec: JobSpec, config: Config) -> JobSpec:
-    """Unset options the server has a default for (a loop's cap and delay, the GPU check) get it."""
-    return jobspec.with_server_defaults(spec, config)

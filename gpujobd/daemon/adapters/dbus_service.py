@@ -180,7 +180,7 @@ class ManagerService:
         job = self._manager.get(job_id)
         context = self._reply_context(job, caller)
         return GLib.Variant.new_tuple(
-            self._replies.of_job(job, context, lambda: self._encode_wire(job, caller, context)))
+            self._replies.of_job(job, context, lambda: self._encode_wire(job, context)))
 
     @replies_with_variant
     @on_the_wire
@@ -196,11 +196,12 @@ class ManagerService:
         return GLib.Variant.new_tuple(GLib.Variant.new_array(_VARDICT_ENTRY, kept))
 
     def _list_entry(self, job: Job, caller: Caller) -> GLib.Variant:
-        entry = self._replies.vardict(job.id, self._encode_wire(job, caller))
+        wire = self._encode_wire(job, self._reply_context(job, caller))
+        entry = self._replies.vardict(job.id, wire)
         if entry.get_size() <= api.LIST_ENTRY_MAX_BYTES:
             return entry
         # A row stored before the size bounds (or under larger ones): shown clipped, never whole.
-        return _vardict(variants(api.clipped_job_wire(self._encode_wire(job, caller))))
+        return _vardict(variants(api.clipped_job_wire(wire)))
 
     @on_the_wire
     # `list`, not `List`: in this class body, List names the method above.
@@ -261,7 +262,7 @@ class ManagerService:
         return int(reply.unpack()[0])
 
     def _encode(self, job: Job, caller: Caller) -> Dict[str, GLib.Variant]:
-        return variants(self._encode_wire(job, caller))
+        return variants(self._encode_wire(job, self._reply_context(job, caller)))
 
     def _reply_context(self, job: Job, caller: Caller) -> Tuple[Any, ...]:
         """What a job's wire form depends on besides the job: its GPU memory now, its place in the
@@ -272,9 +273,8 @@ class ManagerService:
         return (gpu_memory, (wait.waiting_for, wait.position) if wait is not None else None,
                 caller.uid == job.uid or caller.is_admin)
 
-    def _encode_wire(self, job: Job, caller: Caller,
-                     context: Optional[Tuple[Any, ...]] = None) -> Dict[str, Tuple[str, Any]]:
-        gpu_memory, wait, shows_env = context if context is not None else self._reply_context(job, caller)
+    def _encode_wire(self, job: Job, context: Tuple[Any, ...]) -> Dict[str, Tuple[str, Any]]:
+        gpu_memory, wait, shows_env = context
         wire = api.encode_job(job, log_path=self._manager.log_path(job.id), gpu_memory=gpu_memory,
                               wait=wait)
         if not shows_env:
