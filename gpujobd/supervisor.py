@@ -43,8 +43,10 @@ REASON_LOST = "lost"
 SPEC_KEYS = (
     "job_id", "argv", "cwd", "env", "uid", "gid", "user", "umask",
     "exit_record", "runs_file", "max_runs", "restart_delay_s", "stop_on_failure", "log_max_bytes",
+    "log_drain_s",
 )
 MAX_DELAY_S = 100 * 365 * 24 * 3600  # what the daemon allows (spec.MAX_TIMEOUT_S); sleeps overflow above
+MAX_LOG_DRAIN_S = 3600  # config jobs.log_drain_s's maximum
 RUN_KEYS = ("run", "started_at", "ended_at", "exit_code", "signal", "reason", "detail")
 RECORD_KEYS = (
     "job_id", "started_at", "ended_at", "exit_code", "signal", "reason", "detail",
@@ -94,6 +96,7 @@ class Spec:
     restart_delay_s: float
     stop_on_failure: bool
     log_max_bytes: int
+    log_drain_s: float
 
     def __init__(self, fields: dict) -> None:
         for key in SPEC_KEYS:
@@ -138,9 +141,8 @@ def spec_from_dict(fields: object) -> Spec:
         _check_text(fields, key)
         if not fields[key].startswith("/"):
             raise SpecError(f"job spec: {key} must be an absolute path")
-    delay = fields["restart_delay_s"]
-    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= MAX_DELAY_S:
-        raise SpecError(f"job spec: restart_delay_s must be a number from 0 to {MAX_DELAY_S}")
+    _check_seconds(fields, "restart_delay_s", MAX_DELAY_S)
+    _check_seconds(fields, "log_drain_s", MAX_LOG_DRAIN_S)
     if not isinstance(fields["stop_on_failure"], bool):
         raise SpecError("job spec: stop_on_failure must be a boolean")
     return Spec(fields)
@@ -152,6 +154,12 @@ def _check_int(fields: dict, key: str, low: int, high: int | None = None) -> Non
             or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in {low}..{high}"
         raise SpecError(f"job spec: {key} must be an integer {bounds}")
+
+
+def _check_seconds(fields: dict, key: str, high: float) -> None:
+    value = fields[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+        raise SpecError(f"job spec: {key} must be a number from 0 to {high}")
 
 
 def _check_text(fields: dict, key: str) -> None:
@@ -357,7 +365,6 @@ def log(message: str) -> None:
 # (Issue 15: a job can neither fill the disk through its log nor lose the news that its log failed.)
 
 LOG_PUMP_CHUNK = 65536
-LOG_DRAIN_S = 1.0  # after the last run, how long the pump may take to copy what is left in the pipe
 
 
 class _LogPump:
@@ -365,8 +372,9 @@ class _LogPump:
     become a pipe. Past `cap` bytes (0: none) one line says so and the rest is read and dropped, so
     the job runs on; a write that fails (ENOSPC, EIO) is remembered for the exit record."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, drain_s: float) -> None:
         self.cap = cap
+        self.drain_s = drain_s  # after the last run, how long it may take to copy what is left in the pipe
         self.written = 0
         self.truncated = False
         self.error: str | None = None
@@ -413,7 +421,7 @@ class _LogPump:
         our own last words go to the log file directly again."""
         os.dup2(self._log_fd, 1)
         os.dup2(self._log_fd, 2)
-        self._thread.join(LOG_DRAIN_S)  # a leftover process may hold the pipe open: never wait on it
+        self._thread.join(self.drain_s)  # a leftover process may hold the pipe open: never wait on it
         return {"log_bytes": self.written, "log_truncated": self.truncated, "log_error": self.error}
 
 
@@ -757,7 +765,7 @@ def supervise(gate_fd: int, cgroup_root: str) -> int:
         # The log pump's pipe and thread are set up behind the gate too, not between release and
         # command; with stop signals held, so that one caught meanwhile finds the pump in place.
         _block_stop_signals()
-        pump = _LogPump(spec.log_max_bytes)
+        pump = _LogPump(spec.log_max_bytes, spec.log_drain_s)
         _unblock_stop_signals()
         released = gate.read_line()
         signals.released = True

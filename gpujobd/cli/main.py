@@ -113,7 +113,8 @@ def _client_settings() -> Dict[str, float]:
         return {}
     return {"call_timeout_s": settings.call_timeout_s,
             "follow_poll_interval_s": settings.follow_poll_interval_s,
-            "restart_grace_s": settings.restart_grace_s}
+            "restart_grace_s": settings.restart_grace_s,
+            "wait_resync_interval_s": settings.wait_resync_interval_s}
 
 
 def _silence_stdout() -> None:

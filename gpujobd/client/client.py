@@ -15,13 +15,15 @@ from gpujobd.client.transport import DEFAULT_CALL_TIMEOUT_S, Transport
 from gpujobd.shared import api, errors, spec
 from gpujobd.shared.states import JobState
 
-DEFAULT_FOLLOW_POLL_INTERVAL_S = 0.25
-DEFAULT_READ_BYTES = 1 << 20
-DEFAULT_RESTART_GRACE_S = 60.0  # config client.restart_grace_s
-T = TypeVar("T")
+# The defaults of the [client] keys of gpujobd.shared.config, mirrored so that `import gpujobd.client`
+# stays light (the config module costs ~17 ms to import); a unit test keeps them equal.
+DEFAULT_FOLLOW_POLL_INTERVAL_S = 0.25  # client.follow_poll_interval_s
+DEFAULT_RESTART_GRACE_S = 60.0  # client.restart_grace_s
 # While waiting, the job is re-read this often even without a signal: a safety net for a signal that
 # never arrives (a daemon restart, a bus that dropped it). One Get a minute costs nothing.
-WAIT_RESYNC_INTERVAL_S = 60.0
+WAIT_RESYNC_INTERVAL_S = 60.0  # client.wait_resync_interval_s
+DEFAULT_READ_BYTES = 1 << 20
+T = TypeVar("T")
 
 
 class WaitTimedOut(errors.GpujobdError):
@@ -56,6 +58,7 @@ class Client:
         follow_poll_interval_s: float = DEFAULT_FOLLOW_POLL_INTERVAL_S,
         restart_grace_s: float = DEFAULT_RESTART_GRACE_S,
         *,
+        wait_resync_interval_s: float = WAIT_RESYNC_INTERVAL_S,
         transport: Any = None,
     ) -> None:
         # `transport`: another object with Transport's methods (a test's fake); `bus` is then unused.
@@ -63,6 +66,7 @@ class Client:
         self._transport.call_timeout_s = float(call_timeout_s)
         self.follow_poll_interval_s = float(follow_poll_interval_s)
         self.restart_grace_s = float(restart_grace_s)
+        self.wait_resync_interval_s = float(wait_resync_interval_s)
 
     def _riding_out_restarts(self, call: Callable[[], T]) -> T:
         """`call()`, tried again every follow_poll_interval_s while the daemon is away (Unavailable: a
@@ -289,7 +293,8 @@ class Client:
                 if remaining is not None and remaining <= 0:
                     raise WaitTimedOut(f"timed out after {timeout_s:g}s waiting for job {job_id}: it is "
                                        f"still {job['state']}")
-                sleep(WAIT_RESYNC_INTERVAL_S if remaining is None else min(remaining, WAIT_RESYNC_INTERVAL_S))
+                resync = self.wait_resync_interval_s
+                sleep(resync if remaining is None else min(remaining, resync))
                 job = self._riding_out_restarts(lambda: self.get(job_id, raw=True))
         return _job(job, raw)
 

@@ -29,7 +29,7 @@ from gpujobd.client import outgoing
 from gpujobd.shared import api, errors
 from gpujobd.shared.states import FINAL_STATES
 
-DEFAULT_CALL_TIMEOUT_S = 30.0
+DEFAULT_CALL_TIMEOUT_S = 30.0  # config client.call_timeout_s (mirrored, see client.py)
 
 _DBUS = "org.freedesktop.DBus"
 _DBUS_ERROR = _DBUS + ".Error."

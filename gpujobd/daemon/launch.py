@@ -35,6 +35,7 @@ def supervisor_spec(job: Job, user: User, jobs: JobsConfig, paths: JobPaths,
         "restart_delay_s": job.spec.restart_delay_s or 0.0,
         "stop_on_failure": job.spec.stop_on_failure,
         "log_max_bytes": jobs.log_max_bytes,
+        "log_drain_s": jobs.log_drain_s,
     }
 
 

@@ -117,10 +117,10 @@ def run(config: Config) -> int:
     bus = SystemBus()
     state_dir = Path(config.daemon.state_dir)
     state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    store = Store(state_dir / "gpujobd.sqlite3")
+    store = Store(state_dir / "gpujobd.sqlite3", config.daemon.db_busy_timeout_s)
     files = JobFiles(Path(config.daemon.job_log_dir), state_dir / "exits")
     systemd = Systemd(bus.con, UNIT_PREFIX, config.daemon.unit_match_rules_max,
-                      config.daemon.systemd_calls_in_flight_max)
+                      config.daemon.systemd_calls_in_flight_max, config.daemon.systemd_call_timeout_s)
     service: List[ManagerService] = []
 
     def reap(pid: int) -> None:
@@ -153,7 +153,8 @@ def run(config: Config) -> int:
     manager.reconcile()
     retention.schedule(config, store, files, scheduler, time.time)
     _guard_the_reserve(config, store, files, scheduler, log)
-    service.append(ManagerService(manager, bus.con, gpus=watcher))
+    service.append(ManagerService(manager, bus.con, gpus=watcher,
+                                   caller_lookup_timeout_s=config.daemon.caller_lookup_timeout_s))
     watcher.on_stray_found = service[0].stray_found
     watcher.on_stray_cleared = service[0].stray_cleared
     try:

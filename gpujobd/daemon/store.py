@@ -27,10 +27,10 @@ from gpujobd.daemon import store_rows as rows_codec
 from gpujobd.daemon import store_sql as queries
 from gpujobd.daemon.store_schema import MIGRATIONS, SCHEMA_VERSION
 from gpujobd.shared import errors
+from gpujobd.shared.config import DaemonConfig
 from gpujobd.shared.model import Job, JobSpec, unit_name
 from gpujobd.shared.states import EndReason, JobState
 
-BUSY_TIMEOUT_S = 5.0
 # Jobs kept as read (Job is frozen): a job's lifecycle read it ~12 times between its writes, each a
 # query and a 40-column decode. Every write of a job drops its entry first, so a failed write leaves
 # nothing stale; the daemon is the database's only writer.
@@ -83,14 +83,15 @@ RunReason = Union[EndReason, str, None]
 class Store:
     """The daemon's job table. One writer (the daemon's thread); open once, close at exit."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout_s: float = DaemonConfig.db_busy_timeout_s) -> None:
         self.path = Path(path)
+        self._busy_timeout_s = busy_timeout_s
         self._conn: Optional[sqlite3.Connection] = None
         self._jobs: collections.OrderedDict[int, Job] = collections.OrderedDict()
         self._check_directory()
         self._create_file()
         with self._errors("opening the job database"):
-            self._conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            self._conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None)
         try:
             self._setup()
         except BaseException:
@@ -140,7 +141,7 @@ class Store:
 
     def _set_pragmas(self) -> None:
         conn = self._connection()
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise errors.Unavailable(

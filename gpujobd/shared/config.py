@@ -110,6 +110,18 @@ class DaemonConfig:
         "How long the daemon waits for the supervisor zygote to fork a job's supervisor before it "
         "starts a new zygote.", above=0,
     ))
+    systemd_call_timeout_s: float = field(default=25.0, metadata=spec(
+        "How long the daemon waits for systemd to answer one call (a scope's start or stop, a unit "
+        "list) before it counts the call failed.", above=0,
+    ))
+    caller_lookup_timeout_s: float = field(default=5.0, metadata=spec(
+        "How long the daemon waits for the bus to say which user a new caller is; past it the call "
+        "is denied.", above=0,
+    ))
+    db_busy_timeout_s: float = field(default=5.0, metadata=spec(
+        "How long a write to the job database waits for a lock another connection holds (an admin's "
+        "sqlite3 shell) before it fails.", above=0,
+    ))
     reconcile_on_start: bool = field(default=True, metadata=spec(
         "At start, reconcile recorded jobs with the scopes systemd has.",
     ))
@@ -184,6 +196,11 @@ class JobsConfig:
         "Most bytes of output one job's log keeps; past it the log says so and the rest is dropped "
         "(the job runs on). 0 means no cap.", minimum=0,
     ))
+    log_drain_s: float = field(default=1.0, metadata=spec(
+        "After a job's last run, how long its supervisor goes on copying output still in the log's "
+        "pipe (a leftover process may hold the pipe open) before it writes the exit record.",
+        minimum=0, maximum=3600,
+    ))
     default_properties: Tuple[str, ...] = field(default=(), metadata=spec(
         "Properties every job's scope gets unless the job sets them (NAME=VALUE, e.g. MemoryMax=64G).",
         check=_is_property_setting, expect="a list of NAME=VALUE", item_expect='"NAME=VALUE"',
@@ -244,6 +261,10 @@ class GpuConfig:
     ))
     nvml_call_timeout_s: float = field(default=2.0, metadata=spec(
         "How long one NVML call may take before it counts as hung.", above=0,
+    ))
+    busy_recheck_s: float = field(default=1.0, metadata=spec(
+        "While the watcher's worker still kills a stray, how soon the watcher looks again (at most "
+        "poll_interval_s).", above=0,
     ))
     retry_initial_s: float = field(default=5.0, metadata=spec(
         "First wait before NVML is tried again after it failed.", above=0,
@@ -336,6 +357,10 @@ class ClientConfig:
     restart_grace_s: float = field(default=60.0, metadata=spec(
         "How long `gpujobctl logs -f` and `wait` keep trying while the daemon is away (a restart).",
         minimum=0,
+    ))
+    wait_resync_interval_s: float = field(default=60.0, metadata=spec(
+        "How often `gpujobctl wait` reads the job again though no signal came (a signal lost in a "
+        "daemon restart).", above=0,
     ))
 
 

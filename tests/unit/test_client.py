@@ -651,3 +651,18 @@ def test_every_option_value_of_a_spec_serialises_with_jeepney() -> None:
     message = new_method_call(transport._SERVICE, "Submit", "a{sv}", (wire,))
     assert message.serialise(serial=1)  # raises TypeError for a value jeepney cannot put on the wire
     assert wire["after"] == ("at", [1, 2]) and wire["after_any"] == ("at", [3])
+
+
+def test_wait_reads_the_job_again_every_resync_interval_without_a_signal(bus):
+    bus.jobs[4] = wire_job(4, "running")
+    gets = []
+
+    def end_at_the_third_get(job_id: int) -> None:
+        gets.append(job_id)
+        if len(gets) == 3:
+            bus.jobs[4] = wire_job(4, "succeeded", exit_code=0)
+    bus.on_get = end_at_the_third_get
+    # No signal ever comes: only the resync reads can see the end (the default, 60 s, outlasts the
+    # 5 s timeout, and the wait would fail).
+    waited = client.Client(transport=bus, wait_resync_interval_s=0.01).wait(4, timeout_s=5)
+    assert waited["state"] == "succeeded" and gets == [4, 4, 4]

@@ -16,10 +16,12 @@ class FakeBus:
     def __init__(self, uids):
         self.uids = uids
         self.calls = 0
+        self.timeouts = []
 
-    def call_sync(self, _name, _path, _iface, method, params, _reply_type, _flags, _timeout, _cancel):
+    def call_sync(self, _name, _path, _iface, method, params, _reply_type, _flags, timeout, _cancel):
         assert method == "GetConnectionUnixUser"
         self.calls += 1
+        self.timeouts.append(timeout)
         sender = params.unpack()[0]
         if sender not in self.uids:
             raise GLib.Error.new_literal(GLib.quark_from_string("g-dbus-error-quark"),
@@ -43,6 +45,15 @@ def test_the_caller_comes_from_the_bus_and_is_cached():
     assert service._caller(Context(":1.5")).uid == 1001
     assert service._caller(Context(":1.5")).uid == 1001
     assert bus.calls == 1
+
+
+def test_the_caller_lookup_waits_the_configured_time():
+    from gpujobd.shared.config import DaemonConfig
+
+    bus = FakeBus({":1.5": 1001, ":1.6": 1002})
+    ManagerService(FakeManager(), bus, caller_lookup_timeout_s=0.75)._caller(Context(":1.5"))
+    ManagerService(FakeManager(), bus)._caller(Context(":1.6"))
+    assert bus.timeouts == [750, int(DaemonConfig.caller_lookup_timeout_s * 1000)]
 
 
 @pytest.mark.parametrize("sender", [None, "", ":1.99"])

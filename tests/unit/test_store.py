@@ -117,9 +117,18 @@ def test_foreign_sqlite_database_is_refused(db_path: Path) -> None:
         Store(db_path)
 
 
-def test_locked_database_is_unavailable(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store, "BUSY_TIMEOUT_S", 0.05)
-    db = Store(db_path)
+def test_the_busy_timeout_is_the_configured_one(db_path: Path) -> None:
+    from gpujobd.shared.config import DaemonConfig
+
+    with Store(db_path, busy_timeout_s=0.25) as db:
+        assert db._connection().execute("PRAGMA busy_timeout").fetchone()[0] == 250
+    with Store(db_path) as db:
+        assert db._connection().execute("PRAGMA busy_timeout").fetchone()[0] == \
+            int(DaemonConfig.db_busy_timeout_s * 1000)
+
+
+def test_locked_database_is_unavailable(db_path: Path) -> None:
+    db = Store(db_path, busy_timeout_s=0.05)
     locker = raw(db_path)
     locker.execute("BEGIN IMMEDIATE")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -48,6 +49,7 @@ def spec_fields(state_dir: Path, **overrides: object) -> dict:
         "restart_delay_s": 0.0,
         "stop_on_failure": False,
         "log_max_bytes": 0,
+        "log_drain_s": 1.0,
     }
     fields.update(overrides)
     return fields
@@ -103,6 +105,9 @@ def test_encode_spec_is_one_compact_line_that_parses_back(tmp_path: Path) -> Non
     {"restart_delay_s": float("inf")},
     {"restart_delay_s": "1"},
     {"stop_on_failure": 1},
+    {"log_drain_s": -0.5},
+    {"log_drain_s": 3601},
+    {"log_drain_s": True},
     {"surprise": 1},
 ])
 def test_bad_specs_are_refused(tmp_path: Path, change: dict) -> None:
@@ -640,6 +645,26 @@ def test_leftovers_that_cannot_be_counted_are_said_so(tmp_path: Path) -> None:
     assert done.record is not None
     assert done.record["leftover_processes"] == 0
     assert done.record["detail"].endswith("leftover count unavailable")
+
+
+@needs_root
+def test_a_leftover_holding_the_log_pipe_delays_the_record_only_log_drain_s(tmp_path: Path) -> None:
+    """A process the job left behind keeps the pump's pipe open; the supervisor copies what comes
+    for jobs.log_drain_s, then writes the record without waiting for the pipe to close."""
+    job = Job(tmp_path, argv=sh("sleep 30 & echo leftover=$!"), log_drain_s=0.3)
+    job.send_spec()
+    job.send(supervisor.RELEASE_LINE)
+    leftover = None
+    try:
+        wait_until(lambda: "leftover=" in job.log(), "the job's output")
+        leftover = int(job.log().split("leftover=")[1].split()[0])
+        done = job.finish(timeout=15)  # with no drain limit it would wait for the sleep: 30 s
+        assert done.record is not None and done.record["exit_code"] == 0
+        assert Path(f"/proc/{leftover}").exists(), "the record came while the leftover held the pipe"
+    finally:
+        if leftover is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(leftover, signal.SIGKILL)
 
 
 # --- the log cap (issue 15): the job runs on, the log says so, the record too ---------------------------

@@ -195,3 +195,30 @@ def test_a_signal_queued_before_the_broad_subscription_went_is_still_handed_on()
     adapter.unwatch_unit("gpujob-3.scope")  # the broad subscription goes before its callback runs
     bus.run()
     assert seen == [("gpujob-1.scope", "inactive")]
+
+
+class _TimedBus(_PendingBus):
+    """Records each call's timeout (ms), synchronous or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list = []
+
+    def call(self, _dest, _path, _iface, method, args, _reply_type, _flags, timeout, _cancel, callback):
+        self.timeouts.append(timeout)
+        super().call(_dest, _path, _iface, method, args, _reply_type, _flags, timeout, _cancel, callback)
+
+    def call_sync(self, _dest, _path, _iface, _method, _args, _reply_type, _flags, timeout, _cancel):
+        self.timeouts.append(timeout)
+        return GLib.Variant("(o)", ("/org/freedesktop/systemd1/unit/x",))
+
+
+def test_calls_to_systemd_carry_the_configured_timeout() -> None:
+    from gpujobd.daemon.adapters.systemd import Systemd
+    from gpujobd.shared.config import DaemonConfig
+
+    bus = _TimedBus()
+    Systemd(bus, "gpujob-", call_timeout_s=2.5)._call("d", "/p", "i", "M", None, "(o)")  # type: ignore[arg-type]
+    Systemd(bus, "gpujob-", call_timeout_s=2.5)._call_sync("/p", "i", "M", None, "(o)")  # type: ignore[arg-type]
+    Systemd(bus, "gpujob-")._call("d", "/p", "i", "M", None, "(o)")  # type: ignore[arg-type]
+    assert bus.timeouts == [2500, 2500, int(DaemonConfig.systemd_call_timeout_s * 1000)]

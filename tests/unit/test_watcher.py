@@ -1396,3 +1396,17 @@ def test_the_worker_hands_back_the_very_mapping_when_no_process_changed(rigw: Ri
     old, new = first.processes[300], third.processes[300]
     assert old is not None and new is not None and (old.start_ticks, new.start_ticks) == (1000, 4242)
     assert rigw.procs.inspected.count(300) == 2 and rigw.procs.inspected.count(100) == 1
+
+
+@pytest.mark.parametrize(("recheck_s", "poll_s", "expected"), [(0.5, 5.0, 0.5), (10.0, 2.0, 2.0)])
+def test_a_tick_that_finds_the_worker_busy_looks_again_after_busy_recheck_s(
+        recheck_s: float, poll_s: float, expected: float) -> None:
+    r = Rigw(gpu_config(busy_recheck_s=recheck_s, poll_interval_s=poll_s))
+    r.start()
+    r.worker.busy = True  # a kill task still under way when the tick comes
+    r.loop.run(poll_s)
+    assert r.loop.pending() == [expected]
+    r.worker.busy = False
+    tasks = r.worker.tasks
+    r.loop.run(expected)
+    assert r.worker.tasks == tasks + 1, "the next look reads the GPUs"

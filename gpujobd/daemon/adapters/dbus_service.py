@@ -21,6 +21,7 @@ from pydbus.registration import ObjectRegistration, ObjectWrapper
 from gpujobd import __version__
 from gpujobd.daemon.manager import Caller, Manager
 from gpujobd.shared import api, jobspec
+from gpujobd.shared.config import DaemonConfig
 from gpujobd.shared.errors import GpujobdError, Internal, InvalidArgument, PermissionDenied
 from gpujobd.shared.log import get_logger
 from gpujobd.shared.model import Job
@@ -125,8 +126,10 @@ class ManagerService:
     StrayCleared = signal()
 
     def __init__(self, manager: Manager, connection: Gio.DBusConnection,
-                 gpus: Optional[GpuReports] = None):
+                 gpus: Optional[GpuReports] = None,
+                 caller_lookup_timeout_s: float = DaemonConfig.caller_lookup_timeout_s):
         self._manager = manager
+        self._caller_lookup_timeout_ms = int(caller_lookup_timeout_s * 1000)
         self._con = connection
         self._gpus = gpus
         self._callers: collections.OrderedDict[str, Caller] = collections.OrderedDict()
@@ -255,7 +258,7 @@ class ManagerService:
             reply = self._con.call_sync(
                 "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
                 "GetConnectionUnixUser", GLib.Variant("(s)", (sender,)), GLib.VariantType.new("(u)"),
-                Gio.DBusCallFlags.NONE, 5000, None)
+                Gio.DBusCallFlags.NONE, self._caller_lookup_timeout_ms, None)
         except GLib.Error as err:
             raise PermissionDenied(f"gpujobd could not establish your user id ({err.message}); "
                                    "the call is denied") from None

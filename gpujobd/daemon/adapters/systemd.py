@@ -16,6 +16,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 from gi.repository import Gio, GLib
 
 from gpujobd.shared import text
+from gpujobd.shared.config import DaemonConfig
 from gpujobd.shared.log import get_logger, guarded
 from gpujobd.shared.model import UNIT_PREFIX, UNIT_SUFFIX, Job
 
@@ -30,7 +31,6 @@ DBUS_PATH = "/org/freedesktop/DBus"
 DBUS_IFACE = "org.freedesktop.DBus"
 _JOB_REMOVED_RULE = (f"type='signal',sender='{SYSTEMD}',path='{SYSTEMD_PATH}',"
                      f"interface='{MANAGER_IFACE}',member='JobRemoved'")
-CALL_TIMEOUT_MS = 25_000
 # What on_unit_changed is given of a unit's PropertiesChanged. A scope's carries ~40 properties, and
 # unpacking them all through PyGObject was a third of the daemon's CPU in a burst (8 signals a job).
 UNIT_CHANGE_PROPERTIES = ("ActiveState", "SubState", "Result")
@@ -80,9 +80,12 @@ class Systemd:
     units, filtered here, until the units beyond the cap have ended.
     """
 
-    def __init__(self, connection: Gio.DBusConnection, unit_prefix: str, max_unit_rules: int = 400,
-                 max_calls_in_flight: int = 64):
+    def __init__(self, connection: Gio.DBusConnection, unit_prefix: str,
+                 max_unit_rules: int = DaemonConfig.unit_match_rules_max,
+                 max_calls_in_flight: int = DaemonConfig.systemd_calls_in_flight_max,
+                 call_timeout_s: float = DaemonConfig.systemd_call_timeout_s):
         self._con = connection
+        self._call_timeout_ms = int(call_timeout_s * 1000)
         # dbus-daemon fails a connection's call past its pending replies (max_replies_per_connection,
         # 128 on a default system bus) with LimitsExceeded: a burst of submits started that many
         # scopes at once and some jobs ended start-failed. Calls past the cap wait, in order.
@@ -239,7 +242,7 @@ class Systemd:
             self._in_flight += 1
             self._con.call(destination, path, iface, method, args,
                            GLib.VariantType.new(reply_type) if reply_type else None,
-                           Gio.DBusCallFlags.NONE, CALL_TIMEOUT_MS, None, done)
+                           Gio.DBusCallFlags.NONE, self._call_timeout_ms, None, done)
 
         self._waiting_calls.append(send)
         self._send_waiting_calls()
@@ -255,7 +258,7 @@ class Systemd:
             reply = self._con.call_sync(
                 SYSTEMD, path, iface, method, args,
                 GLib.VariantType.new(reply_type) if reply_type else None,
-                Gio.DBusCallFlags.NONE, CALL_TIMEOUT_MS, None)
+                Gio.DBusCallFlags.NONE, self._call_timeout_ms, None)
         except GLib.Error as err:
             raise SystemdError(_dbus_error_text(err)) from None
         return reply.unpack() if reply is not None else None

@@ -136,7 +136,7 @@ class Watcher:
     def _tick(self) -> None:
         self._cancel_tick = None
         if self._worker.busy:  # a kill task still running (a hung call never reaches here)
-            self._schedule(min(1.0, self._gpu.poll_interval_s))
+            self._schedule(min(self._gpu.busy_recheck_s, self._gpu.poll_interval_s))
             return
         nvml, procs, cache = self._nvml, self._procs, self._proc_cache
         self._submit(lambda steps: collect(nvml, procs, steps, cache), self._tick_done)
