@@ -72,14 +72,14 @@ def waiting_of(job: Job, blocked: Optional[str] = None) -> sched.Waiting:
         job_id=job.id, user=job.user, submitted_at=job.created_at, gpus=job.spec.gpus,
         priority=job.spec.priority, after_ok=tuple(job.spec.after), after_any=tuple(job.spec.after_any),
         array_id=job.array_id, array_limit=array_limit(job), stagger_s=job.spec.stagger_s or 0.0,
-        timeout_s=job.spec.timeout_s, blocked=blocked)
+        timeout_s=job.spec.timeout_s, blocked=blocked, bound_to=job.spec.bind_to)
 
 
 def holder_of(job: Job, now: float) -> sched.Holder:
     started = job.started_at if job.started_at is not None else now
     deadline = started + job.spec.timeout_s if job.spec.timeout_s else sched.INFINITY
     return sched.Holder(job_id=job.id, user=job.user, gpus=tuple(job.gpus), array_id=job.array_id,
-                        deadline=deadline)
+                        deadline=deadline, starting=job.state is JobState.STARTING)
 
 
 class Dispatcher:
@@ -87,6 +87,7 @@ class Dispatcher:
                  call_later: Callable[[float, Callable[[], None]], Callable[[], None]],
                  clock: Callable[[], float]) -> None:
         self._config = config.scheduler
+        self._starts_max = config.daemon.starts_in_flight_max
         self._watching = config.gpu.watch
         self._store = store
         self._gpus = gpus
@@ -133,6 +134,16 @@ class Dispatcher:
         self._holders[job.id] = holder_of(job, self._clock())
         if job.array_id is not None:
             self._array_last_start[job.array_id] = self._clock()
+
+    def committed(self, job: Job) -> None:
+        """Any job written: one that left `starting` (its scope is active, or it is being stopped)
+        gives its start slot back, and a job waiting for one may start."""
+        holder = self._holders.get(job.id)
+        if holder is None or not holder.starting or job.state is JobState.STARTING or job.state.is_final:
+            return  # a final state comes through `ended`
+        self._holders[job.id] = dataclasses.replace(holder, starting=False)
+        if self._waiting:
+            self.replan_soon()
 
     def ended(self, job: Job) -> None:
         """A job reached a final state: its GPUs are released once NVML shows none of its processes."""
@@ -234,9 +245,13 @@ class Dispatcher:
         for fail in plan.fails:
             self._forget(fail.job_id)
             self.actions.fail_dependency(fail.job_id, fail.detail)
+        started = set()
         for start in plan.starts:
             if start.job_id in self._waiting:
                 self.actions.start_queued(start.job_id, start.gpus)
+                started.add(start.job_id)
+        if any(job.spec.bind_to in started for job in self._waiting.values()):
+            self._again = True  # a job bound to one started just now may start too (a pair)
 
     def snapshot(self) -> sched.Snapshot:
         gpus, note = self._gpu_view()
@@ -246,7 +261,7 @@ class Dispatcher:
             releasing={uuid: job_id for uuid, (job_id, _) in self._releasing.items()},
             array_last_start=dict(self._array_last_start),
             limits=sched.Limits(self._config.max_gpus_per_user, self._config.max_jobs_per_user,
-                                self.draining),
+                                self.draining, self._starts_max),
             gpu_note=note)
 
     def _waiting_view(self) -> List[sched.Waiting]:
@@ -268,7 +283,8 @@ class Dispatcher:
 
     def _ended_view(self) -> Mapping[int, bool]:
         for job in self._waiting.values():
-            for dep in (*job.spec.after, *job.spec.after_any):
+            bound = (job.spec.bind_to,) if job.spec.bind_to is not None else ()
+            for dep in (*job.spec.after, *job.spec.after_any, *bound):
                 if dep in self._ended or dep in self._waiting or dep in self._holders:
                     continue
                 found = self._store.get(dep)

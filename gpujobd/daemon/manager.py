@@ -219,15 +219,15 @@ class Manager(Queueing):
         if spec.bind_to is None:
             return
         target = self._store.get(spec.bind_to)
-        if target is not None and not (caller.uid == target.uid or caller.is_admin):
+        if target is None:
+            raise InvalidArgument(f"--bind-to {spec.bind_to}: there is no such job")
+        if not (caller.uid == target.uid or caller.is_admin):
             raise PermissionDenied(f"--bind-to {spec.bind_to}: that job belongs to {target.user}; "
                                    "bind only to your own jobs")
-        if target is not None and target.state is JobState.QUEUED:
-            # Its Submit was answered before the plan that starts it ran: a pair's loop, sent right
-            # after its foreground, must find it started whenever the queue lets it start at once.
-            # Only a plan that was already due runs here (Validate stays free of effects of its own).
-            self.queue.replan()
-        self._bind_properties(spec)
+        if target.state.is_final:
+            raise InvalidArgument(f"--bind-to {spec.bind_to}: that job is {target.state.value}; a job "
+                                  "can only be bound to one that has not ended")
+        # A target still queued is waited for: the queue starts this job once it has started.
 
     def _bind_properties(self, spec: JobSpec) -> List[Encoded]:
         """BindsTo= + After= the foreground job's scope: systemd stops this job when that one ends."""
@@ -490,6 +490,7 @@ class Manager(Queueing):
 
     def _commit(self, job: Job) -> Job:
         self._store.save(job)
+        self.queue.committed(job)
         self._on_change(job)
         return job
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import AbstractSet, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 INFINITY = float("inf")
 
@@ -46,6 +46,7 @@ class Holder:
     gpus: Tuple[str, ...] = ()
     array_id: Optional[int] = None
     deadline: float = INFINITY  # when its timeout ends it at the latest; no timeout: never
+    starting: bool = False  # left the queue, its scope not active yet: it takes a start slot
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Waiting:
     stagger_s: float = 0.0  # at least this long between two starts of the array's tasks
     timeout_s: Optional[float] = None
     blocked: Optional[str] = None  # another reason it cannot start now (a stray on the GPUs it uses)
+    bound_to: Optional[int] = None  # --bind-to: start only once that job has started
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class Limits:
     max_gpus_per_user: int = 0  # 0: unlimited
     max_jobs_per_user: int = 0  # running jobs (GPU or not); 0: unlimited
     draining: bool = False  # an admin said: start nothing new
+    starts_max: int = 0  # jobs starting at once (daemon.starts_in_flight_max); 0: unlimited
 
 
 @dataclass(frozen=True)
@@ -118,17 +121,23 @@ class Plan:
 # --- the pieces, each a pure function -----------------------------------------------------------------
 
 
-def dependency_verdict(job: Waiting, ended: Mapping[int, bool]) -> Tuple[Optional[str], Optional[str]]:
-    """(failure, pending): why the job can never run, or what it still waits for; (None, None): met."""
+def dependency_verdict(job: Waiting, ended: Mapping[int, bool],
+                       started: AbstractSet[int] = frozenset()) -> Tuple[Optional[str], Optional[str]]:
+    """(failure, pending): why the job can never run, or what it still waits for; (None, None): met.
+    `started`: the jobs that hold a slot now (starting or running), for --bind-to."""
     failed = [dep for dep in job.after_ok if dep in ended and not ended[dep]]
     if failed:
         return f"job {_ids(failed)} ended without succeeding", None
+    if job.bound_to is not None and job.bound_to in ended:
+        return f"job {job.bound_to}, which it is bound to (--bind-to), ended before it could start", None
     pending_ok = [dep for dep in job.after_ok if dep not in ended]
     pending_any = [dep for dep in job.after_any if dep not in ended]
     if pending_ok:
         return None, f"job {_ids(pending_ok)} to succeed"
     if pending_any:
         return None, f"job {_ids(pending_any)} to end"
+    if job.bound_to is not None and job.bound_to not in started:
+        return None, f"job {job.bound_to} to start (--bind-to)"
     return None, None
 
 
@@ -193,6 +202,7 @@ class _Pass:
         self.user_gpus: Dict[str, int] = {}
         self.user_jobs: Dict[str, int] = {}
         self.array_running: Dict[int, int] = {}
+        self.starting = sum(1 for holder in snapshot.holders if holder.starting)
         for holder in snapshot.holders:
             self.user_gpus[holder.user] = self.user_gpus.get(holder.user, 0) + len(holder.gpus)
             self.user_jobs[holder.user] = self.user_jobs.get(holder.user, 0) + 1
@@ -217,7 +227,12 @@ class _Pass:
         if limits.max_gpus_per_user and job.gpus and \
                 self.user_gpus.get(job.user, 0) + job.gpus > limits.max_gpus_per_user:
             return f"{job.user}'s GPU cap ({limits.max_gpus_per_user})"
-        return self._array_blocker(job)
+        array = self._array_blocker(job)
+        if array is not None:
+            return array
+        if limits.starts_max and self.starting >= limits.starts_max:
+            return f"a start slot ({self.starting} jobs starting; daemon.starts_in_flight_max)"
+        return None
 
     def _array_blocker(self, job: Waiting) -> Optional[str]:
         if job.array_id is None:
@@ -265,6 +280,7 @@ class _Pass:
         if self.reservation is not None and self._ends_at(job) > self.reservation.shadow_time:
             self.reservation = Reservation(self.reservation.job_id, self.reservation.shadow_time,
                                            max(0, self.reservation.spare - len(gpus)))
+        self.starting += 1
         self.starts.append(Start(job.job_id, tuple(gpu.uuid for gpu in gpus)))
 
     def wait(self, job: Waiting, sentence: str) -> None:
@@ -321,8 +337,9 @@ def plan(snapshot: Snapshot) -> Plan:
     fails: List[Fail] = []
     ready: List[Waiting] = []
     pending: List[Tuple[Waiting, str]] = []
+    started = {holder.job_id for holder in snapshot.holders}
     for job in snapshot.waiting:
-        failure, waiting_for = dependency_verdict(job, snapshot.ended)
+        failure, waiting_for = dependency_verdict(job, snapshot.ended, started)
         if failure is not None:
             fails.append(Fail(job.job_id, failure))
         elif waiting_for is not None:

@@ -106,6 +106,11 @@ class DaemonConfig:
         "Calls to systemd the daemon has in flight at once; more wait their turn in order.",
         minimum=1,
     ))
+    starts_in_flight_max: int = field(default=64, metadata=spec(
+        "Jobs the daemon starts at once, from leaving the queue until their scope is active; more "
+        "wait queued, in their place. Each holds up to four of the daemon's file descriptors.",
+        minimum=1, maximum=200,
+    ))
     zygote_timeout_s: float = field(default=5.0, metadata=spec(
         "How long the daemon waits for the supervisor zygote to fork a job's supervisor before it "
         "starts a new zygote.", above=0,

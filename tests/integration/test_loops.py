@@ -73,7 +73,7 @@ def test_a_bound_loop_stops_within_a_second_of_its_foreground_even_with_the_daem
     assert bound["reason"] == "bound-job-ended"
 
 
-def test_binding_needs_a_running_job_of_your_own(ctl):
+def test_binding_needs_a_job_of_your_own_that_has_not_ended(ctl):
     ended = ctl.submit("alice", "true")
     ctl.wait_state("alice", ended, "succeeded")
     refused = ctl("alice", "submit", "--background", "--bind-to", str(ended), "--", "true")

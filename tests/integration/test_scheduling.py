@@ -269,3 +269,30 @@ def test_randomized_jobs_with_daemon_kills_never_share_a_gpu(sched_daemon, ctl) 
     # every other one ran to its end.
     for job in jobs:
         assert job["state"] == "succeeded" or job["reason"] == "start-failed", (seed, job)
+
+
+def test_starts_past_the_start_slots_wait_queued_and_every_job_runs(ctl) -> None:
+    """daemon.starts_in_flight_max: twelve tasks submitted at once start two at a time, in the order
+    of the daemon's own journal (queued -> starting, then the scope active), and none is lost."""
+    original = CONFIG.read_text()
+    restart_daemon(original + "\n[daemon]\nstarts_in_flight_max = 2\n")
+    try:
+        cursor = sh("journalctl", "-u", "gpujobd", "-n", "0", "--show-cursor").stdout.split("cursor: ")[-1]
+        ids = submit_all(ctl, "alice", "--array", "0-11", "--", "true")
+        assert len(ids) == 12
+        for job_id in ids:
+            assert ctl.wait_state("alice", job_id, *FINAL, timeout=HANG_S)["state"] == "succeeded"
+        events = [json.loads(line) for line in sh("journalctl", "-u", "gpujobd", "--after-cursor",
+                                                  cursor.strip(), "-o", "json").stdout.splitlines()]
+        starting, most = set(), 0
+        seen = {"job.dequeued": 0, "job.started": 0}
+        for event in events:
+            name, job_id = event.get("EVENT"), event.get("GPUJOB_ID")
+            if name in seen and job_id is not None and int(job_id) in ids:
+                seen[name] += 1
+                (starting.add if name == "job.dequeued" else starting.discard)(int(job_id))
+                most = max(most, len(starting))
+        assert seen == {"job.dequeued": 12, "job.started": 12}, "every task's start is in the journal"
+        assert most == 2, f"at most two jobs starting at once, and two did (found {most})"
+    finally:
+        restart_daemon(original)

@@ -7,6 +7,7 @@ an inventory the test sets (GPUs, strays, when the reading was taken).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -408,3 +409,68 @@ def test_a_restart_keeps_the_queue_in_order_and_running_jobs_with_their_gpus(que
     assert queue.job(waiting[0].id).state is JobState.STARTING
     assert queue.job(waiting[1].id).state is JobState.STARTING
     assert queue.job(waiting[0].id).gpus != queue.job(waiting[1].id).gpus
+
+
+# --- start slots (daemon.starts_in_flight_max) ------------------------------------------------------------
+
+
+def test_starts_beyond_the_start_slots_wait_queued_and_start_as_scopes_become_active(make_queue: Any) -> None:
+    queue = make_queue(daemon={"starts_in_flight_max": 2})
+    jobs = [queue.submit() for _ in range(5)]
+    assert [queue.job(job.id).state for job in jobs] == [JobState.STARTING] * 2 + [JobState.QUEUED] * 3
+    assert sorted(queue.rig.spawner.specs) == [jobs[0].id, jobs[1].id], "no supervisor for a queued job"
+    assert queue.wait_of(jobs[2].id) == (1, "a start slot (2 jobs starting; daemon.starts_in_flight_max)")
+    queue.run(jobs[0].id)  # its scope is active: the job runs and gives its slot back
+    queue.rig.scheduler.run_soon()
+    assert queue.job(jobs[0].id).state is JobState.RUNNING
+    assert [queue.job(job.id).state for job in jobs[1:]] == [JobState.STARTING] * 2 + [JobState.QUEUED] * 2
+    queue.manager.stop(OWNER, jobs[1].id)  # a start that ends another way frees its slot too
+    queue.rig.systemd.scope_ends(queue.job(jobs[1].id).unit)
+    queue.rig.scheduler.run_soon()
+    assert [queue.job(job.id).state for job in jobs[3:]] == [JobState.STARTING, JobState.QUEUED]
+
+
+# --- --bind-to a job that has not started yet ------------------------------------------------------------
+
+
+def test_a_loop_bound_to_a_queued_job_waits_for_it_then_starts_bound_to_its_scope(queue: Queue) -> None:
+    holder = queue.submit(gpus=4)
+    foreground = queue.submit(gpus=2)
+    loop = queue.submit(background=True, bind_to=foreground.id)
+    assert queue.job(loop.id).state is JobState.QUEUED
+    assert queue.wait_of(loop.id)[1] == f"job {foreground.id} to start (--bind-to)"
+    queue.run(holder.id)
+    queue.end(holder.id)
+    assert queue.job(foreground.id).state is JobState.STARTING
+    assert queue.job(loop.id).state is JobState.STARTING, "in the same plan as its target"
+    properties = queue.properties(loop.id)
+    assert properties["BindsTo"] == [queue.job(foreground.id).unit]
+
+
+def test_a_loop_bound_to_a_queued_job_that_never_starts_fails_without_running(queue: Queue) -> None:
+    queue.submit(gpus=4)
+    foreground = queue.submit(gpus=2)
+    loop = queue.submit(background=True, bind_to=foreground.id)
+    queue.manager.stop(OWNER, foreground.id)
+    failed = queue.job(loop.id)
+    assert failed.state is JobState.FAILED and failed.outcome is not None
+    assert failed.outcome.reason is EndReason.DEPENDENCY_FAILED
+    assert f"job {foreground.id}, which it is bound to (--bind-to), ended before it could start" in \
+        failed.outcome.detail
+    assert loop.id not in queue.rig.spawner.specs
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("ended", "that job is succeeded; a job can only be bound to one that has not ended"),
+    ("missing", "--bind-to 999: there is no such job"),
+])
+def test_binding_to_an_ended_or_missing_job_is_refused(queue: Queue, target: str, message: str) -> None:
+    if target == "ended":
+        done = queue.submit()
+        queue.run(done.id)
+        queue.end(done.id)
+        bind_to = done.id
+    else:
+        bind_to = 999
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        queue.submit(background=True, bind_to=bind_to)

@@ -288,3 +288,37 @@ def test_random_snapshots_keep_every_invariant(seed):
     array_now = sum(1 for h in s.holders if h.array_id == 1) + \
         sum(1 for x in p.starts if by_id[x.job_id].array_id == 1)
     assert array_now <= max(2, sum(1 for h in s.holders if h.array_id == 1))
+
+
+# --- start slots (daemon.starts_in_flight_max) and --bind-to --------------------------------------------
+
+
+def test_starts_stop_at_the_start_slots_and_the_rest_wait_in_order():
+    s = snap(holders=(Holder(1, "alice", starting=True), Holder(2, "bob")),
+             waiting=tuple(waiting(i) for i in (5, 6, 7)), limits=Limits(starts_max=3))
+    p = plan(s)
+    assert list(started(p)) == [5, 6], "one slot is taken by job 1; a running job (2) takes none"
+    assert [(w.job_id, w.position) for w in p.waits] == [(7, 1)]
+    assert waits(p)[7] == "a start slot (3 jobs starting; daemon.starts_in_flight_max)"
+
+
+def test_no_start_cap_when_the_limit_is_zero():
+    s = snap(holders=tuple(Holder(i, "alice", starting=True) for i in range(1, 100)),
+             waiting=(waiting(500),))
+    assert list(started(plan(s))) == [500]
+
+
+def test_a_job_bound_to_a_queued_one_waits_for_it_to_start():
+    s = snap(waiting=(waiting(5, gpus=4, priority=0), waiting(6, bound_to=5, priority=9),
+                      waiting(7, bound_to=3)), holders=(Holder(3, "alice", gpus=("GPU-0",)),))
+    p = plan(s)
+    assert 6 not in started(p) and waits(p)[6] == "job 5 to start (--bind-to)"
+    assert 7 in started(p), "its target (3) holds a slot: it has started"
+
+
+def test_a_job_bound_to_one_that_ended_before_it_could_start_fails():
+    s = snap(waiting=(waiting(6, bound_to=5),), ended={5: True})
+    p = plan(s)
+    assert [(f.job_id, f.detail) for f in p.fails] == [
+        (6, "job 5, which it is bound to (--bind-to), ended before it could start")]
+    assert started(p) == {}
