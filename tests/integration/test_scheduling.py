@@ -275,7 +275,10 @@ def test_starts_past_the_start_slots_wait_queued_and_every_job_runs(ctl) -> None
     """daemon.starts_in_flight_max: twelve tasks submitted at once start two at a time, in the order
     of the daemon's own journal (queued -> starting, then the scope active), and none is lost."""
     original = CONFIG.read_text()
-    restart_daemon(original + "\n[daemon]\nstarts_in_flight_max = 2\n")
+    slots = "[daemon]\nstarts_in_flight_max = 2\n"
+    # Into the [daemon] table of whatever the module's daemon runs with (a second header is invalid).
+    restart_daemon(original.replace("[daemon]\n", slots, 1) if "[daemon]\n" in original
+                   else original + "\n" + slots)
     try:
         cursor = sh("journalctl", "-u", "gpujobd", "-n", "0", "--show-cursor").stdout.split("cursor: ")[-1]
         ids = submit_all(ctl, "alice", "--array", "0-11", "--", "true")
