@@ -194,3 +194,67 @@ def test_the_same_version_of_a_job_in_the_same_context_is_not_encoded_again():
     reply = replies.of_job(again, (None, None, True), encode(again, True))
     assert encoded[-1] is again and reply is replies.of_job(again, (None, None, True), encode(again, True))
     assert len(encoded) == 4
+
+
+class AsyncBus(FakeBus):
+    """GetConnectionUnixUser asked asynchronously: held until the test answers it, as a busy bus."""
+
+    def __init__(self, uids):
+        super().__init__(uids)
+        self.asked = []  # (sender, callback), in order
+
+    def call(self, _name, _path, _iface, method, params, _reply_type, _flags, timeout, _cancel, callback):
+        assert method == "GetConnectionUnixUser"
+        self.timeouts.append(timeout)
+        self.asked.append((params.unpack()[0], callback))
+
+    def answer(self):
+        sender, callback = self.asked.pop(0)
+        callback(self, sender)
+
+    def call_finish(self, sender):
+        return self.call_sync(None, None, None, "GetConnectionUnixUser", GLib.Variant("(s)", (sender,)),
+                              None, None, None, None)
+
+
+def test_a_new_callers_calls_wait_for_one_lookup_and_then_run_in_order():
+    bus = AsyncBus({":1.7": 1001})
+    service = ManagerService(FakeManager(), bus, caller_lookup_timeout_s=0.75)
+    ran, denied = [], []
+    for name in ("first", "second"):
+        service.resolve_caller(":1.7", lambda name=name: ran.append(name), denied.append)
+    assert ran == [] and len(bus.asked) == 1, "nothing runs before the bus answered, and it is asked once"
+    assert bus.timeouts == [750]
+    bus.answer()
+    assert ran == ["first", "second"] and denied == []
+    assert service._caller(Context(":1.7")).uid == 1001
+    service.resolve_caller(":1.7", lambda: ran.append("third"), denied.append)
+    assert ran[-1] == "third" and bus.asked == [] and bus.calls == 1, "known now: no second lookup"
+
+
+def test_a_caller_the_bus_cannot_name_is_denied_every_waiting_call():
+    bus = AsyncBus({})  # the sender left: NameHasNoOwner
+    service = ManagerService(FakeManager(), bus)
+    ran, denied = [], []
+    for _ in range(2):
+        service.resolve_caller(":1.9", lambda: ran.append(1), denied.append)
+    bus.answer()
+    assert ran == [] and len(denied) == 2
+    assert all(isinstance(err, PermissionDenied) and "could not establish your user id" in str(err)
+               for err in denied)
+    service.resolve_caller(None, lambda: ran.append(1), denied.append)
+    assert ran == [] and "could not establish who is calling" in str(denied[-1])
+
+
+class BrokenManager(FakeManager):
+    def caller_from_uid(self, uid):
+        raise KeyError("nss")
+
+
+def test_a_lookup_that_breaks_still_answers_every_waiting_call():
+    bus = AsyncBus({":1.8": 1001})
+    service = ManagerService(BrokenManager(), bus)
+    denied = []
+    service.resolve_caller(":1.8", lambda: None, denied.append)
+    bus.answer()
+    assert len(denied) == 1 and "failed internally" in str(denied[0])

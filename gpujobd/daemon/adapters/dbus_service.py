@@ -89,6 +89,20 @@ class _Dispatcher(ObjectWrapper):  # type: ignore[misc]  # pydbus has no type in
     def call_method(self, connection: Gio.DBusConnection, sender: str, object_path: str,
                     interface_name: str, method_name: str, parameters: GLib.Variant,
                     invocation: Gio.DBusMethodInvocation) -> None:
+        if interface_name != api.INTERFACE:  # the Version property: anyone, no caller to establish
+            return self._dispatch(connection, sender, object_path, interface_name, method_name,
+                                  parameters, invocation)
+        # Who is calling is asked of the bus without blocking the loop (once per connection); the
+        # call runs when the answer comes, its method then finds the caller known.
+        self.object.resolve_caller(
+            sender, lambda: self._dispatch(connection, sender, object_path, interface_name, method_name,
+                                           parameters, invocation),
+            lambda denied: _reply_error(invocation, method_name, denied))
+        return None
+
+    def _dispatch(self, connection: Gio.DBusConnection, sender: str, object_path: str,
+                  interface_name: str, method_name: str, parameters: GLib.Variant,
+                  invocation: Gio.DBusMethodInvocation) -> None:
         method = getattr(self.object, method_name, None)
         if method is None or not getattr(method, "replies_with_variant", False):
             return super().call_method(connection, sender, object_path, interface_name, method_name,
@@ -100,6 +114,12 @@ class _Dispatcher(ObjectWrapper):  # type: ignore[misc]  # pydbus has no type in
             return None
         invocation.return_value(reply)
         return None
+
+
+def _reply_error(invocation: Gio.DBusMethodInvocation, method_name: str, err: GpujobdError) -> None:
+    log.info("api.error", method=method_name, error=type(err).dbus_name(), message=str(err))
+    wire = _wire_error(err)
+    invocation.return_dbus_error(type(wire).__name__, str(wire))
 
 
 def publish(bus: Any, service: ManagerService) -> Callable[[], None]:
@@ -133,6 +153,7 @@ class ManagerService:
         self._con = connection
         self._gpus = gpus
         self._callers: collections.OrderedDict[str, Caller] = collections.OrderedDict()
+        self._lookups: Dict[str, List[Tuple[Callable[[], None], Callable[[GpujobdError], None]]]] = {}
         self._replies = JobReplies(JOB_REPLY_CACHE_SIZE)
 
     @property
@@ -241,16 +262,63 @@ class ManagerService:
         self.StrayCleared(variants(api.encode_stray(stray)))
 
     # -- helpers ---------------------------------------------------------------------------------
+    def resolve_caller(self, sender: Optional[str], then: Callable[[], None],
+                       deny: Callable[[GpujobdError], None]) -> None:
+        """Run `then` once the caller behind `sender` is known: at once if it is, else when the bus
+        has answered GetConnectionUnixUser, asked asynchronously; calls from the same new sender wait
+        for that one answer, and run in the order they came. `deny` gets why the caller is refused."""
+        if not sender:
+            deny(PermissionDenied("gpujobd could not establish who is calling; the call is denied"))
+            return
+        if sender in self._callers:
+            then()
+            return
+        waiting = self._lookups.get(sender)
+        if waiting is not None:
+            waiting.append((then, deny))
+            return
+        self._lookups[sender] = [(then, deny)]
+        self._con.call(
+            "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetConnectionUnixUser",
+            GLib.Variant("(s)", (sender,)), GLib.VariantType.new("(u)"), Gio.DBusCallFlags.NONE,
+            self._caller_lookup_timeout_ms, None,
+            lambda con, result: self._looked_up(sender, con, result))
+
+    def _looked_up(self, sender: str, con: Gio.DBusConnection, result: Gio.AsyncResult) -> None:
+        waiting = self._lookups.pop(sender, [])
+        try:
+            try:
+                uid = int(con.call_finish(result).unpack()[0])
+            except GLib.Error as err:
+                raise PermissionDenied(f"gpujobd could not establish your user id ({err.message}); "
+                                       "the call is denied") from None
+            self._remember(sender, self._manager.caller_from_uid(uid))
+        except GpujobdError as denied:
+            for _then, deny in waiting:
+                deny(denied)
+            return
+        except Exception:  # a passwd lookup that broke: every waiting call gets an answer still
+            log.exception("api.internal_error", method="GetConnectionUnixUser")
+            for _then, deny in waiting:
+                deny(Internal("gpujobd failed internally; the administrator finds the details with "
+                              "`journalctl -u gpujobd`"))
+            return
+        for then, _deny in waiting:
+            then()
+
+    def _remember(self, sender: str, caller: Caller) -> None:
+        self._callers[sender] = caller
+        if len(self._callers) > CALLER_CACHE_SIZE:
+            self._callers.popitem(last=False)
+
     def _caller(self, dbus_context: Any) -> Caller:
         sender = getattr(dbus_context, "sender", None)
         if not sender:
             raise PermissionDenied("gpujobd could not establish who is calling; the call is denied")
         caller = self._callers.get(sender)
-        if caller is None:
+        if caller is None:  # a method called directly, not through the bus (resolve_caller)
             caller = self._manager.caller_from_uid(self._sender_uid(sender))
-            self._callers[sender] = caller
-            if len(self._callers) > CALLER_CACHE_SIZE:
-                self._callers.popitem(last=False)
+            self._remember(sender, caller)
         return caller
 
     def _sender_uid(self, sender: str) -> int:
