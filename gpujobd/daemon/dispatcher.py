@@ -250,7 +250,7 @@ class Dispatcher:
             if start.job_id in self._waiting:
                 self.actions.start_queued(start.job_id, start.gpus)
                 started.add(start.job_id)
-        if any(job.spec.bind_to in started for job in self._waiting.values()):
+        if started and any(job.spec.bind_to in started for job in self._waiting.values()):
             self._again = True  # a job bound to one started just now may start too (a pair)
 
     def snapshot(self) -> sched.Snapshot:

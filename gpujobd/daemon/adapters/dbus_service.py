@@ -278,11 +278,9 @@ class ManagerService:
             waiting.append((then, deny))
             return
         self._lookups[sender] = [(then, deny)]
-        self._con.call(
-            "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetConnectionUnixUser",
-            GLib.Variant("(s)", (sender,)), GLib.VariantType.new("(u)"), Gio.DBusCallFlags.NONE,
-            self._caller_lookup_timeout_ms, None,
-            lambda con, result: self._looked_up(sender, con, result))
+        self._con.call(*_UID_OF_SENDER, GLib.Variant("(s)", (sender,)), GLib.VariantType.new("(u)"),
+                       Gio.DBusCallFlags.NONE, self._caller_lookup_timeout_ms, None,
+                       lambda con, result: self._looked_up(sender, con, result))
 
     def _looked_up(self, sender: str, con: Gio.DBusConnection, result: Gio.AsyncResult) -> None:
         waiting = self._lookups.pop(sender, [])
@@ -290,8 +288,7 @@ class ManagerService:
             try:
                 uid = int(con.call_finish(result).unpack()[0])
             except GLib.Error as err:
-                raise PermissionDenied(f"gpujobd could not establish your user id ({err.message}); "
-                                       "the call is denied") from None
+                raise _uid_unknown(err) from None
             self._remember(sender, self._manager.caller_from_uid(uid))
         except GpujobdError as denied:
             for _then, deny in waiting:
@@ -323,13 +320,11 @@ class ManagerService:
 
     def _sender_uid(self, sender: str) -> int:
         try:
-            reply = self._con.call_sync(
-                "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                "GetConnectionUnixUser", GLib.Variant("(s)", (sender,)), GLib.VariantType.new("(u)"),
-                Gio.DBusCallFlags.NONE, self._caller_lookup_timeout_ms, None)
+            reply = self._con.call_sync(*_UID_OF_SENDER, GLib.Variant("(s)", (sender,)),
+                                        GLib.VariantType.new("(u)"), Gio.DBusCallFlags.NONE,
+                                        self._caller_lookup_timeout_ms, None)
         except GLib.Error as err:
-            raise PermissionDenied(f"gpujobd could not establish your user id ({err.message}); "
-                                   "the call is denied") from None
+            raise _uid_unknown(err) from None
         return int(reply.unpack()[0])
 
     def _encode(self, job: Job, caller: Caller) -> Dict[str, GLib.Variant]:
@@ -351,6 +346,15 @@ class ManagerService:
         if not shows_env:
             wire.pop("env", None)  # may hold secrets: its owner and admins only
         return wire
+
+
+# The bus daemon's answer to "which uid is behind this sender?": destination, path, interface, method.
+_UID_OF_SENDER = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                  "GetConnectionUnixUser")
+
+
+def _uid_unknown(err: GLib.Error) -> PermissionDenied:
+    return PermissionDenied(f"gpujobd could not establish your user id ({err.message}); the call is denied")
 
 
 _VARDICT_ENTRY = GLib.VariantType.new("a{sv}")
