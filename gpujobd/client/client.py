@@ -6,6 +6,7 @@ Every failure is a `errors.GpujobdError`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple, TypeVar
@@ -24,6 +25,7 @@ DEFAULT_RESTART_GRACE_S = 60.0  # client.restart_grace_s
 WAIT_RESYNC_INTERVAL_S = 60.0  # client.wait_resync_interval_s
 DEFAULT_READ_BYTES = 1 << 20
 T = TypeVar("T")
+Sleep = Callable[[float], None]  # returns at a wakeup or after the seconds given
 
 
 class WaitTimedOut(errors.GpujobdError):
@@ -68,17 +70,45 @@ class Client:
         self.restart_grace_s = float(restart_grace_s)
         self.wait_resync_interval_s = float(wait_resync_interval_s)
 
-    def _riding_out_restarts(self, call: Callable[[], T]) -> T:
-        """`call()`, tried again every follow_poll_interval_s while the daemon is away (Unavailable: a
-        restart, a crash and its automatic restart), for up to restart_grace_s."""
+    def _riding_out_restarts(self, call: Callable[[], T], sleep: Sleep | None = None) -> T:
+        """`call()`, tried again while the daemon is away (Unavailable: a restart, a crash and its
+        automatic restart), for up to restart_grace_s: each time its bus name gets a new owner.
+
+        `sleep`: a watch's, when the caller holds one (`wait`); else one is opened at the first
+        Unavailable, and the call tried once more at once (a restart done meanwhile sent its signal
+        before the subscription). A hung daemon, whose name keeps its owner, is tried again at the
+        end of the grace."""
         deadline = time.monotonic() + self.restart_grace_s
-        while True:
-            try:
-                return call()
-            except errors.Unavailable:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(self.follow_poll_interval_s)
+        try:
+            return call()
+        except errors.Unavailable:
+            if time.monotonic() >= deadline:
+                raise
+        with contextlib.ExitStack() as stack:
+            if sleep is None:
+                sleep = self._owner_changes(stack)
+            while True:
+                try:
+                    return call()
+                except errors.Unavailable:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise
+                try:
+                    sleep(remaining)
+                except errors.Unavailable:  # the bus itself went away under the subscription
+                    sleep = self._polling
+
+    def _owner_changes(self, stack: contextlib.ExitStack) -> Sleep:
+        """A sleep that returns when gpujobd's bus name gets a new owner. Without a bus to subscribe
+        on (it is restarting too), nothing could say when to try again: then it polls."""
+        try:
+            return stack.enter_context(self._transport.watch(None))
+        except errors.Unavailable:
+            return self._polling
+
+    def _polling(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.follow_poll_interval_s))
 
     @property
     def call_timeout_s(self) -> float:
@@ -271,7 +301,7 @@ class Client:
             elif not follow or ended_before:
                 return
             elif not ended:
-                time.sleep(self.follow_poll_interval_s)
+                time.sleep(self.follow_poll_interval_s)  # no bus signal says a log grew: `tail -f` without inotify
             # An empty read with job_ended set is confirmed by one more read: bytes written just
             # before the end are then read even if the daemon looked at the state after the file.
             ended_before = ended
@@ -287,7 +317,7 @@ class Client:
             raise errors.InvalidArgument(f"the wait timeout must be >= 0 seconds, not {timeout_s}")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._transport.watch(job_id) as sleep:
-            job = self._riding_out_restarts(lambda: self.get(job_id, raw=True))
+            job = self._riding_out_restarts(lambda: self.get(job_id, raw=True), sleep)
             while not is_final(job):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -295,7 +325,7 @@ class Client:
                                        f"still {job['state']}")
                 resync = self.wait_resync_interval_s
                 sleep(resync if remaining is None else min(remaining, resync))
-                job = self._riding_out_restarts(lambda: self.get(job_id, raw=True))
+                job = self._riding_out_restarts(lambda: self.get(job_id, raw=True), sleep)
         return _job(job, raw)
 
     def submit_with_background(

@@ -172,11 +172,13 @@ class Transport:
         return bytes(data), int(next_offset), bool(ended)
 
     @contextlib.contextmanager
-    def watch(self, job_id: int) -> Iterator[Callable[[float], None]]:
-        """Subscribe to what may end a wait for the job; yields `sleep(seconds)`, which returns at a
-        wakeup or after `seconds`. The subscriptions live on a connection of their own, whose AddMatch
-        calls are answered before this yields: a signal sent after that is never missed."""
-        connection = self._open("subscribing to JobChanged")
+    def watch(self, job_id: Optional[int]) -> Iterator[Callable[[float], None]]:
+        """Subscribe to what may end a wait for the job (None: for gpujobd's return after a restart
+        only); yields `sleep(seconds)`, which returns at a wakeup or after `seconds`. The subscriptions
+        live on a connection of their own, whose AddMatch calls are answered before this yields: a
+        signal sent after that is never missed."""
+        connection = self._open("subscribing to JobChanged" if job_id is not None
+                                else "subscribing to gpujobd's bus name")
         try:
             with _Wakeups(connection, job_id, self.call_timeout_s) as wakeups:
                 yield wakeups.sleep
@@ -229,9 +231,10 @@ def _checked_reply(reply: Message, what: str, timeout_s: float) -> Message:
 
 class _Wakeups:
     """Signal subscriptions that wake `Client.wait`: the job's JobChanged to a final state, and the
-    daemon's bus name changing owner (a restart: the job may have been settled meanwhile)."""
+    daemon's bus name changing owner (a restart: the job may have been settled meanwhile). Without a
+    job, only the latter (a call riding out a restart)."""
 
-    def __init__(self, connection: DBusConnection, job_id: int, timeout_s: float) -> None:
+    def __init__(self, connection: DBusConnection, job_id: Optional[int], timeout_s: float) -> None:
         self._connection = connection
         self._job_id = job_id
         self._timeout_s = timeout_s
@@ -244,13 +247,20 @@ class _Wakeups:
         owner = MatchRule(type="signal", sender=_DBUS, interface=_DBUS, member="NameOwnerChanged",
                           path="/org/freedesktop/DBus")
         owner.add_arg_condition(0, api.BUS_NAME)
-        for rule in (job_changed, owner):
-            # The bus filters by rule; the connection sorts what arrives into this one queue.
-            self._stack.enter_context(self._connection.filter(rule, queue=self._queue))
         bus_side = MatchRule(type="signal", sender=api.BUS_NAME, interface=api.INTERFACE,
                              member="JobChanged", path=api.OBJECT_PATH)
-        for rule in (bus_side, owner):
-            reply = self._connection.send_and_get_reply(message_bus.AddMatch(rule), timeout=self._timeout_s)
+        ours, on_the_bus = ([owner], [owner]) if self._job_id is None else \
+            ([job_changed, owner], [bus_side, owner])
+        for rule in ours:
+            # The bus filters by rule; the connection sorts what arrives into this one queue.
+            self._stack.enter_context(self._connection.filter(rule, queue=self._queue))
+        for rule in on_the_bus:
+            try:
+                reply = self._connection.send_and_get_reply(message_bus.AddMatch(rule),
+                                                            timeout=self._timeout_s)
+            except (OSError, TimeoutError) as error:
+                self._stack.close()
+                raise error_from_os(error, "AddMatch", self._timeout_s) from None
             _checked_reply(reply, "AddMatch", self._timeout_s)
         return self
 
@@ -279,7 +289,7 @@ class _Wakeups:
                      self._job_id)
 
 
-def wakes(member: str, body: Tuple[Any, ...], job_id: int) -> bool:
+def wakes(member: str, body: Tuple[Any, ...], job_id: Optional[int]) -> bool:
     """Whether a signal ends a sleep of `Client.wait` for the job: its JobChanged to a final state,
     or the daemon's name getting a new owner (a restart: the job may have been settled meanwhile)."""
     if member == "JobChanged":

@@ -255,12 +255,16 @@ class FakeTransport:
         self.validate_error: Optional[errors.GpujobdError] = None
         self.runs: Dict[int, List[Dict[str, Any]]] = {}
         self.submits = 0
+        self.away = False  # the daemon's name has no owner: every call is Unavailable
+        self.bus_down = False  # nothing can be subscribed to either
 
     def call(self, method: str, signature: Optional[str], args: Tuple[Any, ...], reply_type: str) -> Any:
         plain_args = on_the_wire(signature, args) if signature else ()
         self.events.append(("call", method, signature, plain_args, int(self.call_timeout_s * 1000)))
         if isinstance(self.raise_on_call, TimeoutError):
             raise transport.error_from_os(self.raise_on_call, method, self.call_timeout_s)
+        if self.away:
+            raise dbus_error("org.freedesktop.DBus.Error.ServiceUnknown", "org.gpujobd1 is not owned")
         reply = getattr(self, "_" + method)(*plain_args)
         return on_the_wire(reply_type, reply)
 
@@ -268,8 +272,12 @@ class FakeTransport:
         return self.call("ReadLog", "(ttu)", (job_id, offset, max_bytes), "(aytb)")
 
     @contextlib.contextmanager
-    def watch(self, job_id: int) -> Any:
-        self.events += [("subscribe", "JobChanged"), ("subscribe", "NameOwnerChanged")]
+    def watch(self, job_id: Optional[int]) -> Any:
+        if self.bus_down:
+            raise transport.error_from_os(ConnectionRefusedError("no bus"), "subscribing")
+        if job_id is not None:
+            self.events.append(("subscribe", "JobChanged"))
+        self.events.append(("subscribe", "NameOwnerChanged"))
 
         def sleep(seconds: float) -> None:
             while self.pending:
@@ -283,7 +291,9 @@ class FakeTransport:
         try:
             yield sleep
         finally:
-            self.events += [("unsubscribe", "JobChanged"), ("unsubscribe", "NameOwnerChanged")]
+            if job_id is not None:
+                self.events.append(("unsubscribe", "JobChanged"))
+            self.events.append(("unsubscribe", "NameOwnerChanged"))
 
     def emit_later(self, member: str, body: Tuple[Any, ...], before: Callable[[], None] = lambda: None,
                    ) -> None:
@@ -666,3 +676,54 @@ def test_wait_reads_the_job_again_every_resync_interval_without_a_signal(bus):
     # 5 s timeout, and the wait would fail).
     waited = client.Client(transport=bus, wait_resync_interval_s=0.01).wait(4, timeout_s=5)
     assert waited["state"] == "succeeded" and gets == [4, 4, 4]
+
+
+# --- riding out a daemon restart: woken by the bus name's new owner, not by a poll -----------------------
+
+
+def _no_polling(monkeypatch: pytest.MonkeyPatch) -> None:
+    def polled(seconds: float) -> None:
+        raise AssertionError(f"slept {seconds} s instead of waiting for the daemon's name")
+    monkeypatch.setattr(time, "sleep", polled)
+
+
+def test_logs_follow_rides_out_a_restart_woken_by_the_daemons_name(bus, monkeypatch):
+    bus.log, bus.log_ended, bus.away = b"all of it\n", True, True
+    bus.emit_later("NameOwnerChanged", (api.BUS_NAME, "", ":1.9"), before=lambda: setattr(bus, "away", False))
+    _no_polling(monkeypatch)
+    assert b"".join(client.Client(transport=bus).logs(1, follow=True)) == bus.log
+    assert [event[:2] for event in bus.events] == [
+        ("call", "ReadLog"), ("subscribe", "NameOwnerChanged"),
+        ("call", "ReadLog"),  # once more at once: a restart before the subscription sent nothing to it
+        ("emit", "NameOwnerChanged"), ("call", "ReadLog"), ("unsubscribe", "NameOwnerChanged"),
+        ("call", "ReadLog")]  # the end confirmed
+
+
+def test_wait_rides_out_a_restart_on_its_own_subscription(bus, monkeypatch):
+    bus.jobs[4] = wire_job(4, "running")
+    bus.away = True
+    bus.emit_later("NameOwnerChanged", (api.BUS_NAME, "", ":1.9"),
+                   before=lambda: (setattr(bus, "away", False), bus.jobs.update({4: wire_job(4, "lost")})))
+    _no_polling(monkeypatch)
+    assert client.Client(transport=bus).wait(4, timeout_s=10)["state"] == "lost"
+    assert [event for event in bus.events if event[0] == "subscribe"] == [
+        ("subscribe", "JobChanged"), ("subscribe", "NameOwnerChanged")], "no second subscription"
+
+
+def test_without_a_bus_to_subscribe_on_a_restart_is_polled(bus, monkeypatch):
+    bus.log, bus.log_ended, bus.away, bus.bus_down = b"x\n", True, True, True
+    slept = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        bus.away = False
+    monkeypatch.setattr(time, "sleep", sleep)
+    assert b"".join(client.Client(transport=bus, follow_poll_interval_s=0.3).logs(1, follow=True)) == bus.log
+    assert slept == [0.3]
+
+
+def test_a_daemon_away_past_the_grace_is_unavailable(bus, monkeypatch):
+    bus.away = True
+    _no_polling(monkeypatch)
+    with pytest.raises(errors.Unavailable, match="gpujobd is not running"):
+        list(client.Client(transport=bus, restart_grace_s=0).logs(1, follow=True))
