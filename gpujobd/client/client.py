@@ -301,7 +301,7 @@ class Client:
             elif not follow or ended_before:
                 return
             elif not ended:
-                time.sleep(self.follow_poll_interval_s)  # no bus signal says a log grew: `tail -f` without inotify
+                time.sleep(self.follow_poll_interval_s)  # no bus signal says a log grew (tail -f's way)
             # An empty read with job_ended set is confirmed by one more read: bytes written just
             # before the end are then read even if the daemon looked at the state after the file.
             ended_before = ended
