@@ -393,6 +393,11 @@ class Manager(Queueing):
         target = self._store.get(job.spec.bind_to)
         if target is None or target.state.is_final or target.state is JobState.STOPPING:
             return True
+        if self._files.read_exit_record(target.id) is not None:
+            # Its command is done and its scope is being stopped (on_exit_record); systemd stopped
+            # this one first (After= reversed), so the target's unit may still read `active` with
+            # its stop job waiting.
+            return True
         return self._systemd.list_job_units().get(target.unit) not in NOT_ENDING_UNIT_STATES
 
     def _ingest_runs(self, job_id: int) -> int:

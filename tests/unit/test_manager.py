@@ -1438,3 +1438,15 @@ def test_alive_and_gone_unit_states_do_not_overlap() -> None:
 
     assert not ALIVE_UNIT_STATES & GONE_UNIT_STATES
     assert "deactivating" in ALIVE_UNIT_STATES and {"inactive", "failed"} == GONE_UNIT_STATES
+
+
+def test_a_loop_stopped_before_its_ended_foreground_leaves_active_is_bound_job_ended(rig: Rig) -> None:
+    """The foreground's record came, so the daemon stopped its scope; systemd stops the bound loop
+    first (After= reversed), and the foreground's unit still reads `active`, its stop job waiting."""
+    foreground, loop = _bound_pair(rig)
+    rig.files.write_record(foreground.id, exit_code=0)
+    rig.manager.on_exit_record(foreground.id)
+    assert foreground.unit in rig.systemd.stop_requests
+    rig.systemd.units[foreground.unit] = "active"  # as ListUnitsByPatterns answered in the race
+    _loop_stopped_between_runs(rig, loop)
+    assert_final(rig.job(loop.id), JobState.STOPPED, EndReason.BOUND_JOB_ENDED)
