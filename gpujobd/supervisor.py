@@ -861,6 +861,7 @@ ZYGOTE_FAILED = b"0"  # the answer when no child could be forked
 
 def zygote(sock_fd: int, cgroup_root: str) -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    _load_group_services()
     # Everything imported so far moves to the collector's permanent generation, and the zygote itself
     # (which allocates next to nothing) never collects: a forked supervisor's collections then never
     # walk, and so never copy, the heap it shares with the zygote (the gc module's advice for fork).
@@ -883,6 +884,14 @@ def zygote(sock_fd: int, cgroup_root: str) -> int:
         sock.send(ZYGOTE_FAILED if pid is None else str(pid).encode("ascii"))
         if spare is None:
             spare = _fork_spare(sock_fd, cgroup_root)
+
+
+def _load_group_services() -> None:
+    """Look a group list up once here, so that the name-service modules `group:` names in
+    nsswitch.conf (nss_systemd: a dlopen and its symbol relocations) are loaded in the zygote, once,
+    and not again by each forked supervisor's lookup_groups (0.2 to 0.35 ms of CPU a job)."""
+    with contextlib.suppress(OSError):
+        os.getgrouplist("root", 0)
 
 
 def _receive_request(sock: socket.socket) -> tuple:

@@ -4,6 +4,7 @@ supervisor, and its death costs the jobs it already forked nothing."""
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
 import json
 import os
 import select
@@ -244,6 +245,29 @@ def test_the_zygote_reaps_what_it_forks(rig: Rig) -> None:
     while Path(f"/proc/{gate.pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not Path(f"/proc/{gate.pid}").exists()  # no zombie left behind by the zygote
+
+
+def _group_service_libraries() -> List[str]:
+    """The shared objects of the NSS modules nsswitch.conf's `group:` line names; files and dns are
+    inside libc since glibc 2.34 (their libnss_*.so.2 left only for old binaries, never loaded)."""
+    try:
+        lines = Path("/etc/nsswitch.conf").read_text().splitlines()
+    except OSError:
+        return []
+    sources = [word for line in lines if line.split(":")[0].strip() == "group"
+               for word in line.split(":", 1)[1].split()
+               if not word.startswith("[") and word not in ("files", "dns")]
+    return [found for found in (ctypes.util.find_library(f"nss_{name}") for name in sources) if found]
+
+
+def test_the_zygote_loads_the_group_services_once_for_every_supervisor(rig: Rig) -> None:
+    libraries = _group_service_libraries()
+    if not libraries:
+        pytest.skip("nsswitch.conf names no group service with a library of its own")
+    gate = rig.spawn(7, ["true"])  # the zygote has started and answered: past its start-up
+    maps = Path(f"/proc/{rig.started[0]}/maps").read_text()
+    assert [lib for lib in libraries if lib in maps] == libraries
+    gate.abort()
 
 
 def test_requests_are_answered_in_order_and_nothing_waits_for_the_fork(rig: Rig) -> None:
