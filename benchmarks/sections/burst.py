@@ -69,9 +69,12 @@ class EndWatcher:
 
 def run(bed: Testbed, p: Params) -> List[Row]:
     _burst(bed, p.burst_warmup_jobs, p.burst_clients, "warm")
-    ours = [_burst(bed, p.burst_jobs, p.burst_clients, f"b{k}") for k in range(p.burst_runs)]
     scopes.burst(p.burst_warmup_jobs, "warm")
-    limits = [_limit(bed, p.burst_jobs, f"b{k}") for k in range(p.burst_runs)]
+    ours: List[Dict[str, Any]] = []
+    limits: List[Dict[str, Any]] = []
+    for k in range(p.burst_runs):  # in turn, so that a machine whose speed drifts moves both sides
+        ours.append(_burst(bed, p.burst_jobs, p.burst_clients, f"b{k}"))
+        limits.append(_limit(bed, p.burst_jobs, f"b{k}"))
     n, w = p.burst_jobs, p.burst_warmup_jobs
     return [
         Row(SECTION, "burst.rate", f"{n} jobs from {p.burst_clients} clients: first submit until the "
