@@ -50,8 +50,8 @@ MAX_LOG_DRAIN_S = 3600  # config jobs.log_drain_s's maximum
 RUN_KEYS = ("run", "started_at", "ended_at", "exit_code", "signal", "reason", "detail")
 RECORD_KEYS = (
     "job_id", "started_at", "ended_at", "exit_code", "signal", "reason", "detail",
-    "leftover_processes", "runs", "max_runs", "terminated_by_signal", "stop_signal_phase",
-    "stop_signal_after_s",
+    "leftover_processes", "leftovers_counted", "runs", "max_runs", "terminated_by_signal",
+    "stop_signal_phase", "stop_signal_after_s",
 )
 LOG_RECORD_KEYS = ("log_bytes", "log_truncated", "log_error")  # after a run: how the log fared
 # When the first stop signal came (the record's stop_signal_phase; None when none came): while a run
@@ -258,7 +258,10 @@ def build_exit_record(spec: Spec, runs: list, ended_at: float, leftovers: int | 
         detail = f"{detail}; {LEFTOVERS_UNAVAILABLE}" if detail else LEFTOVERS_UNAVAILABLE
     return {"job_id": spec.job_id, "started_at": runs[0]["started_at"], "ended_at": ended_at,
             "exit_code": last["exit_code"], "signal": last["signal"], "reason": last["reason"],
-            "detail": detail, "leftover_processes": leftovers or 0, "runs": len(runs),
+            "detail": detail, "leftover_processes": leftovers or 0,
+            # Counted and none: the scope empties, and ends, as this supervisor exits (the daemon
+            # then asks for no stop).
+            "leftovers_counted": leftovers is not None, "runs": len(runs),
             "max_runs": spec.max_runs, "terminated_by_signal": received_signal,
             "stop_signal_phase": phase, "stop_signal_after_s": signal_after_s}
 
@@ -267,8 +270,9 @@ def build_start_failed_record(spec: Spec, ended_at: float, detail: str, received
                               signal_after_s: float | None = None) -> dict:
     return {"job_id": spec.job_id, "started_at": None, "ended_at": ended_at, "exit_code": None,
             "signal": None, "reason": REASON_START_FAILED, "detail": detail, "leftover_processes": 0,
-            "runs": 0, "max_runs": spec.max_runs, "terminated_by_signal": received_signal,
-            "stop_signal_phase": None, "stop_signal_after_s": signal_after_s}
+            "leftovers_counted": False, "runs": 0, "max_runs": spec.max_runs,
+            "terminated_by_signal": received_signal, "stop_signal_phase": None,
+            "stop_signal_after_s": signal_after_s}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from gpujobd.daemon.admission import scheduling_problems
 from gpujobd.daemon.dispatcher import Dispatcher
 from gpujobd.daemon.gpu.strays import describe_strays
 from gpujobd.daemon.launch import supervisor_spec
-from gpujobd.daemon.outcome import RECORD_REASONS, decide_outcome, record_float
+from gpujobd.daemon.outcome import RECORD_REASONS, decide_outcome, ends_with_its_supervisor, record_float
 from gpujobd.daemon.ports import (
     GatePort,
     GpuPort,
@@ -343,12 +343,14 @@ class Manager(Queueing):
         self._scope_gone(job_id)
 
     def on_exit_record(self, job_id: int) -> None:
-        """The supervisor wrote its record: the main command is done. Leftovers die with the scope."""
+        """The supervisor wrote its record: the main command is done. Leftovers die with the scope,
+        which is stopped unless the supervisor counted none (then it ends as the supervisor exits)."""
         job = self._store.get(job_id)
         if job is None or job.state.is_final or job_id not in self._runtime:
             return
-        if job.state is not JobState.STARTING:
-            self._systemd.stop_unit(job.unit)
+        if job.state is JobState.STARTING or ends_with_its_supervisor(self._files.read_exit_record(job_id)):
+            return
+        self._systemd.stop_unit(job.unit)
 
     def on_runs_file(self, job_id: int) -> None:
         """A run of a loop ended: record it now, not only when the whole job ends."""

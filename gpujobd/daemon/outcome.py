@@ -105,6 +105,15 @@ def timed_out(record: Optional[Mapping[str, Any]], scope_result: Optional[str], 
     return scope_result == SCOPE_RESULT_TIMEOUT
 
 
+def ends_with_its_supervisor(record: Optional[Mapping[str, Any]]) -> bool:
+    """The supervisor counted no process of the job left when it wrote `record`: the scope then
+    empties, and ends, as the supervisor exits, and a stop would only add a systemd job. A record
+    without the count (a supervisor from before it was written, or one that could not count) says
+    nothing, and the scope is stopped."""
+    return record is not None and record.get("leftovers_counted") is True \
+        and record.get("leftover_processes") == 0
+
+
 def _common(record: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     if not record:
         return {"exit_code": None, "signal": None, "leftover_processes": 0}

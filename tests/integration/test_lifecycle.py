@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -9,7 +10,7 @@ import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Deque, Dict, Iterator, List
 
 import pytest
 
@@ -81,6 +82,28 @@ def test_leftovers_of_a_finished_command_are_killed_and_counted(ctl):
     job = ctl.wait_state("alice", job_id, "succeeded", "failed")
     assert job["state"] == "succeeded" and job["leftover_processes"] == 2
     assert processes_matching("sleep 4201") == [] and processes_matching("sleep 4202") == []
+
+
+def test_a_command_that_left_nothing_ends_with_its_supervisor_and_no_stop(ctl):
+    """The supervisor counted no leftover: the scope ends as the supervisor exits, and the daemon
+    asks systemd for no stop job (systemd's JobNew names every job it queues for the unit)."""
+    from jeepney import DBusAddress, MatchRule, new_method_call
+    from jeepney.bus_messages import message_bus
+    from jeepney.io.blocking import open_dbus_connection
+
+    rule = MatchRule(type="signal", interface="org.freedesktop.systemd1.Manager", member="JobNew")
+    signals: Deque = collections.deque()
+    with open_dbus_connection(bus="SYSTEM") as con, con.filter(rule, queue=signals):
+        con.send_and_get_reply(message_bus.AddMatch(rule), timeout=10)
+        job_id = ctl.submit("alice", "sh", "-c", "echo done")
+        job = ctl.wait_state("alice", job_id, "succeeded", "failed")
+        # systemd's reply comes after every signal it sent before it: all of the job's are in.
+        systemd = DBusAddress("/org/freedesktop/systemd1", bus_name="org.freedesktop.systemd1",
+                              interface="org.freedesktop.DBus.Peer")
+        con.send_and_get_reply(new_method_call(systemd, "Ping"), timeout=10)
+    assert job["state"] == "succeeded" and job["leftover_processes"] == 0
+    jobs_of_unit = [message.body for message in signals if message.body[2] == job["unit"]]
+    assert len(jobs_of_unit) == 1, f"systemd queued {jobs_of_unit} for {job['unit']}: its start only"
 
 
 def test_other_users_are_refused_and_admins_are_not(ctl):

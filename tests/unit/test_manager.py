@@ -284,14 +284,15 @@ class FakeFiles:
     def write_record(self, job_id: int, *, started_at: Optional[float] = NOW, ended_at: float = NOW + 60,
                      exit_code: Optional[int] = 0, signal: Optional[int] = None,
                      reason: str = "exit-code", detail: str = "", leftover_processes: int = 0,
-                     terminated_by_signal: Optional[int] = None,
+                     leftovers_counted: bool = True, terminated_by_signal: Optional[int] = None,
                      stop_signal_phase: Optional[str] = None,
                      stop_signal_after_s: Optional[float] = None) -> Dict[str, Any]:
         if terminated_by_signal is not None and stop_signal_phase is None:
             stop_signal_phase = "run"
         record = {"job_id": job_id, "started_at": started_at, "ended_at": ended_at,
                   "exit_code": exit_code, "signal": signal, "reason": reason, "detail": detail,
-                  "leftover_processes": leftover_processes, "runs": 1, "max_runs": 1,
+                  "leftover_processes": leftover_processes, "leftovers_counted": leftovers_counted,
+                  "runs": 1, "max_runs": 1,
                   "terminated_by_signal": terminated_by_signal, "stop_signal_phase": stop_signal_phase,
                   "stop_signal_after_s": stop_signal_after_s}
         self.records[job_id] = record
@@ -870,6 +871,27 @@ def test_an_exit_record_while_the_unit_is_active_stops_the_unit(rig: Rig) -> Non
     assert assert_final(rig.job(job.id), JobState.SUCCEEDED, EndReason.EXIT_CODE).leftover_processes == 3
 
 
+def test_a_record_that_counted_no_leftover_asks_for_no_stop(rig: Rig) -> None:
+    job = rig.start()
+    rig.files.write_record(job.id, exit_code=0, leftover_processes=0)
+    rig.manager.on_exit_record(job.id)
+    assert rig.systemd.stop_requests == [] and rig.job(job.id).state is JobState.RUNNING
+    rig.systemd.scope_ends(job.unit)  # as the supervisor, the scope's last process, exits
+    assert_final(rig.job(job.id), JobState.SUCCEEDED, EndReason.EXIT_CODE)
+
+
+def test_a_record_without_a_leftover_count_stops_the_unit(rig: Rig) -> None:
+    job = rig.start()
+    rig.files.write_record(job.id, exit_code=0, leftover_processes=0, leftovers_counted=False)
+    del rig.files.records[job.id]["leftovers_counted"]  # a supervisor from before the count was written
+    rig.manager.on_exit_record(job.id)
+    assert rig.systemd.was_stopped(job.unit)
+    other = rig.start()
+    rig.files.write_record(other.id, exit_code=0, leftover_processes=0, leftovers_counted=False)
+    rig.manager.on_exit_record(other.id)  # this one could not count them
+    assert rig.systemd.was_stopped(other.unit)
+
+
 def test_a_record_noticed_after_the_unit_ended_changes_nothing(rig: Rig) -> None:
     job = rig.start()
     rig.files.write_record(job.id, exit_code=0)
@@ -1198,7 +1220,8 @@ def test_running_jobs_with_active_units_are_reattached(rig: Rig) -> None:
     assert [rig.job(job.id).state for job in (first, second)] == [JobState.RUNNING] * 2
     assert rig.systemd.stop_requests == []
     # Later, their ends come as events and are recorded from the supervisors' records.
-    rig.files.write_record(first.id, started_at=NOW + 1, ended_at=NOW + 4000, exit_code=0)
+    rig.files.write_record(first.id, started_at=NOW + 1, ended_at=NOW + 4000, exit_code=0,
+                           leftover_processes=1)
     rig.files.write_record(second.id, started_at=NOW + 1, ended_at=NOW + 4100, exit_code=7)
     rig.manager.on_exit_record(first.id)
     assert rig.systemd.was_stopped(first.unit)
@@ -1444,7 +1467,7 @@ def test_a_loop_stopped_before_its_ended_foreground_leaves_active_is_bound_job_e
     """The foreground's record came, so the daemon stopped its scope; systemd stops the bound loop
     first (After= reversed), and the foreground's unit still reads `active`, its stop job waiting."""
     foreground, loop = _bound_pair(rig)
-    rig.files.write_record(foreground.id, exit_code=0)
+    rig.files.write_record(foreground.id, exit_code=0, leftover_processes=1)
     rig.manager.on_exit_record(foreground.id)
     assert foreground.unit in rig.systemd.stop_requests
     rig.systemd.units[foreground.unit] = "active"  # as ListUnitsByPatterns answered in the race

@@ -7,9 +7,10 @@ from typing import Any, Dict, Optional
 import pytest
 
 from gpujobd import supervisor
-from gpujobd.daemon.outcome import decide_outcome
+from gpujobd.daemon.outcome import decide_outcome, ends_with_its_supervisor
 from gpujobd.shared.model import Job, JobSpec, final_state_for, transition
 from gpujobd.shared.states import EndReason, JobState
+from tests.unit.test_supervisor import spec_fields as supervisor_spec_fields
 
 NOW = 1_750_000_000.0
 TIMEOUT = 60.0
@@ -200,3 +201,22 @@ def test_the_daemon_learning_it_on_restart_decides_as_it_would_have_live(
 def test_the_record_phases_are_the_supervisors() -> None:
     assert (supervisor.PHASE_RUN, supervisor.PHASE_BETWEEN_RUNS, supervisor.PHASE_AFTER_LAST_RUN) == (
         "run", "between-runs", "after-last-run")
+
+
+def _supervisor_record(tmp_path: Any, leftovers: Optional[int]) -> Dict[str, Any]:
+    spec = supervisor.spec_from_dict(supervisor_spec_fields(tmp_path))
+    runs = [supervisor.run_record_from_status(1, 10.0, 11.0, 0)]
+    return supervisor.build_exit_record(spec, runs, 12.0, leftovers, None)
+
+
+@pytest.mark.parametrize(("leftovers", "ends"), [(0, True), (2, False), (None, False)])
+def test_a_job_ends_with_its_supervisor_only_when_it_counted_no_leftover(
+        tmp_path: Any, leftovers: Optional[int], ends: bool) -> None:
+    assert ends_with_its_supervisor(_supervisor_record(tmp_path, leftovers)) is ends
+
+
+def test_no_record_or_a_start_failed_one_does_not_end_with_its_supervisor(tmp_path: Any) -> None:
+    spec = supervisor.spec_from_dict(supervisor_spec_fields(tmp_path))
+    assert not ends_with_its_supervisor(supervisor.build_start_failed_record(spec, 5.0, "gate closed", None))
+    assert not ends_with_its_supervisor(None)
+    assert not ends_with_its_supervisor({"job_id": 1, "leftover_processes": 0})  # an older supervisor's

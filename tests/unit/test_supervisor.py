@@ -183,8 +183,8 @@ def test_exit_record_takes_the_first_start_and_the_last_run(tmp_path: Path) -> N
     record = supervisor.build_exit_record(spec, runs, 14.0, 2, signal.SIGTERM, "run", 3.5)
     assert record == {"job_id": 7, "started_at": 10.0, "ended_at": 14.0, "exit_code": None, "signal": 15,
                       "reason": "signal", "detail": "killed by SIGTERM", "leftover_processes": 2,
-                      "runs": 2, "max_runs": 3, "terminated_by_signal": 15, "stop_signal_phase": "run",
-                      "stop_signal_after_s": 3.5}
+                      "leftovers_counted": True, "runs": 2, "max_runs": 3, "terminated_by_signal": 15,
+                      "stop_signal_phase": "run", "stop_signal_after_s": 3.5}
     assert tuple(record) == supervisor.RECORD_KEYS
 
 
@@ -192,7 +192,7 @@ def test_exit_record_says_when_leftovers_could_not_be_counted(tmp_path: Path) ->
     spec = supervisor.spec_from_dict(spec_fields(tmp_path))
     runs = [supervisor.run_record_from_status(1, 10.0, 11.0, 0)]
     record = supervisor.build_exit_record(spec, runs, 12.0, None, None)
-    assert record["leftover_processes"] == 0
+    assert record["leftover_processes"] == 0 and record["leftovers_counted"] is False
     assert record["detail"] == "exited with code 0; leftover count unavailable"
 
 
@@ -201,8 +201,8 @@ def test_start_failed_record(tmp_path: Path) -> None:
     record = supervisor.build_start_failed_record(spec, 5.0, "the gate closed", None)
     assert record == {"job_id": 7, "started_at": None, "ended_at": 5.0, "exit_code": None, "signal": None,
                       "reason": "start-failed", "detail": "the gate closed", "leftover_processes": 0,
-                      "runs": 0, "max_runs": 2, "terminated_by_signal": None, "stop_signal_phase": None,
-                      "stop_signal_after_s": None}
+                      "leftovers_counted": False, "runs": 0, "max_runs": 2, "terminated_by_signal": None,
+                      "stop_signal_phase": None, "stop_signal_after_s": None}
     assert tuple(record) == supervisor.RECORD_KEYS
 
 
@@ -635,7 +635,7 @@ def test_leftovers_are_counted_in_the_supervisors_own_cgroup(tmp_path: Path) -> 
     (cgroup_dir / "cgroup.procs").write_text("5000001\n5000002\n")  # above the largest pid_max
     done = run_job(tmp_path, argv=["true"], cgroup_root=tmp_path / "cgroup")
     assert done.record is not None
-    assert done.record["leftover_processes"] == 2
+    assert done.record["leftover_processes"] == 2 and done.record["leftovers_counted"] is True
     assert done.record["detail"] == "exited with code 0"
 
 
@@ -643,7 +643,7 @@ def test_leftovers_are_counted_in_the_supervisors_own_cgroup(tmp_path: Path) -> 
 def test_leftovers_that_cannot_be_counted_are_said_so(tmp_path: Path) -> None:
     done = run_job(tmp_path, argv=["true"])
     assert done.record is not None
-    assert done.record["leftover_processes"] == 0
+    assert done.record["leftover_processes"] == 0 and done.record["leftovers_counted"] is False
     assert done.record["detail"].endswith("leftover count unavailable")
 
 
