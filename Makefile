@@ -20,7 +20,7 @@ SANDBOX = $(PYTHON) tests/sandbox/sandbox.py
 APT_PACKAGES = systemd dbus util-linux passwd procps python3 python3-venv python3-gi \
 	python3-pydbus python3-pystemd python3-structlog python3-jeepney
 
-.PHONY: deps venv wheels test unit bus integration chaos integration-host demo install uninstall lint \
+.PHONY: deps venv native wheels test unit bus integration chaos integration-host demo install uninstall lint \
 	lint-style lint-imports lint-types clean
 
 deps:
@@ -47,7 +47,7 @@ lint-imports: venv
 lint-types: venv
 	$(VENV)/bin/python -m mypy
 
-unit: venv
+unit: venv native
 	$(VENV)/bin/python -m pytest -q tests/unit tests/host
 
 # The real D-Bus service and client on a private dbus-daemon the tests start (no systemd): ~1 s.
@@ -91,7 +91,25 @@ NVML_PY_SHA256 := $(shell sed -n 's/^nvidia-ml-py==.*--hash=sha256:\([0-9a-f]*\)
 NVML_PY_WHEEL = $(WHEELS)/nvidia_ml_py-$(NVML_PY_VERSION)-py3-none-any.whl
 PIP = $(VENV)/bin/pip --disable-pip-version-check --no-input
 
-wheels: venv $(NVML_PY_WHEEL) $(CLIENT_WHEELS)/.stamp
+# The compiled supervisor (gpujobd/native/supervisor.c): built here, on the build machine, never by
+# pip (the wheel stays pure Python: `pip install gpujobd` is the client, for any virtualenv). `make
+# install` copies it into the installed package; an in-tree copy serves the venv's zygote and tests.
+NATIVE = build/native/gpujob-supervisor
+NATIVE_CFLAGS = -O2 -g -Wall -Wextra -Wshadow -Wformat=2 -Werror=format-security -D_FORTIFY_SOURCE=2 \
+	-fstack-protector-strong -fPIE
+NATIVE_LDFLAGS = -pie -Wl,-z,relro,-z,now
+CC ?= cc
+
+$(NATIVE): gpujobd/native/supervisor.c
+	mkdir -p $(dir $@)
+	$(CC) $(NATIVE_CFLAGS) -o $@ $< $(NATIVE_LDFLAGS) -lpthread -lm
+
+gpujobd/native/gpujob-supervisor: $(NATIVE)
+	cp $< $@
+
+native: $(NATIVE) gpujobd/native/gpujob-supervisor
+
+wheels: venv native $(NVML_PY_WHEEL) $(CLIENT_WHEELS)/.stamp
 	$(call export_tree,$(WHEEL_SRC))
 	rm -f $(WHEELS)/gpujobd-*.whl
 	$(PIP) wheel -q --no-deps -w $(WHEELS) $(WHEEL_SRC)
@@ -124,6 +142,8 @@ install:
 	$(PIP) install -q --no-deps --no-index --no-compile --no-cache-dir --root-user-action=ignore \
 		--target $(DESTDIR)$(LIBDIR)/private $(NVML_PY_WHEEL)
 	rm -rf $(DESTDIR)$(LIBDIR)/bin $(DESTDIR)$(LIBDIR)/private/bin  # the wrappers below replace them
+	@test -x $(NATIVE) || { echo "make install: $(NATIVE) is missing: run \`make wheels\` first" >&2; exit 2; }
+	install -D -m 0755 $(NATIVE) $(DESTDIR)$(LIBDIR)/gpujobd/native/gpujob-supervisor
 	# Byte-compiled here, as dh_python3 and the RPM's brp-python-bytecompile do for the packages:
 	# a user cannot write __pycache__ into LIBDIR, so without this every gpujobctl run compiled the
 	# modules the root daemon never imports (cli.*, client.*), ~15 ms a run. -d names the installed

@@ -14,7 +14,6 @@ not even gpujobd.shared.states.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import signal
@@ -842,66 +841,42 @@ def _write_exit_record(spec: Spec, record: dict) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The zygote: one pre-started, single-threaded supervisor that forks a gated supervisor per job (as
-# multiprocessing's forkserver does), so that a job's start costs a fork, not an interpreter start.
+# The zygote: one pre-started process that starts a gated supervisor per job, so that the daemon's
+# thread never waits for a process start. The supervisor is the compiled program (PROGRAM, built from
+# native/supervisor.c), spawned with posix_spawn (a vfork and an exec: no copy of a Python heap).
 # Its fd 0 is a SOCK_SEQPACKET socket to the daemon. Each request is one message carrying exactly two
-# fds (SCM_RIGHTS): the gate's read end and the job's log, both opened by the daemon. The zygote keeps
-# one supervisor forked ahead, a "spare" waiting on a socket of its own with nothing open but that
-# socket: a request's two fds are passed on to it, the zygote answers with its PID (the PID the daemon
-# puts into the job's scope), and only then forks the next spare, so that no fork lies between a
-# submit and its StartTransientUnit. A spare that cannot take them (it died) is replaced by a fork
-# there and then. Either way the child becomes an ordinary gated supervisor (`supervise`, fd 0 the
-# gate, fds 1 and 2 the log, nothing else open).
-# The zygote never holds a gate's write end, so a dead daemon still closes every gate; it exits when the
-# daemon's end closes, and its spare when the zygote's end of the spare's socket closes. Its SIGCHLD is
-# ignored, so the kernel reaps its children: no zombie, and nothing of the zygote stays in (or keeps
-# alive) a job's scope.
+# fds (SCM_RIGHTS): the gate's read end and the job's log, both opened by the daemon. The zygote
+# answers with the supervisor's PID (the PID the daemon puts into the job's scope): fd 0 the gate,
+# fds 1 and 2 the log, a session of its own.
+# The zygote never holds a gate's write end, so a dead daemon still closes every gate; it exits when
+# the daemon's end closes. Its SIGCHLD is ignored, so the kernel reaps its children: no zombie, and
+# nothing of the zygote stays in (or keeps alive) a job's scope.
 
 ZYGOTE_ARG = "--zygote"
 ZYGOTE_REQUEST = b"fork"
 ZYGOTE_FDS = 2  # the gate's read end, the job's log
-ZYGOTE_FAILED = b"0"  # the answer when no child could be forked
+ZYGOTE_FAILED = b"0"  # the answer when no child could be started
+PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "gpujob-supervisor")
 
 
 def zygote(sock_fd: int, cgroup_root: str) -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    _load_group_services()
-    # Everything imported so far moves to the collector's permanent generation, and the zygote itself
-    # (which allocates next to nothing) never collects: a forked supervisor's collections then never
-    # walk, and so never copy, the heap it shares with the zygote (the gc module's advice for fork).
-    gc.disable()
-    gc.freeze()
     sock = socket.socket(fileno=sock_fd)
-    spare = _fork_spare(sock_fd, cgroup_root)
     while True:
         message, fds = _receive_request(sock)
         if message is None:
             return EXIT_RECORDED  # the daemon closed its end
-        pid = None
-        if len(fds) == ZYGOTE_FDS:
-            pid = _hand_to_spare(spare, fds) if spare is not None else None
-            spare = None  # taken, or dead: either way a new one is forked after the answer
-            if pid is None:
-                pid = _fork_supervisor(fds, cgroup_root)
+        pid = _spawn_supervisor(fds, cgroup_root) if len(fds) == ZYGOTE_FDS else None
         for fd in fds:
             os.close(fd)
         sock.send(ZYGOTE_FAILED if pid is None else str(pid).encode("ascii"))
-        if spare is None:
-            spare = _fork_spare(sock_fd, cgroup_root)
-
-
-def _load_group_services() -> None:
-    """Look a group list up once here, so that the name-service modules `group:` names in
-    nsswitch.conf (nss_systemd: a dlopen and its symbol relocations) are loaded in the zygote, once,
-    and not again by each forked supervisor's lookup_groups (0.2 to 0.35 ms of CPU a job)."""
-    with contextlib.suppress(OSError):
-        os.getgrouplist("root", 0)
 
 
 def _receive_request(sock: socket.socket) -> tuple:
     """(message, fds) of the next request; (None, []) when the other end is closed."""
     fd_size = ZYGOTE_FDS * 4
-    message, ancillary, _flags, _addr = sock.recvmsg(64, socket.CMSG_SPACE(fd_size + 4))
+    message, ancillary, _flags, _addr = sock.recvmsg(64, socket.CMSG_SPACE(fd_size + 4),
+                                                     socket.MSG_CMSG_CLOEXEC)
     fds = []
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -919,98 +894,15 @@ def _receive_request(sock: socket.socket) -> tuple:
     return message, fds
 
 
-def _fork_supervisor(fds: list, cgroup_root: str) -> int | None:
+def _spawn_supervisor(fds: list, cgroup_root: str) -> int | None:
     try:
-        pid = os.fork()
+        return os.posix_spawn(PROGRAM, [PROGRAM, "--cgroup-root", cgroup_root], dict(os.environ),
+                              setsid=True, file_actions=[(os.POSIX_SPAWN_DUP2, fds[0], 0),
+                                                         (os.POSIX_SPAWN_DUP2, fds[1], 1),
+                                                         (os.POSIX_SPAWN_DUP2, fds[1], 2)])
     except OSError as exc:
-        log(f"zygote: fork: {exc.strerror}")
+        log(f"zygote: cannot start {PROGRAM}: {exc.strerror}")
         return None
-    if pid == 0:
-        _forked_supervisor(fds[0], fds[1], cgroup_root)
-    return pid
-
-
-def _forked_supervisor(gate_fd: int, log_fd: int, cgroup_root: str) -> None:
-    """In the zygote's child: become a gated supervisor exactly as a freshly started one. Never returns."""
-    code = EXIT_NO_SPEC
-    try:
-        _leave_the_zygote()
-        _become_supervisor(gate_fd, log_fd)
-        code = supervise(0, cgroup_root)
-    finally:
-        os._exit(code)
-
-
-def _leave_the_zygote() -> None:
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    gc.enable()  # for what this supervisor allocates; the zygote's heap stays frozen
-    os.setsid()
-
-
-def _become_supervisor(gate_fd: int, log_fd: int) -> None:
-    os.dup2(gate_fd, 0)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
-    _close_fds_except(2)  # whatever else it holds (the zygote's sockets, the received fds): fds 0-2 stay
-
-
-class _Spare:
-    """The supervisor the zygote forked ahead: its PID, and the zygote's end of its socket."""
-
-    def __init__(self, pid: int, sock: socket.socket) -> None:
-        self.pid, self.sock = pid, sock
-
-
-def _fork_spare(zygote_fd: int, cgroup_root: str) -> _Spare | None:
-    try:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    except OSError as exc:
-        log(f"zygote: socketpair: {exc.strerror}")
-        return None
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        log(f"zygote: fork: {exc.strerror}")
-        ours.close()
-        theirs.close()
-        return None
-    if pid == 0:
-        _spare_supervisor(zygote_fd, ours, theirs, cgroup_root)
-    theirs.close()
-    return _Spare(pid, ours)
-
-
-def _spare_supervisor(zygote_fd: int, zygote_end: socket.socket, sock: socket.socket,
-                      cgroup_root: str) -> None:
-    """In the spare: wait for a job's two fds, then become its supervisor; at EOF exit having run
-    nothing. Never returns."""
-    code = EXIT_NO_SPEC
-    try:
-        _leave_the_zygote()
-        # Neither end of the daemon's socket nor the zygote's end of ours stays open here: the daemon
-        # sees the zygote's end close when the zygote dies, and this spare sees EOF then.
-        _reopen_stdin_as_devnull()
-        zygote_end.close()
-        if zygote_fd != 0:
-            os.close(zygote_fd)
-        message, fds = _receive_request(sock)
-        sock.detach()  # _become_supervisor closes it with every other fd above 2
-        if message is not None and len(fds) == ZYGOTE_FDS:
-            _become_supervisor(fds[0], fds[1])
-            code = supervise(0, cgroup_root)
-    finally:
-        os._exit(code)
-
-
-def _hand_to_spare(spare: _Spare, fds: list) -> int | None:
-    """Pass a request's fds to the spare: its PID, or None if it could not take them (then a fork)."""
-    try:
-        socket.send_fds(spare.sock, [ZYGOTE_REQUEST], fds)
-    except OSError:
-        return None
-    finally:
-        spare.sock.close()
-    return spare.pid
 
 
 def supervisor_argv(python: str) -> list:

@@ -1699,5 +1699,7 @@ int main(int argc, char **argv) {
         log_line("usage: gpujob-supervisor [--cgroup-root DIR]");
         return EXIT_USAGE;
     }
+    /* Nothing but the gate and the log is ours to hold (whatever started us may have left more). */
+    syscall(SYS_close_range, 3u, ~0u, 0u);
     return supervise(cgroup_root);
 }

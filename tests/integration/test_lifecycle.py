@@ -220,20 +220,17 @@ def test_job_scopes_live_outside_the_service_and_are_not_bound_to_it(ctl):
     ctl.wait_state("alice", job_id, "running")
     unit = f"gpujob-{job_id}.scope"
     procs = Path("/sys/fs/cgroup/system.slice/gpujobd.service/cgroup.procs")
-    # The daemon, its supervisor zygote and the zygote's spare (the supervisor it keeps forked ahead,
-    # forked again just after the job took the last one), nothing of the job: neither enters a scope
-    # before it becomes a job's supervisor.
-    def three() -> List[str]:
+    # The daemon and its supervisor zygote, nothing of the job: a supervisor is started straight
+    # into the job's scope's PIDs, and never lingers in the service.
+    def two() -> List[str]:
         pids = procs.read_text().split()
-        return pids if len(pids) == 3 else []
+        return pids if len(pids) == 2 else []
 
-    service_procs = wait_for(three, "the daemon, the zygote and its spare in the service's cgroup")
+    service_procs = wait_for(two, "the daemon and the zygote in the service's cgroup")
     others = [pid for pid in service_procs if pid != str(daemon_pid())]
-    assert len(service_procs) == 3 and len(others) == 2
-    assert all(b"--zygote" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in others)
-    parents = {pid: Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1] for pid in others}
-    zygote = [pid for pid in others if parents[pid] == str(daemon_pid())]
-    assert len(zygote) == 1 and [parents[pid] for pid in others if pid not in zygote] == zygote
+    assert len(service_procs) == 2 and len(others) == 1
+    assert b"--zygote" in Path(f"/proc/{others[0]}/cmdline").read_bytes()
+    assert Path(f"/proc/{others[0]}/stat").read_text().rpartition(")")[2].split()[1] == str(daemon_pid())
     in_scope = scope_pids(unit)
     assert in_scope and not {int(pid) for pid in others} & set(in_scope)
     props = sh("systemctl", "show", unit, "-p", "PartOf", "-p", "BindsTo", "-p", "Slice").stdout

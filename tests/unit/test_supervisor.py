@@ -325,9 +325,8 @@ class Job:
         self.state_dir.mkdir(exist_ok=True)
         self.fields = spec_fields(self.state_dir, **overrides)
         self.log_path = tmp_path / "job.log"
-        program = [os.environ["GPUJOB_SUPERVISOR_BINARY"]] if os.environ.get("GPUJOB_SUPERVISOR_BINARY") \
-            else [SUPERVISOR_PYTHON, "-m", "gpujobd.supervisor"]
-        argv = [*program, "--cgroup-root", str(cgroup_root or tmp_path / "no-cgroup")]
+        assert os.access(supervisor.PROGRAM, os.X_OK), f"no {supervisor.PROGRAM}: run `make native`"
+        argv = [supervisor.PROGRAM, "--cgroup-root", str(cgroup_root or tmp_path / "no-cgroup")]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=log,
                                             cwd=REPO_ROOT, pass_fds=pass_fds)

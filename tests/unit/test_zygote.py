@@ -4,7 +4,6 @@ supervisor, and its death costs the jobs it already forked nothing."""
 from __future__ import annotations
 
 import contextlib
-import ctypes.util
 import json
 import os
 import select
@@ -159,10 +158,6 @@ def _children(pid: int) -> List[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def _spare_of(zygote_pid: int) -> int:
-    """The one supervisor the zygote keeps forked ahead of its next request."""
-    _wait_until(lambda: len(_children(zygote_pid)) == 1)
-    return _children(zygote_pid)[0]
 
 
 def _socket_fds(pid: int) -> List[int]:
@@ -170,43 +165,10 @@ def _socket_fds(pid: int) -> List[int]:
             if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")]
 
 
-def test_a_request_gets_the_supervisor_forked_ahead_and_a_new_one_is_forked_after(rig: Rig) -> None:
-    rig.zygote.start()
-    spare = _spare_of(rig.started[0])
-    # While it waits it holds its own socket only: not the daemon's, whose end must close with the
-    # zygote (fd 0 is /dev/null).
-    _wait_until(lambda: len(_socket_fds(spare)) == 1 and os.readlink(f"/proc/{spare}/fd/0") == os.devnull)
-    gate = rig.spawn(7, ["sh", "-c", "echo seven"])
-    assert gate.pid == spare
-    _wait_until(lambda: len(_children(rig.started[0])) == 2)  # the job's supervisor and the next spare
-    _wait_until(lambda: _only_its_own_fds(gate.pid, rig.tmp_path / "7.log"))
-    gate.release()
-    assert rig.record(7)["exit_code"] == 0 and rig.log(7).strip() == "seven"
 
 
-def test_a_dead_spare_is_replaced_by_a_fork_and_the_job_runs(rig: Rig) -> None:
-    rig.zygote.start()
-    spare = _spare_of(rig.started[0])
-    os.kill(spare, signal.SIGKILL)
-    _wait_until(lambda: not Path(f"/proc/{spare}").exists())  # the zygote ignores SIGCHLD: reaped
-    gate = rig.spawn(8, ["sh", "-c", "echo eight"])
-    assert gate.pid != spare and _parent(gate.pid) == rig.started[0]
-    gate.release()
-    assert rig.record(8)["exit_code"] == 0 and rig.log(8).strip() == "eight"
-    # A new spare is kept again, and the next job gets it.
-    _wait_until(lambda: len(_children(rig.started[0])) == 1)
-    next_spare = _children(rig.started[0])[0]
-    assert rig.spawn(9, ["true"]).pid == next_spare
 
 
-def test_the_spare_exits_with_its_zygote_having_run_nothing(rig: Rig) -> None:
-    rig.zygote.start()
-    zygote_pid = rig.started[0]
-    spare = _spare_of(zygote_pid)
-    os.kill(zygote_pid, signal.SIGKILL)
-    os.waitpid(zygote_pid, 0)
-    _wait_until(lambda: not Path(f"/proc/{spare}").exists() or
-                Path(f"/proc/{spare}/stat").read_text().rpartition(")")[2].split()[0] == "Z")
 
 
 def test_an_aborted_gate_runs_nothing(rig: Rig) -> None:
@@ -247,27 +209,8 @@ def test_the_zygote_reaps_what_it_forks(rig: Rig) -> None:
     assert not Path(f"/proc/{gate.pid}").exists()  # no zombie left behind by the zygote
 
 
-def _group_service_libraries() -> List[str]:
-    """The shared objects of the NSS modules nsswitch.conf's `group:` line names; files and dns are
-    inside libc since glibc 2.34 (their libnss_*.so.2 left only for old binaries, never loaded)."""
-    try:
-        lines = Path("/etc/nsswitch.conf").read_text().splitlines()
-    except OSError:
-        return []
-    sources = [word for line in lines if line.split(":")[0].strip() == "group"
-               for word in line.split(":", 1)[1].split()
-               if not word.startswith("[") and word not in ("files", "dns")]
-    return [found for found in (ctypes.util.find_library(f"nss_{name}") for name in sources) if found]
 
 
-def test_the_zygote_loads_the_group_services_once_for_every_supervisor(rig: Rig) -> None:
-    libraries = _group_service_libraries()
-    if not libraries:
-        pytest.skip("nsswitch.conf names no group service with a library of its own")
-    gate = rig.spawn(7, ["true"])  # the zygote has started and answered: past its start-up
-    maps = Path(f"/proc/{rig.started[0]}/maps").read_text()
-    assert [lib for lib in libraries if lib in maps] == libraries
-    gate.abort()
 
 
 def test_requests_are_answered_in_order_and_nothing_waits_for_the_fork(rig: Rig) -> None:
