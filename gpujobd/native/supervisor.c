@@ -70,6 +70,8 @@ static void buf_reserve(Buf *b, size_t more) {
     char *data = realloc(b->data, cap);
     if (!data)
         abort(); /* out of memory in a root program: nothing sane is left to do */
+    if (!b->data)
+        data[0] = '\0'; /* an empty text is a text too */
     b->data = data;
     b->cap = cap;
 }
@@ -247,6 +249,28 @@ static void utf8_put(Buf *b, unsigned cp) {
     buf_add(b, s, n);
 }
 
+/* The length of the valid UTF-8 sequence at p (a lead byte >= 0x80), or 0: no overlong forms, no
+ * surrogates, nothing past U+10FFFF, as Python's UTF-8 decoder. */
+static size_t utf8_sequence_length(const unsigned char *p, size_t available) {
+    unsigned char c = p[0];
+    size_t n = c >= 0xF0 && c < 0xF5 ? 4 : c >= 0xE0 && c < 0xF0 ? 3 : c >= 0xC2 && c < 0xE0 ? 2 : 0;
+    if (n == 0 || n > available)
+        return 0;
+    for (size_t i = 1; i < n; i++)
+        if ((p[i] & 0xC0) != 0x80)
+            return 0;
+    if (n == 3) {
+        unsigned cp = ((c & 0x0Fu) << 12) | ((p[1] & 0x3Fu) << 6) | (p[2] & 0x3Fu);
+        if (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))
+            return 0;
+    } else if (n == 4) {
+        unsigned cp = ((c & 0x07u) << 18) | ((p[1] & 0x3Fu) << 12) | ((p[2] & 0x3Fu) << 6) | (p[3] & 0x3Fu);
+        if (cp < 0x10000 || cp > 0x10FFFF)
+            return 0;
+    }
+    return n;
+}
+
 static bool j_string(JReader *r, JValue *v) {
     Buf b = {0};
     buf_reserve(&b, 0);
@@ -258,6 +282,17 @@ static bool j_string(JReader *r, JValue *v) {
             j_fail(r, "a control character in a string");
             free(b.data);
             return false;
+        }
+        if (c >= 0x80) {
+            size_t n = utf8_sequence_length((const unsigned char *)r->p, (size_t)(r->end - r->p));
+            if (n == 0) {
+                j_fail(r, "bytes that are not UTF-8");
+                free(b.data);
+                return false;
+            }
+            buf_add(&b, r->p, n);
+            r->p += n;
+            continue;
         }
         if (c != '\\') {
             buf_add(&b, r->p, 1);
@@ -331,20 +366,42 @@ static bool j_string(JReader *r, JValue *v) {
 
 static bool j_value(JReader *r, JValue *v, int depth);
 
+static bool j_digits(JReader *r) {
+    const char *start = r->p;
+    while (r->p < r->end && *r->p >= '0' && *r->p <= '9')
+        r->p++;
+    return r->p > start;
+}
+
+/* JSON's grammar exactly: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)? (no leading zeros). */
 static bool j_number(JReader *r, JValue *v) {
     const char *start = r->p;
     if (r->p < r->end && *r->p == '-')
         r->p++;
-    if (r->p >= r->end || *r->p < '0' || *r->p > '9') {
+    if (r->p < r->end && *r->p == '0')
+        r->p++;
+    else if (!(r->p < r->end && *r->p >= '1' && *r->p <= '9' && j_digits(r))) {
         j_fail(r, "a bad number");
         return false;
     }
     bool integral = true;
-    while (r->p < r->end && ((*r->p >= '0' && *r->p <= '9') || *r->p == '.' || *r->p == 'e' ||
-                             *r->p == 'E' || *r->p == '+' || *r->p == '-')) {
-        if (*r->p == '.' || *r->p == 'e' || *r->p == 'E')
-            integral = false;
+    if (r->p < r->end && *r->p == '.') {
         r->p++;
+        integral = false;
+        if (!j_digits(r)) {
+            j_fail(r, "a bad number");
+            return false;
+        }
+    }
+    if (r->p < r->end && (*r->p == 'e' || *r->p == 'E')) {
+        r->p++;
+        integral = false;
+        if (r->p < r->end && (*r->p == '+' || *r->p == '-'))
+            r->p++;
+        if (!j_digits(r)) {
+            j_fail(r, "a bad number");
+            return false;
+        }
     }
     char text[64];
     size_t len = (size_t)(r->p - start);
@@ -484,7 +541,7 @@ typedef struct {
 } Spec;
 
 static const JValue *spec_field(const JValue *obj, const char *key) {
-    for (size_t i = 0; i < obj->count; i++)
+    for (size_t i = obj->count; i-- > 0;) /* a repeated key: the last one counts, as in json.loads */
         if (strcmp(obj->keys[i], key) == 0)
             return &obj->items[i];
     return NULL;
@@ -690,18 +747,8 @@ static void json_string(Buf *b, const char *s) {
             buf_add(b, (const char *)p, 1);
             p++;
         } else {
-            size_t n = c >= 0xF0 && c < 0xF5 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 && c < 0xE0 ? 2 : 0;
+            size_t n = utf8_sequence_length(p, strlen((const char *)p));
             bool valid = n > 0;
-            for (size_t i = 1; valid && i < n; i++)
-                valid = (p[i] & 0xC0) == 0x80;
-            if (valid && n == 3) {
-                unsigned cp = ((c & 0x0Fu) << 12) | ((p[1] & 0x3Fu) << 6) | (p[2] & 0x3Fu);
-                valid = cp >= 0x800 && !(cp >= 0xD800 && cp <= 0xDFFF);
-            } else if (valid && n == 4) {
-                unsigned cp = ((c & 0x07u) << 18) | ((p[1] & 0x3Fu) << 12) | ((p[2] & 0x3Fu) << 6) |
-                              (p[3] & 0x3Fu);
-                valid = cp >= 0x10000 && cp <= 0x10FFFF;
-            }
             if (valid) {
                 buf_add(b, (const char *)p, n);
                 p += n;
