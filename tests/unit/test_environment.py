@@ -1,10 +1,8 @@
-"""What of the submitter's environment a job takes, and the supervisor's teaching messages."""
+"""What of the submitter's environment a job takes (the supervisor's teaching messages are tested
+with the supervisor, end to end)."""
 
 from __future__ import annotations
 
-import errno
-
-from gpujobd import supervisor
 from gpujobd.shared import environment
 
 
@@ -24,21 +22,3 @@ def test_names_and_values_an_environment_cannot_hold_are_not_inherited() -> None
 
 def test_the_size_counts_what_execve_takes() -> None:
     assert environment.size_bytes({"A": "bc", "D": ""}) == len("A=bc\0D=\0")
-
-
-def test_exec_failed_names_the_path_searched_and_suggests_python3() -> None:
-    message = supervisor.exec_failure_message("python", errno.ENOENT, "No such file or directory",
-                                              "/usr/bin:/bin")
-    assert "searched PATH=/usr/bin:/bin" in message and "python3" in message
-    assert "python3" not in supervisor.exec_failure_message("pyhton", errno.ENOENT, "No such file", "/bin")
-
-
-def test_exec_failed_of_a_path_names_no_search() -> None:
-    assert supervisor.exec_failure_message("./run.sh", errno.ENOENT, "No such file", "/bin") == \
-        "./run.sh: No such file"
-
-
-def test_chdir_failed_with_a_tilde_says_the_shell_did_not_expand_it() -> None:
-    message = supervisor.chdir_failure_message("/home/alice/~/proj", "No such file or directory")
-    assert message.startswith("/home/alice/~/proj: No such file or directory") and "expands ~" in message
-    assert "~" not in supervisor.chdir_failure_message("/srv/x", "No such file or directory")

@@ -10,7 +10,6 @@ from gpujobd import supervisor
 from gpujobd.daemon.outcome import decide_outcome, ends_with_its_supervisor
 from gpujobd.shared.model import Job, JobSpec, final_state_for, transition
 from gpujobd.shared.states import EndReason, JobState
-from tests.unit.test_supervisor import spec_fields as supervisor_spec_fields
 
 NOW = 1_750_000_000.0
 TIMEOUT = 60.0
@@ -203,20 +202,21 @@ def test_the_record_phases_are_the_supervisors() -> None:
         "run", "between-runs", "after-last-run")
 
 
-def _supervisor_record(tmp_path: Any, leftovers: Optional[int]) -> Dict[str, Any]:
-    spec = supervisor.spec_from_dict(supervisor_spec_fields(tmp_path))
-    runs = [supervisor.run_record_from_status(1, 10.0, 11.0, 0)]
-    return supervisor.build_exit_record(spec, runs, 12.0, leftovers, None)
+def _record(leftovers: int, counted: bool) -> Dict[str, Any]:
+    """An exit record as the supervisor writes one (test_supervisor checks the program against it)."""
+    return {"job_id": 7, "started_at": 10.0, "ended_at": 12.0, "exit_code": 0, "signal": None,
+            "reason": "exit-code", "detail": "exited with code 0", "leftover_processes": leftovers,
+            "leftovers_counted": counted, "runs": 1, "max_runs": 1, "terminated_by_signal": None,
+            "stop_signal_phase": None, "stop_signal_after_s": None}
 
 
-@pytest.mark.parametrize(("leftovers", "ends"), [(0, True), (2, False), (None, False)])
+@pytest.mark.parametrize(("leftovers", "counted", "ends"),
+                         [(0, True, True), (2, True, False), (0, False, False)])
 def test_a_job_ends_with_its_supervisor_only_when_it_counted_no_leftover(
-        tmp_path: Any, leftovers: Optional[int], ends: bool) -> None:
-    assert ends_with_its_supervisor(_supervisor_record(tmp_path, leftovers)) is ends
+        leftovers: int, counted: bool, ends: bool) -> None:
+    assert ends_with_its_supervisor(_record(leftovers, counted)) is ends
 
 
-def test_no_record_or_a_start_failed_one_does_not_end_with_its_supervisor(tmp_path: Any) -> None:
-    spec = supervisor.spec_from_dict(supervisor_spec_fields(tmp_path))
-    assert not ends_with_its_supervisor(supervisor.build_start_failed_record(spec, 5.0, "gate closed", None))
+def test_no_record_or_one_without_the_count_does_not_end_with_its_supervisor() -> None:
     assert not ends_with_its_supervisor(None)
     assert not ends_with_its_supervisor({"job_id": 1, "leftover_processes": 0})  # an older supervisor's

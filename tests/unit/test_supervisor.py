@@ -128,179 +128,6 @@ def test_parse_spec_refuses_what_is_not_a_json_object(line: bytes) -> None:
         supervisor.parse_spec(line)
 
 
-@pytest.mark.parametrize(("status", "exit_code", "sig", "reason", "detail"), [
-    (0, 0, None, "exit-code", "exited with code 0"),
-    (3 << 8, 3, None, "exit-code", "exited with code 3"),
-    (137 << 8, 137, None, "exit-code", "exited with code 137"),
-    (signal.SIGKILL, None, 9, "signal", "killed by SIGKILL"),
-    (signal.SIGSEGV | 0x80, None, 11, "signal", "killed by SIGSEGV (core dumped)"),
-])
-def test_run_record_from_status(status: int, exit_code: Optional[int], sig: Optional[int], reason: str,
-                                detail: str) -> None:
-    record = supervisor.run_record_from_status(2, 10.0, 12.5, status)
-    assert record == {"run": 2, "started_at": 10.0, "ended_at": 12.5, "exit_code": exit_code,
-                      "signal": sig, "reason": reason, "detail": detail}
-    assert tuple(record) == supervisor.RUN_KEYS
-
-
-@pytest.mark.parametrize(("step", "reason"), [
-    ("setup", "setup-failed"), ("chdir", "chdir-failed"), ("exec", "exec-failed"),
-])
-def test_run_record_from_failure(step: str, reason: str) -> None:
-    record = supervisor.run_record_from_failure(1, 1.0, 2.0, step, "x: No such file or directory")
-    assert record["reason"] == reason
-    assert record["exit_code"] is None and record["signal"] is None
-    assert record["detail"] == "x: No such file or directory"
-
-
-def _run(reason: str = "exit-code", exit_code: Optional[int] = 0) -> dict:
-    return {"run": 1, "started_at": 1.0, "ended_at": 2.0, "exit_code": exit_code,
-            "signal": None if reason != "signal" else 9, "reason": reason, "detail": ""}
-
-
-@pytest.mark.parametrize(("last", "done", "max_runs", "stop_on_failure", "received", "again"), [
-    (_run(), 1, 3, False, None, True),
-    (_run(), 3, 3, False, None, False),
-    (_run(exit_code=1), 1, 3, False, None, True),
-    (_run(exit_code=1), 1, 3, True, None, False),
-    (_run("signal", None), 1, 3, True, None, False),
-    (_run("signal", None), 1, 3, False, None, True),
-    (_run(), 1, 3, True, None, True),
-    (_run(), 1, 3, False, signal.SIGTERM, False),
-    (_run("exec-failed", None), 1, 3, False, None, False),
-    (_run("chdir-failed", None), 1, 3, False, None, False),
-    (_run("setup-failed", None), 1, 3, False, None, False),
-])
-def test_should_run_again(last: dict, done: int, max_runs: int, stop_on_failure: bool,
-                          received: Optional[int], again: bool) -> None:
-    assert supervisor.should_run_again(last, done, max_runs, stop_on_failure, received) is again
-
-
-def test_exit_record_takes_the_first_start_and_the_last_run(tmp_path: Path) -> None:
-    spec = supervisor.spec_from_dict(spec_fields(tmp_path, max_runs=3))
-    runs = [supervisor.run_record_from_status(1, 10.0, 11.0, 0),
-            supervisor.run_record_from_status(2, 12.0, 13.0, signal.SIGTERM)]
-    record = supervisor.build_exit_record(spec, runs, 14.0, 2, signal.SIGTERM, "run", 3.5)
-    assert record == {"job_id": 7, "started_at": 10.0, "ended_at": 14.0, "exit_code": None, "signal": 15,
-                      "reason": "signal", "detail": "killed by SIGTERM", "leftover_processes": 2,
-                      "leftovers_counted": True, "runs": 2, "max_runs": 3, "terminated_by_signal": 15,
-                      "stop_signal_phase": "run", "stop_signal_after_s": 3.5}
-    assert tuple(record) == supervisor.RECORD_KEYS
-
-
-def test_exit_record_says_when_leftovers_could_not_be_counted(tmp_path: Path) -> None:
-    spec = supervisor.spec_from_dict(spec_fields(tmp_path))
-    runs = [supervisor.run_record_from_status(1, 10.0, 11.0, 0)]
-    record = supervisor.build_exit_record(spec, runs, 12.0, None, None)
-    assert record["leftover_processes"] == 0 and record["leftovers_counted"] is False
-    assert record["detail"] == "exited with code 0; leftover count unavailable"
-
-
-def test_start_failed_record(tmp_path: Path) -> None:
-    spec = supervisor.spec_from_dict(spec_fields(tmp_path, max_runs=2))
-    record = supervisor.build_start_failed_record(spec, 5.0, "the gate closed", None)
-    assert record == {"job_id": 7, "started_at": None, "ended_at": 5.0, "exit_code": None, "signal": None,
-                      "reason": "start-failed", "detail": "the gate closed", "leftover_processes": 0,
-                      "leftovers_counted": False, "runs": 0, "max_runs": 2, "terminated_by_signal": None,
-                      "stop_signal_phase": None, "stop_signal_after_s": None}
-    assert tuple(record) == supervisor.RECORD_KEYS
-
-
-# (runs done, max runs, last run's exit code, signal, during a run) -> the phase the record names
-@pytest.mark.parametrize(("done", "max_runs", "code", "received", "during_run", "phase"), [
-    (1, 3, 0, None, False, None),
-    (1, 3, 0, signal.SIGTERM, True, "run"),
-    (3, 3, 0, signal.SIGTERM, True, "run"),  # the last run itself was in progress
-    (1, 3, 0, signal.SIGTERM, False, "between-runs"),
-    (1, 3, 1, signal.SIGTERM, False, "between-runs"),  # failed, but no --stop-on-failure: it goes on
-    (3, 3, 0, signal.SIGTERM, False, "after-last-run"),  # the loop was done: the signal ended nothing
-    (1, 1, 0, signal.SIGTERM, False, "after-last-run"),  # a foreground job whose command had exited
-])
-def test_stop_signal_phase(tmp_path: Path, done: int, max_runs: int, code: int, received: Optional[int],
-                           during_run: bool, phase: Optional[str]) -> None:
-    spec = supervisor.spec_from_dict(spec_fields(tmp_path, max_runs=max_runs))
-    runs = [supervisor.run_record_from_status(n, 1.0, 2.0, code << 8) for n in range(1, done + 1)]
-    assert supervisor.stop_signal_phase(spec, runs, received, during_run) == phase
-
-
-def test_stop_signal_phase_after_a_failure_that_stops_the_loop(tmp_path: Path) -> None:
-    spec = supervisor.spec_from_dict(spec_fields(tmp_path, max_runs=3, stop_on_failure=True))
-    runs = [supervisor.run_record_from_status(1, 1.0, 2.0, 1 << 8)]
-    assert supervisor.stop_signal_phase(spec, runs, signal.SIGTERM, False) == "after-last-run"
-
-
-STAT = "4242 (py thon) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 {start} 1000 100 0 0"
-
-
-@pytest.mark.parametrize(("stat", "now", "ticks", "age"), [
-    (STAT.format(start=1000), 12.5, 100, 2.5),  # started at tick 1000 = 10 s after boot
-    (STAT.format(start=1000), 10.0, 100, 0.0),
-    ("4242 (x) S 1", 12.5, 100, None),  # truncated
-    (STAT.format(start="x"), 12.5, 100, None),
-])
-def test_process_age_s(stat: str, now: float, ticks: int, age: Optional[float]) -> None:
-    assert supervisor.process_age_s(stat, now, ticks) == age
-
-
-def test_own_age_is_never_less_than_the_time_since_the_test_started_it() -> None:
-    before = time.monotonic()
-    # The supervisor runs by path as `python3 -I`; so does this child (-I ignores PYTHONPATH, and a
-    # package build's tests import gpujobd from a build directory).
-    code = ("import runpy, sys, time; time.sleep(0.3); "
-            f"print(runpy.run_path({supervisor.__file__!r})['own_age_s']())")
-    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True)
-    took = time.monotonic() - before
-    age = float(done.stdout)
-    assert 0.3 <= age <= took + 0.02  # start times are rounded down to a clock tick (10 ms)
-
-
-def test_cgroup_path_from_proc_ignores_v1_lines() -> None:
-    text = "12:pids:/user.slice\n1:name=systemd:/x.scope\n0::/system.slice/gpujob-7.scope\n"
-    assert supervisor.cgroup_path_from_proc(text) == "/system.slice/gpujob-7.scope"
-    assert supervisor.cgroup_path_from_proc("4:memory:/a\n") is None
-
-
-def test_count_leftover_processes(tmp_path: Path) -> None:
-    scope = tmp_path / "system.slice" / "gpujob-7.scope"
-    scope.mkdir(parents=True)
-    (scope / "cgroup.procs").write_text("100\n200\n300\n")
-    assert supervisor.count_leftover_processes(str(tmp_path), "/system.slice/gpujob-7.scope", 100) == 2
-    assert supervisor.count_leftover_processes(str(tmp_path), "/system.slice/gpujob-7.scope", 1) == 3
-    assert supervisor.count_leftover_processes(str(tmp_path), "/missing.scope", 1) is None
-
-
-def test_write_atomic_replaces_the_file_and_leaves_no_temp_file(tmp_path: Path) -> None:
-    target = tmp_path / "7.json"
-    target.write_text("old")
-    supervisor.write_atomic(str(target), b'{"new": 1}\n')
-    assert target.read_bytes() == b'{"new": 1}\n'
-    assert stat.S_IMODE(target.stat().st_mode) == 0o600
-    assert os.listdir(tmp_path) == ["7.json"]
-
-
-def test_write_atomic_removes_its_temp_file_when_it_fails(tmp_path: Path) -> None:
-    (tmp_path / "7.json").mkdir()
-    with pytest.raises(OSError):
-        supervisor.write_atomic(str(tmp_path / "7.json"), b"{}\n")
-    assert os.listdir(tmp_path) == ["7.json"]
-
-
-def test_append_run_appends_json_lines_and_refuses_symlinks(tmp_path: Path) -> None:
-    runs = tmp_path / "7.runs"
-    supervisor.append_run(str(runs), _run())
-    supervisor.append_run(str(runs), _run(exit_code=4))
-    assert [json.loads(line)["exit_code"] for line in runs.read_text().splitlines()] == [0, 4]
-    assert stat.S_IMODE(runs.stat().st_mode) == 0o600
-    (tmp_path / "link.runs").symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(OSError):
-        supervisor.append_run(str(tmp_path / "link.runs"), _run())
-    assert not (tmp_path / "elsewhere").exists()
-
-
-def test_main_refuses_unknown_arguments() -> None:
-    assert supervisor.main(["--bogus"]) == supervisor.EXIT_USAGE
-
-
 # ---------------------------------------------------------------------------------------------------
 # End to end: the supervisor as the daemon runs it, with the gate pipe on its stdin.
 
@@ -359,7 +186,7 @@ class Job:
             self.process.wait()
             raise
         record_path = Path(self.fields["exit_record"])
-        record = json.loads(record_path.read_text()) if record_path.exists() else None
+        record = json.loads(record_path.read_text()) if record_path.is_file() else None
         return Finished(returncode, record, self.runs(), self.log(), self.state_dir)
 
 
@@ -392,6 +219,9 @@ def test_an_exit_code_is_recorded_without_a_signal(tmp_path: Path) -> None:
     assert done.record["terminated_by_signal"] is None
     assert done.record["started_at"] <= done.record["ended_at"]
     assert [(r["run"], r["exit_code"]) for r in done.runs] == [(1, 3)]
+    assert tuple(done.record) == supervisor.RECORD_KEYS + supervisor.LOG_RECORD_KEYS
+    assert tuple(done.runs[0]) == supervisor.RUN_KEYS
+    assert done.runs[0]["detail"] == "exited with code 3"
 
 
 @needs_root
@@ -399,6 +229,7 @@ def test_a_signal_death_is_recorded_without_an_exit_code(tmp_path: Path) -> None
     done = run_job(tmp_path, argv=sh("kill -KILL $$"))
     assert done.record is not None
     assert (done.record["reason"], done.record["exit_code"], done.record["signal"]) == ("signal", None, 9)
+    assert done.runs[0]["detail"] == "killed by SIGKILL"
 
 
 @needs_root
@@ -449,15 +280,6 @@ def test_the_command_runs_as_the_user_with_only_the_users_groups(tmp_path: Path)
     assert 0 not in groups
 
 
-def test_the_groups_are_looked_up_once_before_release_and_a_failed_lookup_fails_the_runs_setup(
-        tmp_path: Path) -> None:
-    nobody = pwd.getpwnam("nobody")
-    spec = supervisor.spec_from_dict(spec_fields(tmp_path))
-    assert supervisor.lookup_groups(spec) == os.getgrouplist("nobody", nobody.pw_gid)
-    with pytest.raises(supervisor._ChildFailure) as failed:
-        supervisor._drop_privileges(spec, OSError(5, "Input/output error"))
-    assert (failed.value.step, failed.value.errno) == ("setup", 5)
-    assert str(failed.value) == "getgrouplist: Input/output error"
 
 
 @needs_root
@@ -556,6 +378,7 @@ def test_eof_before_release_runs_nothing(tmp_path: Path) -> None:
     assert done.record["reason"] == "start-failed"
     assert "gate closed before release" in done.record["detail"]
     assert (done.record["runs"], done.record["started_at"], done.record["exit_code"]) == (0, None, None)
+    assert tuple(done.record) == supervisor.RECORD_KEYS and done.record["leftovers_counted"] is False
     assert "COMMAND-RAN" not in done.log
     assert "gpujob: the gate closed before release; nothing was run" in done.log  # the pump was drained
     assert done.runs == []
@@ -628,8 +451,8 @@ def test_the_exit_record_is_written_atomically(tmp_path: Path) -> None:
 
 @needs_root
 def test_leftovers_are_counted_in_the_supervisors_own_cgroup(tmp_path: Path) -> None:
-    own = supervisor.cgroup_path_from_proc(Path("/proc/self/cgroup").read_text())
-    assert own is not None
+    own = next(line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines()
+               if line.startswith("0::"))  # the supervisor is started in ours
     cgroup_dir = tmp_path / "cgroup" / own.lstrip("/")
     cgroup_dir.mkdir(parents=True, exist_ok=True)
     (cgroup_dir / "cgroup.procs").write_text("5000001\n5000002\n")  # above the largest pid_max
@@ -689,3 +512,73 @@ def test_a_log_under_its_cap_is_whole_and_says_nothing(tmp_path: Path) -> None:
     assert done.log == "out\nerr\n"
     fate = (done.record["log_truncated"], done.record["log_error"], done.record["log_bytes"])
     assert fate == (False, None, 8)
+
+
+@needs_root
+def test_a_failed_run_is_run_again_unless_stop_on_failure(tmp_path: Path) -> None:
+    done = run_job(tmp_path, argv=sh("exit 1"), max_runs=3)
+    assert [(r["run"], r["exit_code"]) for r in done.runs] == [(1, 1), (2, 1), (3, 1)]
+    assert done.record is not None and (done.record["runs"], done.record["exit_code"]) == (3, 1)
+
+
+@needs_root
+def test_a_chdir_failure_is_not_run_again(tmp_path: Path) -> None:
+    done = run_job(tmp_path, argv=["true"], max_runs=3, cwd="/nonexistent-gpujob-test")
+    assert done.record is not None and (done.record["reason"], done.record["runs"]) == ("chdir-failed", 1)
+
+
+@needs_root
+def test_exec_failed_names_the_path_searched_and_suggests_python3(tmp_path: Path) -> None:
+    searched = "/nonexistent-gpujob-test/bin"
+    done = run_job(tmp_path, argv=["python", "-V"], env={"PATH": searched})
+    assert done.record is not None and done.record["reason"] == "exec-failed"
+    assert f"searched PATH={searched}" in done.record["detail"] and "python3" in done.record["detail"]
+    (tmp_path / "other").mkdir()
+    other = run_job(tmp_path / "other", argv=["pyhton"], env={"PATH": searched})
+    assert other.record is not None
+    assert "searched PATH=" in other.record["detail"] and "python3" not in other.record["detail"]
+
+
+@needs_root
+def test_exec_failed_of_a_path_names_no_search(tmp_path: Path) -> None:
+    done = run_job(tmp_path, argv=["./gpujob-test-run.sh"])
+    assert done.record is not None
+    assert done.runs[0]["detail"] == "./gpujob-test-run.sh: No such file or directory"
+
+
+@needs_root
+def test_chdir_failed_with_a_tilde_says_the_shell_did_not_expand_it(tmp_path: Path) -> None:
+    done = run_job(tmp_path, argv=["true"], cwd="/nonexistent-gpujob-test/~/proj")
+    assert done.record is not None
+    assert done.record["detail"].startswith("/nonexistent-gpujob-test/~/proj: No such file or directory")
+    assert "expands ~" in done.record["detail"]
+
+
+@needs_root
+def test_a_runs_file_that_is_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    (state / "7.runs").symlink_to(elsewhere)
+    done = run_job(tmp_path, argv=["true"])
+    assert not elsewhere.exists()
+    assert "gpujob: cannot append to" in done.log
+    assert done.record is not None and done.record["exit_code"] == 0  # the record is written still
+
+
+@needs_root
+def test_an_exit_record_that_cannot_be_written_leaves_no_temporary_file(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "7.json").mkdir()  # a rename onto a directory fails
+    done = run_job(tmp_path, argv=["true"])
+    assert done.returncode == supervisor.EXIT_RECORD_FAILED
+    assert "gpujob: cannot write the exit record" in done.log
+    assert sorted(os.listdir(state)) == ["7.json", "7.runs"]
+
+
+@needs_root
+def test_the_program_refuses_unknown_arguments(tmp_path: Path) -> None:
+    done = subprocess.run([supervisor.PROGRAM, "--bogus"], capture_output=True, stdin=subprocess.DEVNULL)
+    assert done.returncode == supervisor.EXIT_USAGE and b"usage: gpujob-supervisor" in done.stderr
+    assert supervisor.main(["--bogus"]) == supervisor.EXIT_USAGE  # the zygote's own entry point too
