@@ -48,7 +48,7 @@ lint-types: venv
 	$(VENV)/bin/python -m mypy
 
 unit: venv native
-	$(VENV)/bin/python -m pytest -q tests/unit tests/host
+	GPUJOBD_REQUIRE_PROGRAM=1 $(VENV)/bin/python -m pytest -q tests/unit tests/host
 
 # The real D-Bus service and client on a private dbus-daemon the tests start (no systemd): ~1 s.
 bus: venv
@@ -176,8 +176,8 @@ clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
 
 # ---- distribution packages (docs/install.md) ---------------------------------------------------
-#   make deb            dist/gpujobd_<version>-<rev>_all.deb (dpkg-buildpackage; lintian)
-#   make rpm            dist/gpujobd-<version>-1.noarch.rpm (rpmbuild; rpmlint)
+#   make deb            dist/gpujobd_<version>-<rev>_<arch>.deb (dpkg-buildpackage; lintian)
+#   make rpm            dist/gpujobd-<version>-1.<arch>.rpm (rpmbuild; rpmlint)
 #   make package-test   install, upgrade, remove and purge the .deb in the sandbox, as an admin would
 # Both build from a copy of the working tree (the files git tracks or would track) under build/.
 DEB_VERSION_SUFFIX ?=
@@ -195,6 +195,9 @@ define export_tree
 endef
 
 .PHONY: deb rpm package-test
+
+DEB_ARCH = $(shell dpkg --print-architecture 2>/dev/null)
+RPM_ARCH = $(shell rpm --eval '%{_arch}' 2>/dev/null || uname -m)
 
 deb:
 	$(call export_tree,$(DEB_SRC))
@@ -215,7 +218,7 @@ deb:
 		DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq .; }; }
 	cd $(DEB_SRC) && env PATH=$(PKG_PATH) dpkg-buildpackage -us -uc -b
 	mkdir -p dist
-	cd $(DEB_SRC) && deb=../gpujobd_$$(dpkg-parsechangelog -S Version | sed 's/^[0-9]*://')_all.deb && \
+	cd $(DEB_SRC) && deb=../gpujobd_$$(dpkg-parsechangelog -S Version | sed 's/^[0-9]*://')_$(DEB_ARCH).deb && \
 		cp $$deb $(CURDIR)/dist/ && env PATH=$(PKG_PATH) lintian --display-info $$deb
 
 # A second .deb of the same code at a higher version is what the test upgrades to.
@@ -226,8 +229,8 @@ package-test: venv wheels
 	$(MAKE) deb
 	$(MAKE) deb DEB_VERSION_SUFFIX=$(PKG_TEST_SUFFIX)
 	$(MAKE) rpm
-	GPUJOBD_DEB=dist/gpujobd_$(DEB_VERSION)_all.deb \
-	GPUJOBD_DEB_UPGRADE=dist/gpujobd_$(DEB_VERSION)$(PKG_TEST_SUFFIX)_all.deb \
+	GPUJOBD_DEB=dist/gpujobd_$(DEB_VERSION)_$(DEB_ARCH).deb \
+	GPUJOBD_DEB_UPGRADE=dist/gpujobd_$(DEB_VERSION)$(PKG_TEST_SUFFIX)_$(DEB_ARCH).deb \
 		$(SANDBOX) run -- $(VENV)/bin/python -m pytest -q tests/packaging
 
 # On a builder without Fedora's pyproject-rpm-macros and systemd-rpm-macros (Debian), stand-ins
@@ -259,8 +262,8 @@ rpm: $(NVML_PY_WHEEL)
 			--load=$(CURDIR)/packaging/rpm/macros.debian-builder \
 			--define "_gpujobd_rpm_dir $(CURDIR)/packaging/rpm" $(RPM_SPEC); \
 	fi
-	cp $(RPM_TOPDIR)/RPMS/noarch/gpujobd-$(PKG_VERSION)-*.noarch.rpm dist/
-	env PATH=$(PKG_PATH) rpmlint -c packaging/rpm/rpmlint.toml -r packaging/rpm/gpujobd.rpmlintrc $(RPM_SPEC) $(RPM_TOPDIR)/RPMS/noarch/gpujobd-$(PKG_VERSION)-*.noarch.rpm
+	cp $(RPM_TOPDIR)/RPMS/$(RPM_ARCH)/gpujobd-$(PKG_VERSION)-*.$(RPM_ARCH).rpm dist/
+	env PATH=$(PKG_PATH) rpmlint -c packaging/rpm/rpmlint.toml -r packaging/rpm/gpujobd.rpmlintrc $(RPM_SPEC) $(RPM_TOPDIR)/RPMS/$(RPM_ARCH)/gpujobd-$(PKG_VERSION)-*.$(RPM_ARCH).rpm
 
 # ---- benchmarks (docs/performance.md) ----------------------------------------------------------
 #   make bench           every section, in the sandbox: prints one table, writes

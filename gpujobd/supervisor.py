@@ -200,7 +200,11 @@ ZYGOTE_ARG = "--zygote"
 ZYGOTE_REQUEST = b"fork"
 ZYGOTE_FDS = 2  # the gate's read end, the job's log
 ZYGOTE_FAILED = b"0"  # the answer when no child could be started
-PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "gpujob-supervisor")
+# Where the compiled supervisor is: beside this module (`make native` in a checkout, `make install`),
+# else where the .deb and the .rpm put it.
+PROGRAM_PLACES = (os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "gpujob-supervisor"),
+                  "/usr/libexec/gpujobd/gpujob-supervisor")
+PROGRAM = next((path for path in PROGRAM_PLACES if os.access(path, os.X_OK)), PROGRAM_PLACES[0])
 
 
 def zygote(sock_fd: int, cgroup_root: str) -> int:

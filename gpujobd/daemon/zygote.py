@@ -223,7 +223,8 @@ class Zygote:
         except ValueError:
             pid = 0
         if pid <= 1:
-            self._fail(request, f"the supervisor zygote could not fork a supervisor (answer {answer[:20]!r})")
+            self._fail(request, f"the supervisor zygote could not start {supervisor.PROGRAM} (answer "
+                                f"{answer[:20]!r}; the daemon's journal has the zygote's reason)")
             return
         os.close(request.gate_read)
         os.close(request.log_fd)

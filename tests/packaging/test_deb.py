@@ -6,7 +6,7 @@ installs, every user it adds, vanishes with the sandbox. Outside it, or without 
 skips. The steps depend on each other and run in file order; a step whose predecessor failed skips.
 
 Which packages: $GPUJOBD_DEB (installed first) and $GPUJOBD_DEB_UPGRADE (the upgrade), as
-`make package-test` sets them; else the lowest and highest version of dist/gpujobd_*_all.deb.
+`make package-test` sets them; else the lowest and highest version of dist/gpujobd_*_<arch>.deb.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _debs() -> List[Path]:
     chosen = [os.environ.get("GPUJOBD_DEB"), os.environ.get("GPUJOBD_DEB_UPGRADE")]
     if chosen[0]:
         return [(CHECKOUT / p).resolve() for p in chosen if p]
-    found = sorted(p.resolve() for p in DIST.glob("gpujobd_*_all.deb"))
+    found = sorted(p.resolve() for p in DIST.glob("gpujobd_*_*.deb"))
     if len(found) < 2:
         return found
     # dpkg's order, not the file names': the lowest version is installed, the highest upgrades it.

@@ -1,7 +1,7 @@
 """The RPM that `make rpm` builds: what it installs, how, and what its scriptlets do.
 
 It only reads the built file (rpm -qp, rpm2cpio), so it runs anywhere rpm is installed, in the
-sandbox or not; it skips without rpm or without dist/gpujobd-*.noarch.rpm.
+sandbox or not; it skips without rpm or without dist/gpujobd-*.<arch>.rpm.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import List
 import pytest
 
 CHECKOUT = Path(__file__).resolve().parents[2]
-RPMS = sorted((CHECKOUT / "dist").glob("gpujobd-*.noarch.rpm"))
+RPMS = sorted((CHECKOUT / "dist").glob("gpujobd-*.rpm"))
 RPM = RPMS[-1] if RPMS else None
 
 pytestmark = [

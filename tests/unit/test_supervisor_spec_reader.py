@@ -9,15 +9,13 @@ compiled reader, while Python accepts it and fails the run's exec later."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from gpujobd import supervisor
+from tests.unit.test_supervisor import needs_root
 
 CASES = 400
 SEED = 20261207
@@ -63,9 +61,8 @@ def _python_accepts(line: bytes) -> bool:
     return True
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the supervisor must be root")
+@needs_root
 def test_the_compiled_reader_accepts_what_parse_spec_accepts(tmp_path: Path) -> None:
-    assert os.access(supervisor.PROGRAM, os.X_OK), f"no {supervisor.PROGRAM}: run `make native`"
     rng = random.Random(SEED)
     valid = _valid_line(tmp_path)
     lines = [valid + b"\n"] + [_mutated(valid, rng) for _ in range(CASES)]
