@@ -17,7 +17,7 @@ ZSHCOMPDIR ?= $(PREFIX)/share/zsh/site-functions
 SITEDIR ?= $(shell $(PYTHON) -c 'import sys, sysconfig; print(next((p for p in sys.path if p.startswith("$(PREFIX)/lib/python") and p.endswith("-packages")), sysconfig.get_path("purelib", vars={"base": "$(PREFIX)"})))')
 VENV = .venv
 SANDBOX = $(PYTHON) tests/sandbox/sandbox.py
-APT_PACKAGES = systemd dbus util-linux passwd procps python3 python3-venv python3-gi \
+APT_PACKAGES = gcc libc6-dev systemd dbus util-linux passwd procps python3 python3-venv python3-gi \
 	python3-pydbus python3-pystemd python3-structlog python3-jeepney
 
 .PHONY: deps venv native wheels test unit bus integration chaos integration-host demo install uninstall lint \
