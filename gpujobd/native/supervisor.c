@@ -24,6 +24,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -981,41 +982,44 @@ static long own_leftover_processes(const char *cgroup_root) {
  * write that fails (ENOSPC, EIO) is remembered for the exit record (issue 15). */
 
 typedef struct {
-    long long cap, written;
-    bool truncated;
+    long long cap;
+    _Atomic long long written; /* the pump thread writes these; the main thread reads them at the end, */
+    atomic_bool truncated;     /* even when that thread is stuck in a write past log_drain_s: no lock */
+    atomic_bool failed;        /* set once `error` holds the text */
     char error[128];
     int log_fd, read_fd;
     pthread_t thread;
-    pthread_mutex_t lock;
     bool started;
 } Pump;
 
 static Pump pump;
 
+static void pump_fail(int error) {
+    snprintf(pump.error, sizeof pump.error, "%s", strerror(error));
+    atomic_store_explicit(&pump.failed, true, memory_order_release);
+}
+
 static void pump_keep(const char *data, size_t len) {
-    pthread_mutex_lock(&pump.lock);
-    if (pump.truncated || pump.error[0]) {
-        pthread_mutex_unlock(&pump.lock);
+    if (atomic_load(&pump.truncated) || atomic_load(&pump.failed))
+        return;
+    long long written = atomic_load(&pump.written);
+    bool truncating = pump.cap && written + (long long)len > pump.cap;
+    if (truncating)
+        len = (size_t)(pump.cap - written);
+    if (write_all(pump.log_fd, data, len) != 0) {
+        pump_fail(errno);
         return;
     }
-    if (pump.cap && pump.written + (long long)len > pump.cap) {
-        len = (size_t)(pump.cap - pump.written);
-        pump.truncated = true;
-    }
-    if (write_all(pump.log_fd, data, len) == 0) {
-        pump.written += (long long)len;
-        if (pump.truncated) {
-            Buf note = {0};
-            buf_printf(&note, "\n" LOG_PREFIX "log truncated at %lld bytes (jobs.log_max_bytes); the job "
-                              "runs on, its further output is dropped\n", pump.cap);
-            if (write_all(pump.log_fd, note.data, note.len) != 0)
-                snprintf(pump.error, sizeof pump.error, "%s", strerror(errno));
-            free(note.data);
-        }
-    } else {
-        snprintf(pump.error, sizeof pump.error, "%s", strerror(errno));
-    }
-    pthread_mutex_unlock(&pump.lock);
+    atomic_store(&pump.written, written + (long long)len);
+    if (!truncating)
+        return;
+    atomic_store(&pump.truncated, true);
+    Buf note = {0};
+    buf_printf(&note, "\n" LOG_PREFIX "log truncated at %lld bytes (jobs.log_max_bytes); the job runs on, "
+                      "its further output is dropped\n", pump.cap);
+    if (write_all(pump.log_fd, note.data, note.len) != 0)
+        pump_fail(errno);
+    free(note.data);
 }
 
 static void *pump_copy(void *unused) {
@@ -1034,7 +1038,6 @@ static void *pump_copy(void *unused) {
 /* Moves the log to a high fd the job never inherits; fds 1 and 2 become the pipe. */
 static int pump_start(long long cap) {
     pump.cap = cap;
-    pthread_mutex_init(&pump.lock, NULL);
     pump.log_fd = fcntl(1, F_DUPFD_CLOEXEC, 3);
     int ends[2];
     if (pump.log_fd < 0 || pipe2(ends, O_CLOEXEC) != 0)
@@ -1078,17 +1081,16 @@ static void pump_finish(double drain_s) {
 }
 
 static void encode_log_fate(Buf *b) {
-    pthread_mutex_lock(&pump.lock);
     json_key(b, "log_bytes", false);
-    buf_printf(b, "%lld", pump.written);
+    buf_printf(b, "%lld", atomic_load(&pump.written));
+    bool truncated = atomic_load(&pump.truncated);
     json_key(b, "log_truncated", false);
-    buf_add(b, pump.truncated ? "true" : "false", pump.truncated ? 4 : 5);
+    buf_add(b, truncated ? "true" : "false", truncated ? 4 : 5);
     json_key(b, "log_error", false);
-    if (pump.error[0])
+    if (atomic_load_explicit(&pump.failed, memory_order_acquire))
         json_string(b, pump.error);
     else
         buf_add(b, "null", 4);
-    pthread_mutex_unlock(&pump.lock);
 }
 
 /* ------------------------------------------------------------------------------------------------
