@@ -25,8 +25,6 @@ from gpujobd.supervisor import SpecError
 
 REPO_ROOT = Path(supervisor.__file__).resolve().parents[1]
 PATH = "/usr/local/bin:/usr/bin:/bin"
-# The supervisor must also run on Python 3.9: point this at such an interpreter to check it end to end.
-SUPERVISOR_PYTHON = os.environ.get("GPUJOBD_TEST_SUPERVISOR_PYTHON", sys.executable)
 # The command runs as nobody, who may not reach this checkout's .venv (a clone under root's 0700 home):
 # a command that needs a Python interpreter gets the system's, which every user can execute.
 USER_PYTHON = "/usr/bin/python3"
