@@ -98,6 +98,13 @@ static void buf_printf(Buf *b, const char *fmt, ...) {
     b->len += (size_t)n;
 }
 
+static void *xcalloc(size_t count, size_t size) {
+    void *p = calloc(count, size);
+    if (!p)
+        abort(); /* out of memory in a root program: nothing sane is left to do */
+    return p;
+}
+
 static char *xstrdup(const char *s) {
     char *copy = strdup(s);
     if (!copy)
@@ -548,8 +555,13 @@ static const JValue *spec_field(const JValue *obj, const char *key) {
     return NULL;
 }
 
+/* A string with no NUL in it (one could hide behind a \u0000 escape). */
+static bool text_without_nul(const JValue *v) {
+    return v->kind == J_STRING && !v->has_nul && strlen(v->string) == v->string_len;
+}
+
 static bool clean_text(const JValue *v) {
-    return v->kind == J_STRING && v->string_len > 0 && !v->has_nul && strlen(v->string) == v->string_len;
+    return text_without_nul(v) && v->string_len > 0;
 }
 
 static bool check_int(const JValue *v, long long low, long long high, bool bounded, long long *out) {
@@ -631,12 +643,10 @@ static bool spec_from_object(const JValue *obj, Spec *spec, char *why, size_t si
         snprintf(why, size, "job spec: argv must be a non-empty list starting with the command");
         return false;
     }
-    spec->argv = calloc(argv->count + 1, sizeof *spec->argv);
-    if (!spec->argv)
-        abort();
+    spec->argv = xcalloc(argv->count + 1, sizeof *spec->argv);
     for (size_t i = 0; i < argv->count; i++) {
         const JValue *arg = &argv->items[i];
-        if (arg->kind != J_STRING || arg->has_nul || strlen(arg->string) != arg->string_len) {
+        if (!text_without_nul(arg)) {
             snprintf(why, size, "job spec: argv must hold strings without NUL");
             return false;
         }
@@ -649,14 +659,11 @@ static bool spec_from_object(const JValue *obj, Spec *spec, char *why, size_t si
         snprintf(why, size, "job spec: env must be an object");
         return false;
     }
-    spec->env = calloc(env->count + 2, sizeof *spec->env);
-    if (!spec->env)
-        abort();
+    spec->env = xcalloc(env->count + 2, sizeof *spec->env);
     for (size_t i = 0; i < env->count; i++) {
         const char *name = env->keys[i];
         const JValue *value = &env->items[i];
-        if (!*name || strchr(name, '=') || value->kind != J_STRING || value->has_nul ||
-            strlen(value->string) != value->string_len) {
+        if (!*name || strchr(name, '=') || !text_without_nul(value)) {
             snprintf(why, size, "job spec: bad environment variable '%s'", name);
             return false;
         }
@@ -1324,6 +1331,17 @@ static void child_report(int fd, const char *step, const char *message) {
     _exit(CHILD_FAILED_STATUS);
 }
 
+static bool each_in(const gid_t *these, int count, const gid_t *those, int those_count) {
+    for (int i = 0; i < count; i++) {
+        bool found = false;
+        for (int j = 0; j < those_count && !found; j++)
+            found = these[i] == those[j];
+        if (!found)
+            return false;
+    }
+    return true;
+}
+
 static void drop_privileges(const Spec *spec, const Groups *groups, int error_fd) {
     char message[256];
     if (groups->error) {
@@ -1349,19 +1367,9 @@ static void drop_privileges(const Spec *spec, const Groups *groups, int error_fd
     gid_t rg, eg, sg;
     gid_t now[NGROUPS_MAX];
     int count = getgroups(NGROUPS_MAX, now);
-    bool same = count >= 0; /* as sets, both ways: the order and repeats are the kernel's */
-    for (int i = 0; same && i < count; i++) {
-        bool found = false;
-        for (int j = 0; j < groups->count; j++)
-            found |= now[i] == groups->list[j];
-        same = found;
-    }
-    for (int j = 0; same && j < groups->count; j++) {
-        bool found = false;
-        for (int i = 0; i < count; i++)
-            found |= now[i] == groups->list[j];
-        same = found;
-    }
+    /* as sets, both ways: the order and repeats are the kernel's */
+    bool same = count >= 0 && each_in(now, count, groups->list, groups->count) &&
+                each_in(groups->list, groups->count, now, count);
     if (getresuid(&ru, &eu, &su) != 0 || getresgid(&rg, &eg, &sg) != 0 || ru != uid || eu != uid ||
         su != uid || rg != gid || eg != gid || sg != gid || !same) {
         snprintf(message, sizeof message, "privileges not dropped to uid %lld gid %lld", spec->uid,

@@ -112,7 +112,7 @@ class DaemonConfig:
         minimum=1, maximum=200,
     ))
     zygote_timeout_s: float = field(default=5.0, metadata=spec(
-        "How long the daemon waits for the supervisor zygote to fork a job's supervisor before it "
+        "How long the daemon waits for the supervisor zygote to start a job's supervisor before it "
         "starts a new zygote.", above=0,
     ))
     systemd_call_timeout_s: float = field(default=25.0, metadata=spec(
