@@ -14,7 +14,8 @@
 
 Jobs come back as plain dicts shaped like `api.job_to_json` (every `api.JSON_FIELDS` key present, None
 where unset, times as ISO 8601 UTC strings); pass `raw=True` for the wire dict instead (only the fields
-that are set, times as float seconds since the epoch). Every failure is a `errors.GpujobdError`.
+that are set, those at their default (`api.JOB_DEFAULTS`) put back; times as float seconds since the
+epoch). Every failure is a `errors.GpujobdError`.
 
 Modules: `client` (the Client's methods), `outgoing` (what is sent, as plain values; the submit
 options come from gpujobd.shared.spec), `transport` (the D-Bus connection, calls, signal wakeups and

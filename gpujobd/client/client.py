@@ -1,6 +1,7 @@
 """The Client: gpujobd's methods for Python, on top of the transport (gpujobd.client.transport).
 
-Jobs come back as plain dicts shaped like `api.job_to_json`; with `raw=True` as the wire dicts.
+Jobs come back as plain dicts shaped like `api.job_to_json`; with `raw=True` as the wire dicts
+(`api.job_from_wire`: the fields left out at their default put back).
 Every failure is a `errors.GpujobdError`.
 """
 
@@ -38,7 +39,7 @@ def is_final(wire: Mapping[str, Any]) -> bool:
 
 
 def _job(wire: Mapping[str, Any], raw: bool) -> Dict[str, Any]:
-    return dict(wire) if raw else api.job_to_json(wire)
+    return api.job_from_wire(wire) if raw else api.job_to_json(wire)
 
 
 def _run(wire: Mapping[str, Any], raw: bool) -> Dict[str, Any]:

@@ -126,10 +126,13 @@ def _parsed(signature: str) -> Any:
     return parse_signature(list(signature))
 
 
+_SCALARS = frozenset("ybnqiuxtdsog")  # one-letter signatures, whose parsed value is already plain
+
+
 def _plain(value: Any, kind: Any) -> Any:
     if isinstance(kind, Variant):
         inner_signature, inner = value
-        return plain(inner, inner_signature)
+        return inner if inner_signature in _SCALARS else plain(inner, inner_signature)
     if isinstance(kind, Array):
         element = kind.elt_type
         if isinstance(element, DictEntry):

@@ -37,6 +37,25 @@ def test_a_loop_of_five_runs_stops_at_five_and_records_five_exits(ctl):
     assert log == [f"run {n} of job {job_id}" for n in range(1, 6)]
 
 
+def wire_of(job_id: int) -> dict:
+    reply = json.loads(sh(*BUSCTL, "Get", "t", str(job_id)).stdout)
+    return {key: value["data"] for key, value in reply["data"][0].items()}
+
+
+def test_fields_at_their_default_stay_off_the_wire_and_come_back_in_the_json(ctl):
+    plain = ctl.submit("alice", "true")
+    loop = ctl.submit("alice", "true", opts=["--background", "--max-runs", "2", "--restart-delay", "0",
+                                             "--priority", "-3"])
+    for job_id in (plain, loop):
+        ctl.wait_state("alice", job_id, "succeeded", timeout=30)
+    plain_wire, loop_wire = wire_of(plain), wire_of(loop)
+    assert plain_wire["id"] == plain and plain_wire["exit_code"] == 0  # a zero that is set is sent
+    assert not {"background", "max_runs", "priority", "after"} & set(plain_wire)
+    assert (loop_wire["background"], loop_wire["max_runs"], loop_wire["priority"]) == (True, 2, -3)
+    shown = ctl.job("alice", plain)
+    assert (shown["background"], shown["max_runs"], shown["priority"], shown["after"]) == (False, 1, 0, [])
+
+
 def test_stop_on_failure_ends_the_loop_at_the_first_failing_run(ctl):
     job_id = ctl.submit("alice", "sh", "-c", '[ "$GPUJOB_RUN" -lt 3 ]',
                         opts=["--background", "--max-runs", "10", "--restart-delay", "0",

@@ -226,6 +226,46 @@ def test_encode_job_of_an_ended_job() -> None:
     assert all(signature == api.JOB_FIELDS[key] for key, (signature, _) in wire.items())
 
 
+def test_fields_at_their_default_are_left_out_and_read_back_as_it() -> None:
+    plain_job = starting_job()
+    wire = api.encode_job(plain_job)
+    assert api.JOB_DEFAULTS and not set(api.JOB_DEFAULTS) & set(wire)
+    back = api.job_from_wire({key: value for key, (_, value) in wire.items()})
+    assert {key: back[key] for key in api.JOB_DEFAULTS} == {
+        "background": plain_job.spec.background, "max_runs": 1,
+        "stop_on_failure": plain_job.spec.stop_on_failure, "gpus": list(plain_job.gpus),
+        "gpus_requested": plain_job.spec.gpus, "priority": plain_job.spec.priority,
+        "after": list(plain_job.spec.after), "after_any": list(plain_job.spec.after_any)}
+
+
+def test_fields_off_their_default_are_sent() -> None:
+    loop = Job(id=9, user="alice", uid=1000, gid=1000, state=JobState.QUEUED, created_at=NOW,
+               unit="gpujob-9.scope", gpus=("GPU-a",),
+               spec=_spec(background=True, max_runs=5, restart_delay_s=1.0, stop_on_failure=True,
+                          gpus=1, priority=-3, after=(4,), after_any=(5, 6)))
+    wire = api.encode_job(loop)
+    assert {key: wire[key][1] for key in api.JOB_DEFAULTS} == {
+        "background": True, "max_runs": 5, "stop_on_failure": True, "gpus": ["GPU-a"],
+        "gpus_requested": 1, "priority": -3, "after": [4], "after_any": [5, 6]}
+    assert api.job_from_wire({key: value for key, (_, value) in wire.items()})["after_any"] == [5, 6]
+
+
+def test_a_zero_that_is_not_the_default_is_sent() -> None:
+    wire = api.encode_job(ended_job(exit_code=0, leftover_processes=0))
+    assert (wire["exit_code"], wire["leftover_processes"]) == (("i", 0), ("u", 0))  # set, not unset
+
+
+def test_the_defaults_are_post_v1_fields_that_fit_their_signatures() -> None:
+    assert not set(api.JOB_DEFAULTS) & set(V1_JOB_FIELDS)  # a v1 client finds every v1 field
+    for key, default in api.JOB_DEFAULTS.items():
+        assert GLib.Variant(api.JOB_FIELDS[key], default).unpack() == default
+
+
+def test_defaults_read_back_are_fresh_objects() -> None:
+    api.job_from_wire({"id": 1})["after"].append(3)
+    assert api.job_from_wire({"id": 2})["after"] == [] and api.JOB_DEFAULTS["after"] == []
+
+
 def test_a_signal_end_has_a_signal_and_no_exit_code() -> None:
     wire = api.encode_job(ended_job(reason=EndReason.SIGNAL, exit_code=None, signal=9))
     assert "exit_code" not in wire

@@ -464,7 +464,7 @@ def test_submit_with_background_submits_the_pair(bus, monkeypatch):
     assert sent[1] == dict(loop, bind_to=1)
     assert list(foreground) == list(background) == list(api.JSON_FIELDS)
     assert (foreground["id"], background["id"], background["bind_to"]) == (1, 2, 1)
-    assert foreground["background"] is None and background["background"] is True
+    assert foreground["background"] is False and background["background"] is True  # left out: its default
 
 
 def test_submit_with_background_without_a_name_or_loop_options(bus):
