@@ -119,7 +119,7 @@ class Testbed:
     def _stage_files(self) -> None:
         """The helper scripts the bench user runs, somewhere it can read them."""
         self.workdir.chmod(0o755)
-        for name in ("agent.py", "tree.sh"):
+        for name in ("agent.py", "tree.sh", "floor_service.py"):
             shutil.copy(HERE / name, self.workdir / name)
             (self.workdir / name).chmod(0o755)
 
@@ -196,6 +196,10 @@ class Testbed:
 
     def agent(self, *args: str) -> List[str]:
         return [SYSTEM_PYTHON, "-I", str(self.workdir / "agent.py"), "--lib", str(LIBDIR), *args]
+
+    def floor_service(self, reply_json: str) -> List[str]:
+        return [SYSTEM_PYTHON, "-I", str(self.workdir / "floor_service.py"), "--lib", str(LIBDIR),
+                reply_json]
 
     def job_log(self, job_id: int) -> Path:
         return JOB_LOG_DIR / f"{job_id}.log"
