@@ -155,7 +155,7 @@ class Job:
     """One supervisor process; its state (record, runs file) goes to tmp_path/state."""
 
     def __init__(self, tmp_path: Path, cgroup_root: Optional[Path] = None, pass_fds: tuple = (),
-                 **overrides: object) -> None:
+                 env_of_program: Optional[dict] = None, **overrides: object) -> None:
         self.state_dir = tmp_path / "state"
         self.state_dir.mkdir(exist_ok=True)
         self.fields = spec_fields(self.state_dir, **overrides)
@@ -164,7 +164,7 @@ class Job:
         argv = [supervisor.PROGRAM, "--cgroup-root", str(cgroup_root or tmp_path / "no-cgroup")]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=log,
-                                            cwd=REPO_ROOT, pass_fds=pass_fds)
+                                            cwd=REPO_ROOT, pass_fds=pass_fds, env=env_of_program)
 
     def send(self, data: bytes) -> None:
         assert self.process.stdin is not None
@@ -374,6 +374,62 @@ def test_sigterm_during_the_restart_delay_ends_the_job(tmp_path: Path) -> None:
     assert done.record["stop_signal_phase"] == "between-runs"
     # Its age when the signal came: at least since it was spawned, at most until it ended (+1 tick).
     assert started - spawned <= done.record["stop_signal_after_s"] <= time.monotonic() - before + 0.01
+
+
+@needs_root
+def test_sigterm_after_the_last_run_is_recorded_as_such_and_ends_nothing(tmp_path: Path) -> None:
+    """The last run has ended by itself; a leftover holding the log pipe keeps the supervisor in its
+    log drain, where the signal comes: the job's own end stands, the signal's phase says when."""
+    job = Job(tmp_path, argv=sh("sleep 60 & echo leftover=$!"), log_drain_s=3.0)
+    job.send_spec()
+    job.send(supervisor.RELEASE_LINE)
+    leftover = 0
+    try:
+        wait_until(lambda: len(job.runs()) == 1 and "leftover=" in job.log(), "the only run to end")
+        leftover = int(job.log().split("leftover=")[1].split()[0])
+        job.process.send_signal(signal.SIGTERM)
+        done = job.finish(timeout=20)
+    finally:
+        if leftover:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(leftover, signal.SIGKILL)
+    assert done.record is not None
+    assert (done.record["reason"], done.record["exit_code"], done.record["signal"]) == ("exit-code", 0, None)
+    assert (done.record["terminated_by_signal"], done.record["stop_signal_phase"]) == (15, "after-last-run")
+    assert done.record["runs"] == 1 and [r["exit_code"] for r in done.runs] == [0]
+
+
+GROUPLIST_FAILS = """
+#include <errno.h>
+#include <grp.h>
+int getgrouplist(const char *user, gid_t group, gid_t *groups, int *ngroups) {
+    (void)user; (void)group; (void)groups;
+    *ngroups = 0;
+    errno = EIO;
+    return -1;
+}
+"""
+
+
+@needs_root
+def test_a_group_lookup_that_fails_is_setup_failed_and_runs_nothing(tmp_path: Path) -> None:
+    """getgrouplist failing for good (a broken NSS source), simulated with a preloaded stand-in: the
+    command must not run with the wrong groups, and the record says why."""
+    source = tmp_path / "grouplist_fails.c"
+    source.write_text(GROUPLIST_FAILS)
+    shim = tmp_path / "grouplist_fails.so"
+    built = subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim), str(source)], capture_output=True,
+                           text=True)
+    assert built.returncode == 0, built.stderr  # cc is among the packages make deps installs
+    preload = dict(os.environ, LD_PRELOAD=str(shim))
+    job = Job(tmp_path, argv=sh("echo COMMAND-RAN"), env_of_program=preload)
+    job.send_spec()
+    job.send(supervisor.RELEASE_LINE)
+    done = job.finish()
+    assert done.record is not None
+    assert (done.record["reason"], done.record["exit_code"]) == ("setup-failed", None)
+    assert done.record["detail"].startswith("getgrouplist: Input/output error")
+    assert "COMMAND-RAN" not in done.log
 
 
 @needs_root
