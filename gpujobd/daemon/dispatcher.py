@@ -6,7 +6,10 @@ start of each array — fed by the manager's transitions and the GPU watcher's r
 on every event that can change the answer (a submit, a stop, a job's start or end, a GPU reading, a
 release timeout, drain/undrain, the plan's own `wake_at`). There is no polling interval: a plan runs
 only when something happened, and at most once per change (a plan that starts jobs triggers no second
-plan from inside itself; it loops until the plan is stable).
+plan from inside itself; it loops until the plan is stable). The plans of events decide only what
+starts and what fails, and stop where no start slot is left; what every queued job waits for, and its
+place, is planned when a client asks (`wait_of`), once per change: in a burst that outruns the start
+slots, a hundred or more queued jobs would otherwise be placed and described on every event.
 
 Everything here is rebuilt from the store after a restart (`load`): the queue is durable because the
 store is; only the stagger's last start and the release of GPUs by jobs that ended while the daemon
@@ -100,7 +103,7 @@ class Dispatcher:
         self._releasing: Dict[str, Tuple[int, float]] = {}  # uuid -> (the ended job, when it ended)
         self._array_last_start: Dict[int, float] = {}
         self._ended: Dict[int, bool] = {}  # job id -> succeeded (a final state never changes)
-        self._waits: Dict[int, sched.Wait] = {}
+        self._waits: Optional[Dict[int, sched.Wait]] = None  # None: planned again since last asked
         self._cancel_wake: Optional[Callable[[], None]] = None
         self._wake_at: Optional[float] = None
         self._planning = False
@@ -126,7 +129,8 @@ class Dispatcher:
     def _forget(self, job_id: int) -> None:
         self._waiting.pop(job_id, None)
         self._views.pop(job_id, None)
-        self._waits.pop(job_id, None)
+        if self._waits is not None:
+            self._waits.pop(job_id, None)
 
     def started(self, job: Job) -> None:
         """The job left the queue (queued -> starting) with its GPUs."""
@@ -193,6 +197,10 @@ class Dispatcher:
 
     # -- what the manager asks -------------------------------------------------------------------
     def wait_of(self, job_id: int) -> Optional[sched.Wait]:
+        """What the queued job waits for and its place, planned now if an event came since the last
+        time a client asked: the plans of events leave the waits out (sched.plan)."""
+        if self._waits is None:
+            self._waits = {wait.job_id: wait for wait in sched.plan(self.snapshot()).waits}
         return self._waits.get(job_id)
 
     def gpu_minors(self) -> Dict[str, Optional[int]]:
@@ -237,8 +245,8 @@ class Dispatcher:
 
     def _plan_once(self) -> None:
         self.plans += 1
-        plan = sched.plan(self.snapshot())
-        self._waits = {wait.job_id: wait for wait in plan.waits}
+        plan = sched.plan(self.snapshot(), with_waits=False)
+        self._waits = None
         self._set_wake(plan.wake_at)
         if self.actions is None:
             return

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from typing import AbstractSet, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import AbstractSet, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 INFINITY = float("inf")
 
@@ -121,10 +121,17 @@ class Plan:
 # --- the pieces, each a pure function -----------------------------------------------------------------
 
 
-def dependency_verdict(job: Waiting, ended: Mapping[int, bool],
-                       started: AbstractSet[int] = frozenset()) -> Tuple[Optional[str], Optional[str]]:
+UNMET = "its dependencies"  # what a pending job waits for when the sentence is not asked for
+
+
+def dependency_verdict(job: Waiting, ended: Mapping[int, bool], started: AbstractSet[int] = frozenset(),
+                       describe: bool = True) -> Tuple[Optional[str], Optional[str]]:
     """(failure, pending): why the job can never run, or what it still waits for; (None, None): met.
-    `started`: the jobs that hold a slot now (starting or running), for --bind-to."""
+    `started`: the jobs that hold a slot now (starting or running), for --bind-to. Without `describe`
+    a pending job's sentence is UNMET (a plan without waits has no use for it: a thousand jobs
+    behind one --after would each format theirs on every event)."""
+    if not job.after_ok and not job.after_any and job.bound_to is None:
+        return None, None  # most jobs: nothing to look up
     failed = [dep for dep in job.after_ok if dep in ended and not ended[dep]]
     if failed:
         return f"job {_ids(failed)} ended without succeeding", None
@@ -132,11 +139,14 @@ def dependency_verdict(job: Waiting, ended: Mapping[int, bool],
         return f"job {job.bound_to}, which it is bound to (--bind-to), ended before it could start", None
     pending_ok = [dep for dep in job.after_ok if dep not in ended]
     pending_any = [dep for dep in job.after_any if dep not in ended]
+    unstarted = job.bound_to is not None and job.bound_to not in started
+    if not describe:
+        return None, UNMET if pending_ok or pending_any or unstarted else None
     if pending_ok:
         return None, f"job {_ids(pending_ok)} to succeed"
     if pending_any:
         return None, f"job {_ids(pending_any)} to end"
-    if job.bound_to is not None and job.bound_to not in started:
+    if unstarted:
         return None, f"job {job.bound_to} to start (--bind-to)"
     return None, None
 
@@ -196,8 +206,9 @@ def reservation_for(job: Waiting, free_now: int, holders: Iterable[Holder]) -> R
 class _Pass:
     """One planning pass: the GPUs and counts as the jobs started in this pass leave them."""
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, with_waits: bool = True) -> None:
         self.snapshot = snapshot
+        self.with_waits = with_waits
         self.free = free_gpus(snapshot)
         self.user_gpus: Dict[str, int] = {}
         self.user_jobs: Dict[str, int] = {}
@@ -284,7 +295,14 @@ class _Pass:
         self.starts.append(Start(job.job_id, tuple(gpu.uuid for gpu in gpus)))
 
     def wait(self, job: Waiting, sentence: str) -> None:
-        self.waits.append(Wait(job.job_id, len(self.waits) + 1, sentence))
+        if self.with_waits:
+            self.waits.append(Wait(job.job_id, len(self.waits) + 1, sentence))
+
+    def no_start_left(self) -> bool:
+        """Whether no job at all may start in the rest of this pass (every start slot is taken, or
+        the server drains); what each one waits for is then only its sentence."""
+        limits = self.snapshot.limits
+        return limits.draining or bool(limits.starts_max and self.starting >= limits.starts_max)
 
     def consider(self, job: Waiting) -> None:
         blocked = self.blocker(job)
@@ -313,11 +331,18 @@ class _Pass:
 def queue_order(jobs: Iterable[Waiting], user_gpus: Mapping[str, int]) -> List[Waiting]:
     """Priority, then the user holding fewer GPUs (counting the GPUs of the jobs ordered before),
     then submit time. Pure: the order `plan` considers jobs in when every job could start."""
-    order: List[Waiting] = []
+    return list(_in_queue_order(jobs, user_gpus))
+
+
+def _in_queue_order(jobs: Iterable[Waiting], user_gpus: Mapping[str, int]) -> Iterator[Waiting]:
+    """queue_order, one job at a time: a pass that stops early merges no further."""
     by_priority: Dict[int, Dict[str, List[Waiting]]] = {}
     for job in sorted(jobs, key=lambda j: (j.submitted_at, j.job_id)):
         by_priority.setdefault(job.priority, {}).setdefault(job.user, []).append(job)
-    held = dict(user_gpus)
+    return _merged(by_priority, dict(user_gpus))
+
+
+def _merged(by_priority: Dict[int, Dict[str, List[Waiting]]], held: Dict[str, int]) -> Iterator[Waiting]:
     for priority in sorted(by_priority, reverse=True):
         queues = {user: list(reversed(q)) for user, q in by_priority[priority].items()}
         heap = [(held.get(user, 0), q[-1].submitted_at, q[-1].job_id, user) for user, q in queues.items()]
@@ -325,32 +350,41 @@ def queue_order(jobs: Iterable[Waiting], user_gpus: Mapping[str, int]) -> List[W
         while heap:
             _, _, _, user = heapq.heappop(heap)
             job = queues[user].pop()
-            order.append(job)
+            yield job
             held[user] = held.get(user, 0) + job.gpus
             if queues[user]:
                 nxt = queues[user][-1]
                 heapq.heappush(heap, (held[user], nxt.submitted_at, nxt.job_id, user))
-    return order
 
 
-def plan(snapshot: Snapshot) -> Plan:
+def plan(snapshot: Snapshot, with_waits: bool = True) -> Plan:
+    """What starts now, what can never run, and (with_waits) what every other job waits for, in queue
+    order. Without the waits the starts and fails are the same, and the pass stops where no job may
+    start any more (every start slot taken, or draining): a queue longer than the start slots costs
+    a plan little more than the slots do. The daemon plans so on every event, and for the waits only
+    when a client asks for them. A stagger's wake time past that point is left out too: a start slot
+    that frees up plans again anyway."""
     fails: List[Fail] = []
     ready: List[Waiting] = []
     pending: List[Tuple[Waiting, str]] = []
     started = {holder.job_id for holder in snapshot.holders}
     for job in snapshot.waiting:
-        failure, waiting_for = dependency_verdict(job, snapshot.ended, started)
+        failure, waiting_for = dependency_verdict(job, snapshot.ended, started, describe=with_waits)
         if failure is not None:
             fails.append(Fail(job.job_id, failure))
         elif waiting_for is not None:
             pending.append((job, waiting_for))
         else:
             ready.append(job)
-    state = _Pass(snapshot)
-    for job in queue_order(ready, state.user_gpus):
+    state = _Pass(snapshot, with_waits)
+    for job in _in_queue_order(ready, state.user_gpus):
+        if not with_waits and state.no_start_left():
+            break
         state.consider(job)
-    for job, waiting_for in sorted(pending, key=lambda p: (-p[0].priority, p[0].submitted_at, p[0].job_id)):
-        state.wait(job, waiting_for)
+    if with_waits:
+        by_turn = sorted(pending, key=lambda p: (-p[0].priority, p[0].submitted_at, p[0].job_id))
+        for job, waiting_for in by_turn:
+            state.wait(job, waiting_for)
     return Plan(tuple(state.starts), tuple(fails), tuple(state.waits), state.wake_at)
 
 

@@ -324,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("sandbox: must run as root (it creates namespaces, mounts and cgroups)", file=sys.stderr)
         return EXIT_USAGE
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a launcher started in the background by a non-interactive shell inherits it
+    # ignored, and Ctrl-C (or a test's SIGINT) would then leave the sandbox running.
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(signum, _raise_on_signal)
     if args.verb == "cleanup":
         for name in cleanup_stale():

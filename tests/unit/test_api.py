@@ -16,6 +16,7 @@ from typing import Any, Dict, Mapping
 import pytest
 from gi.repository import Gio, GLib
 
+from gpujobd.daemon import scheduler
 from gpujobd.daemon.adapters import dbus_service as service
 from gpujobd.daemon.adapters.dbus_service import ManagerService, decode_filter
 from gpujobd.daemon.manager import Caller
@@ -463,6 +464,50 @@ def test_the_service_decodes_a_submit_spec_with_the_declaration() -> None:
     assert type(refused.value).__name__ == "org.gpujobd1.Error.InvalidArgument"
     assert "spec field 'max_runs': expected a whole number" in str(refused.value)
     assert len(manager.specs) == 1
+
+
+def test_a_submit_reply_does_not_plan_the_queue_and_a_get_does() -> None:
+    """The queue's places are planned when a client asks; a Submit's reply does not ask (its job is
+    placed after the reply), or every submit would place every queued job."""
+    queued = Job(id=4, user="alice", uid=1000, gid=1000, spec=_spec(), state=JobState.QUEUED,
+                 created_at=NOW, unit="gpujob-4.scope")
+
+    class Queue:
+        def __init__(self) -> None:
+            self.asked: list = []
+
+        def wait_of(self, job_id: int) -> Any:
+            self.asked.append(job_id)
+            return scheduler.Wait(job_id, 3, "a start slot")
+
+    class Manager:
+        queue = Queue()
+
+        def caller_from_uid(self, uid: int) -> Caller:
+            return Caller(uid=uid, user="alice", gid=uid, admin=lambda: False)
+
+        def submit(self, caller: Caller, spec: JobSpec) -> Job:
+            return queued
+
+        def get(self, job_id: int) -> Job:
+            return queued
+
+        def log_path(self, job_id: int) -> str:
+            return ""
+
+    class Bus:
+        def call_sync(self, *args: Any) -> GLib.Variant:
+            return GLib.Variant("(u)", (1000,))
+
+    class Context:
+        sender = ":1.7"
+
+    manager = Manager()
+    service = ManagerService(manager, Bus())  # type: ignore[arg-type]
+    submitted = service.Submit({"argv": ["true"], "cwd": "/"}, dbus_context=Context()).unpack()[0]
+    assert submitted["state"] == "queued" and "position" not in submitted and manager.queue.asked == []
+    got = service.Get(4, dbus_context=Context()).unpack()[0]
+    assert (got["position"], got["waiting_for"]) == (3, "a start slot") and manager.queue.asked == [4]
 
 
 # ---------------------------------------------------------------------------------------------------

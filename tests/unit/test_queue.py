@@ -424,6 +424,7 @@ def test_starts_beyond_the_start_slots_wait_queued_and_start_as_scopes_become_ac
     queue.rig.scheduler.run_soon()
     assert queue.job(jobs[0].id).state is JobState.RUNNING
     assert [queue.job(job.id).state for job in jobs[1:]] == [JobState.STARTING] * 2 + [JobState.QUEUED] * 2
+    assert queue.wait_of(jobs[3].id)[0] == 1 and queue.wait_of(jobs[4].id)[0] == 2  # planned again
     queue.manager.stop(OWNER, jobs[1].id)  # a start that ends another way frees its slot too
     queue.rig.systemd.scope_ends(queue.job(jobs[1].id).unit)
     queue.rig.scheduler.run_soon()

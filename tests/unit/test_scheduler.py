@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 
 from gpujobd.daemon.scheduler import (
     INFINITY,
+    UNMET,
     Gpu,
     Holder,
     Limits,
@@ -288,6 +290,41 @@ def test_random_snapshots_keep_every_invariant(seed):
     array_now = sum(1 for h in s.holders if h.array_id == 1) + \
         sum(1 for x in p.starts if by_id[x.job_id].array_id == 1)
     assert array_now <= max(2, sum(1 for h in s.holders if h.array_id == 1))
+
+
+def _random_slotted_snapshot(rng: random.Random) -> Snapshot:
+    """A random snapshot with start slots, some taken, arrays with a stagger, and draining now and
+    then: what ends a pass without waits early."""
+    s = _random_snapshot(rng)
+    holders = tuple(dataclasses.replace(h, starting=rng.random() < 0.5,
+                                        array_id=1 if rng.random() < 0.2 else None) for h in s.holders)
+    jobs = tuple(dataclasses.replace(j, stagger_s=rng.choice([0.0, 0.0, 5.0])) for j in s.waiting)
+    limits = dataclasses.replace(s.limits, starts_max=rng.choice([0, 1, 2, 3, 5]),
+                                 draining=rng.random() < 0.1)
+    return dataclasses.replace(s, holders=holders, waiting=jobs, limits=limits,
+                               array_last_start={1: NOW - rng.uniform(0, 10)})
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_a_plan_without_waits_starts_and_fails_exactly_what_the_full_plan_does(seed):
+    s = _random_slotted_snapshot(random.Random(seed))
+    full, lean = plan(s), plan(s, with_waits=False)
+    assert (lean.starts, lean.fails, lean.waits) == (full.starts, full.fails, ())
+    if not s.limits.starts_max and not s.limits.draining:
+        assert lean.wake_at == full.wake_at  # the pass ran to its end: the same wake
+    started_ids = {h.job_id for h in s.holders}
+    for job in s.waiting:
+        failure, pending = dependency_verdict(job, s.ended, started_ids)
+        assert dependency_verdict(job, s.ended, started_ids, describe=False) == (
+            failure, UNMET if pending is not None else None)
+
+
+def test_a_plan_without_waits_starts_what_the_slots_allow_and_lists_no_wait():
+    s = snap(holders=(Holder(1, "alice", starting=True),),
+             waiting=tuple(waiting(i) for i in range(5, 5 + 500)), limits=Limits(starts_max=3))
+    lean = plan(s, with_waits=False)
+    assert list(started(lean)) == [5, 6] and lean.waits == ()
+    assert len(plan(s).waits) == 498
 
 
 # --- start slots (daemon.starts_in_flight_max) and --bind-to --------------------------------------------

@@ -165,7 +165,9 @@ class ManagerService:
     def Submit(self, wire: Mapping[str, Any], dbus_context: Any = None) -> GLib.Variant:
         caller = self._caller(dbus_context)
         job = self._manager.submit(caller, jobspec.decode(wire))
-        return GLib.Variant.new_tuple(_vardict(self._encode(job, caller)))
+        # Without its place in the queue: that is planned after this reply, and asking for it now
+        # would plan every queued job's place for every submit.
+        return GLib.Variant.new_tuple(_vardict(self._encode(job, caller, with_wait=False)))
 
     # SubmitAll and Resubmit reply with the new ids only: an array may have thousands of tasks, and
     # no reply may outgrow the bus's message limit (the client reads the jobs with Get).
@@ -327,15 +329,16 @@ class ManagerService:
             raise _uid_unknown(err) from None
         return int(reply.unpack()[0])
 
-    def _encode(self, job: Job, caller: Caller) -> Dict[str, GLib.Variant]:
-        return variants(self._encode_wire(job, self._reply_context(job, caller)))
+    def _encode(self, job: Job, caller: Caller, with_wait: bool = True) -> Dict[str, GLib.Variant]:
+        return variants(self._encode_wire(job, self._reply_context(job, caller, with_wait)))
 
-    def _reply_context(self, job: Job, caller: Caller) -> Tuple[Any, ...]:
+    def _reply_context(self, job: Job, caller: Caller, with_wait: bool = True) -> Tuple[Any, ...]:
         """What a job's wire form depends on besides the job: its GPU memory now, its place in the
         queue, and whether the caller may see its environment."""
         gpu_memory = (self._gpus.job_gpu_memory(job.id)
                       if self._gpus is not None and not job.state.is_final else None)
-        wait = self._manager.queue.wait_of(job.id) if job.state is JobState.QUEUED else None
+        queued = with_wait and job.state is JobState.QUEUED
+        wait = self._manager.queue.wait_of(job.id) if queued else None
         return (gpu_memory, (wait.waiting_for, wait.position) if wait is not None else None,
                 caller.uid == job.uid or caller.is_admin)
 
