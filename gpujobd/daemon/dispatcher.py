@@ -58,7 +58,7 @@ class Actions(Protocol):
 
     def fail_dependency(self, job_id: int, detail: str) -> None: ...
 
-    def stray_blocker(self, job_id: int) -> Optional[str]: ...
+    def stray_blockers(self) -> Dict[int, str]: ...
 
 
 def array_limit(job: Job) -> int:
@@ -275,9 +275,11 @@ class Dispatcher:
     def _waiting_view(self) -> List[sched.Waiting]:
         if self.actions is None:
             return list(self._views.values())
-        blocker = self.actions.stray_blocker
-        return [view if blocked is None else dataclasses.replace(view, blocked=blocked)
-                for view in self._views.values() for blocked in [blocker(view.job_id)]]
+        blocked = self.actions.stray_blockers()  # usually none: then the views as they are
+        if not blocked:
+            return list(self._views.values())
+        return [dataclasses.replace(view, blocked=blocked[view.job_id]) if view.job_id in blocked else view
+                for view in self._views.values()]
 
     def _gpu_view(self) -> Tuple[Tuple[sched.Gpu, ...], str]:
         if not self._watching or self._gpus is None:
@@ -291,6 +293,8 @@ class Dispatcher:
 
     def _ended_view(self) -> Mapping[int, bool]:
         for job in self._waiting.values():
+            if not job.spec.after and not job.spec.after_any and job.spec.bind_to is None:
+                continue  # most jobs: nothing to look up
             bound = (job.spec.bind_to,) if job.spec.bind_to is not None else ()
             for dep in (*job.spec.after, *job.spec.after_any, *bound):
                 if dep in self._ended or dep in self._waiting or dep in self._holders:

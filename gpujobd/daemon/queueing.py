@@ -101,13 +101,16 @@ class Queueing:
             self._end(job, Outcome(EndReason.DEPENDENCY_FAILED, detail=f"{detail}; it never ran"),
                       self._clock())
 
-    def stray_blocker(self, job_id: int) -> Optional[str]:
-        """With gpu_check wait, a job without --gpus waits while a stray holds the GPUs it uses."""
-        if job_id not in self._stray_waits:
-            return None
-        job = self._store.get(job_id)
-        blockers = self._gpu_blockers(job.spec) if job is not None else []
-        return f"strays to leave its GPUs: {describe_strays(blockers)}" if blockers else None
+    def stray_blockers(self) -> Dict[int, str]:
+        """With gpu_check wait, a job without --gpus waits while a stray holds the GPUs it uses: those
+        jobs, each with what it waits for."""
+        sentences = {}
+        for job_id in self._stray_waits:
+            job = self._store.get(job_id)
+            blockers = self._gpu_blockers(job.spec) if job is not None else []
+            if blockers:
+                sentences[job_id] = f"strays to leave its GPUs: {describe_strays(blockers)}"
+        return sentences
 
     # -- waiting for GPUs that a stray holds (gpu_check wait) -------------------------------------
     def _gpu_blockers(self, spec: JobSpec) -> List[Dict[str, Any]]:

@@ -913,6 +913,8 @@ def test_wait_queues_the_job_and_starts_it_when_the_gpus_are_free(make_rig: Make
     assert [seconds for seconds, _ in rig.scheduler.timers.values()] == [120.0]
     rig.manager.gpus_changed()  # still held
     assert rig.job(job.id).state is JobState.QUEUED
+    wait = rig.manager.queue.wait_of(job.id)
+    assert wait is not None and wait.waiting_for.startswith("strays to leave its GPUs: ")
     gpus.strays = []
     rig.manager.gpus_changed()
     assert rig.job(job.id).state is JobState.STARTING and rig.spawner.gates[job.id]
