@@ -94,12 +94,25 @@ def _dist_values(key: str, dist: Dict[str, Any]) -> Dict[str, str]:
     return found
 
 
-def earlier_run(results: Path, result: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The newest full run before `result` (what "before" means on this page), if there is one."""
+def earlier_runs(results: Path, result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The full runs before `result`, oldest first."""
     older = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))
              if not p.name.endswith("-quick.json")]
     older = [r for r in older if r.get("mode") == "full" and r["started_at"] < result["started_at"]]
-    return max(older, key=lambda r: r["started_at"]) if older else None
+    return sorted(older, key=lambda r: r["started_at"])
+
+
+def earlier_run(results: Path, result: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The newest full run before `result` (what "before" means on this page), if there is one."""
+    older = earlier_runs(results, result)
+    return older[-1] if older else None
+
+
+def first_run(results: Path, result: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The oldest full run kept, when it is not also the newest before `result`: the figures the
+    work since started from (the first run is what issue 13 was filed with)."""
+    older = earlier_runs(results, result)
+    return older[0] if len(older) > 1 else None
 
 
 def before_after_table(before: Optional[Dict[str, Any]], after: Dict[str, Any]) -> str:
@@ -131,6 +144,9 @@ def _first_ratio(row: Dict[str, Any]) -> str:
 def render(result: Dict[str, Any], template: Path = TEMPLATE, results: Path = RESULTS) -> str:
     found = values(result)
     found["before_after"] = before_after_table(earlier_run(results, result), result)
+    first = first_run(results, result)
+    found["since_first"] = (before_after_table(first, result) if first is not None else
+                            "The run before this one is the first kept in benchmarks/results.")
     return string.Template(template.read_text()).substitute(found)
 
 

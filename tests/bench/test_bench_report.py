@@ -90,3 +90,19 @@ def test_before_and_after_stand_side_by_side_from_the_earlier_run(result: Dict[s
     line = line_about(page, "| GPU watcher: one watch tick")
     assert "50.7 ms" in line and "4.00 ms" in line  # before, then after
     assert "no earlier full run" in report.render(result, results=tmp_path)
+
+
+def test_the_first_kept_run_has_a_table_of_its_own_once_there_are_two_before(result: Dict[str, Any],
+                                                                             tmp_path: Path) -> None:
+    middle, later = copy.deepcopy(result), copy.deepcopy(result)
+    middle["started_at"], later["started_at"] = "2098-01-01T00:00:00+00:00", "2099-01-01T00:00:00+00:00"
+    row(middle, "gpu.tick")["ours"]["p50"] = 0.02
+    row(later, "gpu.tick")["ours"]["p50"] = 0.004
+    (tmp_path / "first.json").write_text(json.dumps(result))
+    (tmp_path / "middle.json").write_text(json.dumps(middle))
+    page = report.render(later, results=tmp_path)
+    since_first = page.split("## Since the first recorded run")[1]
+    assert f"the run of {result['started_at']}" in since_first
+    assert "50.7 ms" in line_about(since_first, "| GPU watcher: one watch tick")
+    (tmp_path / "middle.json").unlink()
+    assert "is the first kept" in report.render(later, results=tmp_path)
