@@ -430,6 +430,17 @@ def test_decode_spec_refuses_wrong_types_naming_the_field(change: Dict[str, Any]
     assert f"spec field {field!r}: expected" in str(caught.value)
 
 
+class CallerBus:
+    """The bus as the service asks it who a caller is: uid 1000."""
+
+    def call_sync(self, *args: Any) -> GLib.Variant:
+        return GLib.Variant("(u)", (1000,))
+
+
+class CallerContext:
+    sender = ":1.7"
+
+
 def test_the_service_decodes_a_submit_spec_with_the_declaration() -> None:
     class Recorder:
         def __init__(self) -> None:
@@ -446,21 +457,14 @@ def test_the_service_decodes_a_submit_spec_with_the_declaration() -> None:
         def log_path(self, job_id: int) -> str:
             return ""
 
-    class Bus:
-        def call_sync(self, *args: Any) -> GLib.Variant:
-            return GLib.Variant("(u)", (1000,))
-
-    class Context:
-        sender = ":1.7"
-
     manager = Recorder()
-    service = ManagerService(manager, Bus())  # type: ignore[arg-type]
+    service = ManagerService(manager, CallerBus())  # type: ignore[arg-type]
     reply = service.Submit({"argv": ["true"], "cwd": "/", "max_runs": 3, "background": True,
-                            "gpu_check": "wait"}, dbus_context=Context())
+                            "gpu_check": "wait"}, dbus_context=CallerContext())
     assert manager.specs == [JobSpec(argv=("true",), cwd="/", max_runs=3, background=True, gpu_check="wait")]
     assert reply.unpack()[0]["max_runs"] == 3  # the whole (a{sv}) reply, built by the service
     with pytest.raises(Exception) as refused:
-        service.Submit({"argv": ["true"], "cwd": "/", "max_runs": "3"}, dbus_context=Context())
+        service.Submit({"argv": ["true"], "cwd": "/", "max_runs": "3"}, dbus_context=CallerContext())
     assert type(refused.value).__name__ == "org.gpujobd1.Error.InvalidArgument"
     assert "spec field 'max_runs': expected a whole number" in str(refused.value)
     assert len(manager.specs) == 1
@@ -495,18 +499,11 @@ def test_a_submit_reply_does_not_plan_the_queue_and_a_get_does() -> None:
         def log_path(self, job_id: int) -> str:
             return ""
 
-    class Bus:
-        def call_sync(self, *args: Any) -> GLib.Variant:
-            return GLib.Variant("(u)", (1000,))
-
-    class Context:
-        sender = ":1.7"
-
     manager = Manager()
-    service = ManagerService(manager, Bus())  # type: ignore[arg-type]
-    submitted = service.Submit({"argv": ["true"], "cwd": "/"}, dbus_context=Context()).unpack()[0]
+    service = ManagerService(manager, CallerBus())  # type: ignore[arg-type]
+    submitted = service.Submit({"argv": ["true"], "cwd": "/"}, dbus_context=CallerContext()).unpack()[0]
     assert submitted["state"] == "queued" and "position" not in submitted and manager.queue.asked == []
-    got = service.Get(4, dbus_context=Context()).unpack()[0]
+    got = service.Get(4, dbus_context=CallerContext()).unpack()[0]
     assert (got["position"], got["waiting_for"]) == (3, "a start slot") and manager.queue.asked == [4]
 
 
