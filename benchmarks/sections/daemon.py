@@ -105,17 +105,17 @@ def _get_rates(bed: Testbed, p: Params, job_id: int, clients: int) -> Tuple[Dist
     """gpujobd's Get, systemd's and the floor's, a run of each in turn: a machine whose speed drifts
     during the section (a noisy VM) then moves every side alike, not only the one measured last."""
     runs: Dict[str, List[Dict[str, Any]]] = {"gpujobd": [], "systemd": [], "floor": []}
-    reply = _reply_of(job_id)
+    reply = reply_of(job_id)
     for _ in range(p.get_runs):
         runs["gpujobd"].append(_concurrent(bed, p, "gpujobd", job_id, clients))
         runs["systemd"].append(_concurrent(bed, p, "systemd", job_id, clients))
-        with _floor_instead_of_gpujobd(bed, reply):
+        with instead_of_gpujobd(bed, bed.floor_service(reply)):
             runs["floor"].append(_concurrent(bed, p, "gpujobd", job_id, clients))
     dists = {target: _get_dist(p, target, clients, done) for target, done in runs.items()}
     return dists["gpujobd"], dists["systemd"], dists["floor"]
 
 
-def _reply_of(job_id: int) -> str:
+def reply_of(job_id: int) -> str:
     """The daemon's Get reply of the job as floor_service.py takes it: {field: [signature, value]}."""
     out = json.loads(sh("busctl", "--system", "-j", "call", "org.gpujobd1", "/org/gpujobd1",
                         "org.gpujobd1.Manager", "Get", "t", str(job_id)).stdout)
@@ -125,16 +125,18 @@ def _reply_of(job_id: int) -> str:
 
 
 @contextlib.contextmanager
-def _floor_instead_of_gpujobd(bed: Testbed, reply: str) -> Iterator[None]:
+def instead_of_gpujobd(bed: Testbed, service: List[str]) -> Iterator[None]:
+    """gpujobd stopped, and `service` (as root) owning its bus name until the block ends; the service
+    prints "ready" once it owns the name."""
     bed.stop_daemon()
-    floor = subprocess.Popen(bed.floor_service(reply), stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(service, stdout=subprocess.PIPE, text=True)
     try:
-        assert floor.stdout is not None
-        check(floor.stdout.readline().strip() == "ready", "floor_service.py did not get the bus name")
+        assert server.stdout is not None
+        check(server.stdout.readline().strip() == "ready", f"{service[2]} did not get the bus name")
         yield
     finally:
-        floor.terminate()
-        floor.wait(timeout=30)
+        server.terminate()
+        server.wait(timeout=30)
         bed.start_daemon()
 
 

@@ -335,14 +335,12 @@ def queue_order(jobs: Iterable[Waiting], user_gpus: Mapping[str, int]) -> List[W
 
 
 def _in_queue_order(jobs: Iterable[Waiting], user_gpus: Mapping[str, int]) -> Iterator[Waiting]:
-    """queue_order, one job at a time: a pass that stops early merges no further."""
+    """queue_order, one job at a time: a pass that stops early merges no further. (It reads
+    `user_gpus` at the first job, before the pass has started any.)"""
     by_priority: Dict[int, Dict[str, List[Waiting]]] = {}
     for job in sorted(jobs, key=lambda j: (j.submitted_at, j.job_id)):
         by_priority.setdefault(job.priority, {}).setdefault(job.user, []).append(job)
-    return _merged(by_priority, dict(user_gpus))
-
-
-def _merged(by_priority: Dict[int, Dict[str, List[Waiting]]], held: Dict[str, int]) -> Iterator[Waiting]:
+    held = dict(user_gpus)
     for priority in sorted(by_priority, reverse=True):
         queues = {user: list(reversed(q)) for user, q in by_priority[priority].items()}
         heap = [(held.get(user, 0), q[-1].submitted_at, q[-1].job_id, user) for user, q in queues.items()]

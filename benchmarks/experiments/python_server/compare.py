@@ -14,12 +14,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict
 
 CHECKOUT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(CHECKOUT))
 
-from benchmarks.sections.daemon import _reply_of  # noqa: E402
+from benchmarks.sections.daemon import instead_of_gpujobd, reply_of  # noqa: E402
 from benchmarks.testbed import LIBDIR, SYSTEM_PYTHON, Testbed  # noqa: E402
 from benchmarks.timing import run_timed  # noqa: E402
 
@@ -39,18 +39,6 @@ def rate(bed: Testbed, target: str, job_id: int, calls: int) -> float:
     return calls / (run["finished"] - run["started"])
 
 
-def instead_of_gpujobd(bed: Testbed, service: List[str], measure: Callable[[], float]) -> float:
-    bed.stop_daemon()
-    server = subprocess.Popen(service, stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        return measure()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        bed.start_daemon()
-
-
 def main() -> None:
     calls = int(sys.argv[1]) if len(sys.argv) > 1 else 4000
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
@@ -59,15 +47,15 @@ def main() -> None:
     try:
         job_id = int(run_timed(bed.ctl("submit", "--", "true"), bed.user).stdout.split()[0])
         bed.client().wait(job_id)
-        reply = _reply_of(job_id)
+        reply = reply_of(job_id)
         print(f"job {job_id}: a reply of {len(json.loads(reply))} fields")
         jeepney = [SYSTEM_PYTHON, "-I", str(HERE / "jeepney_service.py"), "--lib", str(LIBDIR), reply]
         for round_index in range(rounds):
             rates: Dict[str, float] = {"gpujobd": rate(bed, "gpujobd", job_id, calls)}
-            rates["GDBus floor"] = instead_of_gpujobd(bed, bed.floor_service(reply),
-                                                      lambda: rate(bed, "gpujobd", job_id, calls))
-            rates["jeepney server"] = instead_of_gpujobd(bed, jeepney,
-                                                         lambda: rate(bed, "gpujobd", job_id, calls))
+            with instead_of_gpujobd(bed, bed.floor_service(reply)):
+                rates["GDBus floor"] = rate(bed, "gpujobd", job_id, calls)
+            with instead_of_gpujobd(bed, jeepney):
+                rates["jeepney server"] = rate(bed, "gpujobd", job_id, calls)
             time.sleep(0.2)
             rates["systemd"] = rate(bed, "systemd", job_id, calls)
             print(f"round {round_index}: " + ", ".join(
